@@ -1,0 +1,116 @@
+"""ModelConfig: every shape and switch of a Transformer, validated when it is built.
+
+One frozen dataclass describes all three families. A bad value raises
+`ConfigError` naming the field and the fix, before any array is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+NORM_POSITIONS = ("pre", "post")
+POSITIONAL = ("learned", "sinusoidal")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value. The message names the field and the fix."""
+
+
+def _fail(field: str, value, fix: str):
+    raise ConfigError(f"{field}={value!r} is invalid: {fix}")
+
+
+def suggest(name: str, choices) -> str:
+    """' Did you mean X?' for a misspelt name, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    vocab_size: int = 50257
+    # Ids >= num_valid_tokens are padding rows of the embedding table (the table is
+    # padded to a multiple of 128 for fast matmuls); their logits are masked so they
+    # are never predicted. None: every id is valid.
+    num_valid_tokens: Optional[int] = None
+    d_model: int = 768
+    num_heads: int = 12
+    num_layers: int = 12  # per stack: the encoder-decoder has this many in each
+    d_ff: int = 3072
+    max_len: int = 1024
+    activation: Literal["relu", "gelu", "gelu_tanh"] = "gelu_tanh"
+    norm_position: Literal["pre", "post"] = "pre"
+    positional: Literal["learned", "sinusoidal"] = "learned"
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani 3.4)
+    type_vocab_size: int = 0  # BERT's segment (sentence A/B) embeddings; 0 = none
+    use_bias: bool = True
+    layer_norm_eps: float = 1e-5
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scan_layers: bool = True
+    remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch"] = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "use a positive integer.")
+        for name, choices in (
+            ("family", FAMILIES),
+            ("activation", ACTIVATIONS),
+            ("norm_position", NORM_POSITIONS),
+            ("positional", POSITIONAL),
+            ("remat_policy", REMAT_POLICIES),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                _fail(name, value, f"choose one of {', '.join(choices)}.{suggest(str(value), choices)}")
+        if self.d_model % self.num_heads:
+            _fail(
+                "num_heads",
+                self.num_heads,
+                f"d_model={self.d_model} must be divisible by num_heads; "
+                f"pick a divisor of {self.d_model} (e.g. {self.d_model // 64} heads of 64).",
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                _fail(name, value, "use a probability in [0, 1).")
+        if self.layer_norm_eps <= 0:
+            _fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
+        if self.init_std <= 0:
+            _fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
+        if self.type_vocab_size < 0:
+            _fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")
+        if self.num_valid_tokens is not None and not 0 < self.num_valid_tokens <= self.vocab_size:
+            _fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.family in ("decoder", "encoder_decoder")
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.family in ("encoder", "encoder_decoder")
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)

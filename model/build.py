@@ -1,0 +1,48 @@
+"""From a ModelConfig to a Flax module, its inputs and its parameters.
+
+`abstract_variables` runs `model.init` under `jax.eval_shape`: shapes, dtypes and
+logical axis names of every parameter, with no memory allocated. That is how
+GPT-3 175B is counted on a laptop and how sharding/ derives partition specs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.decoder_only import DecoderOnlyLM
+from model.encoder_decoder import EncoderDecoderLM
+from model.encoder_only import EncoderOnlyLM
+
+FAMILY_MODELS = {"decoder": DecoderOnlyLM, "encoder": EncoderOnlyLM, "encoder_decoder": EncoderDecoderLM}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    return FAMILY_MODELS[config.family](config)
+
+
+def example_inputs(config: ModelConfig, batch: int = 1, length: int | None = None) -> dict:
+    """Zero token ids of the right shapes, as keyword arguments of the model's __call__."""
+    length = length or min(config.max_len, 8)
+    ids = jnp.zeros((batch, length), jnp.int32)
+    if config.family == "encoder_decoder":
+        return {"encoder_inputs": ids, "decoder_inputs": ids}
+    return {"inputs": ids}
+
+
+def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int | None = None):
+    """Variables with logical-axis metadata (boxed nn.Partitioned leaves)."""
+    model = build_model(config)
+    return model.init({"params": rng, "dropout": rng}, **example_inputs(config, batch, length))
+
+
+def abstract_variables(config: ModelConfig):
+    """jax.ShapeDtypeStruct of every variable, boxed with logical axes: no memory allocated."""
+    return jax.eval_shape(lambda rng: init_variables(config, rng), jax.random.key(0))
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Plain pytree (nested dicts of arrays) of parameters."""
+    return nn.meta.unbox(init_variables(config, rng)["params"])

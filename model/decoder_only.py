@@ -1,0 +1,47 @@
+"""Decoder-only language model (GPT-2 / GPT-3).
+
+tokens -> token embedding + learned positions -> dropout -> N x DecoderLayer
+(causal self-attention, no cross attention) -> final LayerNorm (pre-LN) ->
+logits over the vocabulary (tied to the token embedding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.add_norm import LayerNorm
+from model.dropout import Dropout
+from model.embeddings import TokenEmbedding
+from model.layers import DecoderLayer
+from model.masks import self_attention_mask
+from model.output_head import OutputHead
+from model.positional import default_positions, positional_encoding
+from model.stack import LayerStack
+
+
+class DecoderOnlyLM(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
+                 segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
+        """inputs [B, T] token ids -> logits [B, T, vocab] (float32)."""
+        cfg = self.config
+        positions = default_positions(inputs) if positions is None else positions
+        token_embedding = TokenEmbedding(cfg, name="token_embedding")
+        tokens = token_embedding(inputs)
+        pos = positional_encoding(cfg, "position_embedding")(positions)
+        x = tokens + pos
+        self.sow("intermediates", "embeddings", x)
+        x = Dropout(cfg.dropout_rate, deterministic)(x)
+
+        mask = self_attention_mask(segment_ids, inputs.shape[1], causal=True)
+        x = LayerStack(cfg, DecoderLayer, name="decoder")(x, mask, deterministic=deterministic)
+        if cfg.norm_position == "pre":
+            x = LayerNorm(cfg, name="final_norm")(x)
+        shared = token_embedding if cfg.tie_embeddings else None
+        return OutputHead(cfg, shared, name="output_head")(x)

@@ -1,0 +1,39 @@
+"""Token embeddings: a [vocab, d_model] table whose row i represents token id i.
+
+The same table can serve as the output layer (`attend`: hidden @ table^T), which
+ties input and output embeddings as GPT-2/3, BERT and Vaswani et al. do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.params import logical_param, normal
+
+
+class TokenEmbedding(nn.Module):
+    config: ModelConfig
+    num_embeddings: int | None = None  # default: config.vocab_size; BERT token types use 2
+    axes: tuple[str, str] = ("vocab", "embed")
+
+    def setup(self):
+        cfg = self.config
+        rows = self.num_embeddings or cfg.vocab_size
+        self.embedding = logical_param(self, "embedding", normal(cfg.init_std), (rows, cfg.d_model),
+                                       self.axes, cfg.param_dtype)
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        """ids [B, T] -> vectors [B, T, d_model]; scaled by sqrt(d_model) if configured (Vaswani 3.4)."""
+        x = jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
+        return x
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """hidden [B, T, d] -> logits [B, T, vocab] with the transposed table."""
+        dtype = self.config.dtype
+        return x.astype(dtype) @ self.embedding.astype(dtype).T

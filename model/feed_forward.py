@@ -1,0 +1,37 @@
+"""Position-wise feed-forward network: FFN(x) = act(x W1 + b1) W2 + b2.
+
+The same two-layer MLP is applied to every position independently; d_ff is
+usually 4 x d_model. ReLU in Vaswani 2017, GELU in BERT and GPT-2/3.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.linear import Linear
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT: exact erf form
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2: tanh approximation
+}
+
+
+class FeedForward(nn.Module):
+    config: ModelConfig
+    out_init_std: Optional[float] = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        hidden = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), cfg.use_bias, cfg.init_std,
+                        cfg.dtype, cfg.param_dtype, name="hidden")(x)
+        hidden = ACTIVATIONS[cfg.activation](hidden)
+        self.sow("intermediates", "hidden", hidden)
+        return Linear((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.use_bias,
+                      self.out_init_std or cfg.init_std, cfg.dtype, cfg.param_dtype, name="output")(hidden)

@@ -1,0 +1,69 @@
+"""One Transformer layer of each kind, built from the sublayers.
+
+EncoderLayer: self-attention (bidirectional) -> FFN. Used by BERT and by the
+  encoder of the encoder-decoder.
+DecoderLayer: masked self-attention -> [cross attention to the encoder] -> FFN.
+  Used by GPT (no cross attention) and by the encoder-decoder's decoder.
+Every sublayer is wrapped by `add_and_norm` (residual + LayerNorm, pre or post).
+Layers return (x, None) so `nn.scan` can stack them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.add_norm import LayerNorm, add_and_norm
+from model.attention import MultiHeadAttention
+from model.dropout import Dropout
+from model.feed_forward import FeedForward
+
+
+def residual_init_std(cfg: ModelConfig) -> Optional[float]:
+    """GPT-2 (Radford et al. 2019, section 2.3) scales residual-path weights by 1/sqrt(N),
+    N = 2 x layers (two residual sublayers each). Other families keep init_std."""
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.family == "decoder" else None
+
+
+class _Layer(nn.Module):
+    config: ModelConfig
+    deterministic: bool = True
+
+    def sublayer(self, name: str, x: jnp.ndarray, fn) -> jnp.ndarray:
+        cfg = self.config
+        norm = LayerNorm(cfg, name=f"{name}_norm")
+        dropout = Dropout(cfg.dropout_rate, self.deterministic)
+        return add_and_norm(x, fn, norm, dropout, cfg.norm_position)
+
+
+class EncoderLayer(_Layer):
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: Optional[jnp.ndarray]):
+        cfg, det = self.config, self.deterministic
+        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), name="self_attention")
+        x = self.sublayer("self_attention", x, lambda h: attention(h, h, mask))
+        ffn = FeedForward(cfg, residual_init_std(cfg), name="feed_forward")
+        x = self.sublayer("feed_forward", x, ffn)
+        return x, None
+
+
+class DecoderLayer(_Layer):
+    cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, self_mask: Optional[jnp.ndarray],
+                 encoded: Optional[jnp.ndarray] = None, cross_mask: Optional[jnp.ndarray] = None):
+        cfg, det = self.config, self.deterministic
+        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), name="self_attention")
+        x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))
+        if self.cross_attention:
+            # Queries from the decoder, keys and values from the encoder output.
+            cross = MultiHeadAttention(cfg, det, name="cross_attention")
+            x = self.sublayer("cross_attention", x, lambda h: cross(h, encoded, cross_mask))
+        ffn = FeedForward(cfg, residual_init_std(cfg), name="feed_forward")
+        x = self.sublayer("feed_forward", x, ffn)
+        return x, None

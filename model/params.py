@@ -1,0 +1,22 @@
+"""Parameter creation with logical axis names.
+
+Every weight is declared with names such as ('embed', 'heads', 'kv') instead of
+mesh axes. sharding/ maps those names to device-mesh axes with one rule table,
+so the model code never mentions a mesh.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def logical_param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, dtype) -> jnp.ndarray:
+    """module.param(...) whose value carries logical axis names for sharding."""
+    if len(shape) != len(axes):
+        raise ValueError(f"param {name!r}: shape {shape} and axes {axes} differ in rank")
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)

@@ -1,0 +1,58 @@
+"""Positional encodings: attention is order-blind, so each position gets a vector.
+
+Two kinds, both added element-wise to the token embeddings:
+- fixed sinusoids (Vaswani et al. 2017, section 3.5):
+    PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d));
+- a learned [max_len, d_model] table (GPT-2/3, BERT).
+Both take explicit positions, so packed documents can restart at 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.params import logical_param, normal
+
+
+def sinusoidal_encoding(max_len: int, d_model: int) -> np.ndarray:
+    """The [max_len, d_model] table of section 3.5: sines in even columns, cosines in odd."""
+    positions = np.arange(max_len, dtype=np.float64)[:, None]
+    div = np.power(10000.0, np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    table = np.zeros((max_len, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(positions / div)
+    table[:, 1::2] = np.cos(positions / div[: d_model // 2])
+    return table.astype(np.float32)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, positions: jnp.ndarray) -> jnp.ndarray:
+        table = jnp.asarray(sinusoidal_encoding(self.config.max_len, self.config.d_model))
+        return jnp.take(table, positions, axis=0).astype(self.config.dtype)
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, positions: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        table = logical_param(self, "embedding", normal(cfg.init_std), (cfg.max_len, cfg.d_model),
+                              ("position", "embed"), cfg.param_dtype)
+        return jnp.take(table, positions, axis=0).astype(cfg.dtype)
+
+
+def positional_encoding(config: ModelConfig, name: str) -> nn.Module:
+    if config.positional == "sinusoidal":
+        return SinusoidalPositionalEncoding(config, name=name)
+    return LearnedPositionalEmbedding(config, name=name)
+
+
+def default_positions(ids: jnp.ndarray) -> jnp.ndarray:
+    """0..T-1 for every row: the positions of an unpacked batch."""
+    return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
