@@ -1,0 +1,1 @@
+"""Training: optimizer, schedules and the training loop."""
