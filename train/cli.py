@@ -1,6 +1,7 @@
 """`magic`: one command, one subcommand per job.
 
   magic params [PRESET ...]   parameter counts, FLOPs and memory of presets
+  magic train [--preset P] [--set field=value ...]   train (default: a tiny GPT on the stdlib corpus)
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
 
@@ -26,6 +27,33 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from configs.train_config import apply_overrides, train_config_for
+
+    config = train_config_for(args.preset)
+    assignments = list(args.set or [])
+    if args.workdir:
+        assignments.append(f"workdir={args.workdir}")
+    if args.mesh:
+        assignments += [f"mesh.{item.strip()}" for item in args.mesh.split(",") if item.strip()]
+    if args.layout:
+        assignments.append(f"mesh.layout={args.layout}")
+    return apply_overrides(config, assignments) if assignments else config
+
+
+def _cmd_train(args) -> int:
+    if args.help_fields:
+        from configs.train_config import field_help
+
+        print("Fields for --set (dotted name, type):\n" + field_help())
+        return 0
+    config = _train_config(args)  # every config error surfaces here, before data or compile
+    from train.loop import train
+
+    train(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magic", description="matrixmagic: Transformers as matrices, at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("presets", nargs="*", help="preset names (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_params)
+
+    t = sub.add_parser("train", help="train a model (default: gpt-tiny on the Python stdlib corpus)")
+    t.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
+    t.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a config field by dotted name, e.g. --set optimizer.learning_rate=3e-4")
+    t.add_argument("--workdir", help="run directory (logs, checkpoints); rerun with the same one to resume")
+    t.add_argument("--mesh", help="device mesh sizes, e.g. data=2,fsdp=2,tensor=2 (-1 fills)")
+    t.add_argument("--layout", help="parameter layout: dp, fsdp, tp or fsdp+tp")
+    t.add_argument("--help-fields", action="store_true", help="list every field --set accepts")
+    t.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""TrainConfig: everything a run needs besides the model shape, validated up front.
+
+`train_config_for(preset)` starts from a preset (its model and its paper's
+optimizer settings scaled to the run) and `apply_overrides` applies
+`--set field=value` strings through tyro, which type-checks them and suggests
+the right name for a misspelt field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal, Optional
+
+from configs.model_config import ConfigError, ModelConfig, suggest
+from configs.presets import SCHEDULES, get_preset
+
+FAMILY_OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "seq2seq"}
+
+
+def _fail(field: str, value, fix: str):
+    raise ConfigError(f"{field}={value!r} is invalid: {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # 'stdlib' (the Python standard library's own .py files), a directory of text
+    # files, or 'tfds:<catalog name>' (e.g. tfds:lm1b) prepared in data_dir.
+    source: str = "stdlib"
+    tokenizer: str = "bytes"  # 'bytes' or 'sentencepiece' (train it with `magic data`)
+    data_dir: Optional[str] = None  # TFDS data dir; None: ~/.cache/matrixmagic/tfds
+    seq_len: int = 256  # decoder/encoder length; enc-dec: encoder and decoder each get half
+
+    def __post_init__(self):
+        if self.seq_len <= 1:
+            _fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
+        if self.tokenizer not in ("bytes", "sentencepiece") and not self.tokenizer.endswith(".model"):
+            _fail("data.tokenizer", self.tokenizer,
+                  "use 'bytes', 'sentencepiece' or a path to a sentencepiece .model file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-3  # peak
+    schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # None: decay over the whole run
+    final_ratio: float = 0.1  # cosine ends at 10% of peak (GPT-3 Appendix B)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            _fail("optimizer.schedule", self.schedule,
+                  f"choose one of {', '.join(SCHEDULES)}.{suggest(self.schedule, SCHEDULES)}")
+        if self.learning_rate <= 0:
+            _fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
+        if self.warmup_steps < 0:
+            _fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
+        if not 0 <= self.final_ratio <= 1:
+            _fail("optimizer.final_ratio", self.final_ratio, "use a fraction of the peak in [0, 1].")
+        if not 0 <= self.label_smoothing < 1:
+            _fail("optimizer.label_smoothing", self.label_smoothing, "use a value in [0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Device-mesh axis sizes; -1 fills with the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    layout: Literal["dp", "fsdp", "tp", "fsdp+tp"] = "dp"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "gpt-tiny"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("gpt-tiny").model)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    workdir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 16  # global, in sequences
+    microbatches: int = 1  # gradient accumulation steps inside one train step
+    steps: int = 2000
+    eval_every: int = 250
+    eval_batches: int = 16
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    # Peak FLOP/s of one device for MFU. 0: this machine's measured CPU matmul
+    # peak (4.6e11 on the 2-core dev box) or the chip table's bf16 peak.
+    peak_flops: float = 0.0
+    sample_tokens: int = 200  # generated after training as a smoke check; 0 = none
+
+    def __post_init__(self):
+        for name in ("batch_size", "microbatches", "steps", "eval_every", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                _fail(name, value, "use a positive integer.")
+        if self.eval_batches < 0:
+            _fail("eval_batches", self.eval_batches, "use 0 (no eval) or more.")
+        if self.batch_size % self.microbatches:
+            _fail("microbatches", self.microbatches,
+                  f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
+        decay = self.optimizer.decay_steps or self.steps
+        if self.optimizer.schedule in ("cosine", "linear") and self.optimizer.warmup_steps >= decay:
+            _fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
+                  f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
+                  f"or steps); lower optimizer.warmup_steps or raise steps.")
+        positions_needed = self.data.seq_len if self.model.family != "encoder_decoder" else self.data.seq_len // 2
+        if positions_needed > self.model.max_len:
+            _fail("data.seq_len", self.data.seq_len,
+                  f"the model has only {self.model.max_len} positions (model.max_len); "
+                  f"lower data.seq_len or raise model.max_len.")
+
+    @property
+    def objective(self) -> str:
+        return FAMILY_OBJECTIVES[self.model.family]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.data.seq_len
+
+
+def train_config_for(preset_name: str, **overrides) -> TrainConfig:
+    """Defaults for a preset: its model, and its paper's optimizer shape."""
+    preset = get_preset(preset_name)
+    recipe = preset.recipe
+    steps = overrides.get("steps", TrainConfig.steps)
+    optimizer = OptimizerConfig(learning_rate=recipe.peak_learning_rate, schedule=recipe.schedule,
+                                warmup_steps=min(OptimizerConfig.warmup_steps, steps // 10),
+                                b1=recipe.adam_b1, b2=recipe.adam_b2, eps=recipe.adam_eps,
+                                weight_decay=recipe.weight_decay)
+    return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
+                       workdir=os.path.join("runs", preset_name), **overrides)
+
+
+def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """Apply 'dotted.field=value' strings; tyro parses and type-checks the values."""
+    import tyro
+
+    fields = _field_types(TrainConfig)
+    args = []
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--set {item!r} is invalid: write it as field=value, e.g. --set steps=500.")
+        if key not in fields:
+            raise ConfigError(f"--set {item!r}: there is no field {key!r}.{suggest(key, fields)} "
+                              f"`magic train --help-fields` lists them all.")
+        choices = _literal_choices(key)
+        if choices and value not in choices:
+            raise ConfigError(f"--set {item!r}: {key} must be one of {', '.join(choices)}.{suggest(value, choices)}")
+        args += ["--" + key, value]
+    try:
+        return tyro.cli(TrainConfig, default=config, args=args, console_outputs=False,
+                        config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as exit_:
+        described = ", ".join(f"{a.partition('=')[0].strip()} expects {fields[a.partition('=')[0].strip()]}"
+                              for a in assignments)
+        raise ConfigError(f"--set {' '.join(assignments)} was rejected (see the message above): {described}.") from exit_
+
+
+def _field_types(cls, prefix: str = "") -> dict[str, str]:
+    """{'model.d_model': 'int', ...} for every leaf field of a nested config dataclass."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(_field_types(type(default), prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = str(f.type)
+    return out
+
+
+def _literal_choices(dotted: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed field, else ()."""
+    import typing
+
+    cls = TrainConfig
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        cls = typing.get_type_hints(cls)[name]
+    hint = typing.get_type_hints(cls)[leaf]
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+
+
+def field_help() -> str:
+    return "\n".join(f"  {name:32s} {kind}" for name, kind in _field_types(TrainConfig).items())

@@ -1,0 +1,1 @@
+"""Sharding: device meshes, the logical-axis rule table, and sharded train steps."""

@@ -1,0 +1,78 @@
+"""The train step and eval step: pure functions of (state, batch).
+
+One function, several callers: `magic train` jit-compiles it with shardings and
+donated state; `magic compile` AOT-lowers the very same function for a TPU
+topology. Gradient accumulation runs inside the step as a lax.scan.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs.train_config import TrainConfig
+from model import build_model
+from train import objectives
+from train.optimizer import accumulate_gradients, make_optimizer
+from train.schedules import make_schedule
+from train.state import TrainState
+
+
+def make_learning_rate(config: TrainConfig) -> optax.Schedule:
+    opt = config.optimizer
+    return make_schedule(opt.schedule, peak_learning_rate=opt.learning_rate, warmup_steps=opt.warmup_steps,
+                         decay_steps=opt.decay_steps or config.steps, final_ratio=opt.final_ratio,
+                         d_model=config.model.d_model)
+
+
+def make_tx(config: TrainConfig) -> optax.GradientTransformation:
+    opt = config.optimizer
+    return make_optimizer(learning_rate=make_learning_rate(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                          weight_decay=opt.weight_decay, clip_norm=opt.clip_norm)
+
+
+def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax.GradientTransformation):
+    """One optimizer update on a global batch -> (new state, metrics)."""
+    model = build_model(config.model)
+    family = config.model.family
+    loss_fn = partial(objectives.loss_fn, model, family, train=True,
+                      label_smoothing=config.optimizer.label_smoothing)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    loss, grads, aux = accumulate_gradients(loss_fn, state.params, batch, config.microbatches, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": aux["accuracy"],
+        "tokens": aux["weight"],
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "learning_rate": make_learning_rate(config)(state.step),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, config: TrainConfig) -> dict:
+    """Sums over one eval batch; the caller adds them up across batches."""
+    model = build_model(config.model)
+    family = config.model.family
+    logits = model.apply({"params": params}, **objectives.model_inputs(family, batch), deterministic=True)
+    loss_sum, weight, correct = objectives.weighted_cross_entropy(
+        logits, batch[objectives.TARGET_KEY[family]], batch["loss_mask"])
+    return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
+
+
+def bind_train_step(config: TrainConfig):
+    """(tx, step_fn(state, batch)) with the config closed over: what jit and AOT compile."""
+    tx = make_tx(config)
+    return tx, partial(train_step, config=config, tx=tx)
+
+
+def summarize_eval(sums: dict) -> dict:
+    weight = max(float(sums["weight"]), 1.0)
+    loss = float(sums["loss_sum"]) / weight
+    return {"loss": loss, "perplexity": float(jnp.exp(jnp.minimum(loss, 50.0))),
+            "accuracy": float(sums["correct"]) / weight, "tokens": float(sums["weight"])}
