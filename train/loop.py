@@ -56,8 +56,11 @@ def open_data(config: TrainConfig, tokenizer):
     from train import pipeline
 
     data = config.data
-    kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=data.seq_len,
-                  data_dir=data.data_dir)
+    seq_len, decoder_len = data.seq_len, None
+    if config.model.family == "encoder_decoder":  # the encoder reads the first half, the decoder writes the second
+        seq_len = decoder_len = data.seq_len // 2
+    kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=seq_len,
+                  data_dir=data.data_dir, decoder_len=decoder_len)
     train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, **kwargs)
     eval_batches = pipeline.make_eval_batches(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
                                               **kwargs) if config.eval_batches else []
@@ -82,10 +85,10 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
 
 def train(config: TrainConfig, *, quiet: bool = False) -> dict:
     """Run (or resume) training; returns a summary with the final eval metrics."""
-    from train.tokenizers import load_tokenizer
+    from train.pipeline import open_tokenizer
 
     check_workdir(config.workdir)
-    tokenizer = load_tokenizer(config.data.tokenizer, data_dir=config.data.data_dir)
+    tokenizer = open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir)
     config = with_tokenizer_vocab(config, tokenizer)
     train_data, eval_batches = open_data(config, tokenizer)
     is_main = jax.process_index() == 0

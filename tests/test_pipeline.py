@@ -1,0 +1,298 @@
+"""Pipeline: packing loses nothing, order is a pure function of (seed, step), and each
+family's batch obeys its contract."""
+
+import collections
+import json
+import math
+
+import numpy as np
+import pytest
+
+from train import corpus as C
+from train import pipeline as P
+from train.tokenizers import ByteTokenizer, TokenizerError
+
+SEQ, B = 16, 8
+BYTES = ByteTokenizer()
+EOT, PAD, MASK, BOS = BYTES.eot_id, BYTES.pad_id, BYTES.mask_id, BYTES.bos_id
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(40):  # 0..120 bytes: many documents are longer than a row
+        text = "".join(rng.choice(list("abcdefgh é\n"), int(rng.integers(0, 120))))
+        (root / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    return C.open_corpus(root, data, validation_fraction=0.2)
+
+
+def make(corpus, family="decoder", seed=0, batch_size=B, seq_len=SEQ, process_index=0, process_count=1, **kw):
+    return P.make_pipeline(family, corpus, "bytes", seq_len=seq_len, batch_size=batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count, **kw)
+
+
+def full_rows(batch):
+    return np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_pack_documents_keeps_every_token():
+    docs = [np.arange(3), np.arange(0), np.arange(40) % 250, np.array([7])]
+    rows = P.pack_documents(docs, 8, EOT, PAD)
+    expected = np.concatenate([np.concatenate([[EOT], d]) for d in docs])
+    flat = rows.reshape(-1)
+    assert rows.shape == (math.ceil(len(expected) / 8), 8)
+    np.testing.assert_array_equal(flat[: len(expected)], expected)
+    assert (flat[len(expected):] == PAD).all()
+    with pytest.raises(P.PipelineError, match="eot_id"):
+        P.pack_documents([np.array([1, EOT])], 8, EOT, PAD)
+
+
+def test_packed_corpus_is_the_concatenated_token_stream(corpus):
+    rows = P.packed_rows(corpus, "train", BYTES, SEQ + 1)
+    expected = np.concatenate([np.concatenate([[EOT], BYTES.encode(t)]) for t in corpus.documents("train")])
+    flat = np.asarray(rows).reshape(-1)
+    np.testing.assert_array_equal(flat[: len(expected)], expected)
+    assert (flat[len(expected):] == PAD).all() and len(flat) - len(expected) < SEQ + 1
+
+
+def test_first_epochs_are_permutations_of_the_packed_rows(corpus):
+    pipe = make(corpus)
+    n = len(pipe.rows)
+    seen = np.concatenate([full_rows(pipe.batch(s)) for s in range(math.ceil(2 * n / B) + 1)])
+    packed = collections.Counter(map(tuple, np.asarray(pipe.rows, np.int32)))
+    first, second = seen[:n], seen[n : 2 * n]
+    assert collections.Counter(map(tuple, first)) == packed  # nothing lost, nothing twice
+    assert collections.Counter(map(tuple, second)) == packed
+    assert not np.array_equal(first, second)  # each epoch is reshuffled
+
+
+def test_segments_and_positions_by_hand():
+    rows = np.array([[5, 6, EOT, 7, 8, EOT, 9, PAD, PAD], [1, 2, 3, 4, EOT, 5, 6, 7, 8]])
+    seg, pos = P.segments_and_positions(rows, EOT, PAD)
+    np.testing.assert_array_equal(seg, [[1, 1, 2, 2, 2, 3, 3, 0, 0], [1, 1, 1, 1, 2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 1, 2, 3, 4]])
+
+
+def test_decoder_batches_follow_the_contract(corpus):
+    pipe = make(corpus)
+    for step in range(20):
+        b = pipe.batch(step)
+        assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+            **{k: ((B, SEQ), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")},
+            "loss_mask": ((B, SEQ), np.float32),
+        }
+        inputs, seg, pos = b["inputs"], b["segment_ids"], b["positions"]
+        np.testing.assert_array_equal(inputs[:, 1:], b["targets"][:, :-1])
+        assert (pos[inputs == EOT] == 0).all() and (pos[:, 0] == 0).all()
+        real = inputs[:, 1:] != PAD
+        starts = inputs[:, 1:] == EOT  # a new document: new segment id, positions restart
+        np.testing.assert_array_equal(np.diff(seg)[real], starts[real].astype(int))
+        np.testing.assert_array_equal(np.diff(pos)[real & ~starts], 1)
+        expected_mask = (b["targets"] != EOT) & (b["targets"] != PAD)
+        np.testing.assert_array_equal(b["loss_mask"], expected_mask.astype(np.float32))
+
+
+def test_documents_longer_than_a_row_continue_in_the_next_row():
+    rows = P.pack_documents([np.arange(30) % 250, np.arange(3)], 9, EOT, PAD)
+    b = P.decoder_features(rows, BYTES)
+    assert rows.shape == (4, 9) and (rows[1:3] != EOT).all()
+    np.testing.assert_array_equal(b["segment_ids"][1], np.ones(8))
+    np.testing.assert_array_equal(b["positions"][1], np.arange(8))  # restarts at the row
+    assert b["loss_mask"][1].all() and b["loss_mask"][2].all()
+
+
+# ----------------------------------------------------------------------------- order
+
+
+@pytest.mark.parametrize("family", P.FAMILIES)
+def test_same_seed_same_batches_other_seed_differs(corpus, family):
+    a, b, c = make(corpus, family, seed=3), make(corpus, family, seed=3), make(corpus, family, seed=4)
+    for step in (0, 1, 7, 123):
+        assert_batches_equal(a.batch(step), b.batch(step))
+    first = next(iter(a.batch(0).values()))
+    assert not np.array_equal(first, next(iter(c.batch(0).values())))
+
+
+def test_random_access_equals_iteration_and_state_resumes(corpus):
+    run = make(corpus, "encoder", seed=11)
+    it = iter(run)
+    history = [next(it) for _ in range(12)]
+    restarted = make(corpus, "encoder", seed=11)  # as after a restart
+    for k in (0, 5, 11):
+        assert_batches_equal(restarted.batch(k), history[k])
+    it = run.iterator()
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["step"] == 5
+    resumed = make(corpus, "encoder", seed=11).iterator()
+    resumed.set_state(state)
+    for k in range(5, 12):
+        assert_batches_equal(next(resumed), history[k])
+    with pytest.raises(P.PipelineError, match="seed=11 differs.*restart with seed=11"):
+        make(corpus, "encoder", seed=12).iterator().set_state(state)
+
+
+@pytest.mark.parametrize("family", P.FAMILIES)
+def test_two_processes_together_give_the_global_batch(corpus, family):
+    whole = make(corpus, family, seed=5)
+    halves = [make(corpus, family, seed=5, process_index=p, process_count=2) for p in (0, 1)]
+    assert halves[0].local_batch_size == B // 2
+    for step in (0, 3, 50):
+        parts = [h.batch(step) for h in halves]
+        for key, value in whole.batch(step).items():
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
+
+
+def test_process_layout_errors_and_default(corpus):
+    with pytest.raises(P.PipelineError, match="batch_size=6 is not divisible by process_count=4"):
+        make(corpus, batch_size=6, process_count=4)
+    with pytest.raises(P.PipelineError, match="process_index=2"):
+        make(corpus, process_index=2, process_count=2)
+    pipe = P.make_pipeline("decoder", corpus, "bytes", seq_len=SEQ, batch_size=B)  # from jax
+    assert (pipe.process_index, pipe.process_count, pipe.local_batch_size) == (0, 1, B)
+
+
+def test_bad_arguments_name_the_fix(corpus):
+    with pytest.raises(P.PipelineError, match="family='decodr'"):
+        make(corpus, "decodr")
+    with pytest.raises(P.PipelineError, match="seq_len=0"):
+        make(corpus, seq_len=0)
+    with pytest.raises(P.PipelineError, match="mask_rate=1.5"):
+        make(corpus, "encoder", mask_rate=1.5)
+    with pytest.raises(P.PipelineError, match="seed=-1"):
+        make(corpus, seed=-1)
+    with pytest.raises(P.PipelineError, match="step=-1"):
+        make(corpus).batch(-1)
+    with pytest.raises(TokenizerError, match="magic data --tokenizer sentencepiece"):
+        P.make_pipeline("decoder", corpus, "sentencepiece", process_index=0, process_count=1)
+
+
+def test_packed_rows_are_cached(corpus, monkeypatch):
+    make(corpus, seq_len=12)
+
+    def no_repack(*args, **kwargs):
+        raise AssertionError("packed again")
+
+    monkeypatch.setattr(P, "pack_documents", no_repack)
+    pipe = make(corpus, seq_len=12)
+    assert isinstance(pipe.rows, np.memmap)
+    assert (corpus.directory / "packed" / "train.bytes.L13.v1.npy").is_file()
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def test_mlm_masks_fifteen_percent_eighty_ten_ten(corpus):
+    pipe = make(corpus, "encoder", seq_len=128, seed=2)
+    batches = [pipe.batch(s) for s in range(60)]
+    get = lambda key: np.concatenate([b[key] for b in batches])  # noqa: E731
+    inputs, targets, selected = get("inputs"), get("targets"), get("loss_mask") > 0
+    eligible = (targets != EOT) & (targets != PAD)
+    assert not selected[~eligible].any()  # never a special or padding
+    assert abs(selected.sum() / eligible.sum() - 0.15) < 0.01
+    masked = selected & (inputs == MASK)
+    random = selected & (inputs != MASK) & (inputs != targets)
+    kept = selected & (inputs == targets)
+    n = selected.sum()
+    assert abs(masked.sum() / n - 0.8) < 0.03
+    assert abs(random.sum() / n - 0.1) < 0.03 and abs(kept.sum() / n - 0.1) < 0.03
+    assert (inputs[random] < 256).all()  # a random *real* token
+    np.testing.assert_array_equal(inputs[~selected], targets[~selected])
+    packed = collections.Counter(map(tuple, np.asarray(pipe.rows, np.int32)))
+    assert all(tuple(row) in packed for row in targets)  # targets are the original rows
+    assert (get("token_types") == 0).all()
+    assert batches[0]["loss_mask"].dtype == np.float32
+
+
+def test_mlm_masks_each_epoch_differently(corpus):
+    pipe = make(corpus, "encoder", seed=1, batch_size=1)
+    n = len(pipe.rows)
+    by_row = collections.defaultdict(list)
+    for step in range(3 * n):
+        b = pipe.batch(step)
+        by_row[tuple(b["targets"][0])].append(b["inputs"][0])
+    assert any(not np.array_equal(v[0], v[1]) for v in by_row.values())
+
+
+def test_seq2seq_prefix_continuation(corpus):
+    pipe = make(corpus, "encoder_decoder", decoder_len=8)
+    partial = 0
+    for step in range(30):
+        b = pipe.batch(step)
+        assert b["encoder_inputs"].shape == (B, SEQ) and b["decoder_targets"].shape == (B, 8)
+        assert (b["decoder_inputs"][:, 0] == BOS).all()
+        np.testing.assert_array_equal(b["decoder_inputs"][:, 1:], b["decoder_targets"][:, :-1])
+        mask, targets, dec_seg = b["loss_mask"] > 0, b["decoder_targets"], b["decoder_segment_ids"]
+        assert (np.diff(mask.astype(int)) <= 0).all()  # the continuation is a prefix
+        assert not np.isin(targets[mask], [EOT, PAD]).any()  # never another document
+        stops = mask.sum(1)
+        for row, stop in enumerate(stops):
+            if 0 < stop < 8:
+                assert targets[row, stop] in (EOT, PAD)  # stops exactly where the document ends
+                partial += 1
+        last_enc = b["encoder_segment_ids"][:, -1:]
+        np.testing.assert_array_equal(dec_seg, np.where(mask, last_enc, 0))
+        np.testing.assert_array_equal(b["decoder_positions"], np.where(mask, np.arange(8), 0))
+    assert partial > 0  # the test did see document boundaries inside the decoder window
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def eval_batches(corpus, family="decoder", **kw):
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return P.make_eval_batches(family, corpus, "bytes", seq_len=SEQ, batch_size=B, **kw)
+
+
+def test_eval_batches_are_the_validation_rows_in_order(corpus):
+    rows = np.asarray(P.packed_rows(corpus, "validation", BYTES, SEQ + 1), np.int32)
+    assert len(rows) > 2 * B
+    batches = eval_batches(corpus, num_eval_batches=2)
+    assert len(batches) == 2
+    np.testing.assert_array_equal(np.concatenate([full_rows(b) for b in batches]), rows[: 2 * B])
+    for a, b in zip(batches, eval_batches(corpus, num_eval_batches=2)):
+        assert_batches_equal(a, b)
+
+
+@pytest.mark.parametrize("family", P.FAMILIES)
+def test_eval_batches_pad_the_tail_and_slice_by_process(corpus, family):
+    whole = eval_batches(corpus, family, num_eval_batches=100)
+    n_rows = len(P.packed_rows(corpus, "validation", BYTES, P.row_length(family, SEQ, None)))
+    assert len(whole) == math.ceil(n_rows / B)
+    assert whole[-1]["loss_mask"][n_rows % B or B :].sum() == 0  # filler rows
+    halves = [eval_batches(corpus, family, num_eval_batches=100, process_index=p, process_count=2) for p in (0, 1)]
+    for k, batch in enumerate(whole):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(np.concatenate([h[k][key] for h in halves]), value, err_msg=key)
+    with pytest.raises(P.PipelineError, match="num_eval_batches=0"):
+        eval_batches(corpus, family, num_eval_batches=0)
+
+
+def test_sentencepiece_pipeline_after_prepare_tokenizer(corpus, tmp_path_factory):
+    src = tmp_path_factory.mktemp("spsrc")
+    for i in range(12):
+        (src / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value * {i}  # ünï\n" * 30)
+    sp_corpus = C.open_corpus(src, tmp_path_factory.mktemp("spdata"))
+    with pytest.raises(TokenizerError, match="magic data --tokenizer sentencepiece"):
+        P.make_pipeline("decoder", sp_corpus, "sentencepiece", seq_len=SEQ, batch_size=B,
+                        process_index=0, process_count=1)
+    tok = P.prepare_tokenizer(sp_corpus, "sentencepiece", vocab_size=400)
+    assert P.prepare_tokenizer(sp_corpus, "sentencepiece").cache_key == tok.cache_key  # kept, not retrained
+    pipe = P.make_pipeline("decoder", sp_corpus, "sentencepiece", seq_len=SEQ, batch_size=B,
+                           process_index=0, process_count=1)
+    b = pipe.batch(0)
+    assert b["inputs"].max() < tok.vocab_size and pipe.tokenizer.cache_key == tok.cache_key
+    mlm = P.make_pipeline("encoder", sp_corpus, tok, seq_len=SEQ, batch_size=B, process_index=0, process_count=1)
+    assert (mlm.batch(0)["inputs"] == tok.mask_id).any()

@@ -1,0 +1,369 @@
+"""Text corpora as TFDS datasets, read without TensorFlow (array_record + random access).
+
+`open_corpus(source, data_dir)` gives one `Corpus` object, whatever the source:
+
+* a directory of text files: a `TextFiles` TFDS builder writes it once as an
+  `array_record` dataset into `data_dir` (default `~/.cache/matrixmagic/tfds`, or
+  $MATRIXMAGIC_DATA_DIR). Later calls find it prepared and read it directly.
+* `stdlib`: the same, over this Python's standard library `.py` files
+  (`default_corpus_dir()`, located at run time; nothing is copied into the repo).
+* `tfds:<catalog name>` (`tfds:lm1b`, `tfds:wmt14_translate/de-en`, `tfds:c4/en`): a
+  catalog dataset that is already prepared (as array_record) in `data_dir`. There is no
+  network here, so a missing one fails at once with where to put it and how to make it.
+
+Decisions worth knowing:
+
+* Splits are a pure function of each file's relative path: sha256(path) picks ~1.5%
+  (`validation_fraction`) for `validation`, with at least one validation and one train
+  document. Adding a file never moves another file between splits.
+* The builder config name is `<dir name>_<hash>`; the hash covers the absolute source
+  path, the pattern, the fraction and every file's (path, size, mtime). Different
+  sources never collide, and an edited corpus is rebuilt into a new config instead of
+  silently reusing a stale one. A prepared dataset is never modified: TFDS writes into
+  an `incomplete.*` folder and renames it only on success.
+* Files are matched by basename (`pattern`, fnmatch) anywhere below the source dir;
+  hidden entries, `__pycache__` and `site-packages` are skipped.
+* Unreadable files (permissions, dangling links) are skipped with a `CorpusWarning`
+  listing them; if nothing readable is left that is an error.
+* Non-UTF-8 bytes are decoded with errors="replace" (U+FFFD); a `CorpusWarning` counts
+  the affected files when the dataset is built (only then: the result is cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import os
+import re
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import tensorflow_datasets as tfds
+
+DATA_DIR_ENV = "MATRIXMAGIC_DATA_DIR"
+SKIPPED_DIRS = ("__pycache__", "site-packages")
+VALIDATION_NAMES = ("validation", "test")  # catalog datasets: the first present is used
+
+
+class CorpusError(ValueError):
+    """A corpus argument is bad or its data is missing. The message names the fix."""
+
+
+class CorpusWarning(UserWarning):
+    """Something in the corpus was skipped or repaired; training can go on."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/matrixmagic/tfds").expanduser()
+
+
+def default_corpus_dir() -> Path:
+    """This interpreter's standard library directory (its site-packages is skipped)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _check_pattern(pattern: str) -> str:
+    name = pattern[3:] if pattern.startswith("**/") else pattern
+    if not name or "/" in name or os.sep in name:
+        raise CorpusError(
+            f"pattern={pattern!r} is invalid: give a file-name glob such as '*.py' or '*.txt' "
+            "(it is matched in every subdirectory)."
+        )
+    return name
+
+
+def list_files(source_dir: Path, pattern: str) -> list[str]:
+    """Sorted relative POSIX paths of the files under `source_dir` matching `pattern`."""
+    pattern = _check_pattern(pattern)
+    found = []
+    for root, dirs, files in os.walk(source_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+        for name in files:
+            if not name.startswith(".") and fnmatch.fnmatch(name, pattern):
+                found.append(Path(root, name).relative_to(source_dir).as_posix())
+    return sorted(found)
+
+
+def is_readable(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def path_hash(relpath: str) -> int:
+    return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+
+
+def assign_splits(relpaths: list[str], validation_fraction: float) -> dict[str, tuple[str, ...]]:
+    """Deterministic train/validation split by path hash; both splits non-empty."""
+    if len(relpaths) < 2:
+        raise CorpusError(
+            f"the corpus has {len(relpaths)} readable file(s): a train and a validation split "
+            "need at least 2. Add files to the source directory or widen `pattern`."
+        )
+    cutoff = int(validation_fraction * 2**64)
+    hashes = {p: path_hash(p) for p in relpaths}
+    validation = {p for p in relpaths if hashes[p] < cutoff}
+    if not validation:
+        validation = {min(relpaths, key=hashes.__getitem__)}
+    if len(validation) == len(relpaths):
+        validation.discard(max(relpaths, key=hashes.__getitem__))
+    train = tuple(sorted(p for p in relpaths if p not in validation))
+    return {"train": train, "validation": tuple(sorted(validation))}
+
+
+def source_fingerprint(source_dir: Path, pattern: str, fraction: float, relpaths: list[str]) -> str:
+    digest = hashlib.sha256(f"{source_dir.resolve()}\0{pattern}\0{fraction}".encode())
+    for p in relpaths:
+        st = os.stat(source_dir / p)
+        digest.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def config_name(source_dir: Path, fingerprint: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", source_dir.resolve().name.lower()).strip("_") or "root"
+    return f"{slug[:40]}_{fingerprint}"
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+@dataclasses.dataclass(eq=False)
+class TextFilesConfig(tfds.core.BuilderConfig):
+    source_dir: str = ""
+    splits: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict, repr=False)
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+    """One example per file: its text and its path relative to the source directory."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # Locating the source file would make TFDS import `importlib_resources` (not
+    # installed); it only wants it to find download checksums, and we download nothing.
+    code_path = None
+    RELEASE_NOTES = {"1.0.0": "Text files of a local directory, split by path hash."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Text files under {self.builder_config.source_dir}",
+            features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text(), "path": tfds.features.Text()}
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {
+            split: self._generate_examples(paths)
+            for split, paths in self.builder_config.splits.items()
+        }
+
+    def _generate_examples(self, paths):
+        root = Path(self.builder_config.source_dir)
+        repaired = []
+        for relpath in paths:
+            raw = (root / relpath).read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                repaired.append(relpath)
+            yield relpath, {"text": text, "path": relpath}
+        if repaired:
+            warnings.warn(
+                f"{len(repaired)} file(s) under {root} are not valid UTF-8; their bad bytes "
+                f"were replaced by U+FFFD: {_sample(repaired)}",
+                CorpusWarning,
+                stacklevel=2,
+            )
+
+
+def _sample(items: list[str], n: int = 5) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Random-access documents of a prepared dataset, split into train and validation.
+
+    `directory` is the prepared dataset's folder: token caches and tokenizer models are
+    written beside the data there.
+    """
+
+    name: str
+    directory: Path
+    sources: Mapping[str, Any]  # "train" / "validation" -> TFDS array_record data source
+    text_field: str = "text"
+    max_documents: int | None = None
+
+    def num_documents(self, split: str) -> int:
+        n = len(self._source(split))
+        return n if self.max_documents is None else min(n, self.max_documents)
+
+    def documents(self, split: str, chunk: int = 256) -> Iterator[str]:
+        """The split's texts in stored order (fixed when the dataset was prepared)."""
+        source, n = self._source(split), self.num_documents(split)
+        for start in range(0, n, chunk):
+            for record in source.__getitems__(list(range(start, min(start + chunk, n)))):
+                yield _as_text(record[self.text_field])
+
+    def _source(self, split: str):
+        if split not in self.sources:
+            raise CorpusError(f"split={split!r} is invalid: use one of {sorted(self.sources)}.")
+        return self.sources[split]
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def prepare_text_dir(
+    source_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    pattern: str = "*",
+    validation_fraction: float = 0.015,
+    name: str | None = None,
+) -> Corpus:
+    """Build (once) and open the array_record dataset of a directory of text files."""
+    source = Path(source_dir).expanduser()
+    if not source.is_dir():
+        raise CorpusError(
+            f"source={str(source_dir)!r} is not a directory: pass a directory of text files, "
+            "'stdlib', or 'tfds:<catalog name>'."
+        )
+    if not 0.0 < validation_fraction < 0.5:
+        raise CorpusError(
+            f"validation_fraction={validation_fraction} is invalid: use a value in (0, 0.5), e.g. 0.015."
+        )
+    relpaths = list_files(source, pattern)
+    if not relpaths:
+        raise CorpusError(
+            f"source={str(source)!r} has no files matching pattern={pattern!r}: add text files "
+            "there or pass a pattern that matches them (e.g. pattern='*.txt')."
+        )
+    unreadable = [p for p in relpaths if not is_readable(source / p)]
+    if unreadable:
+        warnings.warn(
+            f"skipping {len(unreadable)} unreadable file(s) under {source} (fix their "
+            f"permissions to include them): {_sample(unreadable)}",
+            CorpusWarning,
+            stacklevel=2,
+        )
+        relpaths = [p for p in relpaths if p not in set(unreadable)]
+    if not relpaths:
+        raise CorpusError(f"source={str(source)!r}: none of its files is readable; fix their permissions.")
+    splits = assign_splits(relpaths, validation_fraction)
+    fingerprint = source_fingerprint(source, pattern, validation_fraction, relpaths)
+    config = TextFilesConfig(
+        name=config_name(source, fingerprint),
+        description=f"{source.resolve()} ({pattern})",
+        source_dir=str(source.resolve()),
+        splits=splits,
+    )
+    builder = TextFiles(config=config, data_dir=str(Path(data_dir or default_data_dir()).expanduser()))
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    return Corpus(
+        name=name or f"dir:{source.resolve()}",
+        directory=Path(builder.data_dir),
+        sources=builder.as_data_source(),
+    )
+
+
+def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
+    return CorpusError(
+        f"source='tfds:{name}' is not available: {why}. Put the prepared dataset under "
+        f"data_dir={str(data_dir)!r} (as {data_dir}/{name.split('/')[0]}/...). This machine has "
+        f"no network: prepare it where there is one with `tfds build {name} "
+        f"--file_format=array_record --data_dir=<dir>` and copy <dir>/{name.split('/')[0]} here, "
+        "or pass data_dir= pointing at an existing TFDS data dir."
+    )
+
+
+def choose_text_field(features, supervised_keys, requested: str | None) -> str:
+    """`text` (lm1b, c4); else the supervised target (the 2nd language of a wmt pair)."""
+    text_fields = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+    if requested is not None:
+        if requested not in text_fields:
+            raise CorpusError(f"text_field={requested!r} is invalid: use one of {text_fields}.")
+        return requested
+    if "text" in text_fields:
+        return "text"
+    if supervised_keys and len(supervised_keys) == 2 and supervised_keys[1] in text_fields:
+        return supervised_keys[1]
+    raise CorpusError(
+        f"cannot tell which field holds the text (text fields: {text_fields}): pass text_field=."
+    )
+
+
+def open_catalog(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    text_field: str | None = None,
+    max_documents: int | None = None,
+) -> Corpus:
+    """A TFDS catalog dataset already prepared as array_record in `data_dir`."""
+    root = Path(data_dir or default_data_dir()).expanduser()
+    try:
+        builder = tfds.builder(name, data_dir=str(root))
+    except tfds.core.registered.DatasetNotFoundError:
+        why = "no prepared copy was found (and no builder code for it can run here)"
+        raise _missing_catalog(name, root, why) from None
+    if not builder.is_prepared():
+        raise _missing_catalog(name, root, f"nothing is prepared at {builder.data_dir}")
+    file_format = builder.info.file_format
+    if file_format is not None and file_format.value != "array_record":
+        raise CorpusError(
+            f"source='tfds:{name}' is stored as {file_format.value}; random access needs "
+            f"array_record: rebuild it with `tfds build {name} --file_format=array_record`."
+        )
+    splits = builder.info.splits
+    validation = next((s for s in VALIDATION_NAMES if s in splits), None)
+    if "train" not in splits or validation is None:
+        raise CorpusError(
+            f"source='tfds:{name}' has splits {sorted(splits)}: it needs 'train' and one of "
+            f"{VALIDATION_NAMES}."
+        )
+    field = choose_text_field(builder.info.features, builder.info.supervised_keys, text_field)
+    sources = builder.as_data_source()
+    return Corpus(
+        name=f"tfds:{name}",
+        directory=Path(builder.data_dir),
+        sources={"train": sources["train"], "validation": sources[validation]},
+        text_field=field,
+        max_documents=max_documents,
+    )
+
+
+def open_corpus(
+    source: str | os.PathLike = "stdlib",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    pattern: str | None = None,
+    validation_fraction: float = 0.015,
+    text_field: str | None = None,
+    max_documents: int | None = None,
+) -> Corpus:
+    """'stdlib', 'tfds:<name>' or a directory path (the two words win over same-named dirs)."""
+    text = str(source)
+    if text.startswith("tfds:"):
+        return open_catalog(text[5:], data_dir, text_field, max_documents)
+    if text == "stdlib":
+        corpus = prepare_text_dir(
+            default_corpus_dir(), data_dir, pattern or "*.py", validation_fraction, name="stdlib"
+        )
+    else:
+        corpus = prepare_text_dir(text, data_dir, pattern or "*", validation_fraction)
+    return dataclasses.replace(corpus, max_documents=max_documents)

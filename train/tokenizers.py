@@ -1,0 +1,271 @@
+"""Tokenizers: text <-> int32 ids, with the four special ids the three model families need.
+
+Every tokenizer exposes the same small surface (`Tokenizer` below), so the packing
+and batching code never asks which one it has:
+
+* `eot_id`  end of text. Prefixes every document in the packed stream (GPT style), so
+            it also marks where one document stops and the next begins.
+* `pad_id`  fills the tail of the last packed row; never a prediction target.
+* `mask_id` BERT's [MASK] for the masked-LM family.
+* `bos_id`  the decoder's start token for the encoder-decoder family.
+
+Specials are never produced by `encode(text)`: the byte tokenizer keeps them above 255
+and SentencePiece declares them as *control* symbols. The packer relies on this: an
+`eot_id` in the stream always means "a document starts here".
+
+`padded_vocab_size(multiple)` is the embedding-table size. It rounds `vocab_size` up
+so the vocab matmul has friendly shapes; rows >= `vocab_size` are never real tokens
+and the model masks their logits (ModelConfig.num_valid_tokens = vocab_size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+SPECIAL_PIECES = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
+SENTENCEPIECE_FILE = "sentencepiece.model"
+TOKENIZER_NAMES = ("bytes", "sentencepiece")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer argument is bad or its model file is missing. The message says the fix."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the pipeline and the model need from a tokenizer."""
+
+    def encode(self, text: str) -> np.ndarray: ...
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eot_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def mask_id(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def special_ids(self) -> tuple[int, ...]: ...
+    @property
+    def cache_key(self) -> str: ...  # names cached token files; changes if ids would
+    def padded_vocab_size(self, multiple: int = 128) -> int: ...
+
+
+def round_up(n: int, multiple: int) -> int:
+    if multiple <= 0:
+        raise TokenizerError(f"multiple={multiple} is invalid: use a positive integer (e.g. 128).")
+    return -(-n // multiple) * multiple
+
+
+def regular_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """Ids that are real text (not special): what BERT's "random token" draws from."""
+    ids = np.arange(tokenizer.vocab_size, dtype=np.int32)
+    return ids[~np.isin(ids, np.asarray(tokenizer.special_ids))]
+
+
+def _decode_runs(ids, is_text, decode_text, marker) -> str:
+    """Decode runs of ordinary ids with `decode_text`; render every other id with `marker`."""
+    out, run = [], []
+    for i in (int(x) for x in np.asarray(ids).reshape(-1)):
+        if is_text(i):
+            run.append(i)
+            continue
+        if run:
+            out.append(decode_text(run))
+            run = []
+        out.append(marker(i))
+    if run:
+        out.append(decode_text(run))
+    return "".join(out)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255; 256 eot, 257 pad, 258 mask, 259 bos. Needs no files."""
+
+    vocab_size = 260
+    eot_id, pad_id, mask_id, bos_id = 256, 257, 258, 259
+    special_ids = (256, 257, 258, 259)
+    cache_key = "bytes"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return _decode_runs(
+            ids,
+            is_text=lambda i: 0 <= i < 256,
+            decode_text=lambda run: bytes(run).decode("utf-8", errors="replace"),
+            marker=self._marker,
+        )
+
+    def _marker(self, i: int) -> str:
+        if i in self.special_ids:
+            return SPECIAL_PIECES[i - 256]
+        return f"<|invalid:{i}|>"  # a padding row of the embedding table
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        return round_up(self.vocab_size, multiple)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class SentencePieceTokenizer:
+    """A trained SentencePiece model loaded from its `.model` file.
+
+    Id 0 is <unk> (rare: byte fallback covers any character); ids 1..4 are the specials
+    in SPECIAL_PIECES order, declared as control symbols so `encode` never emits them.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise TokenizerError(
+                f"model_path={str(path)!r} does not exist: train one with "
+                "`train_sentencepiece(...)` or run `magic data --tokenizer sentencepiece` first."
+            )
+        proto = path.read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.path = path
+        self.cache_key = "sp-" + hashlib.sha256(proto).hexdigest()[:12]
+        ids = [self._sp.piece_to_id(p) for p in SPECIAL_PIECES]
+        if any(not self._sp.is_control(i) for i in ids):
+            raise TokenizerError(
+                f"model_path={str(path)!r} lacks the control symbols {SPECIAL_PIECES}: "
+                "retrain it with `train_sentencepiece(...)`."
+            )
+        self.eot_id, self.pad_id, self.mask_id, self.bos_id = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self._sp.unk_id(), self.eot_id, self.pad_id, self.mask_id, self.bos_id)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[np.ndarray]:
+        out = self._sp.encode(texts, num_threads=num_threads)
+        return [np.asarray(ids, dtype=np.int32) for ids in out]
+
+    def decode(self, ids) -> str:
+        controls = set(self.special_ids[1:])
+        n = self.vocab_size
+        return _decode_runs(
+            ids,
+            is_text=lambda i: 0 <= i < n and i not in controls,
+            decode_text=self._sp.decode,
+            marker=lambda i: self._sp.id_to_piece(i) if i in controls else f"<|invalid:{i}|>",
+        )
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        return round_up(self.vocab_size, multiple)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r})"
+
+
+def _training_chunks(texts: Iterable[str], lines_per_chunk: int = 32):
+    """SentencePiece trains on "sentences"; give it blocks of lines, newlines kept."""
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        for i in range(0, len(lines), lines_per_chunk):
+            chunk = "".join(lines[i : i + lines_per_chunk])
+            if chunk.strip():
+                yield chunk
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_path: str | os.PathLike,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    max_chunks: int = 200_000,
+) -> SentencePieceTokenizer:
+    """Train on `texts` and write `model_path` atomically; returns the loaded tokenizer.
+
+    Identity normalization, no whitespace collapsing and byte fallback make
+    decode(encode(text)) == text for any text, code indentation included.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise TokenizerError(f"model_type={model_type!r} is invalid: use 'bpe' or 'unigram'.")
+    if vocab_size < 256 + len(SPECIAL_PIECES) + 8:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small: byte fallback alone needs 261 ids; use >= 512."
+        )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_chunks(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        control_symbols=list(SPECIAL_PIECES),
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        max_sentence_length=1 << 16,
+        input_sentence_size=max_chunks,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,
+        num_threads=2,
+        minloglevel=2,
+    )
+    path = Path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return SentencePieceTokenizer(path)
+
+
+def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """'bytes', 'sentencepiece' (the model beside a prepared dataset: `data_dir`), or a .model path.
+
+    `data_dir` is the prepared dataset's directory (`Corpus.directory`), where
+    `magic data --tokenizer sentencepiece` writes `sentencepiece.model`.
+    """
+    if isinstance(name_or_path, Tokenizer):
+        return name_or_path
+    name = str(name_or_path)
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "sentencepiece":
+        if data_dir is None:
+            raise TokenizerError(
+                "tokenizer='sentencepiece' needs data_dir= (the prepared dataset's directory) "
+                "to find its model."
+            )
+        path = Path(data_dir) / SENTENCEPIECE_FILE
+        if not path.is_file():
+            raise TokenizerError(
+                f"tokenizer='sentencepiece': no model at {path}. "
+                "Run `magic data --tokenizer sentencepiece` first (or call "
+                "train.pipeline.prepare_tokenizer(corpus, 'sentencepiece'))."
+            )
+        return SentencePieceTokenizer(path)
+    if name.endswith(".model"):
+        return SentencePieceTokenizer(name)
+    raise TokenizerError(
+        f"tokenizer={name!r} is unknown: use one of {TOKENIZER_NAMES} or a path to a "
+        "SentencePiece .model file."
+    )
