@@ -8,7 +8,9 @@ the right name for a misspelt field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Literal, Optional
 
@@ -43,7 +45,7 @@ class DataConfig:
 class OptimizerConfig:
     learning_rate: float = 1e-3  # peak
     schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None  # None: 10% of the decay, at most 100 steps
     decay_steps: Optional[int] = None  # None: decay over the whole run
     final_ratio: float = 0.1  # cosine ends at 10% of peak (GPT-3 Appendix B)
     b1: float = 0.9
@@ -59,7 +61,7 @@ class OptimizerConfig:
                   f"choose one of {', '.join(SCHEDULES)}.{suggest(self.schedule, SCHEDULES)}")
         if self.learning_rate <= 0:
             _fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             _fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
         if not 0 <= self.final_ratio <= 1:
             _fail("optimizer.final_ratio", self.final_ratio, "use a fraction of the peak in [0, 1].")
@@ -74,6 +76,10 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     layout: Literal["dp", "fsdp", "tp", "fsdp+tp"] = "dp"
+    # Multi-slice TPU pods: how many slices (joined by the slower DCN) split the data axis.
+    dcn_data: int = 1
+    # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
+    rules_override: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +116,7 @@ class TrainConfig:
             _fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         decay = self.optimizer.decay_steps or self.steps
-        if self.optimizer.schedule in ("cosine", "linear") and self.optimizer.warmup_steps >= decay:
+        if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= decay:
             _fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
                   f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
                   f"or steps); lower optimizer.warmup_steps or raise steps.")
@@ -119,6 +125,12 @@ class TrainConfig:
             _fail("data.seq_len", self.data.seq_len,
                   f"the model has only {self.model.max_len} positions (model.max_len); "
                   f"lower data.seq_len or raise model.max_len.")
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.optimizer.warmup_steps is not None:
+            return self.optimizer.warmup_steps
+        return min(100, (self.optimizer.decay_steps or self.steps) // 10)
 
     @property
     def objective(self) -> str:
@@ -133,9 +145,7 @@ def train_config_for(preset_name: str, **overrides) -> TrainConfig:
     """Defaults for a preset: its model, and its paper's optimizer shape."""
     preset = get_preset(preset_name)
     recipe = preset.recipe
-    steps = overrides.get("steps", TrainConfig.steps)
     optimizer = OptimizerConfig(learning_rate=recipe.peak_learning_rate, schedule=recipe.schedule,
-                                warmup_steps=min(OptimizerConfig.warmup_steps, steps // 10),
                                 b1=recipe.adam_b1, b2=recipe.adam_b2, eps=recipe.adam_eps,
                                 weight_decay=recipe.weight_decay)
     return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
@@ -143,11 +153,16 @@ def train_config_for(preset_name: str, **overrides) -> TrainConfig:
 
 
 def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """Apply 'dotted.field=value' strings; tyro parses and type-checks the values."""
+    """Apply 'dotted.field=value' strings.
+
+    tyro parses each value against the field's type annotation (ints, floats,
+    bools, Optional, Literal choices); the dataclasses then re-validate the
+    whole config, so cross-field errors name their field too.
+    """
     import tyro
 
     fields = _field_types(TrainConfig)
-    args = []
+    parsed_fields, args = [], []
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -159,14 +174,43 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
         choices = _literal_choices(key)
         if choices and value not in choices:
             raise ConfigError(f"--set {item!r}: {key} must be one of {', '.join(choices)}.{suggest(value, choices)}")
-        args += ["--" + key, value]
+        name = key.replace(".", "__")
+        parsed_fields.append((name, _hint(key)))
+        args += [f"--{name}", value]
+    values_cls = dataclasses.make_dataclass("Overrides", parsed_fields)
+    captured = io.StringIO()
     try:
-        return tyro.cli(TrainConfig, default=config, args=args, console_outputs=False,
-                        config=(tyro.conf.FlagConversionOff,))
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            values = tyro.cli(values_cls, args=args, console_outputs=False, config=(tyro.conf.FlagConversionOff,))
     except SystemExit as exit_:
-        described = ", ".join(f"{a.partition('=')[0].strip()} expects {fields[a.partition('=')[0].strip()]}"
-                              for a in assignments)
-        raise ConfigError(f"--set {' '.join(assignments)} was rejected (see the message above): {described}.") from exit_
+        reason = next((line.strip(" │") for line in captured.getvalue().splitlines() if "Error parsing" in line), "")
+        described = ", ".join(f"{k} expects {fields[k]}" for k in (a.partition("=")[0].strip() for a in assignments))
+        raise ConfigError(f"--set {' '.join(assignments)}: a value does not parse: {reason.replace('__', '.')} "
+                          f"({described}).") from exit_
+    updates: dict = {}
+    for name, _ in parsed_fields:
+        *parents, leaf = name.split("__")
+        node = updates
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = getattr(values, name)
+    return _replace_nested(config, updates)
+
+
+def _replace_nested(obj, updates: dict):
+    """One dataclasses.replace per level, so related fields change together before validation."""
+    changes = {k: _replace_nested(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in updates.items()}
+    return dataclasses.replace(obj, **changes)
+
+
+def _hint(dotted: str):
+    import typing
+
+    cls = TrainConfig
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        cls = typing.get_type_hints(cls)[name]
+    return typing.get_type_hints(cls)[leaf]
 
 
 def _field_types(cls, prefix: str = "") -> dict[str, str]:
@@ -185,11 +229,7 @@ def _literal_choices(dotted: str) -> tuple[str, ...]:
     """The allowed values of a Literal-typed field, else ()."""
     import typing
 
-    cls = TrainConfig
-    *parents, leaf = dotted.split(".")
-    for name in parents:
-        cls = typing.get_type_hints(cls)[name]
-    hint = typing.get_type_hints(cls)[leaf]
+    hint = _hint(dotted)
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
 
 

@@ -2,6 +2,7 @@
 
   magic params [PRESET ...]   parameter counts, FLOPs and memory of presets
   magic train [--preset P] [--set field=value ...]   train (default: a tiny GPT on the stdlib corpus)
+  magic data [--source S] [--tokenizer sentencepiece]  build a dataset (and train a tokenizer)
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -35,7 +37,9 @@ def _train_config(args):
     if args.workdir:
         assignments.append(f"workdir={args.workdir}")
     if args.mesh:
-        assignments += [f"mesh.{item.strip()}" for item in args.mesh.split(",") if item.strip()]
+        from sharding.mesh import mesh_assignments
+
+        assignments += mesh_assignments(args.mesh)  # unknown axis -> an error naming the allowed ones
     if args.layout:
         assignments.append(f"mesh.layout={args.layout}")
     return apply_overrides(config, assignments) if assignments else config
@@ -48,9 +52,24 @@ def _cmd_train(args) -> int:
         print("Fields for --set (dotted name, type):\n" + field_help())
         return 0
     config = _train_config(args)  # every config error surfaces here, before data or compile
+    from sharding.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX computation
     from train.loop import train
 
     train(config)
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from train.corpus import open_corpus
+    from train.pipeline import prepare_tokenizer
+
+    corpus = open_corpus(args.source, args.data_dir)
+    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size)
+    print(f"dataset {corpus.name}: {corpus.num_documents('train'):,} train / "
+          f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
+    print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (model table {tokenizer.padded_vocab_size(128):,})")
     return 0
 
 
@@ -62,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_params)
 
+    d = sub.add_parser("data", help="build a dataset from text files and optionally train a tokenizer")
+    d.add_argument("--source", default="stdlib", help="'stdlib', a directory of text files, or tfds:<name>")
+    d.add_argument("--tokenizer", default="bytes", choices=["bytes", "sentencepiece"])
+    d.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
+    d.add_argument("--data-dir", help="TFDS data dir (default ~/.cache/matrixmagic/tfds)")
+    d.set_defaults(func=_cmd_data)
+
     t = sub.add_parser("train", help="train a model (default: gpt-tiny on the Python stdlib corpus)")
     t.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
     t.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -70,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mesh", help="device mesh sizes, e.g. data=2,fsdp=2,tensor=2 (-1 fills)")
     t.add_argument("--layout", help="parameter layout: dp, fsdp, tp or fsdp+tp")
     t.add_argument("--help-fields", action="store_true", help="list every field --set accepts")
+    t.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (auto on TPU pods and SLURM)")
+    t.add_argument("--num-processes", type=int, help="multi-process: how many processes run this command")
+    t.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
     t.set_defaults(func=_cmd_train)
     return parser
 
@@ -80,7 +109,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("MAGIC_DEBUG"):
+            raise
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return 2
 

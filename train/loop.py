@@ -60,7 +60,8 @@ def open_data(config: TrainConfig, tokenizer):
     if config.model.family == "encoder_decoder":  # the encoder reads the first half, the decoder writes the second
         seq_len = decoder_len = data.seq_len // 2
     kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=seq_len,
-                  data_dir=data.data_dir, decoder_len=decoder_len)
+                  data_dir=data.data_dir, decoder_len=decoder_len,
+                  process_index=jax.process_index(), process_count=jax.process_count())  # this host's rows only
     train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, **kwargs)
     eval_batches = pipeline.make_eval_batches(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
                                               **kwargs) if config.eval_batches else []
@@ -90,6 +91,9 @@ def train(config: TrainConfig, *, quiet: bool = False) -> dict:
     check_workdir(config.workdir)
     tokenizer = open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir)
     config = with_tokenizer_vocab(config, tokenizer)
+    from sharding.validate import validate_mesh
+
+    validate_mesh(config, jax.device_count(), jax.process_count())  # mesh errors before data or compile
     train_data, eval_batches = open_data(config, tokenizer)
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
@@ -152,15 +156,27 @@ def train(config: TrainConfig, *, quiet: bool = False) -> dict:
     writer.close()
 
     summary = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
+    sampling = config.sample_tokens and config.model.family == "decoder"
+    # Across hosts the params are gathered by a collective every process joins; only process 0 samples.
+    params_on_host = gather_params(state.params) if sampling else None
     if is_main:
         history = metrics_lib.read_history(config.workdir)
         summary["loss_curve"] = metrics_lib.plot_loss_curve(
             history, os.path.join(config.workdir, "loss_curve.png"), title=f"{config.preset} on {config.data.source}")
         log(f"loss curve: {summary['loss_curve']}")
-        if config.sample_tokens and config.model.family == "decoder":
-            summary["sample"] = sample_text(config, state.params, tokenizer)
+        if sampling:
+            summary["sample"] = sample_text(config, params_on_host, tokenizer)
             log("sample from the trained model:\n" + summary["sample"])
     return summary
+
+
+def gather_params(params):
+    """Whole params as host numpy arrays; across hosts an all-gather that every process must join."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def sample_text(config: TrainConfig, params, tokenizer, prompt: str = "def ", temperature: float = 0.8) -> str:

@@ -23,7 +23,7 @@ from train.state import TrainState
 
 def make_learning_rate(config: TrainConfig) -> optax.Schedule:
     opt = config.optimizer
-    return make_schedule(opt.schedule, peak_learning_rate=opt.learning_rate, warmup_steps=opt.warmup_steps,
+    return make_schedule(opt.schedule, peak_learning_rate=opt.learning_rate, warmup_steps=config.warmup_steps,
                          decay_steps=opt.decay_steps or config.steps, final_ratio=opt.final_ratio,
                          d_model=config.model.d_model)
 
