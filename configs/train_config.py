@@ -163,6 +163,8 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
     fields = _field_types(TrainConfig)
     parsed_fields, args = [], []
+    last = {item.partition("=")[0].strip(): item for item in assignments}  # a repeated field: last one wins
+    assignments = list(last.values())
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()

@@ -143,7 +143,7 @@ def train(config: TrainConfig, *, quiet: bool = False) -> dict:
             window_start, window_steps = time.perf_counter(), 0
         if eval_batches and (done % config.eval_every == 0 or done == config.steps):
             last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
-            if config.data.tokenizer == "bytes":
+            if config.data.tokenizer == "bytes" and config.model.family == "decoder":
                 last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
             writer.write(done, "eval", last_eval)
             bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
