@@ -8,6 +8,8 @@ For each head h (d_k = d_model / num_heads):
     O_h = A_h V_h                                               weighted sum of values
     out = concat(O_1 .. O_H) W_o                                heads concatenated, projected
 X = Y gives self-attention; Y = the encoder output gives cross attention.
+With `decode=True` (self-attention only) K and V are also written to a KV cache
+(see `_cached_keys_values`), so generation computes one new row per step.
 Each intermediate is `sow`n under 'intermediates' so `magic explain` can show
 the real matrices of a forward pass.
 """
@@ -24,6 +26,8 @@ from flax import linen as nn
 from configs import ModelConfig
 from model.dropout import Dropout
 from model.linear import Linear
+from model.masks import combine_masks
+from model.params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
 
 # Large but finite, so a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -1e9
@@ -42,6 +46,7 @@ class MultiHeadAttention(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     out_init_std: Optional[float] = None  # GPT-2 scales residual projections by 1/sqrt(2L)
+    decode: bool = False  # autoregressive decoding: read and write the 'cache' collection
 
     @nn.compact
     def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray, mask: Optional[jnp.ndarray] = None):
@@ -52,9 +57,11 @@ class MultiHeadAttention(nn.Module):
             return Linear((cfg.d_model,), (heads, d_k), ("embed", "heads", "kv"), cfg.use_bias,
                           cfg.init_std, cfg.dtype, cfg.param_dtype, name=name)
 
-        q = projection("query")(inputs_q)  # [B, Tq, H, d_k]
-        k = projection("key")(inputs_kv)  # [B, Tk, H, d_k]
-        v = projection("value")(inputs_kv)  # [B, Tk, H, d_k]
+        q = constrain(projection("query")(inputs_q), HEADS_ACTIVATION)  # [B, Tq, H, d_k]
+        k = constrain(projection("key")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
+        v = constrain(projection("value")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
+        if self.decode:
+            k, v, mask = self._cached_keys_values(k, v, mask)
         scores, weights = attention_weights(q, k, mask)
         for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
             self.sow("intermediates", name, value)
@@ -63,7 +70,42 @@ class MultiHeadAttention(nn.Module):
         values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
         concatenated = values.reshape(values.shape[:2] + (heads * d_k,))  # [B, Tq, d_model]
         self.sow("intermediates", "heads_concatenated", concatenated)
+        # W_o takes `values` [B, Tq, H, d_k], not the flat concat: with H = 1 and Tq = 1 the flat
+        # [B, 1, d_model] also matches the kernel's (H, d_k) trailing dims and would lose the Tq axis.
         out = Linear((heads, d_k), (cfg.d_model,), ("heads", "kv", "embed"), cfg.use_bias,
-                     self.out_init_std or cfg.init_std, cfg.dtype, cfg.param_dtype, name="output")(concatenated)
-        self.sow("intermediates", "output", out)
+                     self.out_init_std or cfg.init_std, cfg.dtype, cfg.param_dtype, name="output")(values)
+        out = constrain(out, EMBED_ACTIVATION)  # heads summed: the all-reduce over tensor
+        self.sow("intermediates", "output_projection", out)
         return out
+
+    def _cached_keys_values(self, k: jnp.ndarray, v: jnp.ndarray, mask: Optional[jnp.ndarray]):
+        """KV cache for decoding: write this call's K, V rows, attend over the whole cache.
+
+        Variables (collection 'cache'): cached_key, cached_value [B, S, H, d_k] and
+        cache_index [B], the number of filled slots per row. The cache length S is the
+        sequence length `init` was called with (generate.init_cache: max_len by default).
+        Each row writes its T new rows at slots cache_index[b] .. cache_index[b] + T - 1,
+        so a row's slot is its position when positions start at 0 (the caller keeps them
+        in step, and resets cache_index after a padded prefill). Query t of row b sees
+        slots <= cache_index[b] + t only: causal, and never an unfilled slot. Writes past
+        S are clamped by XLA, so the caller must keep prompt + new tokens <= S.
+        At init the cache is created empty and plain attention runs on the inputs.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros(k.shape[:1], jnp.int32))
+        if not initialized:
+            return k, v, mask
+        index, length, slots = cache_index.value, k.shape[1], cached_key.value.shape[1]
+
+        def write(cache, new):  # per row: cache[b, index[b]:index[b]+T] = new[b]
+            return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0)))(
+                cache, new, index)
+
+        cached_key.value = write(cached_key.value, k)
+        cached_value.value = write(cached_value.value, v)
+        cache_index.value = index + length
+        query_slots = index[:, None] + jnp.arange(length)  # [B, T]
+        visible = jnp.arange(slots)[None, None, :] <= query_slots[:, :, None]  # [B, T, S]
+        return cached_key.value, cached_value.value, combine_masks(mask, visible[:, None])

@@ -28,9 +28,17 @@ class DecoderOnlyLM(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
-                 segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
-        """inputs [B, T] token ids -> logits [B, T, vocab] (float32)."""
+                 segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True,
+                 decode: bool = False) -> jnp.ndarray:
+        """inputs [B, T] token ids -> logits [B, T, vocab] (float32).
+
+        decode=True (generation, mutable=['cache']): self-attention reads and writes the
+        KV cache, which masks causally by itself; positions [B, T] must then be given.
+        """
         cfg = self.config
+        if decode and positions is None:
+            raise ValueError("decode=True needs positions= ([B, T] absolute positions of the new tokens, "
+                             "equal to each row's cache slots); model/generate.py passes them.")
         positions = default_positions(inputs) if positions is None else positions
         token_embedding = TokenEmbedding(cfg, name="token_embedding")
         tokens = token_embedding(inputs)
@@ -39,8 +47,8 @@ class DecoderOnlyLM(nn.Module):
         self.sow("intermediates", "embeddings", x)
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
-        mask = self_attention_mask(segment_ids, inputs.shape[1], causal=True)
-        x = LayerStack(cfg, DecoderLayer, name="decoder")(x, mask, deterministic=deterministic)
+        mask = None if decode else self_attention_mask(segment_ids, inputs.shape[1], causal=True)
+        x = LayerStack(cfg, DecoderLayer, name="decoder")(x, mask, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
             x = LayerNorm(cfg, name="final_norm")(x)
         shared = token_embedding if cfg.tie_embeddings else None

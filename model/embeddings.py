@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from configs import ModelConfig
-from model.params import logical_param, normal
+from model.params import EMBED_ACTIVATION, constrain, logical_param, normal
 
 
 class TokenEmbedding(nn.Module):
@@ -28,10 +28,11 @@ class TokenEmbedding(nn.Module):
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
         """ids [B, T] -> vectors [B, T, d_model]; scaled by sqrt(d_model) if configured (Vaswani 3.4)."""
-        x = jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
+        table = constrain(self.embedding, (self.axes[0], None))  # FSDP: gather d_model before the row lookup
+        x = jnp.take(table, ids, axis=0).astype(self.config.dtype)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.d_model)
-        return x
+        return constrain(x, EMBED_ACTIVATION)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """hidden [B, T, d] -> logits [B, T, vocab] with the transposed table."""

@@ -55,12 +55,20 @@ class EncoderDecoderLM(nn.Module):
 
     def decode(self, encoded: jnp.ndarray, decoder_inputs: jnp.ndarray,
                decoder_positions: Optional[jnp.ndarray] = None, decoder_segment_ids: Optional[jnp.ndarray] = None,
-               encoder_segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
-        """encoder output [B, S, d] + target ids [B, T] -> logits [B, T, vocab] (float32)."""
+               encoder_segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True,
+               decode: bool = False) -> jnp.ndarray:
+        """encoder output [B, S, d] + target ids [B, T] -> logits [B, T, vocab] (float32).
+
+        decode=True: decoder self-attention uses the KV cache (mutable=['cache']) and
+        decoder_positions must be given; cross attention recomputes K, V from `encoded`.
+        """
+        if decode and decoder_positions is None:
+            raise ValueError("decode=True needs decoder_positions= ([B, T] positions of the new target "
+                             "tokens); model/generate.py passes them.")
         x = self._embed(decoder_inputs, decoder_positions, deterministic)
-        self_mask = self_attention_mask(decoder_segment_ids, decoder_inputs.shape[1], causal=True)
-        cross_mask = cross_attention_mask(decoder_segment_ids, encoder_segment_ids)
-        x = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic)
+        self_mask = None if decode else self_attention_mask(decoder_segment_ids, decoder_inputs.shape[1], causal=True)
+        cross_mask = cross_attention_mask(None if decode else decoder_segment_ids, encoder_segment_ids)
+        x = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
         if self.config.norm_position == "pre":
             x = self.decoder_norm(x)
         return self.output_head(x)

@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from configs import ModelConfig
 from model.linear import Linear
+from model.params import EMBED_ACTIVATION, MLP_ACTIVATION, constrain
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -31,7 +32,8 @@ class FeedForward(nn.Module):
         cfg = self.config
         hidden = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), cfg.use_bias, cfg.init_std,
                         cfg.dtype, cfg.param_dtype, name="hidden")(x)
-        hidden = ACTIVATIONS[cfg.activation](hidden)
-        self.sow("intermediates", "hidden", hidden)
-        return Linear((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.use_bias,
-                      self.out_init_std or cfg.init_std, cfg.dtype, cfg.param_dtype, name="output")(hidden)
+        hidden = constrain(ACTIVATIONS[cfg.activation](hidden), MLP_ACTIVATION)
+        self.sow("intermediates", "activated", hidden)
+        out = Linear((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), cfg.use_bias,
+                     self.out_init_std or cfg.init_std, cfg.dtype, cfg.param_dtype, name="output")(hidden)
+        return constrain(out, EMBED_ACTIVATION)  # hidden summed: the all-reduce over tensor

@@ -21,6 +21,7 @@ from model.add_norm import LayerNorm, add_and_norm
 from model.attention import MultiHeadAttention
 from model.dropout import Dropout
 from model.feed_forward import FeedForward
+from model.params import EMBED_ACTIVATION, constrain
 
 
 def residual_init_std(cfg: ModelConfig) -> Optional[float]:
@@ -37,7 +38,7 @@ class _Layer(nn.Module):
         cfg = self.config
         norm = LayerNorm(cfg, name=f"{name}_norm")
         dropout = Dropout(cfg.dropout_rate, self.deterministic)
-        return add_and_norm(x, fn, norm, dropout, cfg.norm_position)
+        return constrain(add_and_norm(x, fn, norm, dropout, cfg.norm_position), EMBED_ACTIVATION)
 
 
 class EncoderLayer(_Layer):
@@ -53,12 +54,13 @@ class EncoderLayer(_Layer):
 
 class DecoderLayer(_Layer):
     cross_attention: bool = False
+    decode: bool = False  # KV-cached self-attention for generation (cross attention recomputes)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, self_mask: Optional[jnp.ndarray],
                  encoded: Optional[jnp.ndarray] = None, cross_mask: Optional[jnp.ndarray] = None):
         cfg, det = self.config, self.deterministic
-        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), name="self_attention")
+        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), self.decode, name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))
         if self.cross_attention:
             # Queries from the decoder, keys and values from the encoder output.

@@ -17,7 +17,7 @@ from configs import ModelConfig
 from model.attention import MASK_VALUE
 from model.embeddings import TokenEmbedding
 from model.linear import Linear
-from model.params import logical_param
+from model.params import VOCAB_ACTIVATION, constrain, logical_param
 
 
 def mask_padding_vocab(logits: jnp.ndarray, num_valid_tokens: Optional[int]) -> jnp.ndarray:
@@ -48,6 +48,6 @@ class OutputHead(nn.Module):
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), cfg.param_dtype)
             logits = logits + bias.astype(logits.dtype)
-        logits = mask_padding_vocab(logits.astype(jnp.float32), cfg.num_valid_tokens)
+        logits = mask_padding_vocab(constrain(logits.astype(jnp.float32), VOCAB_ACTIVATION), cfg.num_valid_tokens)
         self.sow("intermediates", "logits", logits)
         return logits

@@ -20,3 +20,17 @@ def logical_param(module: nn.Module, name: str, init, shape: tuple, axes: tuple,
 
 def normal(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+# Logical names of activations (sharding/rules.py maps them; weights use their own names).
+EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+HEADS_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+MLP_ACTIVATION = ("activation_batch", "activation_length", "activation_mlp")
+VOCAB_ACTIVATION = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def constrain(x: jnp.ndarray, axes: tuple) -> jnp.ndarray:
+    """Pin an activation's layout by logical names, so XLA keeps the batch split and
+    splits heads/MLP over `tensor` (Megatron) instead of guessing. A no-op unless a
+    rule table and a mesh are in context (sharding/setup.py provides both)."""
+    return nn.with_logical_constraint(x, axes)

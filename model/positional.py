@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from configs import ModelConfig
-from model.params import logical_param, normal
+from model.params import EMBED_ACTIVATION, constrain, logical_param, normal
 
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> np.ndarray:
@@ -44,7 +44,8 @@ class LearnedPositionalEmbedding(nn.Module):
         cfg = self.config
         table = logical_param(self, "embedding", normal(cfg.init_std), (cfg.max_len, cfg.d_model),
                               ("position", "embed"), cfg.param_dtype)
-        return jnp.take(table, positions, axis=0).astype(cfg.dtype)
+        table = constrain(table, ("position", None))  # FSDP: gather d_model before the row lookup
+        return constrain(jnp.take(table, positions, axis=0).astype(cfg.dtype), EMBED_ACTIVATION)
 
 
 def positional_encoding(config: ModelConfig, name: str) -> nn.Module:

@@ -30,16 +30,16 @@ class LayerStack(nn.Module):
     layer_kwargs: tuple = ()  # extra static fields, e.g. (("cross_attention", True),)
 
     @nn.compact
-    def __call__(self, x, *args, deterministic: bool = True):
+    def __call__(self, x, *args, deterministic: bool = True, decode: bool = False):
         cfg = self.config
         layer_cls = self.layer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        kwargs = dict(self.layer_kwargs)
+        kwargs = dict(self.layer_kwargs, **({"decode": True} if decode else {}))  # KV cache: DecoderLayer
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0, "intermediates": 0},
+                variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(args),
                 length=cfg.num_layers,

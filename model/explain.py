@@ -1,0 +1,387 @@
+"""`magic explain`: one forward pass of a real model, matrix by matrix.
+
+Every matrix shown comes out of the model itself: the attention module `sow`s q, k, v,
+scores, weights, heads_concatenated and its output projection; `capture_intermediates`
+records the outputs of the embedding, positional, LayerNorm, feed-forward and layer
+modules. Nothing is recomputed here except two additions the model does inline
+(the enc-dec embedding sum and the pre-LN residual x + attention), and the mask and
+the vocabulary softmax, which call the model's own functions (masks.py, output_head.py).
+
+Presets too large to hold (GPT-3 175B) run the same code under `jax.eval_shape`: every
+shape and dtype with no weights and no activations allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from configs import ModelConfig
+from model.add_norm import LayerNorm
+from model.build import abstract_variables, build_model, init_params
+from model.embeddings import TokenEmbedding
+from model.feed_forward import FeedForward
+from model.layers import DecoderLayer, EncoderLayer
+from model.masks import self_attention_mask
+from model.output_head import vocab_softmax
+from model.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+
+# Above this many parameters, explain runs on shapes only (no weights allocated).
+MAX_MATERIALIZED_PARAMS = 200_000_000
+DEFAULT_TEXT = "Attention is all you need."
+_CAPTURED = (TokenEmbedding, LearnedPositionalEmbedding, SinusoidalPositionalEncoding, LayerNorm, FeedForward,
+             EncoderLayer, DecoderLayer)
+_BOS_ID = 259  # ByteTokenizer's decoder start token (train/tokenizers.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One matrix of the forward pass. value is None on shape-only runs."""
+
+    name: str
+    formula: str
+    shape: tuple
+    dtype: str
+    flops: Optional[int] = None  # of the matmul that produced it, whole batch, all heads
+    value: Any = None
+    head_axis: Optional[int] = None  # per-head matrices: which axis indexes the heads
+    note: str = ""
+
+    @property
+    def per_head_shape(self) -> tuple:
+        if self.head_axis is None:
+            return self.shape
+        return self.shape[: self.head_axis] + self.shape[self.head_axis + 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    config: ModelConfig
+    layer: int
+    labels: list  # token strings (None on shape-only runs without text)
+    stages: list
+    shapes_only: bool
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+
+def token_label(token_id: int) -> str:
+    """A short printable label for a byte-tokenizer id (specials as <eot>, <pad>, ...)."""
+    if 0 <= token_id < 256:
+        ch = chr(token_id) if 32 <= token_id < 127 else f"\\x{token_id:02x}"
+        return {" ": "␣"}.get(ch, ch)
+    return {256: "<eot>", 257: "<pad>", 258: "<mask>", 259: "<bos>"}.get(token_id, f"<{token_id}>")
+
+
+def _capture(module: nn.Module, method_name: str) -> bool:
+    return method_name == "__call__" and isinstance(module, _CAPTURED)
+
+
+def model_inputs(config: ModelConfig, ids) -> dict:
+    """Keyword arguments of the family's __call__ for token ids [B, T] (enc-dec: source = ids,
+    target = [bos] + ids[:-1], teacher forcing)."""
+    if config.family != "encoder_decoder":
+        return {"inputs": ids}
+    target = jnp.concatenate([jnp.full(ids.shape[:1] + (1,), _BOS_ID, ids.dtype), ids[:, :-1]], axis=1)
+    return {"encoder_inputs": ids, "decoder_inputs": target}
+
+
+def forward(config: ModelConfig, params, ids) -> tuple[jnp.ndarray, dict, jnp.ndarray, jnp.ndarray]:
+    """The real model's forward pass -> (logits, intermediates, vocabulary softmax, self-attention
+    mask [1, 1, T, T] as the model builds it; all-True for the bidirectional encoder)."""
+    logits, state = build_model(config).apply({"params": params}, **model_inputs(config, ids),
+                                              capture_intermediates=_capture, mutable=["intermediates"])
+    length = ids.shape[1]
+    mask = self_attention_mask(None, length, causal=config.family != "encoder")
+    mask = jnp.ones((1, 1, length, length), bool) if mask is None else mask
+    return logits, state["intermediates"], vocab_softmax(logits), mask
+
+
+def _pick(x, index: int):
+    """x[index] for arrays and shape structs alike."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[index]
+
+
+def _out(tree: dict, *path):
+    """A captured module output or sown value (both are stored as tuples of calls)."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _add(a, b):
+    """a + b for arrays and shape structs alike (the residual adds the model does inline)."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(jnp.broadcast_shapes(a.shape, b.shape), jnp.result_type(a.dtype, b.dtype))
+    return a + b
+
+
+def _layer_tree(inter: dict, stack: str, n: int, config: ModelConfig) -> dict:
+    """The intermediates of layer n of a stack, scanned (stacked on axis 0) or unrolled."""
+    if config.scan_layers:
+        return jax.tree_util.tree_map(lambda x: _pick(x, n), inter[stack]["layers"],
+                                      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return inter[stack][f"layer_{n}"]
+
+
+def _layer_output(inter, stack, n, config):
+    return _out(_layer_tree(inter, stack, n, config), "__call__", 0, 0)
+
+
+def _stage(name, formula, x, flops=None, head_axis=None, note="", shapes_only=False) -> Stage:
+    return Stage(name, formula, tuple(x.shape), str(jnp.dtype(x.dtype)), flops,
+                 None if shapes_only else np.asarray(x), head_axis, note)
+
+
+_SINUSOIDS = "sinusoids PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)"
+_LEARNED = "learned table P[pos], [max_len, d_model]"
+
+
+def _embedding_stages(cfg, inter, ids, S):
+    """tokens, token embeddings, positional encodings, their sum -> (stages, the stack input)."""
+    family = cfg.family
+    if family == "encoder_decoder":  # we walk the decoder: the shared modules' second call
+        tokens, pos = _out(inter, "shared_embedding", "__call__", 1), _out(inter, "positional", "__call__", 1)
+    else:
+        tokens, pos = _out(inter, "token_embedding", "__call__", 0), _out(inter, "position_embedding", "__call__", 0)
+    shifted = "; decoder input = [bos] + source[:-1]" if family == "encoder_decoder" else ""
+    scale = " x sqrt(d_model)" if cfg.scale_embeddings else ""
+    stages = [
+        S("tokens", f"ids [B, T]: byte tokenizer, UTF-8 bytes 0..255{shifted}", ids),
+        S("token embeddings", f"E[ids]{scale}: rows of the [vocab, d_model] table (a lookup, no matmul)", tokens),
+        S("positional encodings", _SINUSOIDS if cfg.positional == "sinusoidal" else _LEARNED, pos),
+    ]
+    if family == "encoder_decoder":  # the model adds these inline; the sum is not sown
+        total = _add(tokens, pos)
+        stages.append(S("embeddings (sum)", "X = E[ids] + PE (dropout is off at inference)", total))
+        return stages, total
+    if family == "encoder" and cfg.type_vocab_size:
+        types = _out(inter, "token_type_embedding", "__call__", 0)
+        stages.append(S("token type embeddings", "segment A/B table T[type]", types))
+    total = _out(inter, "embeddings", 0)
+    stages.append(S("embeddings (sum)", "X = E[ids] + P" + (" + T" if family == "encoder" else ""), total))
+    if family == "encoder":
+        normed = _out(inter, "embedding_norm", "__call__", 0)
+        stages.append(S("embedding LayerNorm", "LayerNorm(X): BERT normalizes the embedding sum", normed))
+        return stages, normed
+    return stages, total
+
+
+def _split_heads(concat, heads: int, d_k: int):
+    """[B, T, H d_k] -> [B, T, H, d_k]: the per-head weighted values, as the model reshapes them."""
+    shape = concat.shape[:2] + (heads, d_k)
+    if isinstance(concat, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, concat.dtype)
+    return concat.reshape(shape)
+
+
+def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self_attention"):
+    """Q, K, V, scores, mask, weights, weighted values, concat, W_o, add & norm of one attention sublayer."""
+    att = layer[kind]
+    q, k, v = (_out(att, n, 0) for n in ("q", "k", "v"))
+    d, H, dk = cfg.d_model, cfg.num_heads, cfg.head_dim
+    Tq, Tk = q.shape[1], k.shape[1]
+    stages = []
+    if cfg.norm_position == "pre":
+        stages.append(S(f"{prefix}attention input (LayerNorm)", "pre-LN: LayerNorm(x) feeds Q, K, V",
+                        _out(layer, f"{kind}_norm", "__call__", 0)))
+    src = "the encoder output" if kind == "cross_attention" else "X"
+    stages += [
+        S(f"{prefix}Q", "Q_h = X W_q[h] per head [B, T, d_k]", q, 2 * B * Tq * d * d, head_axis=2),
+        S(f"{prefix}K", f"K_h = {src} W_k[h] per head [B, T, d_k]", k, 2 * B * Tk * d * d, head_axis=2),
+        S(f"{prefix}V", f"V_h = {src} W_v[h] per head [B, T, d_k]", v, 2 * B * Tk * d * d, head_axis=2),
+        S(f"{prefix}scores", "S_h = Q_h K_h^T / sqrt(d_k) [B, H, Tq, Tk], masked entries set to -1e9",
+          _out(att, "scores", 0), 2 * B * H * Tq * Tk * dk),
+    ]
+    if mask is not None:
+        stages.append(S(f"{prefix}mask", "True where query q may attend key k (broadcast over heads)", mask))
+    concat = _out(att, "heads_concatenated", 0)
+    out = _out(att, "output_projection", 0)
+    stages += [
+        S(f"{prefix}attention weights", "A_h = softmax(S_h) over keys (rows sum to 1, float32)",
+          _out(att, "weights", 0)),
+        S(f"{prefix}weighted values", "O_h = A_h V_h per head [B, T, d_k]", _split_heads(concat, H, dk),
+          2 * B * H * Tq * Tk * dk, head_axis=2),
+        S(f"{prefix}heads concatenated", "concat(O_1 .. O_H) [B, T, H d_k = d_model]", concat),
+        S(f"{prefix}output projection", "concat W_o", out, 2 * B * Tq * d * d),
+    ]
+    name = f"add & norm ({kind.replace('_', ' ')})"
+    if cfg.norm_position == "post":
+        added = _out(layer, f"{kind}_norm", "__call__", 0)
+        stages.append(S(name, "LayerNorm(x + attention(x)) (post-LN)", added))
+    else:  # pre-LN adds inline; the residual sum is not a module output
+        added = _add(layer_input, out)
+        stages.append(S(name, "x + attention(LayerNorm(x)) (pre-LN residual)", added))
+    return stages, added
+
+
+def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: int = 1,
+            shapes_only: Optional[bool] = None, labels: Optional[list] = None) -> Explanation:
+    """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT as bytes, or max_len zeros on
+    shape-only runs); params None = fresh random init, or shapes only for presets over
+    MAX_MATERIALIZED_PARAMS parameters."""
+    cfg = config
+    if not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"layer={layer} is invalid: this model has layers 0..{cfg.num_layers - 1}.")
+    abstract = nn.meta.unbox(abstract_variables(cfg)["params"])
+    if shapes_only is None:
+        n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
+        shapes_only = params is None and n_params > MAX_MATERIALIZED_PARAMS
+    if ids is None:
+        ids = (jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32) if shapes_only
+               else np.tile(np.frombuffer(DEFAULT_TEXT.encode(), np.uint8).astype(np.int32), (batch, 1)))
+    if labels is None and not isinstance(ids, jax.ShapeDtypeStruct):
+        labels = [token_label(int(i)) for i in np.asarray(ids)[0]]
+    if labels is not None and cfg.family == "encoder_decoder":
+        labels = [token_label(_BOS_ID)] + list(labels[:-1])  # the decoder's input, shifted right
+    if not shapes_only:
+        ids = jnp.asarray(ids, jnp.int32)
+        params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)) if params is None else params
+        outputs = forward(cfg, params, ids)
+    else:
+        ids = jax.ShapeDtypeStruct(tuple(ids.shape), jnp.int32)
+        outputs = jax.eval_shape(functools.partial(forward, cfg), abstract, ids)
+    return Explanation(cfg, layer, labels, _stages(cfg, ids, *outputs, layer, shapes_only), shapes_only)
+
+
+def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
+    B, T = ids.shape
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    S = functools.partial(_stage, shapes_only=shapes_only)
+    stack = "encoder" if cfg.family == "encoder" else "decoder"
+    stages, stack_input = _embedding_stages(cfg, inter, ids, S)
+    if cfg.family == "encoder_decoder":
+        encoded = (_out(inter, "encoder_norm", "__call__", 0) if cfg.norm_position == "pre"
+                   else _layer_output(inter, "encoder", cfg.num_layers - 1, cfg))
+        stages.append(S("encoder output", f"{cfg.num_layers} encoder layers over the source "
+                                          "(the keys and values of cross attention)", encoded))
+    layer = _layer_tree(inter, stack, n, cfg)
+    x = stack_input if n == 0 else _layer_output(inter, stack, n - 1, cfg)
+    attention, x = _attention_stages(cfg, layer, x, mask, B, S)
+    stages += attention
+    if cfg.family == "encoder_decoder":
+        cross, x = _attention_stages(cfg, layer, x, None, B, S, prefix="cross ", kind="cross_attention")
+        shown = {f"cross {part}" for part in ("Q", "K", "V", "attention weights", "output projection")}
+        stages += [s for s in cross if s.name in shown] + [cross[-1]]
+    ffn = layer["feed_forward"]
+    if cfg.norm_position == "pre":
+        stages.append(S("FFN input (LayerNorm)", "pre-LN: LayerNorm(x) feeds the FFN",
+                        _out(layer, "feed_forward_norm", "__call__", 0)))
+    stages += [
+        S("FFN hidden", f"act(x W_1 + b_1), act = {cfg.activation} [B, T, d_ff]", _out(ffn, "activated", 0),
+          2 * B * T * d * f),
+        S("FFN output", "hidden W_2 + b_2 [B, T, d_model]", _out(ffn, "__call__", 0), 2 * B * T * f * d),
+        S("add & norm (FFN)", "LayerNorm(x + FFN(x))" if cfg.norm_position == "post" else "x + FFN(LayerNorm(x))",
+          _layer_output(inter, stack, n, cfg), note=f"layer {n} output; {cfg.num_layers - n - 1} more layers follow"),
+    ]
+    if cfg.family == "encoder":
+        stages.append(S("MLM transform", "LayerNorm(act(h W + b)): BERT's prediction-head transform",
+                        _out(inter, "mlm_head", "transform_norm", "__call__", 0), 2 * B * T * d * d))
+    elif cfg.norm_position == "pre":
+        norm = _out(inter, "final_norm" if cfg.family == "decoder" else "decoder_norm", "__call__", 0)
+        stages.append(S("final LayerNorm", "pre-LN stacks end with one more LayerNorm", norm))
+    tied = "E^T (tied to the token embedding)" if cfg.tie_embeddings else "W_out"
+    stages += [S("logits (final linear)", f"h {tied} [B, T, vocab]", logits, 2 * B * T * d * V),
+               S("softmax over vocabulary", "p(next token) = softmax(logits) (float32)", probs)]
+    return stages
+
+
+def _human(n: float) -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def _preview(stage: Stage, rows: int = 4, cols: int = 6) -> str:
+    x = np.asarray(stage.value)
+    x = x[0] if x.ndim >= 2 else x  # batch 0
+    if stage.head_axis is not None:
+        x = np.take(x, 0, axis=stage.head_axis - 1)  # head 0
+    while x.ndim > 2:
+        x = x[0]
+    x = x.reshape(1, -1) if x.ndim == 1 else x
+    part = x[:rows, :cols]
+    fmt = (lambda v: f"{int(v):d}") if x.dtype.kind in "iub" else (lambda v: f"{v: .3g}")
+    lines = ["[" + " ".join(f"{fmt(v):>9}" for v in row) + (" ..." if x.shape[1] > cols else "") + "]" for row in part]
+    where = "batch 0" + (", head 0" if stage.head_axis is not None else "")
+    return f"({where}, top-left {part.shape[0]}x{part.shape[1]})\n        " + "\n        ".join(lines)
+
+
+def format_explanation(e: Explanation, decode_token=None) -> str:
+    """The readable walk: name, formula, shape, dtype, matmul FLOPs, a few values."""
+    cfg = e.config
+    mode = "shapes only (jax.eval_shape: no weights allocated)" if e.shapes_only else "real forward pass"
+    out = [f"{cfg.family} model: d_model={cfg.d_model} heads={cfg.num_heads} d_k={cfg.head_dim} "
+           f"layers={cfg.num_layers} vocab={cfg.vocab_size}; showing layer {e.layer}; {mode}"]
+    if e.labels:
+        out.append("text: " + " ".join(repr(t) for t in e.labels))
+    for i, s in enumerate(e.stages, 1):
+        line = f"{i:2d}. {s.name:<28} {str(list(s.shape)):<24} {s.dtype:<8}"
+        if s.head_axis is not None:
+            line += f" per head {list(s.per_head_shape)} x {s.shape[s.head_axis]}"
+        if s.flops:
+            line += f"  matmul {_human(s.flops)}"
+        out.append(line)
+        out.append(f"      {s.formula}" + (f"  [{s.note}]" if s.note else ""))
+        if s.value is not None and s.name != "mask":
+            out.append("      values " + _preview(s))
+        elif s.value is not None:
+            m = np.asarray(s.value)[0, 0].astype(int)
+            out.append("      " + "\n      ".join(" ".join(map(str, r[:16])) for r in m[:8]))
+    probs = e.stages[-1].value
+    if probs is not None and decode_token is not None:
+        top = np.argsort(-probs[0, -1])[:5]
+        what = "MLM prediction at the last position" if cfg.family == "encoder" else "next token after the last one"
+        out.append(f"{what}: " +
+                   ", ".join(f"{decode_token(int(t))!r} {probs[0, -1, t]:.3f}" for t in top))
+    total = sum(s.flops or 0 for s in e.stages)
+    out.append(f"matmul FLOPs shown (one layer + head): {_human(total)}")
+    return "\n".join(out)
+
+
+def cli_explain(args) -> int:
+    """`magic explain`: print the walk, and write the pictures with --plot DIR."""
+    from configs import get_preset
+    from train.tokenizers import ByteTokenizer
+
+    if args.workdir:
+        from model.generate import load_run
+
+        config, params, tokenizer = load_run(args.workdir)
+    elif args.preset:
+        config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
+    else:
+        raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
+    byte_level = isinstance(tokenizer, ByteTokenizer)
+    label = token_label if byte_level else (lambda i: tokenizer.decode([i]))
+    ids = labels = None
+    if args.text is not None:
+        ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
+        if not 0 < ids.shape[1] <= config.max_len:
+            raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
+        labels = [label(int(i)) for i in ids[0]]
+    e = explain(config, params, ids, layer=args.layer, batch=args.batch,
+                shapes_only=True if args.shapes_only else None, labels=labels)
+    print(format_explanation(e, decode_token=label))
+    if args.plot:
+        from model.plots import plot_explanation
+
+        for path in plot_explanation(e, args.plot):
+            print(f"wrote {path}")
+        if e.shapes_only:
+            print("(shape-only run: attention and mask pictures need values; only the positional table was drawn)")
+    return 0

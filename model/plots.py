@@ -1,0 +1,109 @@
+"""Pictures of the matrices: attention weights per head, positional encodings, the mask.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no
+display), so plotting works on headless machines and in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from model.positional import sinusoidal_encoding
+
+MAX_LABELED_TOKENS = 48  # beyond this, tick labels overlap: show every k-th
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _label_axes(ax, labels: Optional[Sequence[str]], rows: int, cols: int, col_labels=None):
+    col_labels = labels if col_labels is None else col_labels
+    for axis, n, names in ((ax.xaxis, cols, col_labels), (ax.yaxis, rows, labels)):
+        if names is None:
+            continue
+        step = max(1, math.ceil(n / MAX_LABELED_TOKENS))
+        ticks = list(range(0, n, step))
+        axis.set_ticks(ticks)
+        axis.set_ticklabels([names[i] for i in ticks], fontsize=7, fontfamily="monospace")
+    ax.tick_params(axis="x", labelrotation=90)
+
+
+def plot_attention(weights: np.ndarray, labels: Optional[Sequence[str]], path, title: str = "",
+                   key_labels: Optional[Sequence[str]] = None) -> Path:
+    """weights [H, Tq, Tk] (one layer, one sequence): one heat map per head, queries down, keys across."""
+    weights = np.asarray(weights, np.float32)
+    heads, tq, tk = weights.shape
+    cols = min(4, heads)
+    rows = math.ceil(heads / cols)
+    side = max(3.0, min(6.0, 0.16 * max(tq, tk) + 1.5))
+    fig = Figure(figsize=(side * cols + 1, side * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        _label_axes(ax, labels, tq, tk, key_labels)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        ax.set_ylabel("query (attending)", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="softmax weight")
+    fig.suptitle(title or "attention weights A = softmax(Q K^T / sqrt(d_k))", fontsize=11)
+    return _save(fig, Path(path))
+
+
+def plot_positional_encoding(max_len: int, d_model: int, path, positions: int = 256, dims: int = 512) -> Path:
+    """The sinusoidal table of Vaswani et al. 3.5 (first `positions` x `dims` entries)."""
+    table = sinusoidal_encoding(max_len, d_model)[:positions, :dims]
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    image = ax.imshow(table, cmap="RdBu", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("embedding dimension i (even: sin, odd: cos)")
+    ax.set_ylabel("position")
+    ax.set_title(f"sinusoidal positional encoding PE[pos, i], d_model={d_model}")
+    fig.colorbar(image, ax=ax)
+    return _save(fig, Path(path))
+
+
+def plot_mask(mask: np.ndarray, labels: Optional[Sequence[str]], path, title: str = "") -> Path:
+    """mask [Tq, Tk] bool: white where a query may attend a key."""
+    mask = np.asarray(mask, bool)
+    side = max(3.5, min(8.0, 0.16 * mask.shape[0] + 2))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    ax.imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _label_axes(ax, labels, *mask.shape)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.set_title(title or "attention mask (white = may attend)")
+    return _save(fig, Path(path))
+
+
+def plot_explanation(explanation, out_dir, labels: Optional[Sequence[str]] = None) -> list[Path]:
+    """The three pictures of a `model.explain.Explanation`: attention per head for its layer
+    (first sequence), the sinusoidal encoding table, and the self-attention mask."""
+    out_dir = Path(out_dir)
+    cfg, layer = explanation.config, explanation.layer
+    written = [plot_positional_encoding(cfg.max_len, cfg.d_model, out_dir / "positional_encoding.png")]
+    if explanation.shapes_only:
+        return written  # no values to draw
+    labels = labels or explanation.labels
+    weights = explanation.stage("attention weights").value[0]
+    written.append(plot_attention(weights, labels, out_dir / f"attention_layer{layer}.png",
+                                  f"layer {layer} self-attention weights, {weights.shape[0]} heads"))
+    mask = explanation.stage("mask").value[0, 0]
+    name = "causal_mask.png" if cfg.family != "encoder" else "attention_mask.png"
+    written.append(plot_mask(mask, labels, out_dir / name,
+                             "causal mask: query t sees keys <= t" if cfg.family != "encoder"
+                             else "bidirectional: every query sees every key"))
+    return written
