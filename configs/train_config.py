@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import typing
 from typing import Literal, Optional
 
 from configs.model_config import ConfigError, ModelConfig, suggest
@@ -99,6 +100,12 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # Also keep the checkpoint with the lowest eval loss (steps where an eval and a save coincide).
+    keep_best_checkpoint: bool = False
+    # Non-finite loss/grad-norm steps are skipped (update not applied); stop after more than this many.
+    max_nonfinite_skips: int = 0
+    # Start a new run from this run directory's (or step directory's) params: fresh optimizer, step 0.
+    init_from: str = ""
     # Peak FLOP/s of one device for MFU. 0: this machine's measured CPU matmul
     # peak (4.6e11 on the 2-core dev box) or the chip table's bf16 peak.
     peak_flops: float = 0.0
@@ -110,6 +117,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 _fail(name, value, "use a positive integer.")
+        if self.max_nonfinite_skips < 0:
+            _fail("max_nonfinite_skips", self.max_nonfinite_skips, "use 0 (stop at the first) or more.")
         if self.eval_batches < 0:
             _fail("eval_batches", self.eval_batches, "use 0 (no eval) or more.")
         if self.batch_size % self.microbatches:
@@ -176,6 +185,9 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
         choices = _literal_choices(key)
         if choices and value not in choices:
             raise ConfigError(f"--set {item!r}: {key} must be one of {', '.join(choices)}.{suggest(value, choices)}")
+        if _hint(key) in (bool, typing.Optional[bool]):  # accept true/false/1/0/yes/no, as people type them
+            value = {"true": "True", "1": "True", "yes": "True", "false": "False", "0": "False",
+                     "no": "False"}.get(value.lower(), value)
         name = key.replace(".", "__")
         parsed_fields.append((name, _hint(key)))
         args += [f"--{name}", value]

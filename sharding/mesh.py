@@ -1,4 +1,11 @@
-"""Device meshes from config axis sizes (data, fsdp, tensor), -1 auto-filled."""
+"""Device meshes from config axis sizes (data, fsdp, tensor), -1 auto-filled.
+
+Axis order is (data, fsdp, tensor): outermost = least communication. `tensor`
+all-reduces activations twice per layer, so it goes innermost (fastest links,
+one host); `data` only all-reduces gradients once per step, so on a multi-slice
+TPU pod it is the one axis that crosses the slow data-centre network (DCN):
+`mesh.dcn_data` = how many slices split the data axis.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from configs.model_config import ConfigError
+from configs.model_config import ConfigError, suggest
 
 AXES = ("data", "fsdp", "tensor")
+MESH_FLAG_KEYS = AXES + ("dcn_data",)  # what `magic train --mesh` accepts
 
 
 def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, int]:
@@ -33,8 +41,73 @@ def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, in
     return sizes
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    sizes = resolve_axis_sizes({a: getattr(mesh_config, a) for a in AXES}, len(devices))
+def axis_sizes(mesh_config, device_count: int) -> dict[str, int]:
+    return resolve_axis_sizes({a: getattr(mesh_config, a) for a in AXES}, device_count)
+
+
+def mesh_assignments(text: str) -> list[str]:
+    """`--mesh data=2,fsdp=2,tensor=2` -> ['mesh.data=2', ...], naming the allowed axes on a typo."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"--mesh {item!r} is invalid: write axis=size, e.g. --mesh data=2,fsdp=2,tensor=2.")
+        if key not in MESH_FLAG_KEYS:
+            raise ConfigError(f"--mesh {item!r}: unknown mesh axis {key!r}; the axes are "
+                              f"{', '.join(MESH_FLAG_KEYS)}.{suggest(key, MESH_FLAG_KEYS)}")
+        out.append(f"mesh.{key}={value}")
+    return out
+
+
+def granules(devices) -> tuple[str, int]:
+    """(attribute, count) of the units the slow network joins: TPU slices when the
+    devices span several, else processes (hosts), the GPU-cluster analogue."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices and len(slices) > 1:
+        return "slice_index", len(slices)
+    return "process_index", len({getattr(d, "process_index", 0) for d in devices})
+
+
+def check_dcn(sizes: dict[str, int], dcn_data: int, devices) -> None:
+    """dcn_data must divide data and match the slices present; fail with the fix."""
+    if dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data={dcn_data} is invalid: use the number of slices (1 on one slice).")
+    if sizes["data"] % dcn_data:
+        raise ConfigError(f"mesh.data={sizes['data']} is not divisible by mesh.dcn_data={dcn_data}: each slice "
+                          f"holds data/dcn_data replicas; make mesh.data a multiple of {dcn_data}.")
+    attr, count = granules(devices)
+    if attr == "slice_index" and dcn_data != count:
+        raise ConfigError(f"mesh.dcn_data={dcn_data} but the devices span {count} slices: set mesh.dcn_data={count} "
+                          f"so only the data axis crosses the data-centre network.")
+    if dcn_data > 1 and dcn_data != count:
+        raise ConfigError(f"mesh.dcn_data={dcn_data} needs {dcn_data} slices (or hosts) but the devices form "
+                          f"{count}; use mesh.dcn_data=1 on a single slice.")
+
+
+def device_array(sizes: dict[str, int], dcn_data: int, devices) -> np.ndarray:
+    """Devices arranged as [data, fsdp, tensor]: topology-aware where JAX knows the
+    interconnect (TPU torus, multi-slice), a plain reshape elsewhere (CPU)."""
+    from jax.experimental import mesh_utils
+
     shape = tuple(sizes[a] for a in AXES)
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    check_dcn(sizes, dcn_data, devices)
+    if dcn_data > 1:
+        ici = (sizes["data"] // dcn_data, sizes["fsdp"], sizes["tensor"])
+        attr, _ = granules(devices)
+        return mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1), devices,
+                                                    process_is_granule=attr == "process_index")
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):  # e.g. a TPU subset that is no sub-torus
+        return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """A GSPMD-style (AxisType.Auto) mesh: XLA propagates shardings from the
+    params, inputs and the model's logical constraints."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = axis_sizes(mesh_config, len(devices))
+    array = device_array(sizes, getattr(mesh_config, "dcn_data", 1), devices)
+    return Mesh(array, AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -1,42 +1,111 @@
 """The one table mapping logical axis names to mesh axes, per layout.
 
-Model code names every weight dimension ('embed', 'heads', 'mlp', ...); a
-layout says which mesh axis, if any, splits each name:
+Model code names every weight dimension ('embed', 'heads', 'mlp', ...) and the
+activations it pins ('activation_batch', 'activation_heads', ...); a layout says
+which mesh axis, if any, splits each name:
   dp       params replicated, batch split over every device
   fsdp     batch split over data x fsdp; every weight matrix split over fsdp on
            its embed dimension (ZeRO-3: params, grads and Adam state sharded)
   tp       Megatron: heads and MLP hidden split over tensor (one all-reduce
            after attention and one after the MLP), batch over data
   fsdp+tp  both
+Activations keep separate names from weights so the two can be laid out
+independently: a weight's 'embed' is split over fsdp, but the activations'
+'activation_embed' stays whole (FSDP gathers weights, not activations).
 Flax applies rules in order and never uses a mesh axis twice in one array, so
 an activation [batch, length, embed] keeps 'fsdp' for the batch.
+
+`mesh.rules_override` (a string, so it fits the frozen config and `--set`)
+replaces entries of the table: "embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp".
 """
 
 from __future__ import annotations
 
+from configs.model_config import ConfigError, suggest
+from sharding.mesh import AXES
+
 LAYOUTS = ("dp", "fsdp", "tp", "fsdp+tp")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = tuple[tuple[str, object], ...]
 
 
-def logical_rules(layout: str) -> tuple[tuple[str, object], ...]:
+def layout_rules(layout: str) -> Rules:
+    """The base table for a named layout (no overrides)."""
     if layout not in LAYOUTS:
-        from configs.model_config import ConfigError, suggest
-
         raise ConfigError(f"mesh.layout={layout!r} is invalid: choose one of {', '.join(LAYOUTS)}."
                           f"{suggest(layout, LAYOUTS)}")
-    fsdp = "fsdp" in layout
-    tp = "tp" in layout
-    tensor = "tensor" if tp else None
+    fsdp = "fsdp" if "fsdp" in layout else None
+    tensor = "tensor" if "tp" in layout else None
     return (
-        ("batch", ("data", "fsdp")),
-        ("activation_batch", ("data", "fsdp")),
+        # activations: the batch is always split over every data-parallel axis
+        ("activation_batch", BATCH_AXES),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_heads", tensor),
+        ("activation_kv", None),
+        ("activation_mlp", tensor),
+        ("activation_vocab", tensor),
+        # inputs (token ids, positions, masks)
+        ("batch", BATCH_AXES),
+        ("length", None),
+        # weights
         ("vocab", tensor),
         ("heads", tensor),
         ("mlp", tensor),
-        ("embed", "fsdp" if fsdp else None),
+        ("embed", fsdp),
         ("kv", None),
         ("position", None),
         ("token_type", None),
         ("norm", None),
         ("layers", None),
-        ("length", None),
     )
+
+
+LOGICAL_NAMES = tuple(name for name, _ in layout_rules("dp"))
+
+
+def parse_rules_override(text: str) -> dict[str, object]:
+    """'embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp' -> {logical name: mesh axes}.
+
+    'none' leaves a dimension unsplit; 'a+b' splits it over two mesh axes at once.
+    """
+    out: dict[str, object] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"mesh.rules_override item {item!r} is invalid: write logical=mesh_axis, "
+                              f"e.g. 'embed=fsdp,mlp=tensor,heads=none'.")
+        if name not in LOGICAL_NAMES:
+            raise ConfigError(f"mesh.rules_override: {name!r} is not a logical axis name; use one of "
+                              f"{', '.join(LOGICAL_NAMES)}.{suggest(name, LOGICAL_NAMES)}")
+        axes = tuple(a.strip() for a in value.split("+")) if value.lower() not in ("", "none") else ()
+        for axis in axes:
+            if axis not in AXES:
+                raise ConfigError(f"mesh.rules_override: {name}={value!r} names mesh axis {axis!r}; the mesh axes "
+                                  f"are {', '.join(AXES)} (or 'none').{suggest(axis, AXES)}")
+        out[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return out
+
+
+def logical_rules(layout: str, override: str = "") -> Rules:
+    """The layout's table with `override` entries replacing its own, order kept."""
+    table = layout_rules(layout)
+    if not override:
+        return table
+    changes = parse_rules_override(override)
+    return tuple((name, changes.get(name, axes)) for name, axes in table)
+
+
+def rules_for(mesh_config) -> Rules:
+    return logical_rules(mesh_config.layout, getattr(mesh_config, "rules_override", ""))
+
+
+def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:
+    """Mesh axes the first rule for `name` splits it over ('' -> ())."""
+    for rule_name, axes in rules:
+        if rule_name == name:
+            return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return ()

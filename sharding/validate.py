@@ -1,0 +1,76 @@
+"""Mesh checks that run before any data is read or anything compiles.
+
+A bad mesh otherwise surfaces minutes later as an XLA error about uneven
+shards or a hang across hosts; here each one names the config field and a fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+from configs.model_config import ConfigError
+from sharding.mesh import axis_sizes
+from sharding.rules import BATCH_AXES, mesh_axes_of, rules_for
+
+
+def model_dims(model) -> dict[str, tuple[str, int]]:
+    """Logical weight axis -> (config field, size) for every dimension a rule may split."""
+    dims = {
+        "vocab": ("model.vocab_size", model.vocab_size),
+        "embed": ("model.d_model", model.d_model),
+        "heads": ("model.num_heads", model.num_heads),
+        "kv": ("model.d_model // model.num_heads (head_dim)", model.head_dim),
+        "mlp": ("model.d_ff", model.d_ff),
+        "position": ("model.max_len", model.max_len),
+        "layers": ("model.num_layers", model.num_layers),
+    }
+    if model.type_vocab_size:
+        dims["token_type"] = ("model.type_vocab_size", model.type_vocab_size)
+    return dims
+
+
+def check_batch(config, sizes: dict[str, int], process_count: int) -> None:
+    """The global batch (and each microbatch) splits evenly over data x fsdp and over processes."""
+    if config.batch_size % process_count:
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes: each "
+                          f"host loads an equal slice; use a multiple of {process_count}.")
+    dp = math.prod(sizes[a] for a in BATCH_AXES)
+    where = f"mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} = {dp}"
+    if config.batch_size % dp:
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the data-parallel size ({where}); "
+                          f"use a multiple of {dp}, or change the mesh.")
+    micro = config.batch_size // config.microbatches
+    if micro % dp:
+        raise ConfigError(f"microbatches={config.microbatches} leaves {micro} sequences per microbatch, not divisible "
+                          f"by the data-parallel size ({where}); raise batch_size to a multiple of "
+                          f"{dp * config.microbatches} or lower microbatches.")
+    if dp % process_count:
+        raise ConfigError(f"the data-parallel size ({where}) is not a multiple of the {process_count} processes: "
+                          f"each host loads only its own batch rows, so the batch must be split across hosts; "
+                          f"raise mesh.data or mesh.fsdp and keep mesh.tensor within one host.")
+
+
+def check_model(model, sizes: dict[str, int], rules, layout: str) -> None:
+    """Every weight dimension a rule splits is divisible by the product of its mesh axes."""
+    for name, (field, size) in model_dims(model).items():
+        axes = mesh_axes_of(name, rules)
+        ways = math.prod(sizes[a] for a in axes)
+        if ways > 1 and size % ways:
+            hint = (" The training loop pads the byte/sentencepiece vocabulary to a multiple of 128, so a tensor "
+                    "size dividing 128 always fits." if name == "vocab" else "")
+            raise ConfigError(f"{field}={size} is not divisible by {' x '.join(axes)} = {ways} (layout {layout!r} "
+                              f"splits '{name}' over {'+'.join(axes)}): choose a mesh size dividing {size}, or "
+                              f"change {field.split(' ')[0]}.{hint}")
+
+
+def validate_mesh(config, device_count: int, process_count: int = 1) -> dict[str, int]:
+    """All mesh errors for a TrainConfig, before compiling; returns the resolved axis sizes."""
+    sizes = axis_sizes(config.mesh, device_count)
+    rules = rules_for(config.mesh)
+    dcn = getattr(config.mesh, "dcn_data", 1)
+    if dcn < 1 or sizes["data"] % dcn:
+        raise ConfigError(f"mesh.dcn_data={dcn} is invalid with mesh.data={sizes['data']}: use a positive divisor "
+                          f"of mesh.data (the number of slices the data axis spans).")
+    check_batch(config, sizes, process_count)
+    check_model(config.model, sizes, rules, config.mesh.layout)
+    return sizes
