@@ -7,6 +7,7 @@ One frozen dataclass describes all three families. A bad value raises
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal, Optional
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -80,23 +81,33 @@ class ModelConfig:
             if value not in choices:
                 _fail(name, value, f"choose one of {', '.join(choices)}.{suggest(str(value), choices)}")
         if self.d_model % self.num_heads:
+            near = min((h for h in range(1, self.d_model + 1) if self.d_model % h == 0),
+                       key=lambda h: (abs(h - self.num_heads), h))  # a real divisor, even when d_model < 64
             _fail(
                 "num_heads",
                 self.num_heads,
                 f"d_model={self.d_model} must be divisible by num_heads; "
-                f"pick a divisor of {self.d_model} (e.g. {self.d_model // 64} heads of 64).",
+                f"pick a divisor of {self.d_model} (e.g. {near} heads of {self.d_model // near}).",
             )
+
+        def number(v) -> bool:  # a real number (bools and strings are not; NaN fails every comparison)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if not number(value) or not 0.0 <= value < 1.0:
                 _fail(name, value, "use a probability in [0, 1).")
-        if self.layer_norm_eps <= 0:
+        if not number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             _fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
-        if self.init_std <= 0:
+        if not number(self.init_std) or not self.init_std > 0:
             _fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
-        if self.type_vocab_size < 0:
+        if not count(self.type_vocab_size) or self.type_vocab_size < 0:
             _fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")
-        if self.num_valid_tokens is not None and not 0 < self.num_valid_tokens <= self.vocab_size:
+        if self.num_valid_tokens is not None and (
+                not count(self.num_valid_tokens) or not 0 < self.num_valid_tokens <= self.vocab_size):
             _fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
 
     @property

@@ -1,0 +1,70 @@
+"""Train-step throughput and MFU of a config, beside the input pipeline's rate.
+
+The input pipeline must be at least 10x faster than the step, so the model never
+waits for data. Default: `magic train`'s own config (gpt-tiny, bytes, T 256, batch 16).
+
+    python benchmarks/bench_train_step.py [--preset gpt-tiny] [--steps 30] [--set field=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+
+def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tuple[float, float]:
+    """(tokens/s, seconds per step) of the jitted, sharded train step on synthetic batches."""
+    from sharding.setup import train_run
+    from train.loop import with_tokenizer_vocab
+    from train.tokenizers import ByteTokenizer
+
+    config = with_tokenizer_vocab(config, ByteTokenizer())
+    tx, run = train_run(config)
+    state = run.init_state(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    B, T = config.batch_size, config.data.seq_len
+    tokens = rng.integers(0, 256, (B, T + 1)).astype(np.int32)
+    batch = run.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+                           "segment_ids": np.ones((B, T), np.int32), "loss_mask": np.ones((B, T), np.float32)})
+    for _ in range(warmup):
+        state, metrics = run.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = run.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    per_step = (time.perf_counter() - start) / steps
+    return B * T / per_step, per_step
+
+
+def main() -> None:
+    from configs.train_config import apply_overrides, train_config_for
+    from train.loop import flops_per_step, with_tokenizer_vocab
+    from train.metrics import CPU_PEAK_FLOPS
+    from train.tokenizers import ByteTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt-tiny")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline comparison")
+    args = parser.parse_args()
+    config = apply_overrides(train_config_for(args.preset), args.set) if args.set else train_config_for(args.preset)
+    step_rate, per_step = train_step_tokens_per_second(config, args.steps)
+    flops = flops_per_step(with_tokenizer_vocab(config, ByteTokenizer()))
+    print(f"train step ({args.preset}, batch {config.batch_size} x {config.data.seq_len}, {jax.devices()[0].platform}): "
+          f"{per_step * 1e3:.1f} ms/step, {step_rate:,.0f} tokens/s, "
+          f"{flops / per_step / 1e9:.1f} GFLOP/s = MFU {flops / per_step / CPU_PEAK_FLOPS:.1%} of {CPU_PEAK_FLOPS:.3g}")
+    if not args.no_pipeline and config.model.family == "decoder":
+        from bench_pipeline import pipeline_tokens_per_second
+
+        rate = pipeline_tokens_per_second(seq_len=config.data.seq_len, batch_size=config.batch_size)
+        print(f"input pipeline: {rate:,.0f} tokens/s = {rate / step_rate:,.0f}x the train step")
+
+
+if __name__ == "__main__":
+    main()
