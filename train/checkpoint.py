@@ -1,9 +1,38 @@
-"""Checkpoints with orbax: one atomic step directory holds the train state, the
-data-iterator state and the resolved config (JSON).
+"""Checkpoints with orbax: one atomic step directory per save.
 
-Saves are asynchronous (training continues while the arrays are written) and
-orbax commits a step directory only once it is complete, so a crash mid-save
-leaves the previous checkpoint as the latest.
+A step directory `<workdir>/checkpoints/<step>/` holds four items:
+
+* `state`: the whole TrainState (step, params, optimizer state, PRNG key) as sharded arrays;
+* `data`: the data-iterator state and host counters (JSON);
+* `config`: the resolved TrainConfig (JSON), to name what changed when shapes disagree;
+* `integrity`: a per-array fingerprint (JSON) of the state as it was in memory.
+
+Why each choice:
+
+* Atomic and async. orbax writes into `<step>.orbax-checkpoint-tmp*` and renames it only
+  once every process has finished, so a crash (even `kill -9`) mid-save leaves the previous
+  step as the latest; the arrays are copied to host memory before `save` returns, so the
+  train step may donate the state buffers right after while the files are written.
+* Multi-host. Every process calls `save`/`restore` (orbax runs the barriers); each writes
+  its own shards, and only the primary process (0) writes the JSON items and renames.
+* Retention: one manager, one policy: the last `keep` steps, plus (`keep_best`) the step
+  with the lowest eval loss among those saved together with an eval (orbax `BestN` with
+  `keep_checkpoints_without_metrics=False`, OR-ed with `LatestN`). A second manager would
+  double the barriers and could disagree about "latest"; one policy keeps one truth.
+* Integrity. Truncated or garbled files usually make tensorstore fail, but a flipped bit in
+  raw array bytes would restore silently. The fingerprint (a position-weighted sum of the
+  arrays' bit patterns, mod 2^32) is computed on device at save time and again after
+  restore; integer sums are exact, so it does not depend on the mesh and survives
+  resharding. A checkpoint that fails to restore or to match is moved to
+  `<workdir>/checkpoints.corrupt/` with a warning and the previous step is tried.
+* Compatibility is checked from the saved array metadata before any array is read: a
+  changed model gives an error listing the differing config fields and parameters, not a
+  tensorstore shape error (and is never mistaken for corruption).
+
+Test hook: MATRIXMAGIC_TEST_SAVE_DELAY=<seconds> adds a commit future that sleeps in the
+background save thread, widening the window in which a save is in flight (tests kill the
+process inside it). Unset in normal use; when set, the step directory gains an empty
+`delay` item and the four items above are unchanged.
 """
 
 from __future__ import annotations
@@ -11,43 +40,133 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+import shutil
+import threading
+import time
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from configs import ConfigError
+from train.integrity import (config_differences, incompatibility_message, shape_mismatches,
+                             state_fingerprint)
+
+SAVE_DELAY_ENV = "MATRIXMAGIC_TEST_SAVE_DELAY"
+CORRUPT_DIR = "checkpoints.corrupt"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used for this run; the message names why and the fix."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupt or partial); an older one is used instead."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data: dict
+    config: dict
 
 
 def config_to_json(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+# ----------------------------------------------------------------------------- test hook
+
+
+class _SleepFuture:
+    """A commit future that completes after `seconds` (orbax waits on it in the background thread)."""
+
+    def __init__(self, seconds: float):
+        self._thread = threading.Thread(target=time.sleep, args=(seconds,), daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+
+class _DelayHandler(ocp.handlers.AsyncCheckpointHandler):
+    """Writes nothing; its save only finishes after a delay (MATRIXMAGIC_TEST_SAVE_DELAY)."""
+
+    async def async_save(self, directory, args):
+        return [_SleepFuture(args.seconds)]
+
+    def save(self, directory, args):
+        time.sleep(args.seconds)
+
+    def restore(self, directory, args=None):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(_DelayHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class _DelayArgs(ocp.args.CheckpointArgs):
+    seconds: float = 0.0
+
+
+def _save_delay() -> float:
+    return float(os.environ.get(SAVE_DELAY_ENV) or 0.0)
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+    """Async, atomic, multi-host checkpoints of a run directory (see the module docstring)."""
+
+    def __init__(self, workdir: str, keep: int = 3, keep_best: bool = False, async_save: bool = True,
+                 read_only: bool = False):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if keep_best:  # lowest eval loss among steps saved with metrics; LatestN keeps the rest
+            policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
+                                                          n=1, keep_checkpoints_without_metrics=False))
+        self._read_only = read_only
+        self._options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save)
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler()}
+        if _save_delay():
+            handlers["delay"] = _DelayHandler()
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=handlers)
+
+    # -- saving
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, config) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_to_json(config)),
-        ))
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, dict]:
-        """(state, data_state, config_json) of `step` (default: latest), restored
-        into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
-        step = self.manager.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        ))
-        return restored["state"], restored["data"], restored["config"]
+    def save(self, step: int, state: Any, data_state: dict, config, metrics: Optional[dict] = None) -> bool:
+        """Start an async save of `step`; returns at once after the device->host copy.
+        `metrics` ({'eval_loss': x}) ranks the step for keep_best."""
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                     config=ocp.args.JsonSave(config_to_json(config)),
+                     integrity=ocp.args.JsonSave({"fingerprint": state_fingerprint(state)}))
+        if _save_delay():
+            items["delay"] = _DelayArgs(_save_delay())
+        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -56,6 +175,134 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    # -- restoring
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def saved_arrays(self, step: int):
+        """The saved state's array metadata tree (shapes, dtypes); reads no array data."""
+        return self.manager.item_metadata(step)["state"].tree
+
+    def check_compatible(self, step: int, abstract_state: Any, config_json: Optional[dict],
+                         saved_arrays: Any = None) -> None:
+        """CheckpointError naming the differing arrays and config fields, before any array is read."""
+        saved_arrays = self.saved_arrays(step) if saved_arrays is None else saved_arrays
+        mismatches = shape_mismatches(saved_arrays, abstract_state)
+        if mismatches:
+            try:
+                diffs = config_differences(self.saved_config(step), config_json) if config_json else []
+            except Exception:  # an unreadable config item: the array names still say enough
+                diffs = []
+            raise CheckpointError(incompatibility_message(self.directory, step, mismatches, diffs))
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, dict]:
+        """(state, data_state, config_json) of `step` (default: latest), restored into the
+        shardings carried by `abstract_state` (ShapeDtypeStructs): any mesh, any device count."""
+        step = self.manager.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+        expected = restored["integrity"]["fingerprint"]
+        actual = state_fingerprint(restored["state"])
+        bad = sorted(name for name in expected if actual.get(name) != expected[name])
+        if bad or set(actual) != set(expected):
+            raise IOError(f"array contents differ from the fingerprint written at save time: {', '.join(bad[:5])}")
+        return restored["state"], restored["data"], restored["config"]
+
+    def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None) -> Optional[Restored]:
+        """The newest step that restores and verifies; older ones are tried after a corrupt
+        one (which is moved aside with a warning). None when there is no checkpoint.
+
+        An incompatible config raises CheckpointError at once: that is a user error to fix,
+        not damage to skip. So does finding every checkpoint corrupt: silently starting over
+        would throw a long run away; the message says how to start over on purpose."""
+        skipped = []
+        for step in reversed(self.all_steps()):
+            try:
+                saved_arrays = self.saved_arrays(step)
+            except Exception as err:  # unreadable metadata: a damaged step directory
+                self._skip_corrupt(step, err)
+                skipped.append(step)
+                continue
+            self.check_compatible(step, abstract_state, config_json, saved_arrays)
+            try:
+                state, data, config = self.restore(abstract_state, step)
+            except Exception as err:
+                self._skip_corrupt(step, err)
+                skipped.append(step)
+                continue
+            return Restored(step, state, data, config)
+        if skipped:
+            raise CheckpointError(f"every checkpoint in {self.directory} (steps {sorted(skipped)}) is corrupt or "
+                                  f"partial; they were moved to {os.path.join(self.workdir, CORRUPT_DIR)}. Rerun to "
+                                  f"start this run over from step 0, or use another --workdir.")
+        return None
+
+    def _skip_corrupt(self, step: int, err: Exception) -> None:
+        """Warn, move the step directory to checkpoints.corrupt/ (primary process), reload."""
+        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+        warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(err).__name__}: "
+                      f"{first_line}); moved it to {target} and trying the previous one.", CheckpointWarning,
+                      stacklevel=3)
+        if not self._read_only and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"matrixmagic_skip_checkpoint_{step}")
+        self.manager.close()
+        self.manager = self._open()
+
+
+# ----------------------------------------------------------------------------- params only
+
+
+def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
+    """(run workdir, step or None for the latest) from a run dir, its checkpoints/ dir or a step dir."""
+    path = os.path.abspath(path)
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(path)), int(base)
+    if base == "checkpoints":
+        return os.path.dirname(path), None
+    return path, None
+
+
+def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] = None,
+                   flag: str = "--init-from") -> tuple[Any, int]:
+    """(params, step) from another run's checkpoint, into `abstract_params`' shardings;
+    shapes are checked first and a mismatch names the parameters."""
+    workdir, step = resolve_checkpoint(path)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            raise CheckpointError(f"{flag} {path!r}: no checkpoint found there; give a run directory (its "
+                                  f"checkpoints/ holds numbered steps) or a step directory like RUN/checkpoints/500.")
+        saved = {"params": ckpt.saved_arrays(step)["params"]}
+        mismatches = shape_mismatches(saved, {"params": abstract_params})  # names read 'params/...
+        if mismatches:
+            diffs = config_differences(ckpt.saved_config(step), config_json) if config_json else []
+            raise CheckpointError(incompatibility_message(ckpt.directory, step, mismatches, diffs, fix=(
+                f"give {flag} a run whose model has this run's shapes, or set the model fields to its values")))
+        item = {"params": abstract_params}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(ckpt.directory, str(step), "state"),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        expected = ckpt.manager.restore(step, args=ocp.args.Composite(
+            integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]
+        actual = state_fingerprint({"params": restored["params"]})
+        if any(expected.get(name) != value for name, value in actual.items()):
+            raise CheckpointError(f"{flag} {path!r}: step {step}'s params do not match their saved fingerprint "
+                                  f"(a corrupt checkpoint); point {flag} at another step directory.")
+        return restored["params"], step
+    finally:
+        ckpt.close()
+
 
 def load_params(workdir: str):
     """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device."""
@@ -63,13 +310,13 @@ def load_params(workdir: str):
     from train.state import create_train_state
     from train.step import make_tx
 
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step()
     if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
                                 f"`magic train --set workdir={workdir}` first.")
-    config_json = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    config = config_from_json(config_json)
+    config = config_from_json(ckpt.saved_config(step))
     tx = make_tx(config)
     abstract = jax.eval_shape(lambda: create_train_state(config.model, tx, jax.random.PRNGKey(0)))
     state, _, _ = ckpt.restore(abstract, step)

@@ -1,0 +1,100 @@
+"""Where a run starts: the latest good checkpoint, another run's params, or step 0.
+
+Rerunning `magic train` with the same --workdir is the resume command. It continues from
+the newest checkpoint that restores and verifies (train/checkpoint.py), and the metrics
+log is cut back to that step, so the per-step log of an interrupted-and-resumed run equals
+that of an uninterrupted one: rows written after the checkpoint (by the process that died)
+are recomputed, not duplicated. `--init-from PATH` starts a *new* run from another run's
+params: fresh optimizer state, fresh PRNG key, step 0; it applies only when the workdir
+has no checkpoint of its own, so rerunning a preempted --init-from run resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple, Optional
+
+import jax
+
+from train.checkpoint import Checkpointer, config_to_json, restore_params
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Start(NamedTuple):
+    state: Any
+    step: int
+    data_state: dict  # {'iterator': BatchIterator state, 'nonfinite_skips': int}; {} for a fresh run
+    source: str  # what the run started from, for the log
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drop metrics.jsonl rows with step > `step` (and a half-written last line from a
+    killed process); the file is replaced atomically. Returns how many lines were dropped."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a partial line: the writer died mid-write
+                dropped += line.strip() != ""
+                continue
+            if int(row.get("step", 0)) <= step:
+                kept.append(json.dumps(row) + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
+def data_state(train_data, step: int, nonfinite_skips: int) -> dict:
+    """What the checkpoint records about the data side at `step`."""
+    return {"iterator": train_data.iterator(step).get_state(), "nonfinite_skips": int(nonfinite_skips)}
+
+
+def check_data_state(train_data, saved: dict, step: int) -> None:
+    """The saved iterator state must describe this pipeline (same seed, batch, length);
+    the pipeline raises naming the field otherwise."""
+    iterator = saved.get("iterator") or {"step": saved.get("step", step)}
+    train_data.iterator(0).set_state(iterator)
+    if int(iterator["step"]) != step:
+        raise ValueError(f"checkpoint step {step} records data-iterator step {iterator['step']}; the checkpoint is "
+                         f"inconsistent: move that step directory away and rerun.")
+
+
+def start_state(config, run, tx, ckpt: Checkpointer, train_data, is_main: bool) -> Start:
+    """Resume, init-from, or init; then cut the metrics log back to the start step."""
+    restored = ckpt.restore_latest(run.abstract_state, config_to_json(config))
+    if restored is not None:
+        check_data_state(train_data, restored.data, restored.step)
+        start = Start(restored.state, restored.step, restored.data, f"checkpoint step {restored.step} in "
+                                                                      f"{ckpt.directory}")
+    else:
+        state = run.init_state(jax.random.PRNGKey(config.seed))
+        source = "initialization"
+        if getattr(config, "init_from", ""):
+            params, step = restore_params(config.init_from, run.abstract_state.params, config_to_json(config))
+            opt_state = jax.jit(tx.init, out_shardings=run.state_shardings.opt_state)(params)
+            state = state.replace(params=params, opt_state=opt_state)
+            source = f"params of {config.init_from} (its step {step}), fresh optimizer state"
+        start = Start(state, 0, {}, source)
+    if is_main:
+        truncate_metrics(config.workdir, start.step)
+    return start
+
+
+def nonfinite_skips(start: Start) -> int:
+    return int(start.data_state.get("nonfinite_skips", 0))
+
+
+def last_good(ckpt: Checkpointer) -> str:
+    step: Optional[int] = ckpt.latest_step()
+    return f"step {step} in {ckpt.directory}" if step is not None else f"none yet (nothing saved in {ckpt.directory})"
