@@ -3,6 +3,9 @@
   magic params [PRESET ...]   parameter counts, FLOPs and memory of presets
   magic train [--preset P] [--set field=value ...]   train (default: a tiny GPT on the stdlib corpus)
   magic data [--source S] [--tokenizer sentencepiece]  build a dataset (and train a tokenizer)
+  magic explain --preset P [--text T] [--layer N] [--plot DIR]   one forward pass, matrix by matrix
+  magic generate --workdir RUN --prompt T   sample / translate (--source) / fill [MASK]s
+  magic compile --preset P --topology v5p-1024 [--mesh ...] [--sweep]   plan a pod run: memory, FLOPs, step time
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
 
@@ -42,6 +45,8 @@ def _train_config(args):
         assignments += mesh_assignments(args.mesh)  # unknown axis -> an error naming the allowed ones
     if args.layout:
         assignments.append(f"mesh.layout={args.layout}")
+    if args.init_from:
+        assignments.append(f"init_from={args.init_from}")
     return apply_overrides(config, assignments) if assignments else config
 
 
@@ -57,8 +62,14 @@ def _cmd_train(args) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX computation
     from train.loop import train
 
-    train(config)
-    return 0
+    summary = train(config, compiled=args.compiled)
+    return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
+
+
+def _cmd_compile(args) -> int:
+    from train.compile import main as compile_main
+
+    return compile_main(args)
 
 
 def _cmd_data(args) -> int:
@@ -71,6 +82,18 @@ def _cmd_data(args) -> int:
           f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
     print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (model table {tokenizer.padded_vocab_size(128):,})")
     return 0
+
+
+def _cmd_explain(args) -> int:
+    from model.explain import cli_explain
+
+    return cli_explain(args)
+
+
+def _cmd_generate(args) -> int:
+    from model.generate import cli_generate
+
+    return cli_generate(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +122,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (auto on TPU pods and SLURM)")
     t.add_argument("--num-processes", type=int, help="multi-process: how many processes run this command")
     t.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
+    t.add_argument("--init-from", metavar="RUN", help="start from another run's params (fresh optimizer, step 0)")
+    t.add_argument("--compiled", metavar="PATH", help="a `magic compile --serialize` executable: skip compiling "
+                                                      "the step (used only if it matches this run exactly)")
+    t.epilog = ("exit codes: 0 done; 2 config/workdir/checkpoint error (before training); 3 loss or gradient norm "
+                "became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM, Ctrl-C or a TPU preemption "
+                "notice after saving a checkpoint: rerun the same command to resume.")
     t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("compile", help="AOT-compile the train step for a TPU slice (or CPU mesh): memory, "
+                                       "FLOPs, step time; --sweep searches layouts")
+    from train.compile import add_arguments
+
+    add_arguments(c)
+    c.set_defaults(func=_cmd_compile)
+
+    e = sub.add_parser("explain", help="walk one forward pass matrix by matrix (shapes, FLOPs, values, pictures)")
+    e.add_argument("--preset", help="preset name; presets over 200M params run on shapes only")
+    e.add_argument("--workdir", help="a trained run directory (its config and weights)")
+    e.add_argument("--text", help="input text (default: a sample sentence; shape-only runs: max_len tokens)")
+    e.add_argument("--layer", type=int, default=0, help="which layer to show (default 0)")
+    e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
+    e.add_argument("--shapes-only", action="store_true", help="jax.eval_shape only, even for small models")
+    e.add_argument("--plot", metavar="DIR", help="write attention / positional-encoding / mask PNGs here")
+    e.set_defaults(func=_cmd_explain)
+
+    g = sub.add_parser("generate", help="sample text (GPT), translate (enc-dec) or fill [MASK]s (BERT)")
+    g.add_argument("--workdir", help="a trained run directory (family, config and weights come from it)")
+    g.add_argument("--preset", help="no run: a preset with random weights (for trying the machinery)")
+    g.add_argument("--prompt", help="text to continue; for BERT, text with [MASK] markers")
+    g.add_argument("--source", help="encoder-decoder: the source text")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1 = greedy)")
+    g.add_argument("--length-penalty", type=float, default=0.0, help="beam search: GNMT alpha (0 = none)")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_generate)
     return parser
 
 
@@ -114,6 +174,9 @@ def main(argv=None) -> int:
             raise
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # train/guards.NonFiniteError: diverged, last good checkpoint kept
+        print(f"magic {args.command}: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ from configs.train_config import DataConfig, MeshConfig, OptimizerConfig, TrainC
 from model.accounting import closed_form_params, training_flops_per_token
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpointer, config_to_json
+from train.guards import NonFiniteMonitor, check_free_space
+from train.preemption import EXIT_PREEMPTED, PreemptionGuard
+from train.resume import data_state, last_good, nonfinite_skips, start_state
 from train.state import create_train_state
-from train.step import bind_train_step, eval_step, summarize_eval
+from train.step import summarize_eval
 
 
 def config_from_json(d: dict) -> TrainConfig:
@@ -68,6 +71,18 @@ def open_data(config: TrainConfig, tokenizer):
     return train_data, eval_batches
 
 
+def process_zero_first(fn):
+    """Run fn on process 0, then on the others: one host builds shared caches (the TFDS
+    dataset, packed rows) while the rest wait, instead of all writing them at once."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("matrixmagic: data prepared")
+    return fn() if jax.process_index() != 0 else result
+
+
 def flops_per_step(config: TrainConfig) -> float:
     total = closed_form_params(config.model)
     n = total["model"] + total["mlm_head"]
@@ -84,33 +99,40 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
     return summarize_eval(sums)
 
 
-def train(config: TrainConfig, *, quiet: bool = False) -> dict:
-    """Run (or resume) training; returns a summary with the final eval metrics."""
+def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] = None) -> dict:
+    """Run (or resume) training; returns a summary with the final eval metrics.
+    `compiled`: a `magic compile --serialize` file to use instead of compiling the step."""
     from train.pipeline import open_tokenizer
 
     check_workdir(config.workdir)
-    tokenizer = open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir)
+    tokenizer = process_zero_first(
+        lambda: open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir))
     config = with_tokenizer_vocab(config, tokenizer)
     from sharding.validate import validate_mesh
 
     validate_mesh(config, jax.device_count(), jax.process_count())  # mesh errors before data or compile
-    train_data, eval_batches = open_data(config, tokenizer)
+    train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
 
-    from sharding.setup import shard_run  # mesh, shardings and the jitted steps for this config
+    from sharding.setup import train_run  # mesh, shardings and the jitted steps (the one `magic compile` lowers)
 
-    tx, step_fn = bind_train_step(config)
-    run = shard_run(config, tx, step_fn, eval_step)
-    ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
-        state = run.init_state(jax.random.PRNGKey(config.seed))
-        start = 0
-    else:
-        state, data_state, _ = ckpt.restore(run.abstract_state)
-        start = int(data_state["step"])
-        log(f"resumed from {ckpt.directory} at step {start}")
+    tx, run = train_run(config)
+    if compiled:  # `magic compile --serialize`: skip compiling, if it matches this run exactly
+        from sharding.aot import load_train_step
+
+        run.train_step = load_train_step(compiled, run, config, warn=lambda m: print(f"warning: {m}"), log=log)
+    from sharding.memory import tree_bytes
+
+    check_free_space(config.workdir, tree_bytes(run.abstract_state, per_device=False), config.keep_checkpoints)
+    ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoint)
+    begin = start_state(config, run, tx, ckpt, train_data, is_main)  # resume, --init-from, or init
+    state, start = begin.state, begin.step
+    if begin.step or config.init_from:
+        log(f"starting from {begin.source}")
+    monitor = NonFiniteMonitor(config.max_nonfinite_skips, nonfinite_skips(begin),
+                               hint=f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g}) or raise "
+                                    f"max_nonfinite_skips, then rerun to resume from the last good checkpoint.")
 
     writer = metrics_lib.MetricsWriter(config.workdir, enabled=is_main)
     peak = config.peak_flops or metrics_lib.default_peak_flops(jax.devices()[0].device_kind, jax.devices()[0].platform)
@@ -122,40 +144,55 @@ def train(config: TrainConfig, *, quiet: bool = False) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True)
-    window_start, window_steps, last_eval = time.perf_counter(), 0, None
-    for step in range(start, config.steps):
-        batch = run.put_batch(train_data.batch(step))
-        state, step_metrics = run.train_step(state, batch)
-        window_steps += 1
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            values["step_time"] = elapsed / window_steps
-            values["tokens_per_second"] = config.tokens_per_step * window_steps / elapsed
-            values["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count()) if peak else 0.0
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {done}; the last good checkpoint "
-                                         f"is kept in {ckpt.directory}. Lower optimizer.learning_rate.")
-            writer.write(done, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",
-                            mfu=f"{values['mfu']:.0%}")
-            window_start, window_steps = time.perf_counter(), 0
-        if eval_batches and (done % config.eval_every == 0 or done == config.steps):
-            last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
-            if config.data.tokenizer == "bytes" and config.model.family == "decoder":
-                last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
-            writer.write(done, "eval", last_eval)
-            bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-            window_start = time.perf_counter()  # eval time is not train time
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            ckpt.save(done, state, {"step": done}, config)
-        bar.update(1)
-    bar.close()
-    ckpt.close()
-    writer.close()
+    window_start, window_steps, last_eval, preempted_at = time.perf_counter(), 0, None, None
+    guard = PreemptionGuard().install()  # SIGTERM / Ctrl-C / TPU notice: finish the step, save, exit 75
+    try:
+        for step in range(start, config.steps):
+            batch = run.put_batch(train_data.batch(step))
+            state, step_metrics = run.train_step(state, batch)
+            window_steps += 1
+            done = step + 1
+            monitor.record(done, step_metrics)
+            eval_metrics = None
+            if done % config.log_every == 0 or done == config.steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                values["step_time"] = elapsed / window_steps
+                values["tokens_per_second"] = config.tokens_per_step * window_steps / elapsed
+                values["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count()) if peak else 0.0
+                writer.write(done, "train", values)
+                monitor.check(last_good(ckpt))  # raises NonFiniteError past max_nonfinite_skips
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",
+                                mfu=f"{values['mfu']:.0%}")
+                window_start, window_steps = time.perf_counter(), 0
+            if eval_batches and (done % config.eval_every == 0 or done == config.steps):
+                last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
+                if config.data.tokenizer == "bytes" and config.model.family == "decoder":
+                    last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
+                writer.write(done, "eval", last_eval)
+                eval_metrics = {"eval_loss": last_eval["loss"]}  # ranks this step for keep_best_checkpoint
+                if is_main:  # tqdm.write prints even when the bar is disabled
+                    bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+                window_start = time.perf_counter()  # eval time is not train time
+            stop = guard.should_stop(done)
+            if done % config.checkpoint_every == 0 or done == config.steps or stop:
+                monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked
+                ckpt.save(done, state, data_state(train_data, done, monitor.skipped), config, metrics=eval_metrics)
+            bar.update(1)
+            if stop:
+                preempted_at = done
+                break
+    finally:
+        guard.uninstall()
+        bar.close()
+        ckpt.close()  # waits for the last async save to commit, also when a guard raised
+        writer.close()
 
     summary = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
+    if preempted_at is not None:
+        log(f"stopped by {guard.reason} after step {preempted_at}; checkpoint saved in {ckpt.directory}. "
+            f"Rerun the same command to resume (exit code {EXIT_PREEMPTED}).")
+        return {**summary, "preempted_at": preempted_at, "exit_code": EXIT_PREEMPTED}
     sampling = config.sample_tokens and config.model.family == "decoder"
     # Across hosts the params are gathered by a collective every process joins; only process 0 samples.
     params_on_host = gather_params(state.params) if sampling else None

@@ -1,0 +1,313 @@
+"""Planning a run: the compile config, analytic estimates, and the printed report.
+
+`magic compile` answers "will this fit, and how fast would it go?" for a preset
+on a slice it does not have. The compiler's word (sharding/aot.py) comes first;
+the closed forms here are the cross-check, and the only answer for GPU clusters.
+
+Analytic memory per device (bytes; N parameters, p = bytes per parameter dtype,
+c = bytes per compute dtype, s = ways the state is sharded, t = mesh.tensor,
+h = d_model, a = heads, S = sequence length, L = layers, V = vocab,
+x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S):
+  state        4 p N / s              params + grads + Adam's two moments
+  activations  x (L A + 8 V / t)      8 V / t: the fp32 logits and their gradient
+    A (per token per layer), adapted from Korthikanti et al. 2022 ("Reducing
+    Activation Recomputation in Large Transformer Models", sbh(34 + 5as/h) for
+    16-bit activations) to this code's float32 scores and softmax:
+      none       h (10 + 24/t) + 11 a S / t
+      save_dots  c (2h + 4h/t + d_ff/t) + 4 a S / t   (matmul outputs + layer input)
+      full       2 h, + one layer's `none` working set while it is recomputed
+FLOPs: 6N + 12 L S h per token (PaLM, model/accounting.py); full remat adds the
+forward matmuls whose outputs the backward pass reads: + L (6h^2 + 2 h d_ff + 4 S h)
+per token (see `recompute_flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from configs.model_config import ConfigError
+from configs.train_config import TrainConfig, apply_overrides, train_config_for
+from model.accounting import attention_layers, closed_form_params, training_flops_per_token
+from sharding.chips import GiB, Target
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+AXES = ("data", "fsdp", "tensor")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def mesh_flag(text: Optional[str]) -> list[str]:
+    """`--mesh fsdp=-1,tensor=8` -> assignments; axes not named are 1 (default: fsdp=-1)."""
+    if not text:
+        return ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]
+    from sharding.mesh import mesh_assignments
+
+    given = mesh_assignments(text)
+    named = {a.split("=")[0].removeprefix("mesh.") for a in given}
+    return [f"mesh.{axis}=1" for axis in AXES if axis not in named] + given
+
+
+def infer_layout(sizes: dict[str, int]) -> str:
+    """The layout a mesh implies: split weights over every axis that has devices."""
+    fsdp, tp = sizes["fsdp"] > 1, sizes["tensor"] > 1
+    return "fsdp+tp" if fsdp and tp else "fsdp" if fsdp else "tp" if tp else "dp"
+
+
+def paper_batch(tokens: int, seq_len: int, multiple: int) -> int:
+    """The paper's batch in sequences, rounded down to a multiple the mesh can split (at least one)."""
+    return max(multiple, (tokens // seq_len) // multiple * multiple)
+
+
+def compile_config(preset: str, devices: int, *, mesh: Optional[str] = None, layout: Optional[str] = None,
+                   batch: Optional[int] = None, remat: Optional[str] = None, microbatches: Optional[int] = None,
+                   assignments: tuple = ()) -> TrainConfig:
+    """The TrainConfig `magic compile` plans, from the preset and the flags; --set wins.
+
+    Defaults that differ from `magic train`'s CPU defaults, because this is the pod:
+    bf16 compute (params stay float32), sequences of the model's max_len, the
+    paper's batch, and the vocabulary padded to a multiple of 128 as train pads it."""
+    from configs import get_preset
+    from sharding.mesh import resolve_axis_sizes
+
+    model = get_preset(preset).model
+    pre = ["model.dtype=bfloat16", f"data.seq_len={model.max_len}"]
+    if model.vocab_size % 128 and not any(a.startswith("model.vocab_size=") for a in assignments):
+        pre += [f"model.vocab_size={-(-model.vocab_size // 128) * 128}", f"model.num_valid_tokens={model.vocab_size}"]
+    pre += mesh_flag(mesh)
+    if remat:
+        pre.append(f"model.remat_policy={remat}")
+    if microbatches:
+        pre.append(f"microbatches={microbatches}")
+    config = apply_overrides(train_config_for(preset), pre + list(assignments))
+    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    chosen = layout or ("" if any(a.startswith("mesh.layout=") for a in assignments) else infer_layout(sizes))
+    if chosen:
+        config = apply_overrides(config, [f"mesh.layout={chosen}"])
+    if batch is None and not any(a.startswith("batch_size=") for a in assignments):
+        multiple = sizes["data"] * sizes["fsdp"] * config.microbatches
+        batch = paper_batch(get_preset(preset).recipe.batch_tokens, config.data.seq_len, multiple)
+    if batch is not None:
+        if batch <= 0 or batch % config.microbatches:
+            raise ConfigError(f"--batch {batch} is invalid: use a positive number of sequences divisible by "
+                              f"--microbatches {config.microbatches}.")
+        config = dataclasses.replace(config, batch_size=batch)
+    from sharding.validate import validate_mesh
+
+    validate_mesh(config, devices)
+    return config
+
+
+# ----------------------------------------------------------------------------- analytic
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    params: int
+    state_bytes: float  # per device
+    activation_bytes: float  # per device
+    model_flops: float  # global per step, 6N + 12LSh
+    executed_flops: float  # global per step, with remat recompute
+    tokens_per_step: int
+
+    @property
+    def total_bytes(self) -> float:
+        return self.state_bytes + self.activation_bytes
+
+
+def _state_shards(layout: str, sizes: dict[str, int]) -> int:
+    return (sizes["fsdp"] if "fsdp" in layout else 1) * (sizes["tensor"] if "tp" in layout else 1)
+
+
+def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
+    """A in the module doc: bytes one token keeps per layer for the backward pass."""
+    h, a, c = cfg.d_model, cfg.num_heads, DTYPE_BYTES[cfg.dtype]
+    working = h * (10 + 24 / tensor) + 11 * a * seq_len / tensor
+    if cfg.remat_policy == "save_dots":
+        return c * (2 * h + 4 * h / tensor + cfg.d_ff / tensor) + 4 * a * seq_len / tensor
+    if cfg.remat_policy in ("full", "save_dots_no_batch"):
+        return 2 * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
+    return working
+
+
+def estimate(config: TrainConfig, devices: int) -> Estimate:
+    """Closed-form memory per device and FLOPs per step (see the module doc)."""
+    from sharding.mesh import resolve_axis_sizes
+
+    cfg = config.model
+    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    counts = closed_form_params(cfg)
+    n = counts["model"] + counts["mlm_head"]
+    seq = config.data.seq_len
+    state = 4 * DTYPE_BYTES[cfg.param_dtype] * n / _state_shards(config.mesh.layout, sizes)
+    tokens = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches * seq
+    layers = attention_layers(cfg) if cfg.family == "encoder_decoder" else cfg.num_layers
+    acts = layers * tokens * activation_bytes_per_token_layer(cfg, sizes["tensor"], seq)
+    acts += 8 * tokens * cfg.vocab_size / sizes["tensor"]
+    tokens_step = config.tokens_per_step
+    model_flops = training_flops_per_token(cfg, n, seq) * tokens_step
+    recompute = recompute_flops_per_token(cfg, seq) * tokens_step
+    return Estimate(n, state, acts, model_flops, model_flops + recompute, tokens_step)
+
+
+def recompute_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward FLOPs that full remat runs again in the backward pass.
+
+    Only matmuls whose OUTPUTS the backward pass reads are recomputed: Q/K/V, the
+    scores and A.V (read by the softmax and output-projection gradients) and the
+    FFN up-projection (read by the activation's gradient). The attention output
+    projection and the FFN down-projection only need their inputs, so XLA drops
+    their recomputation as dead code: 6h^2 + 2 h d_ff + 4 S h, not the whole
+    forward (for GPT-3 shapes 14h^2 of 24h^2 per layer)."""
+    if cfg.remat_policy not in ("full", "save_dots_no_batch"):
+        return 0.0
+    h = cfg.d_model
+    ffns = 2 * cfg.num_layers if cfg.family == "encoder_decoder" else cfg.num_layers
+    return attention_layers(cfg) * (6 * h * h + 4 * seq_len * h) + ffns * 2 * h * cfg.d_ff
+
+
+def step_time(model_flops: float, devices: int, peak: float, mfu: float) -> float:
+    """Seconds per step at `mfu` of peak: MFU counts model FLOPs (6N + 12LSh), not recompute."""
+    return model_flops / (devices * peak * mfu)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:9.2f} GiB"
+
+
+def seconds_text(s: float) -> str:
+    return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def count(n: float) -> str:
+    return human(n).replace(" G", " B").strip()
+
+
+def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
+    from configs import get_preset
+    from sharding.mesh import resolve_axis_sizes
+
+    cfg = config.model
+    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    n = closed_form_params(cfg)["model"]
+    paper = get_preset(config.preset).recipe.batch_tokens
+    return [
+        f"{config.preset} on {target.spec}: {target.description}",
+        f"  model    {count(n)} params, {cfg.num_layers} layers{' (scanned)' if cfg.scan_layers else ' (unrolled)'}"
+        f", d_model {cfg.d_model}; compute {cfg.dtype}, params {cfg.param_dtype}"
+        + (" (compile default: bf16 compute, as on accelerators)" if cfg.dtype == "bfloat16" else ""),
+        f"  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + f" over {devices} device(s), "
+        f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)",
+        f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "
+        f"{paper:,}, {config.tokens_per_step / paper - 1:+.0%}: by default rounded down to a multiple of data x fsdp "
+        f"x microbatches; --batch sets it)",
+    ]
+
+
+def memory_lines(outcome, hbm: Optional[int]) -> list[str]:
+    from sharding.aot import MemoryBreakdown
+
+    m: MemoryBreakdown = outcome.memory
+    lines = ["memory per device (compiled.memory_analysis())",
+             f"  arguments    {gib(m.arguments)}  params, Adam moments, step, rng, batch shard",
+             f"  outputs      {gib(m.outputs)}  the new state and the metrics",
+             f"  - aliased    {gib(-m.alias)}  donated state buffers the new state is written into",
+             f"  temporaries  {gib(m.temporaries)}  activations, gradients, gathered weights, scratch",
+             f"  code         {gib(m.code)}",
+             f"  = total      {gib(m.total)}  arguments + outputs - aliased + temporaries + code"]
+    if m.peak and outcome.devices[0].platform != "cpu":
+        lines.append(f"  XLA peak     {gib(m.peak)}  the compiler's peak of simultaneously live buffers (the "
+                     f"total above is what is allocated: the temp slab whole)")
+    if hbm:
+        room = hbm - m.total
+        verdict = f"fits, {room / GiB:.2f} GiB headroom" if room >= 0 else \
+            f"the sum exceeds HBM by {-room / GiB:.2f} GiB (the compiler accepted it: see XLA peak)"
+        lines.append(f"  HBM          {gib(hbm)}  {verdict}")
+    return lines
+
+
+def oom_lines(oom, config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: int) -> list[str]:
+    lines = ["memory per device: DOES NOT FIT", f"  the compiler refused: {oom.message[:300]}"]
+    if oom.shortfall is not None:
+        short = oom.shortfall
+        need = f"needs {oom.required / GiB:.2f} GiB, {oom.available / GiB:.2f} GiB available: " if oom.available else ""
+        lines.append(f"  {need}short by {short / GiB:.2f} GiB ({short / 1e9:.2f} GB) per device"
+                     + (" (at least: the compiler's figure counts temporaries only)" if "temporaries" in oom.message
+                        else ""))
+    lines.append("  fix: " + ", ".join(oom_fixes(config, est, hbm, chips)))
+    return lines
+
+
+def oom_fixes(config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: int) -> list[str]:
+    """What could make it fit, leaving out what is already in use."""
+    if hbm and est.state_bytes * chips / hbm > chips:  # even the fully sharded state is too big
+        need = math.ceil(est.state_bytes * chips / hbm)
+        return [f"more chips: the state alone (params, grads, Adam) needs {est.state_bytes * chips / GiB:,.0f} GiB, "
+                f"i.e. at least {need} chips of {hbm / GiB:.0f} GiB before any activation"]
+    fixes = []
+    if config.model.remat_policy != "full":
+        fixes.append("--remat full (or save_dots)")
+    fixes += [f"more --microbatches (now {config.microbatches})", "a smaller --batch", "a larger --topology",
+              "or --sweep to search"]
+    return fixes
+
+
+def estimate_lines(est: Estimate, hbm: Optional[int], title: str) -> list[str]:
+    lines = [title,
+             f"  state        {gib(est.state_bytes)}  params + grads + Adam (4 x param bytes x N / shards)",
+             f"  activations  {gib(est.activation_bytes)}  per remat policy, formula in sharding/plan.py",
+             f"  = total      {gib(est.total_bytes)}"]
+    if hbm:
+        room = hbm - est.total_bytes
+        lines.append(f"  HBM          {gib(hbm)}  " + (f"fits, {room / GiB:.2f} GiB headroom" if room >= 0
+                                                      else f"does NOT fit: short by {-room / GiB:.2f} GiB "
+                                                           f"({-room / 1e9:.2f} GB)"))
+    return lines
+
+
+def flops_lines(est: Estimate, devices: int, raw: Optional[float], corrected: Optional[float],
+                remat: str) -> list[str]:
+    def row(label: str, value: float, note: str) -> str:
+        return f"  {label:36s} {value:11.4g}   {note}"
+
+    lines = ["FLOPs per step (per device; global = x devices)"]
+    if raw is not None:
+        lines.append(row("compiler, cost_analysis() raw", raw, "counts each while-loop body once"))
+    if corrected is not None:
+        lines.append(row("compiler, loop-corrected", corrected, f"= {corrected * devices:.4g} global (x layers and "
+                                                                 f"microbatches, from 1- and 2-layer unrolled compiles)"))
+    elif raw is not None:
+        lines.append("  (no loop-corrected count: drop --no-calibrate to compile the 1- and 2-layer calibrations)")
+    lines.append(row("analytic 6N + 12LSh", est.model_flops / devices, f"= {est.model_flops:.4g} global"))
+    if est.executed_flops != est.model_flops:
+        lines.append(row(f"analytic + {remat} remat recompute", est.executed_flops / devices,
+                         "(Q/K/V, scores, A.V, FFN-up forward again)"))
+    if corrected is not None:
+        gap = corrected / (est.executed_flops / devices) - 1
+        lines.append(f"  compiler vs analytic: {gap:+.1%}  (analytic counts matmuls only; the compiler also counts "
+                     f"softmax, GELU, norms, the loss, the optimizer and work replicated across the tensor axis)")
+    return lines
+
+
+def throughput_lines(est: Estimate, devices: int, peak: float, mfu: float, chip_name: str,
+                     compiler_seconds: Optional[float]) -> list[str]:
+    step = step_time(est.model_flops, devices, peak, mfu)
+    lines = [f"throughput at {mfu:.0%} MFU ({chip_name}: {human(peak, 'FLOP/s')} peak per device)",
+             f"  step time    {seconds_text(step)}   tokens/s {est.tokens_per_step / step:,.0f}   "
+             f"(MFU counts 6N + 12LSh; remat recompute is extra work inside that time)"]
+    if compiler_seconds:
+        lines.append(f"  compiler's own estimate (optimal_seconds, loop-corrected): {seconds_text(compiler_seconds)}/step "
+                     f"= {est.tokens_per_step / compiler_seconds:,.0f} tokens/s")
+    return lines

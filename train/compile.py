@@ -1,0 +1,238 @@
+"""`magic compile`: plan a pod-scale run on a laptop.
+
+  magic compile --preset gpt3-175b --topology v5p-1024 --mesh fsdp=-1,tensor=8 --remat full --microbatches 4
+  magic compile --preset gpt-tiny --topology cpu-8        (XLA_FLAGS=--xla_force_host_platform_device_count=8)
+  magic compile --preset gpt3-175b --topology h100x1024   (analytic estimate: no compiler for GPUs here)
+  magic compile ... --serialize step.bin   then on the pod:   magic train ... --compiled step.bin
+  magic compile ... --sweep                 meshes x remat x microbatches, fastest first
+
+Exit status: 0 fits, 3 does not fit (a result, printed with the shortfall), 2 config error.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sharding.chips import Target, parse_target, target_devices  # light: no jax import
+
+NOT_FIT = 3
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _peak(target: Target, devices: list) -> tuple[float, str]:
+    if target.chip is not None:
+        return target.chip.peak_bf16_flops, target.chip.name
+    from train.metrics import CPU_PEAK_FLOPS
+
+    return CPU_PEAK_FLOPS / max(1, len(devices)), "CPU: the host's measured matmul peak split over the fake devices"
+
+
+def _config(args, devices: int, **changes):
+    from sharding import plan
+
+    kw = dict(mesh=args.mesh, layout=args.layout, batch=args.batch, remat=args.remat,
+              microbatches=args.microbatches, assignments=tuple(args.set or ()))
+    kw.update(changes)
+    return plan.compile_config(args.preset, devices, **kw)
+
+
+def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
+    """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
+
+    Only a config that fits is calibrated (two more compiles, 1 and 2 unrolled layers)."""
+    from sharding import aot
+
+    outcome = aot.compile_step(config, devices)
+    log(f"  compile  lowered in {outcome.lower_seconds:.1f} s, compiled in {outcome.compile_seconds:.1f} s"
+        + ("" if outcome.fits else " (out of memory)"))
+    if not outcome.fits or (aot.needs_calibration(config) and not calibrate):
+        return outcome, None, None
+    calib = {}
+    if aot.needs_calibration(config):
+        log("  calibrating FLOPs (cost_analysis counts a loop body once): compiling 1 and 2 unrolled layers, "
+            "one microbatch...")
+        extra = [aot.compile_step(c, devices) for c in aot.calibration_configs(config)]
+        log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
+        if all(e.fits for e in extra):
+            calib = {k: (extra[0].cost[k], extra[1].cost[k]) for k in extra[0].cost if k in extra[1].cost}
+    corrected = {k: aot.loop_corrected(outcome.cost[k], calib.get(k), config)
+                 for k in ("flops", "optimal_seconds") if k in outcome.cost}
+    return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
+
+
+def report_gpu(args, target: Target) -> int:
+    from sharding import plan
+
+    config = _config(args, target.chips)
+    est = plan.estimate(config, target.chips)
+    lines = plan.header(config, target, target.chips)
+    lines += ["", "ESTIMATE, not a compile: no XLA compiler for a GPU cluster runs here; these are closed forms.", ""]
+    lines += plan.estimate_lines(est, target.chip.hbm_bytes, "memory per device (analytic)")
+    lines += [""] + plan.flops_lines(est, target.chips, None, None, config.model.remat_policy)
+    lines += [""] + plan.throughput_lines(est, target.chips, target.chip.peak_bf16_flops, args.mfu,
+                                          target.chip.name, None)
+    print("\n".join(lines))
+    return 0 if est.total_bytes <= target.chip.hbm_bytes else NOT_FIT
+
+
+def report_compile(args, target: Target, devices: list) -> int:
+    from sharding import plan
+
+    config = _config(args, len(devices))
+    hbm = target.chip.hbm_bytes if target.chip else None
+    print("\n".join(plan.header(config, target, len(devices))), flush=True)
+    print("  compiling the train step `magic train` runs (sharding.setup.train_run)...", flush=True)
+    outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
+    print()
+    est = plan.estimate(config, len(devices))
+    if not outcome.fits:
+        lines = plan.oom_lines(outcome.oom, config, est, hbm, len(devices))
+        lines += [""] + plan.estimate_lines(est, hbm, "analytic cross-check (per device)")
+        print("\n".join(lines))
+        return NOT_FIT
+    peak, chip_name = _peak(target, devices)
+    lines = plan.memory_lines(outcome, hbm)
+    lines.append(f"  analytic     {plan.gib(est.state_bytes)} state + {plan.gib(est.activation_bytes).strip()} "
+                 f"activations (closed forms, sharding/plan.py)")
+    lines += [""] + plan.flops_lines(est, len(devices), outcome.cost.get("flops"), flops, config.model.remat_policy)
+    lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds)
+    if args.serialize:
+        from sharding.aot import save_executable
+
+        size = save_executable(args.serialize, outcome)
+        lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
+                      f"this same config: magic train --preset {config.preset} ... --compiled {args.serialize} "
+                      f"(it checks the config, trees and shapes, and compiles instead if they differ)"]
+    print("\n".join(lines))
+    return 0  # the compiler accepted it: on TPU that is its own HBM check
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from configs import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is invalid: write comma-separated integers, e.g. {flag} 1,4,8.") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r} is invalid: use positive integers.")
+    return values
+
+
+def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
+    """Per (tensor, remat): the smallest microbatch count that fits, calibrated; failures too.
+
+    Why the smallest: more microbatches only shrink the matmuls and add loop
+    overhead, so once one fits the larger counts are slower; out-of-memory
+    compiles fail in seconds, so trying the small counts first is cheap."""
+    from configs import ConfigError
+    from sharding import plan
+
+    n = len(devices)
+    base = _config(args, n)
+    tensors = _ints(args.sweep_tensor, "--sweep-tensor")
+    for t in [t for t in tensors if n % t]:
+        log(f"tensor={t}: skipped ({n} devices are not divisible by {t})")
+    tensors = [t for t in tensors if n % t == 0]
+    remats = [r.strip() for r in args.sweep_remat.split(",") if r.strip()]
+    micro = sorted(_ints(args.sweep_microbatches, "--sweep-microbatches"))
+    rows, total = [], len(tensors) * len(remats)
+    for i, (tensor, remat) in enumerate((t, r) for t in tensors for r in remats):
+        for k in micro:
+            label = f"[{i + 1}/{total}] tensor={tensor} fsdp={n // tensor} remat={remat} microbatches={k}"
+            try:
+                config = _config(args, n, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
+                                 microbatches=k, batch=base.batch_size)
+            except ConfigError as err:
+                log(f"{label}: skipped ({err})")
+                continue
+            start = time.perf_counter()
+            log(f"{label}: compiling...")
+            outcome, flops, seconds = compile_with_flops(config, devices, True, log=log)
+            row = dict(tensor=tensor, fsdp=n // tensor, remat=remat, microbatches=k, fits=outcome.fits,
+                       memory=outcome.memory.total if outcome.fits else None, flops=flops, seconds=seconds,
+                       shortfall=outcome.oom.shortfall if outcome.oom else None,
+                       wall=time.perf_counter() - start, config=config)
+            rows.append(row)
+            estimate = f", est. {plan.seconds_text(seconds)}/step" if seconds else ""
+            log(f"{label}: " + (f"fits ({row['memory'] / 2**30:.2f} GiB){estimate}" if outcome.fits
+                                else "does not fit") + f" ({row['wall']:.0f} s)")
+            if outcome.fits:
+                break
+    return rows
+
+
+def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> str:
+    hbm = target.chip.hbm_bytes if target.chip else None
+    peak = target.chip.peak_bf16_flops if target.chip else None
+
+    def est_seconds(r):  # the compiler's optimal_seconds, else its FLOPs at peak
+        if r["seconds"]:
+            return r["seconds"]
+        return r["flops"] / peak if (r["flops"] and peak) else float("inf")
+
+    fit = sorted((r for r in rows if r["fits"]), key=est_seconds)
+    from sharding.plan import seconds_text
+
+    head = f"{'mesh':24s} {'remat':10s} {'micro':>5s} {'memory':>10s} {'headroom':>10s} {'est. step':>11s} " \
+           f"{'tokens/s':>12s} {'wall s':>7s}"
+    lines = [f"sweep on {target.spec}: {len(fit)} of {len(rows)} compiled configurations fit, fastest first "
+             f"(by the compiler's loop-corrected optimal_seconds, else its FLOPs / peak)", head, "-" * len(head)]
+    for r in fit:
+        s = est_seconds(r)
+        room = f"{(hbm - r['memory']) / 2**30:8.2f}G" if hbm else "n/a"
+        lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} {r['microbatches']:5d} "
+                     f"{r['memory'] / 2**30:9.2f}G {room:>10s} {seconds_text(s):>11s} "
+                     f"{r['config'].tokens_per_step / s:12,.0f} {r['wall']:7.0f}")
+    for r in rows:
+        if not r["fits"]:
+            short = f"short by {r['shortfall'] / 2**30:.2f} GiB" if r["shortfall"] else "out of memory"
+            lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} "
+                         f"{r['microbatches']:5d}   does not fit: {short}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from configs import ConfigError
+
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu} is invalid: use a fraction in (0, 1], e.g. --mfu 0.5.")
+    if args.sweep and args.serialize:
+        raise ConfigError("--sweep and --serialize do not combine: sweep first, then compile the chosen "
+                          "configuration alone with --serialize PATH.")
+    target = parse_target(args.topology)
+    if target.kind == "gpu":
+        return report_gpu(args, target)
+    devices = target_devices(target)
+    if args.sweep:
+        rows = sweep_rows(args, target, devices)
+        print("\n" + sweep_table(rows, target, len(devices), args.mfu))
+        return 0 if any(r["fits"] for r in rows) else NOT_FIT
+    return report_compile(args, target, devices)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
+    p.add_argument("--topology", required=True,
+                   help="v5p-1024 (v4/v5p count TensorCores, 2 per chip), v5e-16 / v6e-64 (chips), v5p:8x8x8, "
+                        "cpu-8 (this host's CPU devices), h100x64 (analytic estimate)")
+    p.add_argument("--mesh", help="mesh sizes, e.g. fsdp=-1,tensor=8 (axes not named are 1; default fsdp=-1)")
+    p.add_argument("--layout", help="dp, fsdp, tp or fsdp+tp (default: implied by the mesh)")
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: the paper's batch_tokens / max_len)")
+    p.add_argument("--remat", help="none, full, save_dots or save_dots_no_batch")
+    p.add_argument("--microbatches", type=int, help="gradient-accumulation steps inside the step")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, as for magic train")
+    p.add_argument("--mfu", type=float, default=0.5, help="model FLOP utilization for the throughput estimate")
+    p.add_argument("--serialize", metavar="PATH", help="save the compiled executable for magic train --compiled")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the extra 2-layer compile that corrects cost_analysis for loops")
+    p.add_argument("--sweep", action="store_true", help="search meshes x remat x microbatches; table of what fits")
+    p.add_argument("--sweep-tensor", default="1,4,8,16", help="mesh.tensor sizes to try (fsdp fills the rest)")
+    p.add_argument("--sweep-remat", default="none,save_dots,full", help="remat policies to try")
+    p.add_argument("--sweep-microbatches", default="1,2,4,8,16", help="microbatch counts to try, smallest first")
