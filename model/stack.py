@@ -43,6 +43,7 @@ class LayerStack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(args),
                 length=cfg.num_layers,
+                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(cfg, deterministic, **kwargs, name="layers")(x, *args)

@@ -391,9 +391,10 @@ def make_eval_batches(family: str = "decoder", source="stdlib", tokenizer="bytes
                       process_count: int | None = None, *, num_eval_batches: int = 8,
                       decoder_len: int | None = None, mask_rate: float = 0.15,
                       **corpus_kwargs) -> list[dict[str, np.ndarray]]:
-    """The validation split in stored order (unshuffled): min(num_eval_batches,
-    ceil(rows / batch_size)) batches, this process's slice of each. The last batch is
-    filled with all-padding rows, whose loss_mask is 0."""
+    """The validation split, unshuffled: min(num_eval_batches, ceil(rows / batch_size))
+    batches of rows taken at even strides across the whole split (all rows if they fit),
+    this process's slice of each. The last batch is filled with all-padding rows, whose
+    loss_mask is 0."""
     seq_len, batch_size = _check_shape(family, seq_len, batch_size, decoder_len)
     num_eval_batches = _check_positive("num_eval_batches", num_eval_batches)
     corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
@@ -401,6 +402,8 @@ def make_eval_batches(family: str = "decoder", source="stdlib", tokenizer="bytes
     pipe = LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count,
                       decoder_len, mask_rate)
     total = min(num_eval_batches, math.ceil(len(rows) / batch_size)) * batch_size
+    if len(rows) > total:  # rows spread evenly over the split, so every document is sampled, not the first few
+        rows = rows[np.linspace(0, len(rows) - 1, total).astype(np.int64)]
     filler = np.full((max(0, total - len(rows)), rows.shape[1]), tok.pad_id, rows.dtype)
     rows = np.concatenate([rows[:total], filler])
     first = pipe.process_index * pipe.local_batch_size  # this process's rows of each batch
