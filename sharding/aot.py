@@ -188,7 +188,8 @@ def calibration_configs(config) -> list:
 
 
 def needs_calibration(config) -> bool:
-    return config.model.scan_layers and config.model.num_layers > 1
+    """A while loop remains only when the scan is not fully unrolled."""
+    return config.model.scan_layers and config.model.num_layers > config.model.scan_unroll
 
 
 def loop_corrected(raw: float, calibration: Optional[tuple[float, float]], config) -> Optional[float]:

@@ -142,7 +142,8 @@ def test_abstract_batch_matches_the_pipeline_and_lowers(preset):
 @pytest.fixture(scope="module")
 def compiled_micro():
     """One CPU compile of a 3-layer scanned micro GPT, shared (CPU compiles take seconds)."""
-    return aot.compile_step(micro_config(extra=("model.num_layers=3",), batch=8), jax.devices("cpu")[:1])
+    return aot.compile_step(micro_config(extra=("model.num_layers=3", "model.scan_unroll=1"), batch=8),
+                            jax.devices("cpu")[:1])
 
 
 def test_cpu_compile_reports_memory_and_flops(compiled_micro):
