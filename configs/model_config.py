@@ -22,7 +22,8 @@ class ConfigError(ValueError):
     """A config field has a bad value. The message names the field and the fix."""
 
 
-def _fail(field: str, value, fix: str):
+def fail(field: str, value, fix: str):
+    """Raise the ConfigError every validation uses: the field, its value, the fix."""
     raise ConfigError(f"{field}={value!r} is invalid: {fix}")
 
 
@@ -70,7 +71,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len", "scan_unroll"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _fail(name, value, "use a positive integer.")
+                fail(name, value, "use a positive integer.")
         for name, choices in (
             ("family", FAMILIES),
             ("activation", ACTIVATIONS),
@@ -82,11 +83,11 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if value not in choices:
-                _fail(name, value, f"choose one of {', '.join(choices)}.{suggest(str(value), choices)}")
+                fail(name, value, f"choose one of {', '.join(choices)}.{suggest(str(value), choices)}")
         if self.d_model % self.num_heads:
             near = min((h for h in range(1, self.d_model + 1) if self.d_model % h == 0),
                        key=lambda h: (abs(h - self.num_heads), h))  # a real divisor, even when d_model < 64
-            _fail(
+            fail(
                 "num_heads",
                 self.num_heads,
                 f"d_model={self.d_model} must be divisible by num_heads; "
@@ -102,16 +103,16 @@ class ModelConfig:
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
             if not number(value) or not 0.0 <= value < 1.0:
-                _fail(name, value, "use a probability in [0, 1).")
+                fail(name, value, "use a probability in [0, 1).")
         if not number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
-            _fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
+            fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
         if not number(self.init_std) or not self.init_std > 0:
-            _fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
+            fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
         if not count(self.type_vocab_size) or self.type_vocab_size < 0:
-            _fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")
+            fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")
         if self.num_valid_tokens is not None and (
                 not count(self.num_valid_tokens) or not 0 < self.num_valid_tokens <= self.vocab_size):
-            _fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
+            fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
 
     @property
     def head_dim(self) -> int:

@@ -15,14 +15,10 @@ import os
 import typing
 from typing import Literal, Optional
 
-from configs.model_config import ConfigError, ModelConfig, suggest
+from configs.model_config import ConfigError, ModelConfig, fail, suggest
 from configs.presets import SCHEDULES, get_preset
 
 FAMILY_OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "seq2seq"}
-
-
-def _fail(field: str, value, fix: str):
-    raise ConfigError(f"{field}={value!r} is invalid: {fix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +32,9 @@ class DataConfig:
 
     def __post_init__(self):
         if self.seq_len <= 1:
-            _fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
+            fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
         if self.tokenizer not in ("bytes", "sentencepiece") and not self.tokenizer.endswith(".model"):
-            _fail("data.tokenizer", self.tokenizer,
+            fail("data.tokenizer", self.tokenizer,
                   "use 'bytes', 'sentencepiece' or a path to a sentencepiece .model file.")
 
 
@@ -58,16 +54,16 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            _fail("optimizer.schedule", self.schedule,
+            fail("optimizer.schedule", self.schedule,
                   f"choose one of {', '.join(SCHEDULES)}.{suggest(self.schedule, SCHEDULES)}")
         if self.learning_rate <= 0:
-            _fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
+            fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            _fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
+            fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
         if not 0 <= self.final_ratio <= 1:
-            _fail("optimizer.final_ratio", self.final_ratio, "use a fraction of the peak in [0, 1].")
+            fail("optimizer.final_ratio", self.final_ratio, "use a fraction of the peak in [0, 1].")
         if not 0 <= self.label_smoothing < 1:
-            _fail("optimizer.label_smoothing", self.label_smoothing, "use a value in [0, 1).")
+            fail("optimizer.label_smoothing", self.label_smoothing, "use a value in [0, 1).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,22 +113,22 @@ class TrainConfig:
                      "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                _fail(name, value, "use a positive integer.")
+                fail(name, value, "use a positive integer.")
         if self.max_nonfinite_skips < 0:
-            _fail("max_nonfinite_skips", self.max_nonfinite_skips, "use 0 (stop at the first) or more.")
+            fail("max_nonfinite_skips", self.max_nonfinite_skips, "use 0 (stop at the first) or more.")
         if self.eval_batches < 0:
-            _fail("eval_batches", self.eval_batches, "use 0 (no eval) or more.")
+            fail("eval_batches", self.eval_batches, "use 0 (no eval) or more.")
         if self.batch_size % self.microbatches:
-            _fail("microbatches", self.microbatches,
+            fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         decay = self.optimizer.decay_steps or self.steps
         if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= decay:
-            _fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
+            fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
                   f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
                   f"or steps); lower optimizer.warmup_steps or raise steps.")
         positions_needed = self.data.seq_len if self.model.family != "encoder_decoder" else self.data.seq_len // 2
         if positions_needed > self.model.max_len:
-            _fail("data.seq_len", self.data.seq_len,
+            fail("data.seq_len", self.data.seq_len,
                   f"the model has only {self.model.max_len} positions (model.max_len); "
                   f"lower data.seq_len or raise model.max_len.")
 

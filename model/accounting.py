@@ -136,11 +136,12 @@ def report(preset: Preset) -> ParamReport:
     )
 
 
-def _human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+def human(n: float, unit: str = "") -> str:
+    """1.23 G, 45.00 MFLOP, ...: decimal SI prefixes for counts, FLOPs and bytes."""
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
 
 
 def format_report(r: ParamReport) -> str:
@@ -149,13 +150,13 @@ def format_report(r: ParamReport) -> str:
     lines = [
         f"{r.name}  [{r.family}]",
         f"  parameters      {r.params:>18,}   closed form {r.closed_form:,}   paper {paper}",
-        "  breakdown       " + "  ".join(f"{k} {_human(v)}" for k, v in r.breakdown.items() if v),
+        "  breakdown       " + "  ".join(f"{k} {human(v)}" for k, v in r.breakdown.items() if v),
     ]
     if r.mlm_head:
         lines.append(f"  MLM head        {r.mlm_head:>18,}   (pre-training head, not in the count above)")
-    lines.append(f"  train FLOPs/tok {_human(r.flops_per_token, 'FLOP'):>18}   (6N + 12·L·T·d, T={r.seq_len})")
+    lines.append(f"  train FLOPs/tok {human(r.flops_per_token, 'FLOP'):>18}   (6N + 12·L·T·d, T={r.seq_len})")
     mem = r.memory_bytes
     lines.append("  train state     " + "   ".join(
-        f"{dtype}: params {_human(m['params'], 'B')} grads {_human(m['grads'], 'B')} "
-        f"adam {_human(m['adam'], 'B')} total {_human(m['total'], 'B')}" for dtype, m in mem.items()))
+        f"{dtype}: params {human(m['params'], 'B')} grads {human(m['grads'], 'B')} "
+        f"adam {human(m['adam'], 'B')} total {human(m['total'], 'B')}" for dtype, m in mem.items()))
     return "\n".join(lines)

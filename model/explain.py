@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from configs import ModelConfig
+from model.accounting import human
 from model.add_norm import LayerNorm
 from model.build import abstract_variables, build_model, init_params
 from model.embeddings import TokenEmbedding
@@ -299,13 +300,6 @@ def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
     return stages
 
 
-def _human(n: float) -> str:
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}FLOP"
-    return f"{n:.0f} FLOP"
-
-
 def _preview(stage: Stage, rows: int = 4, cols: int = 6) -> str:
     x = np.asarray(stage.value)
     x = x[0] if x.ndim >= 2 else x  # batch 0
@@ -334,7 +328,7 @@ def format_explanation(e: Explanation, decode_token=None) -> str:
         if s.head_axis is not None:
             line += f" per head {list(s.per_head_shape)} x {s.shape[s.head_axis]}"
         if s.flops:
-            line += f"  matmul {_human(s.flops)}"
+            line += f"  matmul {human(s.flops, 'FLOP')}"
         out.append(line)
         out.append(f"      {s.formula}" + (f"  [{s.note}]" if s.note else ""))
         if s.value is not None and s.name != "mask":
@@ -349,7 +343,7 @@ def format_explanation(e: Explanation, decode_token=None) -> str:
         out.append(f"{what}: " +
                    ", ".join(f"{decode_token(int(t))!r} {probs[0, -1, t]:.3f}" for t in top))
     total = sum(s.flops or 0 for s in e.stages)
-    out.append(f"matmul FLOPs shown (one layer + head): {_human(total)}")
+    out.append(f"matmul FLOPs shown (one layer + head): {human(total, 'FLOP')}")
     return "\n".join(out)
 
 

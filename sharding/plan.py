@@ -29,7 +29,7 @@ from typing import Optional
 
 from configs.model_config import ConfigError
 from configs.train_config import TrainConfig, apply_overrides, train_config_for
-from model.accounting import attention_layers, closed_form_params, training_flops_per_token
+from model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
 from sharding.chips import GiB, Target
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -182,13 +182,6 @@ def gib(n: float) -> str:
 
 def seconds_text(s: float) -> str:
     return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
-
-
-def human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}"
 
 
 def count(n: float) -> str:

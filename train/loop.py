@@ -217,9 +217,9 @@ def gather_params(params):
 
 
 def sample_text(config: TrainConfig, params, tokenizer, prompt: str = "def ", temperature: float = 0.8) -> str:
-    """A short sample from a trained decoder-only model, generated with the KV cache."""
+    """A short sample from a trained decoder-only model (params already on the host, from
+    gather_params), generated with the KV cache."""
     from model.generate import generate_text
 
-    params = jax.device_get(params)
     return generate_text(config.model, params, tokenizer, prompt, max_new_tokens=config.sample_tokens,
                          temperature=temperature, seed=config.seed)
