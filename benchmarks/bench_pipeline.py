@@ -2,7 +2,7 @@
 
 The pipeline must never be the bottleneck of a train step, so this measures the
 steady state (after the one-time build and packing, which are cached) on the default
-config: stdlib corpus, byte tokenizer, seq_len 256, batch 16, decoder family.
+config: stdlib corpus, byte tokenizer, the default run's seq_len and batch, decoder family.
 
     python benchmarks/bench_pipeline.py [--family encoder] [--steps 200]
 """
@@ -12,9 +12,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from configs.train_config import TrainConfig
+
+DEFAULT = TrainConfig()
+
 
 def pipeline_tokens_per_second(family: str = "decoder", source: str = "stdlib", tokenizer: str = "bytes",
-                               seq_len: int = 256, batch_size: int = 16, steps: int = 200,
+                               seq_len: int = DEFAULT.data.seq_len, batch_size: int = DEFAULT.batch_size,
+                               steps: int = 200,
                                warmup: int = 10, seed: int = 0, data_dir=None) -> float:
     """Input tokens per second over `steps` calls of `batch(step)` after `warmup` calls.
 
@@ -39,8 +44,8 @@ def main() -> None:
     parser.add_argument("--family", default="decoder")
     parser.add_argument("--source", default="stdlib")
     parser.add_argument("--tokenizer", default="bytes")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=DEFAULT.data.seq_len)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of a config, beside the input pipeline's rate.
 
 The input pipeline must be at least 10x faster than the step, so the model never
-waits for data. Default: `magic train`'s own config (gpt-tiny, bytes, T 256, batch 16).
+waits for data. Default: `magic train`'s own config (gpt-tiny, bytes, T 128, batch 32).
 
     python benchmarks/bench_train_step.py [--preset gpt-tiny] [--steps 30] [--set field=value ...]
 """

@@ -168,9 +168,9 @@ def test_tree_count_equals_closed_form_for_variants(preset, variant):
 
 
 def test_variants_change_the_count_by_the_expected_amount():
-    """Deltas between variants, each one term of the formula, on gpt-tiny (d 256, V 384, L 4, d_ff 1024)."""
+    """Deltas between variants, each one term of the formula, on gpt-tiny (d 128, V 384, L 4, d_ff 512)."""
     cfg = get_preset("gpt-tiny").model
-    d, vocab, layers, d_ff, max_len = 256, 384, 4, 1024, 256
+    d, vocab, layers, d_ff, max_len = 128, 384, 4, 512, 128
     assert (cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.d_ff, cfg.max_len) == (d, vocab, layers, d_ff, max_len)
     base = tree_total(cfg)
     assert tree_total(cfg.replace(tie_embeddings=False)) - base == vocab * d

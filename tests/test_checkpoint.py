@@ -124,11 +124,12 @@ def test_all_checkpoints_corrupt_is_an_error_not_a_silent_restart(tmp_path):
 
 def test_incompatible_shapes_raise_naming_the_arrays_and_fields(tmp_path):
     workdir = saved_run(tmp_path)
+    saved_batch = TrainConfig().batch_size  # saved_run saves the default config
     wider = small_state(0).replace(params={"w": jnp.zeros((16, 9)), "b": jnp.zeros((8,), jnp.bfloat16)})
     ckpt = Checkpointer(workdir)
     with pytest.raises(CheckpointError, match=r"params/w: checkpoint \(16, 8\) float32, this run \(16, 9\)") as err:
-        ckpt.restore_latest(abstract(wider), config_to_json(TrainConfig(batch_size=8)))
-    assert "batch_size: checkpoint 16, this run 8" in str(err.value)
+        ckpt.restore_latest(abstract(wider), config_to_json(TrainConfig(batch_size=saved_batch // 2)))
+    assert f"batch_size: checkpoint {saved_batch}, this run {saved_batch // 2}" in str(err.value)
     assert ckpt.all_steps() == [1, 2], "an incompatible checkpoint is not mistaken for a corrupt one"
     ckpt.close()
 
