@@ -70,7 +70,7 @@ def test_unwritable_workdir_fails_before_data_is_read(corpus, tmp_path):
     ("steps=many", "steps expects int"),
     ("model.activation=gelo", "Did you mean 'gelu'"),
     ("optimizer.schedule=cosin", "Did you mean 'cosine'"),
-    ("model.d_model=130", "num_heads"),
+    ("model.d_model=129", "num_heads"),
     ("no_equals_sign", "field=value"),
 ])
 def test_bad_overrides_name_the_field(assignment, needle):
