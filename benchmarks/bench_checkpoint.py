@@ -1,6 +1,6 @@
 """Checkpoint cost against step time: does an async save stall training?
 
-On the default config (gpt-tiny, batch 16, seq 256, fp32 AdamW state) this measures
+On the default config (gpt-tiny, `magic train`'s batch and seq_len, fp32 AdamW state) this measures
 
 * the normal train step (median of `--steps`, each synchronized);
 * a save's blocking part (what `Checkpointer.save` costs the loop: the on-device
@@ -28,24 +28,12 @@ def build(batch_size: int, seq_len: int, preset: str):
     import jax
 
     from configs.train_config import apply_overrides, train_config_for
-    from sharding.setup import shard_run
-    from train.guards import skip_nonfinite
-    from train.step import bind_train_step, eval_step
+    from sharding.setup import train_run
 
     config = apply_overrides(train_config_for(preset), [f"batch_size={batch_size}", f"data.seq_len={seq_len}",
                                                         "model.vocab_size=256"])
-    tx, step_fn = bind_train_step(config)
-    run = shard_run(config, tx, skip_nonfinite(step_fn), eval_step)
+    _, run = train_run(config)  # the step `magic train` runs
     return config, run, run.init_state(jax.random.PRNGKey(0))
-
-
-def synthetic_batch(batch_size: int, seq_len: int) -> dict:
-    import numpy as np
-
-    tokens = np.random.default_rng(0).integers(0, 256, size=(batch_size, seq_len + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq_len), np.float32),
-            "segment_ids": np.ones((batch_size, seq_len), np.int32),
-            "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))}
 
 
 def timed_step(run, state, batch):
@@ -60,6 +48,8 @@ def timed_step(run, state, batch):
 def measure(saves: int, steps: int, batch_size: int, seq_len: int, preset: str, workdir: str) -> dict:
     from sharding.memory import tree_bytes
     from train.checkpoint import Checkpointer
+
+    from bench_train_step import synthetic_batch
 
     config, run, state = build(batch_size, seq_len, preset)
     batch = run.put_batch(synthetic_batch(batch_size, seq_len))
@@ -100,8 +90,11 @@ def measure(saves: int, steps: int, batch_size: int, seq_len: int, preset: str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt-tiny")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    from configs.train_config import TrainConfig
+
+    default = TrainConfig()
+    parser.add_argument("--batch-size", type=int, default=default.batch_size)
+    parser.add_argument("--seq-len", type=int, default=default.data.seq_len)
     parser.add_argument("--saves", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="normal steps timed for the baseline")
     parser.add_argument("--limit", type=float, default=1.5, help="allowed step-time ratio during a save")

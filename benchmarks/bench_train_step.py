@@ -15,6 +15,15 @@ import jax
 import numpy as np
 
 
+def synthetic_batch(batch_size: int, seq_len: int) -> dict:
+    """A decoder batch of random byte tokens, one document per row (benchmarks time the step, not the data)."""
+    tokens = np.random.default_rng(0).integers(0, 256, (batch_size, seq_len + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
+            "segment_ids": np.ones((batch_size, seq_len), np.int32),
+            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+
+
 def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tuple[float, float]:
     """(tokens/s, seconds per step) of the jitted, sharded train step on synthetic batches."""
     from sharding.setup import train_run
@@ -24,12 +33,8 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
     config = with_tokenizer_vocab(config, ByteTokenizer())
     tx, run = train_run(config)
     state = run.init_state(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
     B, T = config.batch_size, config.data.seq_len
-    tokens = rng.integers(0, 256, (B, T + 1)).astype(np.int32)
-    batch = run.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-                           "segment_ids": np.ones((B, T), np.int32), "loss_mask": np.ones((B, T), np.float32)})
+    batch = run.put_batch(synthetic_batch(B, T))
     for _ in range(warmup):
         state, metrics = run.train_step(state, batch)
     jax.block_until_ready(metrics)

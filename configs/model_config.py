@@ -22,6 +22,15 @@ class ConfigError(ValueError):
     """A config field has a bad value. The message names the field and the fix."""
 
 
+def _number(v) -> bool:
+    """A real number: bools and strings are not (and NaN fails every comparison)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def fail(field: str, value, fix: str):
     """Raise the ConfigError every validation uses: the field, its value, the fix."""
     raise ConfigError(f"{field}={value!r} is invalid: {fix}")
@@ -70,7 +79,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len", "scan_unroll"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _count(value) or value <= 0:
                 fail(name, value, "use a positive integer.")
         for name, choices in (
             ("family", FAMILIES),
@@ -94,24 +103,18 @@ class ModelConfig:
                 f"pick a divisor of {self.d_model} (e.g. {near} heads of {self.d_model // near}).",
             )
 
-        def number(v) -> bool:  # a real number (bools and strings are not; NaN fails every comparison)
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-        def count(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
-            if not number(value) or not 0.0 <= value < 1.0:
+            if not _number(value) or not 0.0 <= value < 1.0:
                 fail(name, value, "use a probability in [0, 1).")
-        if not number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+        if not _number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
-        if not number(self.init_std) or not self.init_std > 0:
+        if not _number(self.init_std) or not self.init_std > 0:
             fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
-        if not count(self.type_vocab_size) or self.type_vocab_size < 0:
+        if not _count(self.type_vocab_size) or self.type_vocab_size < 0:
             fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")
         if self.num_valid_tokens is not None and (
-                not count(self.num_valid_tokens) or not 0 < self.num_valid_tokens <= self.vocab_size):
+                not _count(self.num_valid_tokens) or not 0 < self.num_valid_tokens <= self.vocab_size):
             fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
 
     @property

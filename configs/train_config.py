@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import typing
 from typing import Literal, Optional
@@ -147,6 +148,16 @@ class TrainConfig:
         return self.batch_size * self.data.seq_len
 
 
+def config_to_json(config: TrainConfig) -> dict:
+    """Plain JSON types (checkpoints and run summaries record the resolved config)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_json(d: dict) -> TrainConfig:
+    return TrainConfig(**{**d, "model": ModelConfig(**d["model"]), "data": DataConfig(**d["data"]),
+                          "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"])})
+
+
 def train_config_for(preset_name: str, **overrides) -> TrainConfig:
     """Defaults for a preset: its model, and its paper's optimizer shape."""
     preset = get_preset(preset_name)
@@ -215,8 +226,6 @@ def _replace_nested(obj, updates: dict):
 
 
 def _hint(dotted: str):
-    import typing
-
     cls = TrainConfig
     *parents, leaf = dotted.split(".")
     for name in parents:
@@ -238,8 +247,6 @@ def _field_types(cls, prefix: str = "") -> dict[str, str]:
 
 def _literal_choices(dotted: str) -> tuple[str, ...]:
     """The allowed values of a Literal-typed field, else ()."""
-    import typing
-
     hint = _hint(dotted)
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
 

@@ -33,13 +33,14 @@ from model.layers import DecoderLayer, EncoderLayer
 from model.masks import self_attention_mask
 from model.output_head import vocab_softmax
 from model.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from train.tokenizers import ByteTokenizer
 
 # Above this many parameters, explain runs on shapes only (no weights allocated).
 MAX_MATERIALIZED_PARAMS = 200_000_000
 DEFAULT_TEXT = "Attention is all you need."
 _CAPTURED = (TokenEmbedding, LearnedPositionalEmbedding, SinusoidalPositionalEncoding, LayerNorm, FeedForward,
              EncoderLayer, DecoderLayer)
-_BOS_ID = 259  # ByteTokenizer's decoder start token (train/tokenizers.py)
+_BOS_ID = ByteTokenizer.bos_id  # the decoder start token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,8 @@ def token_label(token_id: int) -> str:
     if 0 <= token_id < 256:
         ch = chr(token_id) if 32 <= token_id < 127 else f"\\x{token_id:02x}"
         return {" ": "␣"}.get(ch, ch)
-    return {256: "<eot>", 257: "<pad>", 258: "<mask>", 259: "<bos>"}.get(token_id, f"<{token_id}>")
+    names = dict(zip(ByteTokenizer.special_ids, ("<eot>", "<pad>", "<mask>", "<bos>")))
+    return names.get(token_id, f"<{token_id}>")
 
 
 def _capture(module: nn.Module, method_name: str) -> bool:
@@ -243,7 +245,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
         shapes_only = params is None and n_params > MAX_MATERIALIZED_PARAMS
     if ids is None:
         ids = (jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32) if shapes_only
-               else np.tile(np.frombuffer(DEFAULT_TEXT.encode(), np.uint8).astype(np.int32), (batch, 1)))
+               else np.tile(ByteTokenizer().encode(DEFAULT_TEXT), (batch, 1)))
     if labels is None and not isinstance(ids, jax.ShapeDtypeStruct):
         labels = [token_label(int(i)) for i in np.asarray(ids)[0]]
     if labels is not None and cfg.family == "encoder_decoder":
@@ -350,7 +352,6 @@ def format_explanation(e: Explanation, decode_token=None) -> str:
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
     from configs import get_preset
-    from train.tokenizers import ByteTokenizer
 
     if args.workdir:
         from model.generate import load_run

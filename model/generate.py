@@ -196,7 +196,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive count.")
     ids, lengths = pad_prompts(prompts)
     cache_len = ids.shape[1] + max_new_tokens - 1  # the last new token is never fed back
-    _check_fits(model.config, ids.shape[1] + max_new_tokens - 1, "longest prompt + max_new_tokens - 1")
+    _check_fits(model.config, cache_len, "longest prompt + max_new_tokens - 1")
     rng = jax.random.key(0) if rng is None else rng
     tokens = np.asarray(_decoder_loop(model, params, jnp.asarray(ids), jnp.asarray(lengths), rng, jnp.int32(eot_id),
                                       max_new_tokens=max_new_tokens, sampling=sampling, cache_len=cache_len))

@@ -70,13 +70,18 @@ def granules(devices) -> tuple[str, int]:
     return "process_index", len({getattr(d, "process_index", 0) for d in devices})
 
 
-def check_dcn(sizes: dict[str, int], dcn_data: int, devices) -> None:
-    """dcn_data must divide data and match the slices present; fail with the fix."""
+def check_dcn_divides(sizes: dict[str, int], dcn_data: int) -> None:
+    """dcn_data must be a positive divisor of the data axis (needs no devices: config checks)."""
     if dcn_data < 1:
         raise ConfigError(f"mesh.dcn_data={dcn_data} is invalid: use the number of slices (1 on one slice).")
     if sizes["data"] % dcn_data:
         raise ConfigError(f"mesh.data={sizes['data']} is not divisible by mesh.dcn_data={dcn_data}: each slice "
                           f"holds data/dcn_data replicas; make mesh.data a multiple of {dcn_data}.")
+
+
+def check_dcn(sizes: dict[str, int], dcn_data: int, devices) -> None:
+    """dcn_data must divide data and match the slices present; fail with the fix."""
+    check_dcn_divides(sizes, dcn_data)
     attr, count = granules(devices)
     if attr == "slice_index" and dcn_data != count:
         raise ConfigError(f"mesh.dcn_data={dcn_data} but the devices span {count} slices: set mesh.dcn_data={count} "
@@ -109,5 +114,5 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     params, inputs and the model's logical constraints."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = axis_sizes(mesh_config, len(devices))
-    array = device_array(sizes, getattr(mesh_config, "dcn_data", 1), devices)
+    array = device_array(sizes, mesh_config.dcn_data, devices)
     return Mesh(array, AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -31,9 +31,9 @@ from configs.model_config import ConfigError
 from configs.train_config import TrainConfig, apply_overrides, train_config_for
 from model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
 from sharding.chips import GiB, Target
+from sharding.mesh import AXES, axis_sizes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-AXES = ("data", "fsdp", "tensor")
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,7 +70,6 @@ def compile_config(preset: str, devices: int, *, mesh: Optional[str] = None, lay
     bf16 compute (params stay float32), sequences of the model's max_len, the
     paper's batch, and the vocabulary padded to a multiple of 128 as train pads it."""
     from configs import get_preset
-    from sharding.mesh import resolve_axis_sizes
 
     model = get_preset(preset).model
     pre = ["model.dtype=bfloat16", f"data.seq_len={model.max_len}"]
@@ -82,7 +81,7 @@ def compile_config(preset: str, devices: int, *, mesh: Optional[str] = None, lay
     if microbatches:
         pre.append(f"microbatches={microbatches}")
     config = apply_overrides(train_config_for(preset), pre + list(assignments))
-    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    sizes = axis_sizes(config.mesh, devices)
     chosen = layout or ("" if any(a.startswith("mesh.layout=") for a in assignments) else infer_layout(sizes))
     if chosen:
         config = apply_overrides(config, [f"mesh.layout={chosen}"])
@@ -134,10 +133,8 @@ def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
 
 def estimate(config: TrainConfig, devices: int) -> Estimate:
     """Closed-form memory per device and FLOPs per step (see the module doc)."""
-    from sharding.mesh import resolve_axis_sizes
-
     cfg = config.model
-    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    sizes = axis_sizes(config.mesh, devices)
     counts = closed_form_params(cfg)
     n = counts["model"] + counts["mlm_head"]
     seq = config.data.seq_len
@@ -190,10 +187,9 @@ def count(n: float) -> str:
 
 def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
     from configs import get_preset
-    from sharding.mesh import resolve_axis_sizes
 
     cfg = config.model
-    sizes = resolve_axis_sizes({a: getattr(config.mesh, a) for a in AXES}, devices)
+    sizes = axis_sizes(config.mesh, devices)
     n = closed_form_params(cfg)["model"]
     paper = get_preset(config.preset).recipe.batch_tokens
     return [
@@ -201,7 +197,7 @@ def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
         f"  model    {count(n)} params, {cfg.num_layers} layers{' (scanned)' if cfg.scan_layers else ' (unrolled)'}"
         f", d_model {cfg.d_model}; compute {cfg.dtype}, params {cfg.param_dtype}"
         + (" (compile default: bf16 compute, as on accelerators)" if cfg.dtype == "bfloat16" else ""),
-        f"  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + f" over {devices} device(s), "
+        "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + f" over {devices} device(s), "
         f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)",
         f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "
         f"{paper:,}, {config.tokens_per_step / paper - 1:+.0%}: by default rounded down to a multiple of data x fsdp "

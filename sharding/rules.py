@@ -100,7 +100,7 @@ def logical_rules(layout: str, override: str = "") -> Rules:
 
 
 def rules_for(mesh_config) -> Rules:
-    return logical_rules(mesh_config.layout, getattr(mesh_config, "rules_override", ""))
+    return logical_rules(mesh_config.layout, mesh_config.rules_override)
 
 
 def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:

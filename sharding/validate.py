@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from configs.model_config import ConfigError
-from sharding.mesh import axis_sizes
+from sharding.mesh import axis_sizes, check_dcn_divides
 from sharding.rules import BATCH_AXES, mesh_axes_of, rules_for
 
 
@@ -67,10 +67,7 @@ def validate_mesh(config, device_count: int, process_count: int = 1) -> dict[str
     """All mesh errors for a TrainConfig, before compiling; returns the resolved axis sizes."""
     sizes = axis_sizes(config.mesh, device_count)
     rules = rules_for(config.mesh)
-    dcn = getattr(config.mesh, "dcn_data", 1)
-    if dcn < 1 or sizes["data"] % dcn:
-        raise ConfigError(f"mesh.dcn_data={dcn} is invalid with mesh.data={sizes['data']}: use a positive divisor "
-                          f"of mesh.data (the number of slices the data axis spans).")
+    check_dcn_divides(sizes, config.mesh.dcn_data)
     check_batch(config, sizes, process_count)
     check_model(config.model, sizes, rules, config.mesh.layout)
     return sizes

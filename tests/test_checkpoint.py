@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from configs import ConfigError
-from configs.train_config import TrainConfig
+from configs.train_config import TrainConfig, config_to_json
 from train import guards
-from train.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError, CheckpointWarning, config_to_json
+from train.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError, CheckpointWarning
 from train.integrity import state_fingerprint
 from train.preemption import PreemptionGuard
 from train.resume import truncate_metrics

@@ -38,7 +38,6 @@ process inside it). Unset in normal use; when set, the step directory gains an e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import threading
@@ -50,6 +49,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs import ConfigError
+from configs.train_config import config_from_json, config_to_json
 from train.integrity import (config_differences, incompatibility_message, shape_mismatches,
                              state_fingerprint)
 
@@ -70,10 +70,6 @@ class Restored(NamedTuple):
     state: Any
     data: dict
     config: dict
-
-
-def config_to_json(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 # ----------------------------------------------------------------------------- test hook
@@ -306,7 +302,6 @@ def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] 
 
 def load_params(workdir: str):
     """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device."""
-    from train.loop import config_from_json
     from train.state import create_train_state
     from train.step import make_tx
 

@@ -175,8 +175,10 @@ def main(argv=None) -> int:
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # train/guards.NonFiniteError: diverged, last good checkpoint kept
+        from train.preemption import EXIT_NONFINITE
+
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
 
 
 if __name__ == "__main__":

@@ -15,24 +15,16 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from configs import ConfigError, ModelConfig
-from configs.train_config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+from configs import ConfigError
+from configs.train_config import TrainConfig, config_to_json
 from model.accounting import closed_form_params, training_flops_per_token
 from train import metrics as metrics_lib
-from train.checkpoint import Checkpointer, config_to_json
+from train.checkpoint import Checkpointer
 from train.guards import NonFiniteMonitor, check_free_space
 from train.preemption import EXIT_PREEMPTED, PreemptionGuard
 from train.resume import data_state, last_good, nonfinite_skips, start_state
-from train.state import create_train_state
 from train.step import summarize_eval
-
-
-def config_from_json(d: dict) -> TrainConfig:
-    return TrainConfig(**{**d, "model": ModelConfig(**d["model"]), "data": DataConfig(**d["data"]),
-                          "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"])})
 
 
 def check_workdir(workdir: str) -> None:

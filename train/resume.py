@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from train.checkpoint import Checkpointer, config_to_json, restore_params
+from configs.train_config import config_to_json
+from train.checkpoint import Checkpointer, restore_params
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -80,7 +81,7 @@ def start_state(config, run, tx, ckpt: Checkpointer, train_data, is_main: bool) 
     else:
         state = run.init_state(jax.random.PRNGKey(config.seed))
         source = "initialization"
-        if getattr(config, "init_from", ""):
+        if config.init_from:
             params, step = restore_params(config.init_from, run.abstract_state.params, config_to_json(config))
             opt_state = jax.jit(tx.init, out_shardings=run.state_shardings.opt_state)(params)
             state = state.replace(params=params, opt_state=opt_state)
