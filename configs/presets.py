@@ -211,7 +211,7 @@ _TINY_RECIPE = PaperRecipe(
     peak_learning_rate=5e-3,
     schedule="cosine",
     warmup_tokens=100 * 32 * 128,
-    decay_tokens=1400 * 32 * 128,
+    decay_tokens=1300 * 32 * 128,
     source="matrixmagic demo settings (not from a paper)",
 )
 

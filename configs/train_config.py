@@ -92,11 +92,11 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     microbatches: int = 1  # gradient accumulation steps inside one train step
     # The default run fits 10 minutes on the 2-core CPU (~0.36 s/step for gpt-tiny at 32 x 128).
-    steps: int = 1400
-    eval_every: int = 350
+    steps: int = 1300
+    eval_every: int = 325
     eval_batches: int = 16
     log_every: int = 50
-    checkpoint_every: int = 350
+    checkpoint_every: int = 325
     keep_checkpoints: int = 3
     # Also keep the checkpoint with the lowest eval loss (steps where an eval and a save coincide).
     keep_best_checkpoint: bool = False
