@@ -27,8 +27,8 @@ import time
 def build(batch_size: int, seq_len: int, preset: str):
     import jax
 
-    from configs.train_config import apply_overrides, train_config_for
-    from sharding.setup import train_run
+    from matrixmagic.configs.train_config import apply_overrides, train_config_for
+    from matrixmagic.train.run import train_run
 
     config = apply_overrides(train_config_for(preset), [f"batch_size={batch_size}", f"data.seq_len={seq_len}",
                                                         "model.vocab_size=256"])
@@ -46,10 +46,10 @@ def timed_step(run, state, batch):
 
 
 def measure(saves: int, steps: int, batch_size: int, seq_len: int, preset: str, workdir: str) -> dict:
-    from sharding.memory import tree_bytes
-    from train.checkpoint import Checkpointer
-
     from bench_train_step import synthetic_batch
+
+    from matrixmagic.sharding.memory import tree_bytes
+    from matrixmagic.train.checkpoint import Checkpointer
 
     config, run, state = build(batch_size, seq_len, preset)
     batch = run.put_batch(synthetic_batch(batch_size, seq_len))
@@ -90,7 +90,7 @@ def measure(saves: int, steps: int, batch_size: int, seq_len: int, preset: str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt-tiny")
-    from configs.train_config import TrainConfig
+    from matrixmagic.configs.train_config import TrainConfig
 
     default = TrainConfig()
     parser.add_argument("--batch-size", type=int, default=default.batch_size)

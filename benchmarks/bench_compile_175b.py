@@ -55,8 +55,8 @@ def versions() -> str:
 
 def run_case(args: list[str]) -> tuple[int, str, float, float]:
     """(exit status, stdout, wall seconds, peak RSS GiB) of one `magic compile`."""
-    cmd = [sys.executable, "-c", "import sys; from train.cli import main; sys.exit(main())", "compile", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", "import sys; from matrixmagic.train.cli import main; sys.exit(main())", "compile", *args]
+    env = dict(os.environ)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
@@ -74,7 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the slow unrolled 12-layer compile")
     opts = parser.parse_args()
-    from sharding.chips import libtpu_available
+    from matrixmagic.sharding.chips import libtpu_available
 
     if not libtpu_available():
         print("libtpu is not installed: pip install 'matrixmagic[tpu]' (this benchmark compiles for TPU pods).")

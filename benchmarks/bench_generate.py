@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import ModelConfig
-from model.build import build_model, init_params
-from model.generate import init_cache, set_cache_index
+from matrixmagic.configs import ModelConfig
+from matrixmagic.model.build import build_model, init_params
+from matrixmagic.model.generate import init_cache, set_cache_index
 
 # A small GPT with a long context: the cache has max_len slots.
 BENCH_CONFIG = ModelConfig(family="decoder", vocab_size=384, d_model=256, num_heads=4, num_layers=4, d_ff=1024,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from configs.train_config import TrainConfig
+from matrixmagic.configs.train_config import TrainConfig
 
 DEFAULT = TrainConfig()
 
@@ -26,7 +26,7 @@ def pipeline_tokens_per_second(family: str = "decoder", source: str = "stdlib", 
     Steps are spread over the run (stride 997) so the row reads are not cache-friendly
     neighbours. Building the dataset and packing happen (once) before timing starts.
     """
-    from train.pipeline import make_pipeline
+    from matrixmagic.train.data.pipeline import make_pipeline
 
     pipe = make_pipeline(family, source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                          data_dir=data_dir, process_index=0, process_count=1)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     start = time.perf_counter()
-    from train.pipeline import make_pipeline
+    from matrixmagic.train.data.pipeline import make_pipeline
 
     make_pipeline(args.family, args.source, args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
                   data_dir=args.data_dir, process_index=0, process_count=1)

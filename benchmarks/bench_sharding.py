@@ -35,18 +35,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
 
-    from configs import ConfigError
-    from configs.train_config import MeshConfig, train_config_for
-    from sharding.memory import state_bytes
-    from sharding.mesh import make_mesh
-    from sharding.rules import rules_for
-    from sharding.setup import sharded_abstract_state, state_shardings
-    from sharding.validate import validate_mesh
-    from train.step import make_tx
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.configs.train_config import MeshConfig, train_config_for
+    from matrixmagic.sharding.memory import state_bytes
+    from matrixmagic.sharding.mesh import make_mesh
+    from matrixmagic.sharding.rules import rules_for
+    from matrixmagic.sharding.validate import validate_mesh
+    from matrixmagic.train.run import sharded_abstract_state, state_shardings
+    from matrixmagic.train.step import make_tx
 
     base = train_config_for(args.preset)
     vocab = -(-base.model.vocab_size // 128) * 128

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-NORM_POSITIONS = ("pre", "post")
-POSITIONAL = ("learned", "sinusoidal")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
+# Every list of choices, once: the Literal types the fields (and tyro) read, and the
+# tuples that error messages, CLI choices and the model's tables are checked against.
+Family = Literal["decoder", "encoder", "encoder_decoder"]
+Activation = Literal["relu", "gelu", "gelu_tanh"]
+NormPosition = Literal["pre", "post"]
+Positional = Literal["learned", "sinusoidal"]
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
+DType = Literal["float32", "bfloat16", "float16"]
+FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES = (
+    get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType))
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,7 @@ def suggest(name: str, choices) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    family: Family = "decoder"
     vocab_size: int = 50257
     # Ids >= num_valid_tokens are padding rows of the embedding table (the table is
     # padded to a multiple of 128 for fast matmuls); their logits are masked so they
@@ -57,9 +61,9 @@ class ModelConfig:
     num_layers: int = 12  # per stack: the encoder-decoder has this many in each
     d_ff: int = 3072
     max_len: int = 1024
-    activation: Literal["relu", "gelu", "gelu_tanh"] = "gelu_tanh"
-    norm_position: Literal["pre", "post"] = "pre"
-    positional: Literal["learned", "sinusoidal"] = "learned"
+    activation: Activation = "gelu_tanh"
+    norm_position: NormPosition = "pre"
+    positional: Positional = "learned"
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani 3.4)
     type_vocab_size: int = 0  # BERT's segment (sentence A/B) embeddings; 0 = none
@@ -68,13 +72,13 @@ class ModelConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     init_std: float = 0.02
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"  # compute dtype
+    param_dtype: DType = "float32"
     scan_layers: bool = True
     # Layers per scan iteration. Unrolling a small model's scan lets XLA fuse across
     # layers (~15% faster on CPU) while weights keep their stacked [layers, ...] layout.
     scan_unroll: int = 1
-    remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch"] = "none"
+    remat_policy: RematPolicy = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len", "scan_unroll"):

@@ -14,11 +14,12 @@ Sources (cited per preset below):
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-from configs.model_config import ConfigError, ModelConfig, suggest
+from .model_config import ConfigError, ModelConfig, suggest
 
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+Schedule = Literal["cosine", "linear", "rsqrt", "constant"]
+SCHEDULES = get_args(Schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class PaperRecipe:
 
     batch_tokens: int
     peak_learning_rate: float
-    schedule: Literal["cosine", "linear", "rsqrt", "constant"]
+    schedule: Schedule
     warmup_tokens: int
     decay_tokens: int  # tokens over which the schedule decays (cosine: to 10% of peak)
     adam_b1: float = 0.9

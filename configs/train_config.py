@@ -8,19 +8,17 @@ the right name for a misspelt field.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import typing
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-from configs.model_config import ConfigError, ModelConfig, fail, suggest
-from configs.presets import SCHEDULES, get_preset
+from .model_config import ConfigError, ModelConfig, fail, suggest
+from .presets import SCHEDULES, Schedule, get_preset
 
-FAMILY_OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "seq2seq"}
-
+Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
+LAYOUTS = get_args(Layout)
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -42,7 +40,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     learning_rate: float = 1e-3  # peak
-    schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: Optional[int] = None  # None: 10% of the decay, at most 100 steps
     decay_steps: Optional[int] = None  # None: decay over the whole run
     final_ratio: float = 0.1  # cosine ends at 10% of peak (GPT-3 Appendix B)
@@ -73,7 +71,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    layout: Literal["dp", "fsdp", "tp", "fsdp+tp"] = "dp"
+    layout: Layout = "dp"
     # Multi-slice TPU pods: how many slices (joined by the slower DCN) split the data axis.
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
@@ -104,8 +102,8 @@ class TrainConfig:
     max_nonfinite_skips: int = 0
     # Start a new run from this run directory's (or step directory's) params: fresh optimizer, step 0.
     init_from: str = ""
-    # Peak FLOP/s of one device for MFU. 0: this machine's measured CPU matmul
-    # peak (4.6e11 on the 2-core dev box) or the chip table's bf16 peak.
+    # Peak FLOP/s of one device for MFU. 0: the chip table's bf16 peak on accelerators; on
+    # CPU this machine's f32 matmul peak, probed once and cached (train/metrics.py).
     peak_flops: float = 0.0
     sample_tokens: int = 120  # generated after training as a smoke check; 0 = none
 
@@ -140,10 +138,6 @@ class TrainConfig:
         return min(100, (self.optimizer.decay_steps or self.steps) // 10)
 
     @property
-    def objective(self) -> str:
-        return FAMILY_OBJECTIVES[self.model.family]
-
-    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.data.seq_len
 
@@ -159,29 +153,36 @@ def config_from_json(d: dict) -> TrainConfig:
 
 
 def train_config_for(preset_name: str, **overrides) -> TrainConfig:
-    """Defaults for a preset: its model, and its paper's optimizer shape."""
+    """Defaults for a preset: its model, and its paper's optimizer, context and batch:
+    sequences of the model's max_len, and the paper's batch_tokens in whole sequences
+    (the tiny presets' recipe gives the CPU demo's 32 x 128)."""
     preset = get_preset(preset_name)
     recipe = preset.recipe
     optimizer = OptimizerConfig(learning_rate=recipe.peak_learning_rate, schedule=recipe.schedule,
                                 b1=recipe.adam_b1, b2=recipe.adam_b2, eps=recipe.adam_eps,
                                 weight_decay=recipe.weight_decay)
+    seq_len = preset.model.max_len
+    defaults = dict(data=DataConfig(seq_len=seq_len), batch_size=max(1, recipe.batch_tokens // seq_len))
     return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
-                       workdir=os.path.join("runs", preset_name), **overrides)
+                       workdir=os.path.join("runs", preset_name), **{**defaults, **overrides})
 
 
 def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """Apply 'dotted.field=value' strings.
+    """Apply 'dotted.field=value' strings: tyro parses them on TrainConfig itself.
 
-    tyro parses each value against the field's type annotation (ints, floats,
-    bools, Optional, Literal choices); the dataclasses then re-validate the
-    whole config, so cross-field errors name their field too.
+    tyro turns each value into the field's annotated type (ints, floats, bools,
+    Optional, Literal choices) and builds the nested dataclasses, whose
+    __post_init__ re-validate the whole config, so cross-field errors name their
+    field too. Every rejection reaches us as a tyro parse-error event, which we
+    raise as a ConfigError naming the field and the fix (nothing is printed).
     """
     import tyro
+    from tyro._errors import on_parse_error  # tyro's hook for taking over its errors (tyro >= 1.0)
 
     fields = _field_types(TrainConfig)
-    parsed_fields, args = [], []
     last = {item.partition("=")[0].strip(): item for item in assignments}  # a repeated field: last one wins
     assignments = list(last.values())
+    args = []
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -196,33 +197,22 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
         if _hint(key) in (bool, typing.Optional[bool]):  # accept true/false/1/0/yes/no, as people type them
             value = {"true": "True", "1": "True", "yes": "True", "false": "False", "0": "False",
                      "no": "False"}.get(value.lower(), value)
-        name = key.replace(".", "__")
-        parsed_fields.append((name, _hint(key)))
-        args += [f"--{name}", value]
-    values_cls = dataclasses.make_dataclass("Overrides", parsed_fields)
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            values = tyro.cli(values_cls, args=args, console_outputs=False, config=(tyro.conf.FlagConversionOff,))
-    except SystemExit as exit_:
-        reason = next((line.strip(" │") for line in captured.getvalue().splitlines() if "Error parsing" in line), "")
-        described = ", ".join(f"{k} expects {fields[k]}" for k in (a.partition("=")[0].strip() for a in assignments))
-        raise ConfigError(f"--set {' '.join(assignments)}: a value does not parse: {reason.replace('__', '.')} "
-                          f"({described}).") from exit_
-    updates: dict = {}
-    for name, _ in parsed_fields:
-        *parents, leaf = name.split("__")
-        node = updates
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = getattr(values, name)
-    return _replace_nested(config, updates)
+        args += [f"--{key}", value]
 
+    def reject(event) -> None:
+        argument = getattr(event, "argument", None)
+        name = argument.field.intern_name if argument is not None else None
+        dotted = next((k for k in last if name and k.split(".")[-1] == name), None)
+        if dotted:
+            value = last[dotted].partition("=")[2]
+            raise ConfigError(f"--set {last[dotted]!r}: {dotted} expects {fields[dotted]}, and {value!r} is not one "
+                              f"({getattr(event, 'message', 'rejected')}).")
+        message = getattr(event, "message", None) or f"rejected ({type(event).__name__})"
+        raise ConfigError(message)
 
-def _replace_nested(obj, updates: dict):
-    """One dataclasses.replace per level, so related fields change together before validation."""
-    changes = {k: _replace_nested(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in updates.items()}
-    return dataclasses.replace(obj, **changes)
+    with on_parse_error(reject):
+        return tyro.cli(TrainConfig, default=config, args=args, console_outputs=False,
+                        config=(tyro.conf.FlagConversionOff,))
 
 
 def _hint(dotted: str):

@@ -9,6 +9,6 @@ Families: decoder_only.py (GPT), encoder_only.py (BERT), encoder_decoder.py (Vas
 Accounting (parameter counts, FLOPs, memory): accounting.py.
 """
 
-from model.build import abstract_variables, build_model, example_inputs, init_params, init_variables
+from .build import abstract_variables, build_model, example_inputs, init_params, init_variables
 
 __all__ = ["abstract_variables", "build_model", "example_inputs", "init_params", "init_variables"]

@@ -16,8 +16,9 @@ from typing import Optional
 import jax
 from flax import linen as nn
 
-from configs import ModelConfig, Preset
-from model.build import abstract_variables
+from matrixmagic.configs import ModelConfig, Preset
+
+from .build import abstract_variables
 
 CATEGORIES = ("embeddings", "attention", "mlp", "norms", "pooler", "output_head")
 

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.params import logical_param
+from matrixmagic.configs import ModelConfig
+
+from .params import logical_param
 
 
 class LayerNorm(nn.Module):

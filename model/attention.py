@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.dropout import Dropout
-from model.linear import Linear
-from model.masks import combine_masks
-from model.params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
+from matrixmagic.configs import ModelConfig
+
+from .dropout import Dropout
+from .linear import Linear
+from .masks import combine_masks
+from .params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
 
 # Large but finite, so a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -1e9

@@ -11,25 +11,21 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.decoder_only import DecoderOnlyLM
-from model.encoder_decoder import EncoderDecoderLM
-from model.encoder_only import EncoderOnlyLM
+from matrixmagic.configs import ModelConfig
 
-FAMILY_MODELS = {"decoder": DecoderOnlyLM, "encoder": EncoderOnlyLM, "encoder_decoder": EncoderDecoderLM}
+from .families import family_of
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    return FAMILY_MODELS[config.family](config)
+    return family_of(config).build(config)
 
 
 def example_inputs(config: ModelConfig, batch: int = 1, length: int | None = None) -> dict:
     """Zero token ids of the right shapes, as keyword arguments of the model's __call__."""
     length = length or min(config.max_len, 8)
     ids = jnp.zeros((batch, length), jnp.int32)
-    if config.family == "encoder_decoder":
-        return {"encoder_inputs": ids, "decoder_inputs": ids}
-    return {"inputs": ids}
+    family = family_of(config)
+    return {key: ids for key in family.model_input_keys if key.endswith("inputs")}
 
 
 def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int | None = None):

@@ -12,15 +12,16 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.add_norm import LayerNorm
-from model.dropout import Dropout
-from model.embeddings import TokenEmbedding
-from model.layers import DecoderLayer
-from model.masks import self_attention_mask
-from model.output_head import OutputHead
-from model.positional import default_positions, positional_encoding
-from model.stack import LayerStack
+from matrixmagic.configs import ModelConfig
+
+from .add_norm import LayerNorm
+from .dropout import Dropout
+from .embeddings import TokenEmbedding
+from .layers import DecoderLayer
+from .masks import self_attention_mask
+from .output_head import OutputHead
+from .positional import default_positions, positional_encoding
+from .stack import LayerStack
 
 
 class DecoderOnlyLM(nn.Module):

@@ -11,8 +11,9 @@ import math
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.params import EMBED_ACTIVATION, constrain, logical_param, normal
+from matrixmagic.configs import ModelConfig
+
+from .params import EMBED_ACTIVATION, constrain, logical_param, normal
 
 
 class TokenEmbedding(nn.Module):

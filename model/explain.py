@@ -16,31 +16,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.accounting import human
-from model.add_norm import LayerNorm
-from model.build import abstract_variables, build_model, init_params
-from model.embeddings import TokenEmbedding
-from model.feed_forward import FeedForward
-from model.layers import DecoderLayer, EncoderLayer
-from model.masks import self_attention_mask
-from model.output_head import vocab_softmax
-from model.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
-from train.tokenizers import ByteTokenizer
+from matrixmagic.configs import ModelConfig
+
+from .accounting import human
+from .add_norm import LayerNorm
+from .build import abstract_variables, build_model, init_params
+from .embeddings import TokenEmbedding
+from .feed_forward import FeedForward
+from .layers import DecoderLayer, EncoderLayer
+from .masks import self_attention_mask
+from .output_head import vocab_softmax
+from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 # Above this many parameters, explain runs on shapes only (no weights allocated).
 MAX_MATERIALIZED_PARAMS = 200_000_000
 DEFAULT_TEXT = "Attention is all you need."
 _CAPTURED = (TokenEmbedding, LearnedPositionalEmbedding, SinusoidalPositionalEncoding, LayerNorm, FeedForward,
              EncoderLayer, DecoderLayer)
-_BOS_ID = ByteTokenizer.bos_id  # the decoder start token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +69,7 @@ class Explanation:
     labels: list  # token strings (None on shape-only runs without text)
     stages: list
     shapes_only: bool
+    label: Optional[Callable[[int], str]] = None  # id -> printable label (from the tokenizer)
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -78,32 +78,34 @@ class Explanation:
         raise KeyError(f"no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
 
 
-def token_label(token_id: int) -> str:
-    """A short printable label for a byte-tokenizer id (specials as <eot>, <pad>, ...)."""
-    if 0 <= token_id < 256:
-        ch = chr(token_id) if 32 <= token_id < 127 else f"\\x{token_id:02x}"
-        return {" ": "␣"}.get(ch, ch)
-    names = dict(zip(ByteTokenizer.special_ids, ("<eot>", "<pad>", "<mask>", "<bos>")))
-    return names.get(token_id, f"<{token_id}>")
+def token_label(tokenizer, token_id: int) -> str:
+    """A short printable label of one id: its text with spaces and control bytes made
+    visible, or the special's name (<eot>, <pad>, ...)."""
+    if token_id in tokenizer.special_ids:
+        return f"<{tokenizer.decode([token_id]).strip('<|>')}>"
+    text = tokenizer.decode([token_id])
+    if text == "\ufffd" or (len(text) == 1 and not text.isprintable()):  # a lone byte of a multi-byte character
+        return f"\\x{token_id:02x}" if token_id < 256 else f"<{token_id}>"
+    return text.replace(" ", "␣")
 
 
 def _capture(module: nn.Module, method_name: str) -> bool:
     return method_name == "__call__" and isinstance(module, _CAPTURED)
 
 
-def model_inputs(config: ModelConfig, ids) -> dict:
+def model_inputs(config: ModelConfig, ids, bos_id: int = 0) -> dict:
     """Keyword arguments of the family's __call__ for token ids [B, T] (enc-dec: source = ids,
     target = [bos] + ids[:-1], teacher forcing)."""
     if config.family != "encoder_decoder":
         return {"inputs": ids}
-    target = jnp.concatenate([jnp.full(ids.shape[:1] + (1,), _BOS_ID, ids.dtype), ids[:, :-1]], axis=1)
+    target = jnp.concatenate([jnp.full(ids.shape[:1] + (1,), bos_id, ids.dtype), ids[:, :-1]], axis=1)
     return {"encoder_inputs": ids, "decoder_inputs": target}
 
 
-def forward(config: ModelConfig, params, ids) -> tuple[jnp.ndarray, dict, jnp.ndarray, jnp.ndarray]:
+def forward(config: ModelConfig, params, ids, bos_id: int = 0) -> tuple[jnp.ndarray, dict, jnp.ndarray, jnp.ndarray]:
     """The real model's forward pass -> (logits, intermediates, vocabulary softmax, self-attention
     mask [1, 1, T, T] as the model builds it; all-True for the bidirectional encoder)."""
-    logits, state = build_model(config).apply({"params": params}, **model_inputs(config, ids),
+    logits, state = build_model(config).apply({"params": params}, **model_inputs(config, ids, bos_id),
                                               capture_intermediates=_capture, mutable=["intermediates"])
     length = ids.shape[1]
     mask = self_attention_mask(None, length, causal=config.family != "encoder")
@@ -231,11 +233,17 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     return stages, added
 
 
+def _byte_label(token_id: int) -> str:
+    """A label when no tokenizer is given: the id as a printable ASCII byte, else <id>."""
+    return {" ": "␣"}.get(chr(token_id), chr(token_id)) if 32 <= token_id < 127 else f"<{token_id}>"
+
+
 def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: int = 1,
-            shapes_only: Optional[bool] = None, labels: Optional[list] = None) -> Explanation:
-    """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT as bytes, or max_len zeros on
-    shape-only runs); params None = fresh random init, or shapes only for presets over
-    MAX_MATERIALIZED_PARAMS parameters."""
+            shapes_only: Optional[bool] = None, labels: Optional[list] = None, tokenizer=None) -> Explanation:
+    """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT encoded by `tokenizer`, or
+    max_len zeros on shape-only runs); params None = fresh random init, or shapes only for
+    presets over MAX_MATERIALIZED_PARAMS parameters. `tokenizer` (encode, decode, bos_id,
+    special_ids: train/data/tokenizers.py) labels the tokens and gives the decoder's start."""
     cfg = config
     if not 0 <= layer < cfg.num_layers:
         raise ValueError(f"layer={layer} is invalid: this model has layers 0..{cfg.num_layers - 1}.")
@@ -243,21 +251,27 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
     if shapes_only is None:
         n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
         shapes_only = params is None and n_params > MAX_MATERIALIZED_PARAMS
+    if tokenizer is None and not shapes_only and (ids is None or cfg.family == "encoder_decoder"):
+        raise ValueError("explain needs tokenizer= to encode the default text and to start the decoder "
+                         "(e.g. ByteTokenizer() from matrixmagic.train.data.tokenizers).")
+    label = functools.partial(token_label, tokenizer) if tokenizer is not None else _byte_label
+    bos_id = tokenizer.bos_id if tokenizer is not None else 0  # shape-only runs never read it
     if ids is None:
         ids = (jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32) if shapes_only
-               else np.tile(ByteTokenizer().encode(DEFAULT_TEXT), (batch, 1)))
+               else np.tile(tokenizer.encode(DEFAULT_TEXT), (batch, 1)))
     if labels is None and not isinstance(ids, jax.ShapeDtypeStruct):
-        labels = [token_label(int(i)) for i in np.asarray(ids)[0]]
+        labels = [label(int(i)) for i in np.asarray(ids)[0]]
     if labels is not None and cfg.family == "encoder_decoder":
-        labels = [token_label(_BOS_ID)] + list(labels[:-1])  # the decoder's input, shifted right
+        labels = [label(bos_id) if tokenizer is not None else "<bos>"] + list(labels[:-1])  # decoder input
     if not shapes_only:
         ids = jnp.asarray(ids, jnp.int32)
         params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)) if params is None else params
-        outputs = forward(cfg, params, ids)
+        outputs = forward(cfg, params, ids, bos_id)
     else:
         ids = jax.ShapeDtypeStruct(tuple(ids.shape), jnp.int32)
-        outputs = jax.eval_shape(functools.partial(forward, cfg), abstract, ids)
-    return Explanation(cfg, layer, labels, _stages(cfg, ids, *outputs, layer, shapes_only), shapes_only)
+        outputs = jax.eval_shape(functools.partial(forward, cfg, bos_id=bos_id), abstract, ids)
+    return Explanation(cfg, layer, labels, _stages(cfg, ids, *outputs, layer, shapes_only), shapes_only,
+                       label if tokenizer is not None else None)
 
 
 def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
@@ -317,7 +331,7 @@ def _preview(stage: Stage, rows: int = 4, cols: int = 6) -> str:
     return f"({where}, top-left {part.shape[0]}x{part.shape[1]})\n        " + "\n        ".join(lines)
 
 
-def format_explanation(e: Explanation, decode_token=None) -> str:
+def format_explanation(e: Explanation, decode_token: Optional[Callable[[int], str]] = None) -> str:
     """The readable walk: name, formula, shape, dtype, matmul FLOPs, a few values."""
     cfg = e.config
     mode = "shapes only (jax.eval_shape: no weights allocated)" if e.shapes_only else "real forward pass"
@@ -339,6 +353,7 @@ def format_explanation(e: Explanation, decode_token=None) -> str:
             m = np.asarray(s.value)[0, 0].astype(int)
             out.append("      " + "\n      ".join(" ".join(map(str, r[:16])) for r in m[:8]))
     probs = e.stages[-1].value
+    decode_token = decode_token or e.label
     if probs is not None and decode_token is not None:
         top = np.argsort(-probs[0, -1])[:5]
         what = "MLM prediction at the last position" if cfg.family == "encoder" else "next token after the last one"
@@ -347,36 +362,3 @@ def format_explanation(e: Explanation, decode_token=None) -> str:
     total = sum(s.flops or 0 for s in e.stages)
     out.append(f"matmul FLOPs shown (one layer + head): {human(total, 'FLOP')}")
     return "\n".join(out)
-
-
-def cli_explain(args) -> int:
-    """`magic explain`: print the walk, and write the pictures with --plot DIR."""
-    from configs import get_preset
-
-    if args.workdir:
-        from model.generate import load_run
-
-        config, params, tokenizer = load_run(args.workdir)
-    elif args.preset:
-        config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
-    else:
-        raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
-    byte_level = isinstance(tokenizer, ByteTokenizer)
-    label = token_label if byte_level else (lambda i: tokenizer.decode([i]))
-    ids = labels = None
-    if args.text is not None:
-        ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
-        if not 0 < ids.shape[1] <= config.max_len:
-            raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
-        labels = [label(int(i)) for i in ids[0]]
-    e = explain(config, params, ids, layer=args.layer, batch=args.batch,
-                shapes_only=True if args.shapes_only else None, labels=labels)
-    print(format_explanation(e, decode_token=label))
-    if args.plot:
-        from model.plots import plot_explanation
-
-        for path in plot_explanation(e, args.plot):
-            print(f"wrote {path}")
-        if e.shapes_only:
-            print("(shape-only run: attention and mask pictures need values; only the positional table was drawn)")
-    return 0

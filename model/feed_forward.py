@@ -12,15 +12,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.linear import Linear
-from model.params import EMBED_ACTIVATION, MLP_ACTIVATION, constrain
+from matrixmagic.configs import ModelConfig
+from matrixmagic.configs.model_config import ACTIVATIONS as ACTIVATION_NAMES
+
+from .linear import Linear
+from .params import EMBED_ACTIVATION, MLP_ACTIVATION, constrain
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT: exact erf form
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2: tanh approximation
 }
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "one function per configs.model_config.Activation"
 
 
 class FeedForward(nn.Module):

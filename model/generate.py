@@ -340,7 +340,7 @@ def generate_text(config, params, tokenizer, prompt: str, *, max_new_tokens: int
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
     """prompt + its continuation by a decoder-only model. The prompt is prefixed with
     end-of-text, which starts every training document, and generation stops at the next one."""
-    from model.build import build_model
+    from .build import build_model
 
     ids = [tokenizer.eot_id] + [int(i) for i in tokenizer.encode(prompt)]
     room = config.max_len - len(ids) + 1
@@ -349,66 +349,3 @@ def generate_text(config, params, tokenizer, prompt: str, *, max_new_tokens: int
     out = generate(build_model(config), params, [ids], max_new_tokens=min(max_new_tokens, room),
                    eot_id=tokenizer.eot_id, sampling=Sampling(temperature, top_k, top_p), rng=jax.random.key(seed))
     return prompt + tokenizer.decode(out.rows()[0])
-
-
-def load_run(workdir: str):
-    """(ModelConfig, params, tokenizer) of a trained run directory (`magic train --workdir`)."""
-    from train.checkpoint import load_params
-    from train.pipeline import open_tokenizer
-
-    params, train_config = load_params(workdir)
-    data = train_config.data
-    return train_config.model, jax.device_get(params), open_tokenizer(data.tokenizer, data.source, data.data_dir)
-
-
-def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0):
-    """--workdir (trained weights) or --preset (random weights, byte tokenizer)
-    -> (config, params, tokenizer, a line saying which)."""
-    if workdir:
-        return (*load_run(workdir), f"trained run {workdir}")
-    if not preset:
-        raise ValueError("give --workdir RUN (a trained run) or --preset NAME (random weights), "
-                         "e.g. --preset gpt-tiny.")
-    from configs import get_preset
-    from model.build import init_params
-    from train.tokenizers import ByteTokenizer
-
-    tokenizer = ByteTokenizer()
-    config = get_preset(preset).model
-    config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
-    return config, params, tokenizer, f"preset {preset} with RANDOM weights (pass --workdir for a trained run)"
-
-
-def cli_generate(args) -> int:
-    """`magic generate`: the family decides the task (continue, translate, fill masks)."""
-    import sys
-
-    from model.build import build_model
-
-    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed)
-    print(f"[{config.family} model: {origin}]", file=sys.stderr)
-    model = build_model(config)
-    if config.family == "decoder":
-        if args.prompt is None:
-            raise ValueError("decoder-only models need --prompt TEXT to continue.")
-        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
-    elif config.family == "encoder_decoder":
-        source = args.source if args.source is not None else args.prompt
-        if not source:
-            raise ValueError("encoder-decoder models need --source TEXT (the sequence to translate).")
-        out = translate(model, params, [tokenizer.encode(source)], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
-                        max_new_tokens=min(args.max_new_tokens, config.max_len), beam_size=args.beam_size,
-                        length_penalty=args.length_penalty)
-        print(tokenizer.decode(out.rows()[0]))
-    else:
-        if not args.prompt or MASK_MARKER not in args.prompt:
-            raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
-                             f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
-        parts = [tokenizer.encode(p) for p in args.prompt.split(MASK_MARKER)]
-        pieces = [parts[0]] + [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
-        ids = np.concatenate(pieces).astype(np.int32)[None]
-        filled = fill_masks(model, params, ids, tokenizer.mask_id, banned_ids=tuple(tokenizer.special_ids))
-        print(tokenizer.decode(filled[0]))
-    return 0

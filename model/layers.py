@@ -16,12 +16,13 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.add_norm import LayerNorm, add_and_norm
-from model.attention import MultiHeadAttention
-from model.dropout import Dropout
-from model.feed_forward import FeedForward
-from model.params import EMBED_ACTIVATION, constrain
+from matrixmagic.configs import ModelConfig
+
+from .add_norm import LayerNorm, add_and_norm
+from .attention import MultiHeadAttention
+from .dropout import Dropout
+from .feed_forward import FeedForward
+from .params import EMBED_ACTIVATION, constrain
 
 
 def residual_init_std(cfg: ModelConfig) -> Optional[float]:

@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model.params import logical_param, normal
+from .params import logical_param, normal
 
 
 class Linear(nn.Module):

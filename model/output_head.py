@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.attention import MASK_VALUE
-from model.embeddings import TokenEmbedding
-from model.linear import Linear
-from model.params import VOCAB_ACTIVATION, constrain, logical_param
+from matrixmagic.configs import ModelConfig
+
+from .attention import MASK_VALUE
+from .embeddings import TokenEmbedding
+from .linear import Linear
+from .params import VOCAB_ACTIVATION, constrain, logical_param
 
 
 def mask_padding_vocab(logits: jnp.ndarray, num_valid_tokens: Optional[int]) -> jnp.ndarray:

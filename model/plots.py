@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from model.positional import sinusoidal_encoding
+from .positional import sinusoidal_encoding
 
 MAX_LABELED_TOKENS = 48  # beyond this, tick labels overlap: show every k-th
 

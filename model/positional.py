@@ -9,12 +9,13 @@ Both take explicit positions, so packed documents can restart at 0.
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from configs import ModelConfig
-from model.params import EMBED_ACTIVATION, constrain, logical_param, normal
+from matrixmagic.configs import ModelConfig
+
+from .params import EMBED_ACTIVATION, constrain, logical_param, normal
 
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> np.ndarray:

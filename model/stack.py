@@ -15,13 +15,15 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from configs import ModelConfig
+from matrixmagic.configs import ModelConfig
+from matrixmagic.configs.model_config import REMAT_POLICIES as REMAT_NAMES
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+assert ("none", *REMAT_POLICIES) == REMAT_NAMES, "one jax policy per configs.model_config.RematPolicy but 'none'"
 
 
 class LayerStack(nn.Module):

@@ -34,7 +34,7 @@ import os
 import re
 from typing import Literal, Optional
 
-from configs.model_config import ConfigError, suggest
+from matrixmagic.configs.model_config import ConfigError, suggest
 
 GiB = 2**30
 

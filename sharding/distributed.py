@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from configs.model_config import ConfigError
+from matrixmagic.configs.model_config import ConfigError
 
 # Environment variables that mean "this process is one of several", per launcher.
 _TPU_HOSTS = "TPU_WORKER_HOSTNAMES"  # comma-separated, one per TPU VM host

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from configs.model_config import ConfigError, suggest
+from matrixmagic.configs.model_config import ConfigError, suggest
 
 AXES = ("data", "fsdp", "tensor")
 MESH_FLAG_KEYS = AXES + ("dcn_data",)  # what `magic train --mesh` accepts
@@ -46,7 +46,8 @@ def axis_sizes(mesh_config, device_count: int) -> dict[str, int]:
 
 
 def mesh_assignments(text: str) -> list[str]:
-    """`--mesh data=2,fsdp=2,tensor=2` -> ['mesh.data=2', ...], naming the allowed axes on a typo."""
+    """`--mesh fsdp=-1,tensor=8` -> ['mesh.data=1', 'mesh.fsdp=-1', 'mesh.tensor=8'] in every
+    command: axes not named are 1 (-1 fills); an unknown axis names the allowed ones."""
     out = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -58,7 +59,8 @@ def mesh_assignments(text: str) -> list[str]:
             raise ConfigError(f"--mesh {item!r}: unknown mesh axis {key!r}; the axes are "
                               f"{', '.join(MESH_FLAG_KEYS)}.{suggest(key, MESH_FLAG_KEYS)}")
         out.append(f"mesh.{key}={value}")
-    return out
+    named = {a.split("=")[0].removeprefix("mesh.") for a in out}
+    return [f"mesh.{axis}=1" for axis in AXES if axis not in named] + out
 
 
 def granules(devices) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""Planning a run: the compile config, analytic estimates, and the printed report.
+"""Planning a run: analytic estimates, and the printed report of `magic compile`.
 
 `magic compile` answers "will this fit, and how fast would it go?" for a preset
 on a slice it does not have. The compiler's word (sharding/aot.py) comes first;
@@ -27,76 +27,15 @@ import dataclasses
 import math
 from typing import Optional
 
-from configs.model_config import ConfigError
-from configs.train_config import TrainConfig, apply_overrides, train_config_for
-from model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
-from sharding.chips import GiB, Target
-from sharding.mesh import AXES, axis_sizes
+from matrixmagic.configs import get_preset
+from matrixmagic.configs.train_config import TrainConfig
+from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
+
+from .chips import GiB, Target
+from .compiled import MemoryBreakdown
+from .mesh import AXES, axis_sizes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def mesh_flag(text: Optional[str]) -> list[str]:
-    """`--mesh fsdp=-1,tensor=8` -> assignments; axes not named are 1 (default: fsdp=-1)."""
-    if not text:
-        return ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]
-    from sharding.mesh import mesh_assignments
-
-    given = mesh_assignments(text)
-    named = {a.split("=")[0].removeprefix("mesh.") for a in given}
-    return [f"mesh.{axis}=1" for axis in AXES if axis not in named] + given
-
-
-def infer_layout(sizes: dict[str, int]) -> str:
-    """The layout a mesh implies: split weights over every axis that has devices."""
-    fsdp, tp = sizes["fsdp"] > 1, sizes["tensor"] > 1
-    return "fsdp+tp" if fsdp and tp else "fsdp" if fsdp else "tp" if tp else "dp"
-
-
-def paper_batch(tokens: int, seq_len: int, multiple: int) -> int:
-    """The paper's batch in sequences, rounded down to a multiple the mesh can split (at least one)."""
-    return max(multiple, (tokens // seq_len) // multiple * multiple)
-
-
-def compile_config(preset: str, devices: int, *, mesh: Optional[str] = None, layout: Optional[str] = None,
-                   batch: Optional[int] = None, remat: Optional[str] = None, microbatches: Optional[int] = None,
-                   assignments: tuple = ()) -> TrainConfig:
-    """The TrainConfig `magic compile` plans, from the preset and the flags; --set wins.
-
-    Defaults that differ from `magic train`'s CPU defaults, because this is the pod:
-    bf16 compute (params stay float32), sequences of the model's max_len, the
-    paper's batch, and the vocabulary padded to a multiple of 128 as train pads it."""
-    from configs import get_preset
-
-    model = get_preset(preset).model
-    pre = ["model.dtype=bfloat16", f"data.seq_len={model.max_len}"]
-    if model.vocab_size % 128 and not any(a.startswith("model.vocab_size=") for a in assignments):
-        pre += [f"model.vocab_size={-(-model.vocab_size // 128) * 128}", f"model.num_valid_tokens={model.vocab_size}"]
-    pre += mesh_flag(mesh)
-    if remat:
-        pre.append(f"model.remat_policy={remat}")
-    if microbatches:
-        pre.append(f"microbatches={microbatches}")
-    config = apply_overrides(train_config_for(preset), pre + list(assignments))
-    sizes = axis_sizes(config.mesh, devices)
-    chosen = layout or ("" if any(a.startswith("mesh.layout=") for a in assignments) else infer_layout(sizes))
-    if chosen:
-        config = apply_overrides(config, [f"mesh.layout={chosen}"])
-    if batch is None and not any(a.startswith("batch_size=") for a in assignments):
-        multiple = sizes["data"] * sizes["fsdp"] * config.microbatches
-        batch = paper_batch(get_preset(preset).recipe.batch_tokens, config.data.seq_len, multiple)
-    if batch is not None:
-        if batch <= 0 or batch % config.microbatches:
-            raise ConfigError(f"--batch {batch} is invalid: use a positive number of sequences divisible by "
-                              f"--microbatches {config.microbatches}.")
-        config = dataclasses.replace(config, batch_size=batch)
-    from sharding.validate import validate_mesh
-
-    validate_mesh(config, devices)
-    return config
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -186,8 +125,6 @@ def count(n: float) -> str:
 
 
 def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
-    from configs import get_preset
-
     cfg = config.model
     sizes = axis_sizes(config.mesh, devices)
     n = closed_form_params(cfg)["model"]
@@ -206,8 +143,6 @@ def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
 
 
 def memory_lines(outcome, hbm: Optional[int]) -> list[str]:
-    from sharding.aot import MemoryBreakdown
-
     m: MemoryBreakdown = outcome.memory
     lines = ["memory per device (compiled.memory_analysis())",
              f"  arguments    {gib(m.arguments)}  params, Adam moments, step, rng, batch shard",

@@ -21,10 +21,11 @@ replaces entries of the table: "embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp
 
 from __future__ import annotations
 
-from configs.model_config import ConfigError, suggest
-from sharding.mesh import AXES
+from matrixmagic.configs.model_config import ConfigError, suggest
+from matrixmagic.configs.train_config import LAYOUTS
 
-LAYOUTS = ("dp", "fsdp", "tp", "fsdp+tp")
+from .mesh import AXES
+
 BATCH_AXES = ("data", "fsdp")
 
 Rules = tuple[tuple[str, object], ...]

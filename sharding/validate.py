@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 
-from configs.model_config import ConfigError
-from sharding.mesh import axis_sizes, check_dcn_divides
-from sharding.rules import BATCH_AXES, mesh_axes_of, rules_for
+from matrixmagic.configs.model_config import ConfigError
+
+from .mesh import axis_sizes, check_dcn_divides
+from .rules import BATCH_AXES, mesh_axes_of, rules_for
 
 
 def model_dims(model) -> dict[str, tuple[str, int]]:

@@ -14,11 +14,18 @@ import jax
 import pytest
 from flax import linen as nn
 
-from configs import PRESETS, get_preset
-from model import abstract_variables
-from model.accounting import (CATEGORIES, categorize, closed_form_params, count_params, report,
-                              training_flops_per_token, training_state_bytes)
-from train.cli import main
+from matrixmagic.configs import PRESETS, get_preset
+from matrixmagic.model import abstract_variables
+from matrixmagic.model.accounting import (
+    CATEGORIES,
+    categorize,
+    closed_form_params,
+    count_params,
+    report,
+    training_flops_per_token,
+    training_state_bytes,
+)
+from matrixmagic.train.cli import main
 
 
 @functools.lru_cache(maxsize=None)

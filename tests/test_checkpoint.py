@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ConfigError
-from configs.train_config import TrainConfig, config_to_json
-from train import guards
-from train.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError, CheckpointWarning
-from train.integrity import state_fingerprint
-from train.preemption import PreemptionGuard
-from train.resume import truncate_metrics
-from train.state import TrainState
+from matrixmagic.configs import ConfigError
+from matrixmagic.configs.train_config import TrainConfig, config_to_json
+from matrixmagic.train import guards
+from matrixmagic.train.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError, CheckpointWarning
+from matrixmagic.train.integrity import state_fingerprint
+from matrixmagic.train.preemption import PreemptionGuard
+from matrixmagic.train.resume import truncate_metrics
+from matrixmagic.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,8 +179,8 @@ def test_free_space_check(monkeypatch, tmp_path):
 
 
 def test_full_disk_fails_before_compiling(monkeypatch, tmp_path):
-    from configs.train_config import apply_overrides, train_config_for
-    from train import loop
+    from matrixmagic.configs.train_config import apply_overrides, train_config_for
+    from matrixmagic.train import loop
 
     src = tmp_path / "src"
     src.mkdir()
@@ -227,12 +227,12 @@ def test_preemption_guard_handles_sigterm_and_a_second_ctrl_c_aborts():
 RESHARD_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
-    from configs.train_config import apply_overrides, train_config_for
-    from model import build_model
-    from sharding.setup import shard_run
-    from train.checkpoint import Checkpointer
-    from train.objectives import model_inputs
-    from train.step import bind_train_step, eval_step
+    from matrixmagic.configs.train_config import apply_overrides, train_config_for
+    from matrixmagic.model import build_model
+    from matrixmagic.train.run import shard_run
+    from matrixmagic.train.checkpoint import Checkpointer
+    from matrixmagic.model.families import family_of
+    from matrixmagic.train.step import bind_train_step, eval_step
 
     workdir = sys.argv[1]
     TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=16",
@@ -250,7 +250,7 @@ RESHARD_SCRIPT = textwrap.dedent('''
 
     def logits(config, run, params):
         model = build_model(config.model)
-        fn = jax.jit(lambda p, x: model.apply({"params": p}, **model_inputs("decoder", x), deterministic=True))
+        fn = jax.jit(lambda p, x: model.apply({"params": p}, **family_of("decoder").model_inputs(x), deterministic=True))
         return np.asarray(fn(params, run.put_batch(batch)))
 
     out = {}

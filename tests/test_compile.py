@@ -8,6 +8,7 @@ runs; TPU-topology tests are skipped only when libtpu is missing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,9 +18,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ConfigError
-from sharding import aot, chips, plan
-from train.cli import main
+from matrixmagic.configs import ConfigError
+from matrixmagic.sharding import chips, plan
+from matrixmagic.sharding import compiled as report
+from matrixmagic.sharding.mesh import mesh_assignments
+from matrixmagic.train import aot
+from matrixmagic.train.cli import main
+from matrixmagic.train.data.tokenizers import ByteTokenizer
+from matrixmagic.train.run import abstract_batch, resolve_config, with_tokenizer_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 # A micro GPT: compiles in about a second on CPU.
@@ -29,11 +35,22 @@ needs_libtpu = pytest.mark.skipif(not chips.libtpu_available(),
                                   reason="libtpu not installed (pip install 'matrixmagic[tpu]'); CPU paths still run")
 
 
+def compile_config(preset: str, devices: int, *, mesh=None, batch=None, remat=None, microbatches=None,
+                   assignments=(), platform="tpu"):
+    """What `magic compile` resolves for these flags (train.cli.compile._config), bytes data."""
+    flags = mesh_assignments(mesh) if mesh else []
+    flags += [f"batch_size={batch}"] if batch else []
+    flags += [f"model.remat_policy={remat}"] if remat else []
+    flags += [f"microbatches={microbatches}"] if microbatches else []
+    config = resolve_config(preset, flags + list(assignments), devices=devices, platform=platform)
+    return with_tokenizer_vocab(config, ByteTokenizer())
+
+
 def micro_config(devices: int = 1, **kw):
     kw.setdefault("mesh", "data=-1")
     kw.setdefault("batch", 4)
     extra = kw.pop("extra", ())
-    return plan.compile_config("gpt-tiny", devices, assignments=MICRO + tuple(extra), **kw)
+    return compile_config("gpt-tiny", devices, assignments=MICRO + tuple(extra), platform="cpu", **kw)
 
 
 # ----------------------------------------------------------------------------- names and chips
@@ -78,16 +95,17 @@ def test_peak_flops_for_device_kind():
 
 
 def test_compile_config_defaults_for_gpt3_175b():
-    config = plan.compile_config("gpt3-175b", 512, mesh="fsdp=-1,tensor=8", remat="full", microbatches=4)
-    assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
-    assert (config.model.vocab_size, config.model.num_valid_tokens) == (50304, 50257)  # padded as train pads
+    config = compile_config("gpt3-175b", 512, mesh="fsdp=-1,tensor=8", remat="full", microbatches=4)
+    assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"  # the TPU default
+    assert config.model.vocab_size == 50304  # GPT-3's table padded to 128; bytes data: ids past 260 masked
+    assert config.model.num_valid_tokens == ByteTokenizer.vocab_size
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.layout) == (1, -1, 8, "fsdp+tp")
     assert config.data.seq_len == 2048
     assert config.batch_size == 1536  # 3.2M tokens / 2048, rounded down to a multiple of 64 x 4
 
 
 def test_analytic_state_is_16_bytes_per_param_over_shards():
-    config = plan.compile_config("gpt3-175b", 512, mesh="fsdp=-1,tensor=8", remat="full", microbatches=4)
+    config = compile_config("gpt3-175b", 512, mesh="fsdp=-1,tensor=8", remat="full", microbatches=4)
     est = plan.estimate(config, 512)
     assert est.state_bytes == pytest.approx(16 * est.params / 512)
     assert est.executed_flops > est.model_flops  # full remat recomputes part of the forward
@@ -101,38 +119,39 @@ def test_gpu_target_is_an_estimate(capsys):
 
 
 def test_parse_out_of_memory():
-    oom = aot.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+    oom = report.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                                   "HLO temporaries (192.83G) exceeds available HBM (95.74G).")
     assert oom.shortfall == pytest.approx((192.83 - 95.74) * 2**30)
-    assert aot.parse_out_of_memory("INVALID_ARGUMENT: bad shape") is None
+    assert report.parse_out_of_memory("INVALID_ARGUMENT: bad shape") is None
 
 
 def test_loop_correction_arithmetic():
     config = micro_config(extra=("model.num_layers=6",), microbatches=2)
     # 1 layer costs 10, 2 layers 13: 3 per layer, so 6 layers cost 10 + 5 x 3 per microbatch
-    assert aot.loop_corrected(7.0, (10.0, 13.0), config) == 2 * (10 + 5 * 3)
-    assert aot.loop_corrected(7.0, None, config) is None
+    assert report.loop_corrected(7.0, (10.0, 13.0), config) == 2 * (10 + 5 * 3)
+    assert report.loop_corrected(7.0, None, config) is None
     unrolled = micro_config(extra=("model.scan_layers=False",), microbatches=2)
-    assert aot.loop_corrected(7.0, None, unrolled) == 14.0  # only the microbatch loop
+    assert report.loop_corrected(7.0, None, unrolled) == 14.0  # only the microbatch loop
 
 
 @pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny"])
-def test_abstract_batch_matches_the_pipeline_and_lowers(preset):
-    """The AOT batch has the keys, dtypes and [B, T] shapes the pipeline feeds `magic train`."""
-    from train import pipeline
-    from train.tokenizers import load_tokenizer
+def test_abstract_batch_is_the_batch_magic_train_feeds(preset, tmp_path):
+    """The AOT batch has exactly the keys, dtypes and shapes of the batches the pipeline gives
+    `magic train` (train.loop.open_data) for the same config: for the encoder-decoder, each side
+    gets half of data.seq_len on both paths."""
+    from matrixmagic.train.loop import open_data
 
-    config = plan.compile_config(preset, 1, mesh="data=-1", batch=2, assignments=MICRO[:-2] + (
-        "model.max_len=16", "data.seq_len=8"))
-    family, seq = config.model.family, config.data.seq_len
-    tok = load_tokenizer("bytes")
-    rows = np.full((2, pipeline.row_length(family, seq, None)), ord("a"), np.int32)
-    features = {"decoder": lambda: pipeline.decoder_features(rows, tok),
-                "encoder": lambda: pipeline.encoder_features(rows, np.arange(2), tok, 0, 0, 0.15),
-                "encoder_decoder": lambda: pipeline.encoder_decoder_features(rows, seq, tok)}[family]()
-    batch = aot.abstract_batch(config, None)
-    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in features.items()} == \
-        {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
+    (tmp_path / "src").mkdir()
+    for i in range(12):
+        (tmp_path / "src" / f"d{i}.txt").write_text(f"document {i}: " + "abcdefgh " * (5 + 3 * i))
+    config = compile_config(preset, 1, mesh="data=-1", batch=2, platform="cpu", assignments=MICRO[:-2] + (
+        "model.max_len=16", "data.seq_len=16", f"data.source={tmp_path / 'src'}", f"data.data_dir={tmp_path / 'd'}"))
+    train_data, eval_batches = open_data(config, ByteTokenizer())
+    fed = {k: (v.shape, np.dtype(v.dtype)) for k, v in train_data.batch(0).items()}
+    lowered = {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract_batch(config, None).items()}
+    assert fed == lowered == {k: (v.shape, np.dtype(v.dtype)) for k, v in eval_batches[0].items()}
+    if preset == "transformer-tiny":
+        assert fed["encoder_inputs"][0] == fed["decoder_inputs"][0] == (2, 8)
     aot.lower_step(config, jax.devices("cpu")[:1])  # the step accepts it (tracing only, no compile)
 
 
@@ -158,11 +177,11 @@ def test_loop_corrected_flops_match_an_unrolled_compile(compiled_micro):
     devices = jax.devices("cpu")[:1]
     flops = lambda config: aot.compile_step(config, devices).cost["flops"]  # noqa: E731
     scanned = compiled_micro.config
-    calibration = tuple(flops(c) for c in aot.calibration_configs(scanned))
+    calibration = tuple(flops(c) for c in report.calibration_configs(scanned))
     reference = flops(dataclasses.replace(scanned, model=scanned.model.replace(scan_layers=False)))
     raw = compiled_micro.cost["flops"]
     assert raw < 0.7 * reference  # the undercount being corrected
-    assert aot.loop_corrected(raw, calibration, scanned) == pytest.approx(reference, rel=0.01)
+    assert report.loop_corrected(raw, calibration, scanned) == pytest.approx(reference, rel=0.01)
 
 
 def _batch(run, config):
@@ -176,7 +195,7 @@ def _batch(run, config):
 
 def test_serialized_step_round_trip(compiled_micro, tmp_path):
     """Serialize, load into a fresh run, take one step: the same numbers as the jitted step."""
-    from sharding.setup import train_run
+    from matrixmagic.train.run import train_run
 
     config, path = compiled_micro.config, str(tmp_path / "step.bin")
     aot.save_executable(path, compiled_micro)
@@ -193,7 +212,7 @@ def test_serialized_step_round_trip(compiled_micro, tmp_path):
 
 
 def test_mismatched_executable_falls_back_with_a_warning(compiled_micro, tmp_path):
-    from sharding.setup import train_run
+    from matrixmagic.train.run import train_run
 
     path = str(tmp_path / "step.bin")
     aot.save_executable(path, compiled_micro)
@@ -223,9 +242,8 @@ def test_without_libtpu_tpu_targets_explain_and_cpu_mesh_still_compiles(monkeypa
 
 def test_cli_on_a_fake_multi_device_cpu_mesh():
     """The documented recipe: XLA_FLAGS gives 4 CPU devices; fsdp x tensor over them."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO),
-           "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-c", "import sys; from train.cli import main; sys.exit(main())", "compile",
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-c", "import sys; from matrixmagic.train.cli import main; sys.exit(main())", "compile",
            "--preset", "gpt-tiny", "--topology", "cpu-4", "--mesh", "fsdp=2,tensor=2", "--batch", "8", "--no-calibrate"]
     done = subprocess.run(cmd + [f"--set={a}" for a in MICRO], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -263,3 +281,34 @@ def test_sweep_on_a_cpu_mesh_prints_a_ranked_table(capsys):
     out = capsys.readouterr().out
     assert "tensor=2: skipped (1 devices are not divisible by 2)" in out
     assert "1 of 1 compiled configurations fit, fastest first" in out and "fsdp=1,tensor=1" in out
+
+
+# ----------------------------------------------------------------------------- compile what train runs
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(16):
+        (root / f"doc{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # " + "abc " * (10 + i) + "\n")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny"])
+def test_compile_serialize_then_train_compiled_uses_the_executable(preset, small_corpus, tmp_path, capsys):
+    """`magic compile <flags> --serialize X` then `magic train <same flags> --compiled X`: the
+    executable is used (every family, the default bytes tokenizer, the platform's dtype)."""
+    flags = ["--preset", preset, "--batch", "4", "--set", f"data.source={small_corpus}",
+             "--set", f"data.data_dir={tmp_path / 'tfds'}", "--set", "steps=3", "--set", "eval_batches=1",
+             "--set", "sample_tokens=0"]
+    flags += [f"--set={a}" for a in MICRO]
+    path = str(tmp_path / "step.bin")
+    assert main(["compile", "--topology", "cpu-1", "--no-calibrate", "--serialize", path, *flags]) == 0
+    assert "serialized the executable" in capsys.readouterr().out
+    assert main(["train", "--workdir", str(tmp_path / "run"), "--compiled", path, *flags]) == 0
+    out = capsys.readouterr()
+    assert "not used" not in out.out + out.err, out.out
+    assert "using the serialized train step (no compile)" in out.out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") == "eval"] == [3]  # it trained and evaluated with it

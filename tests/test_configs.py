@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from configs import PRESETS, ConfigError, ModelConfig, PaperRecipe, get_preset
+from matrixmagic.configs import PRESETS, ConfigError, ModelConfig, PaperRecipe, get_preset
 
 TINY = dict(vocab_size=64, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=16)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from train import corpus as C
-from train import pipeline as P
+from matrixmagic.train.data import corpus as C
+from matrixmagic.train.data import pipeline as P
 
 
 def write_corpus(root, count=30):

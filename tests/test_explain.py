@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import get_preset
-from model import build_model, init_params
-from model import explain as explain_module
-from model.explain import explain, format_explanation
-from train.cli import main
+from matrixmagic.configs import get_preset
+from matrixmagic.model import build_model, init_params
+from matrixmagic.model import explain as explain_module
+from matrixmagic.model.explain import explain, format_explanation
+from matrixmagic.train.cli import main
 
 CORE_ORDER = ["tokens", "token embeddings", "positional encodings", "embeddings (sum)", "Q", "K", "V", "scores",
               "mask", "attention weights", "weighted values", "heads concatenated", "output projection",
@@ -83,7 +83,7 @@ def test_other_families_walk_their_own_stages():
 
 
 def test_plots_are_written(tiny, tmp_path):
-    from model.plots import plot_explanation
+    from matrixmagic.model.plots import plot_explanation
 
     *_, e = tiny
     paths = plot_explanation(e, tmp_path)

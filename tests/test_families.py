@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ModelConfig
-from model import build_model, init_params, masks
-from model.layers import DecoderLayer
-from model.stack import LayerStack
+from matrixmagic.configs import ModelConfig
+from matrixmagic.model import build_model, init_params, masks
+from matrixmagic.model.layers import DecoderLayer
+from matrixmagic.model.stack import LayerStack
 
 B, T, V = 2, 8, 32
 # Dropout is on in the config: every test but the dropout one runs deterministic=True,

@@ -12,10 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ModelConfig
-from model import build_model, init_params
-from model.generate import (Sampling, beam_search, fill_masks, filter_logits, generate, init_cache, sample_token,
-                            translate)
+from matrixmagic.configs import ModelConfig
+from matrixmagic.model import build_model, init_params
+from matrixmagic.model.generate import (
+    Sampling,
+    beam_search,
+    fill_masks,
+    filter_logits,
+    generate,
+    init_cache,
+    sample_token,
+    translate,
+)
 
 SMALL = dict(vocab_size=64, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=32, dropout_rate=0.0,
              attention_dropout_rate=0.0, init_std=0.3)

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from configs import ModelConfig
-from model import masks
-from model.add_norm import LayerNorm, add_and_norm
-from model.attention import MultiHeadAttention
-from model.dropout import Dropout
-from model.embeddings import TokenEmbedding
-from model.feed_forward import FeedForward
-from model.layers import DecoderLayer, EncoderLayer
-from model.linear import Linear
-from model.output_head import OutputHead, vocab_softmax
-from model.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from matrixmagic.configs import ModelConfig
+from matrixmagic.model import masks
+from matrixmagic.model.add_norm import LayerNorm, add_and_norm
+from matrixmagic.model.attention import MultiHeadAttention
+from matrixmagic.model.dropout import Dropout
+from matrixmagic.model.embeddings import TokenEmbedding
+from matrixmagic.model.feed_forward import FeedForward
+from matrixmagic.model.layers import DecoderLayer, EncoderLayer
+from matrixmagic.model.linear import Linear
+from matrixmagic.model.output_head import OutputHead, vocab_softmax
+from matrixmagic.model.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 B, T, D, H, F, V = 2, 6, 16, 4, 32, 24
 

@@ -43,7 +43,7 @@ def _write_corpus(root) -> str:
 def _magic_train(args: list[str], devices: int) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
-    return subprocess.Popen([sys.executable, "-m", "train.cli", "train", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "matrixmagic.train.cli", "train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from train.optimizer import accumulate_gradients, make_optimizer, weight_decay_mask
+from matrixmagic.train.optimizer import accumulate_gradients, make_optimizer, weight_decay_mask
 
 L, D, H, K, V = 3, 8, 2, 4, 11
 

@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from train import corpus as C
-from train import pipeline as P
-from train.tokenizers import ByteTokenizer, TokenizerError
+from matrixmagic.model import objectives
+from matrixmagic.model.families import family_of
+from matrixmagic.train.data import corpus as C
+from matrixmagic.train.data import pipeline as P
+from matrixmagic.train.data.tokenizers import ByteTokenizer, TokenizerError
 
 SEQ, B = 16, 8
 BYTES = ByteTokenizer()
@@ -78,7 +80,7 @@ def test_first_epochs_are_permutations_of_the_packed_rows(corpus):
 
 def test_segments_and_positions_by_hand():
     rows = np.array([[5, 6, EOT, 7, 8, EOT, 9, PAD, PAD], [1, 2, 3, 4, EOT, 5, 6, 7, 8]])
-    seg, pos = P.segments_and_positions(rows, EOT, PAD)
+    seg, pos = objectives.segments_and_positions(rows, EOT, PAD)
     np.testing.assert_array_equal(seg, [[1, 1, 2, 2, 2, 3, 3, 0, 0], [1, 1, 1, 1, 2, 2, 2, 2, 2]])
     np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 1, 2, 3, 4]])
 
@@ -104,7 +106,7 @@ def test_decoder_batches_follow_the_contract(corpus):
 
 def test_documents_longer_than_a_row_continue_in_the_next_row():
     rows = P.pack_documents([np.arange(30) % 250, np.arange(3)], 9, EOT, PAD)
-    b = P.decoder_features(rows, BYTES)
+    b = objectives.causal_lm_features(rows, BYTES)
     assert rows.shape == (4, 9) and (rows[1:3] != EOT).all()
     np.testing.assert_array_equal(b["segment_ids"][1], np.ones(8))
     np.testing.assert_array_equal(b["positions"][1], np.arange(8))  # restarts at the row
@@ -226,11 +228,11 @@ def test_mlm_masks_each_epoch_differently(corpus):
 
 
 def test_seq2seq_prefix_continuation(corpus):
-    pipe = make(corpus, "encoder_decoder", decoder_len=8)
+    pipe = make(corpus, "encoder_decoder", seq_len=16)  # data.seq_len: 8 for the encoder, 8 for the decoder
     partial = 0
     for step in range(30):
         b = pipe.batch(step)
-        assert b["encoder_inputs"].shape == (B, SEQ) and b["decoder_targets"].shape == (B, 8)
+        assert b["encoder_inputs"].shape == (B, 8) and b["decoder_targets"].shape == (B, 8)
         assert (b["decoder_inputs"][:, 0] == BOS).all()
         np.testing.assert_array_equal(b["decoder_inputs"][:, 1:], b["decoder_targets"][:, :-1])
         mask, targets, dec_seg = b["loss_mask"] > 0, b["decoder_targets"], b["decoder_segment_ids"]
@@ -270,7 +272,7 @@ def test_eval_batches_are_validation_rows_spread_over_the_split(corpus):
 @pytest.mark.parametrize("family", P.FAMILIES)
 def test_eval_batches_pad_the_tail_and_slice_by_process(corpus, family):
     whole = eval_batches(corpus, family, num_eval_batches=100)
-    n_rows = len(P.packed_rows(corpus, "validation", BYTES, P.row_length(family, SEQ, None)))
+    n_rows = len(P.packed_rows(corpus, "validation", BYTES, family_of(family).row_len(SEQ)))
     assert len(whole) == math.ceil(n_rows / B)
     assert whole[-1]["loss_mask"][n_rows % B or B :].sum() == 0  # filler rows
     halves = [eval_batches(corpus, family, num_eval_batches=100, process_index=p, process_count=2) for p in (0, 1)]

@@ -38,7 +38,7 @@ def corpus(tmp_path_factory) -> dict:
 
 def command(workdir, corpus, *extra: str) -> list[str]:
     sets = TINY + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
-    return [sys.executable, "-m", "train.cli", "train", "--workdir", str(workdir),
+    return [sys.executable, "-m", "matrixmagic.train.cli", "train", "--workdir", str(workdir),
             *[a for s in sets for a in ("--set", s)]]
 
 
@@ -119,8 +119,8 @@ def final_fingerprint(workdir, step=STEPS) -> dict:
 def final_params(workdir) -> dict:
     import jax
 
-    from train.checkpoint import load_params
-    from train.integrity import flat_by_name
+    from matrixmagic.train.checkpoint import load_params
+    from matrixmagic.train.integrity import flat_by_name
 
     params, _ = load_params(str(workdir))
     return {k: np.asarray(v) for k, v in flat_by_name(jax.device_get(params)).items()}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.schedules import batch_size_at, make_schedule
+from matrixmagic.train.schedules import make_schedule
 
 PEAK = 6e-4
 WARMUP = 100
@@ -109,15 +109,3 @@ def test_schedule_is_jittable():
 def test_bad_arguments_name_the_argument(kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_schedule(kind, **kwargs)
-
-
-def test_batch_size_ramp():
-    kw = dict(start_batch_size=32, full_batch_size=512, ramp_steps=100, multiple_of=32)
-    assert batch_size_at(0, **kw) == 32
-    assert batch_size_at(50, **kw) == 256  # 32 + 480 * 0.5 = 272 -> rounded down to 256
-    assert batch_size_at(100, **kw) == 512
-    assert batch_size_at(10**6, **kw) == 512
-    sizes = [batch_size_at(s, **kw) for s in range(120)]
-    assert sizes == sorted(sizes) and all(b % 32 == 0 for b in sizes)
-    with pytest.raises(ValueError, match="start_batch_size"):
-        batch_size_at(0, start_batch_size=1024, full_batch_size=512, ramp_steps=10)

@@ -102,7 +102,7 @@ def test_tensor_parallel_all_reduces_once_after_attention_and_once_after_mlp():
 
 
 def _config(layout="dp", batch_size=16, microbatches=1, **mesh):
-    from configs.train_config import MeshConfig, train_config_for
+    from matrixmagic.configs.train_config import MeshConfig, train_config_for
 
     config = train_config_for("gpt-tiny", steps=5)
     model = config.model.replace(d_model=32, num_heads=4, d_ff=64, num_layers=2, vocab_size=128, max_len=16)
@@ -122,16 +122,16 @@ def _config(layout="dp", batch_size=16, microbatches=1, **mesh):
     (dict(data=2, dcn_data=4), 2, 1, "mesh.dcn_data=4"),
 ])
 def test_bad_meshes_fail_with_the_field_and_fix(mesh, devices, processes, match):
-    from configs import ConfigError
-    from sharding.validate import validate_mesh
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.sharding.validate import validate_mesh
 
     with pytest.raises(ConfigError, match=match):
         validate_mesh(_config(**mesh), devices, processes)
 
 
 def test_tensor_split_dimensions_are_checked():
-    from configs import ConfigError
-    from sharding.validate import validate_mesh
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.sharding.validate import validate_mesh
 
     config = _config("tp", data=2, tensor=4)
     with pytest.raises(ConfigError, match="model.d_ff=66"):
@@ -143,7 +143,7 @@ def test_tensor_split_dimensions_are_checked():
 
 
 def test_unknown_mesh_axis_names_the_allowed_ones(capsys):
-    from train.cli import main
+    from matrixmagic.train.cli import main
 
     assert main(["train", "--mesh", "data=2,foo=2"]) == 2
     err = capsys.readouterr().err
@@ -151,15 +151,15 @@ def test_unknown_mesh_axis_names_the_allowed_ones(capsys):
 
 
 def test_magic_train_rejects_a_bad_mesh_before_data_or_compile(tmp_path, monkeypatch, capsys):
-    import sharding.setup
-    import train.loop
-    from train.cli import main
+    import matrixmagic.train.loop
+    import matrixmagic.train.run
+    from matrixmagic.train.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("reached data loading / compilation with a bad mesh")
 
-    monkeypatch.setattr(train.loop, "open_data", never)
-    monkeypatch.setattr(sharding.setup, "shard_run", never)
+    monkeypatch.setattr(matrixmagic.train.loop, "open_data", never)
+    monkeypatch.setattr(matrixmagic.train.run, "shard_run", never)
     assert main(["train", "--mesh", "data=2", "--workdir", str(tmp_path / "run")]) == 2  # 1 device here
     assert "has 2 devices but 1 are available" in capsys.readouterr().err
 
@@ -167,8 +167,8 @@ def test_magic_train_rejects_a_bad_mesh_before_data_or_compile(tmp_path, monkeyp
 def test_rules_override_replaces_table_entries():
     from flax import linen as nn
 
-    from configs import ConfigError
-    from sharding.rules import logical_rules, parse_rules_override
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.sharding.rules import logical_rules, parse_rules_override
 
     assert parse_rules_override("embed=fsdp, mlp=none,batch=data+fsdp") == \
         {"embed": "fsdp", "mlp": None, "batch": ("data", "fsdp")}
@@ -182,9 +182,9 @@ def test_rules_override_replaces_table_entries():
 
 
 def test_multi_slice_mesh_puts_only_data_across_slices():
-    from configs import ConfigError
-    from configs.train_config import MeshConfig
-    from sharding.mesh import device_array
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.configs.train_config import MeshConfig
+    from matrixmagic.sharding.mesh import device_array
 
     devices = [types.SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 2, platform="cpu",
                                      device_kind="cpu") for i in range(8)]
@@ -200,9 +200,9 @@ def test_multi_slice_mesh_puts_only_data_across_slices():
 def test_cluster_detection_and_explicit_flags(monkeypatch):
     import jax
 
-    from configs import ConfigError
-    import sharding.distributed
-    from sharding.distributed import detect_cluster, initialize
+    import matrixmagic.sharding.distributed
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.sharding.distributed import detect_cluster, initialize
 
     assert detect_cluster({}) is None
     assert detect_cluster({"SLURM_NTASKS": "1"}) is None
@@ -213,7 +213,7 @@ def test_cluster_detection_and_explicit_flags(monkeypatch):
     assert detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
     assert detect_cluster({"MEGASCALE_NUM_SLICES": "2"}) == "tpu"
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not initialize"))
-    monkeypatch.setattr(sharding.distributed, "tpu_chips_attached", lambda: False)
+    monkeypatch.setattr(matrixmagic.sharding.distributed, "tpu_chips_attached", lambda: False)
     assert initialize(env={}) is False
     assert initialize("127.0.0.1:1234", 1, 0) is False
     with pytest.raises(ConfigError, match="--num-processes, --process-id missing"):
@@ -229,9 +229,9 @@ def test_activation_constraints_are_harmless_without_a_mesh():
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from model import build_model
-    from model.params import EMBED_ACTIVATION, constrain
-    from sharding.rules import logical_rules
+    from matrixmagic.model import build_model
+    from matrixmagic.model.params import EMBED_ACTIVATION, constrain
+    from matrixmagic.sharding.rules import logical_rules
 
     model, ids = build_model(_config().model), jnp.zeros((2, 16), jnp.int32)
     x = jnp.ones((2, 16, 32))
@@ -260,8 +260,8 @@ def _synthetic_batch(rng, batch: int, length: int, vocab: int) -> dict:
 
 
 def _run_for(config, devices=None):
-    from sharding.setup import shard_run
-    from train.step import bind_train_step, eval_step
+    from matrixmagic.train.run import shard_run
+    from matrixmagic.train.step import bind_train_step, eval_step
 
     tx, step_fn = bind_train_step(config)
     return shard_run(config, tx, step_fn, eval_step, devices=devices)
@@ -324,7 +324,7 @@ def _worker_specs() -> dict:
 def _worker_init_memory() -> dict:
     import jax
 
-    from sharding.memory import tree_bytes
+    from matrixmagic.sharding.memory import tree_bytes
 
     out = {}
     for name in ("dp-8", "fsdp-8"):
@@ -346,8 +346,8 @@ def _worker_tp_hlo() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from model import build_model
-    from sharding.setup import with_rules
+    from matrixmagic.model import build_model
+    from matrixmagic.train.run import with_rules
 
     config = _config("tp", data=4, tensor=2)
     config = dataclasses.replace(config, model=config.model.replace(scan_layers=False))
@@ -370,5 +370,4 @@ def _worker_tp_hlo() -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     print(json.dumps(globals()[f"_worker_{sys.argv[1]}"]()))

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.tokenizers import (
+from matrixmagic.model.objectives import regular_ids
+from matrixmagic.train.data.tokenizers import (
     SENTENCEPIECE_FILE,
     SPECIAL_PIECES,
     ByteTokenizer,
@@ -15,7 +16,6 @@ from train.tokenizers import (
     Tokenizer,
     TokenizerError,
     load_tokenizer,
-    regular_ids,
     train_sentencepiece,
 )
 

@@ -9,9 +9,9 @@ import sysconfig
 
 import pytest
 
-from configs import ConfigError
-from configs.train_config import apply_overrides, train_config_for
-from train.loop import train
+from matrixmagic.configs import ConfigError
+from matrixmagic.configs.train_config import apply_overrides, train_config_for
+from matrixmagic.train.loop import train
 
 TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=128", "data.seq_len=64",
         "batch_size=8", "eval_batches=2", "log_every=5", "sample_tokens=0", "checkpoint_every=1000"]
@@ -85,7 +85,7 @@ def test_overrides_change_related_fields_together():
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
-    from train.cli import main
+    from matrixmagic.train.cli import main
 
     assert main(["train", "--set", "stepz=3"]) == 2
     assert "Did you mean 'steps'" in capsys.readouterr().err

@@ -48,10 +48,12 @@ from typing import Any, NamedTuple, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from configs import ConfigError
-from configs.train_config import config_from_json, config_to_json
-from train.integrity import (config_differences, incompatibility_message, shape_mismatches,
-                             state_fingerprint)
+from matrixmagic.configs import ConfigError
+from matrixmagic.configs.train_config import config_from_json, config_to_json
+
+from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
+from .state import create_train_state
+from .step import make_tx
 
 SAVE_DELAY_ENV = "MATRIXMAGIC_TEST_SAVE_DELAY"
 CORRUPT_DIR = "checkpoints.corrupt"
@@ -302,9 +304,6 @@ def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] 
 
 def load_params(workdir: str):
     """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device."""
-    from train.state import create_train_state
-    from train.step import make_tx
-
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step()
     if step is None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from configs import ConfigError
+from matrixmagic.configs import ConfigError
 
 
 class NonFiniteError(FloatingPointError):

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-
 # ----------------------------------------------------------------------------- paths and fingerprints
 
 

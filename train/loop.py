@@ -8,23 +8,31 @@ at step k continues with exactly the batches an uninterrupted run would see.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
 from typing import Optional
 
 import jax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from configs import ConfigError
-from configs.train_config import TrainConfig, config_to_json
-from model.accounting import closed_form_params, training_flops_per_token
-from train import metrics as metrics_lib
-from train.checkpoint import Checkpointer
-from train.guards import NonFiniteMonitor, check_free_space
-from train.preemption import EXIT_PREEMPTED, PreemptionGuard
-from train.resume import data_state, last_good, nonfinite_skips, start_state
-from train.step import summarize_eval
+from matrixmagic.configs import ConfigError
+from matrixmagic.configs.train_config import TrainConfig, config_to_json
+from matrixmagic.model.accounting import closed_form_params, training_flops_per_token
+from matrixmagic.model.generate import generate_text
+from matrixmagic.sharding.memory import tree_bytes
+from matrixmagic.sharding.validate import validate_mesh
+
+from . import metrics as metrics_lib
+from .aot import load_train_step
+from .checkpoint import Checkpointer
+from .data import pipeline
+from .guards import NonFiniteMonitor, check_free_space
+from .preemption import EXIT_PREEMPTED, PreemptionGuard
+from .resume import data_state, last_good, nonfinite_skips, start_state
+from .run import run_tokenizer, train_run, with_tokenizer_vocab
+from .step import summarize_eval
 
 
 def check_workdir(workdir: str) -> None:
@@ -40,22 +48,12 @@ def check_workdir(workdir: str) -> None:
                           f"choose another with --set workdir=PATH.") from err
 
 
-def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
-    """The embedding table follows the tokenizer: padded to a multiple of 128, padding ids masked."""
-    model = config.model.replace(vocab_size=tokenizer.padded_vocab_size(128), num_valid_tokens=tokenizer.vocab_size)
-    return dataclasses.replace(config, model=model)
-
-
 def open_data(config: TrainConfig, tokenizer):
-    """(train pipeline, eval batches) for this process."""
-    from train import pipeline
-
+    """(train pipeline, eval batches) for this process. The family record splits
+    data.seq_len between encoder and decoder, as it does for `magic compile`'s batch."""
     data = config.data
-    seq_len, decoder_len = data.seq_len, None
-    if config.model.family == "encoder_decoder":  # the encoder reads the first half, the decoder writes the second
-        seq_len = decoder_len = data.seq_len // 2
-    kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=seq_len,
-                  data_dir=data.data_dir, decoder_len=decoder_len,
+    kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=data.seq_len,
+                  data_dir=data.data_dir,
                   process_index=jax.process_index(), process_count=jax.process_count())  # this host's rows only
     train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, **kwargs)
     eval_batches = pipeline.make_eval_batches(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
@@ -68,8 +66,6 @@ def process_zero_first(fn):
     dataset, packed rows) while the rest wait, instead of all writing them at once."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     result = fn() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("matrixmagic: data prepared")
     return fn() if jax.process_index() != 0 else result
@@ -94,28 +90,17 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
 def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] = None) -> dict:
     """Run (or resume) training; returns a summary with the final eval metrics.
     `compiled`: a `magic compile --serialize` file to use instead of compiling the step."""
-    from train.pipeline import open_tokenizer
-
     check_workdir(config.workdir)
-    tokenizer = process_zero_first(
-        lambda: open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir))
+    tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = with_tokenizer_vocab(config, tokenizer)
-    from sharding.validate import validate_mesh
-
     validate_mesh(config, jax.device_count(), jax.process_count())  # mesh errors before data or compile
     train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
 
-    from sharding.setup import train_run  # mesh, shardings and the jitted steps (the one `magic compile` lowers)
-
-    tx, run = train_run(config)
+    tx, run = train_run(config)  # mesh, shardings and the jitted steps (the one `magic compile` lowers)
     if compiled:  # `magic compile --serialize`: skip compiling, if it matches this run exactly
-        from sharding.aot import load_train_step
-
         run.train_step = load_train_step(compiled, run, config, warn=lambda m: print(f"warning: {m}"), log=log)
-    from sharding.memory import tree_bytes
-
     check_free_space(config.workdir, tree_bytes(run.abstract_state, per_device=False), config.keep_checkpoints)
     ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoint)
     begin = start_state(config, run, tx, ckpt, train_data, is_main)  # resume, --init-from, or init
@@ -127,13 +112,11 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                                     f"max_nonfinite_skips, then rerun to resume from the last good checkpoint.")
 
     writer = metrics_lib.MetricsWriter(config.workdir, enabled=is_main)
-    peak = config.peak_flops or metrics_lib.default_peak_flops(jax.devices()[0].device_kind, jax.devices()[0].platform)
+    peak = config.peak_flops or metrics_lib.peak_flops_per_device(jax.local_devices())
     step_flops = flops_per_step(config)
     n_params = closed_form_params(config.model)["model"]
     log(f"{config.preset}: {n_params:,} params, {config.model.family}, {len(jax.devices())} device(s) "
         f"mesh {dict(run.mesh.shape)}, {config.tokens_per_step:,} tokens/step, workdir {config.workdir}")
-
-    from tqdm import tqdm
 
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True)
     window_start, window_steps, last_eval, preempted_at = time.perf_counter(), 0, None, None
@@ -155,7 +138,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                 writer.write(done, "train", values)
                 monitor.check(last_good(ckpt))  # raises NonFiniteError past max_nonfinite_skips
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",
-                                mfu=f"{values['mfu']:.0%}")
+                                mfu=f"{values['mfu']:.0%}" if peak else "n/a")
                 window_start, window_steps = time.perf_counter(), 0
             if eval_batches and (done % config.eval_every == 0 or done == config.steps):
                 last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
@@ -203,15 +186,11 @@ def gather_params(params):
     """Whole params as host numpy arrays; across hosts an all-gather that every process must join."""
     if jax.process_count() == 1:
         return jax.device_get(params)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(params, tiled=True)
 
 
 def sample_text(config: TrainConfig, params, tokenizer, prompt: str = "def ", temperature: float = 0.8) -> str:
     """A short sample from a trained decoder-only model (params already on the host, from
     gather_params), generated with the KV cache."""
-    from model.generate import generate_text
-
     return generate_text(config.model, params, tokenizer, prompt, max_new_tokens=config.sample_tokens,
                          temperature=temperature, seed=config.seed)

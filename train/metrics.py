@@ -10,19 +10,83 @@ import json
 import os
 from typing import Optional
 
-# Measured matmul peak of the 2-core CPU dev machine (float32, ~460 GFLOP/s).
-CPU_PEAK_FLOPS = 4.6e11
+from matrixmagic.sharding.chips import peak_flops_for_device_kind
+
+PEAK_CACHE = "~/.cache/matrixmagic/cpu_matmul_peak.json"
+_PROBE_N = 2048  # a 2048^2 f32 matmul: 17 GFLOP, ~0.1 s on a 2-core CPU, large enough to reach the peak
 
 
-def default_peak_flops(device_kind: str, platform: str) -> float:
-    """Peak FLOP/s of one device for MFU: the chip table where known, else the CPU figure."""
-    if platform == "cpu":
-        return CPU_PEAK_FLOPS
+def _cpu_key() -> str:
+    """What the probed figure belongs to: the processor, its core count and the jax build."""
+    import platform
+
+    import jax
+
+    model = platform.processor() or platform.machine()
     try:
-        from sharding.chips import peak_flops_for_device_kind
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()} jax {jax.__version__}"
 
-        return peak_flops_for_device_kind(device_kind)
-    except (ImportError, KeyError):
+
+def measure_cpu_matmul_peak(n: int = _PROBE_N, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted n x n float32 matmuls on this host's CPU."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def cpu_matmul_peak() -> float:
+    """This machine's f32 matmul peak (FLOP/s), measured once and cached per processor and jax
+    version: CPUs differ too much (~200 vs ~460 GFLOP/s on two boxes of one kind) for a constant.
+    0.0 if it cannot be measured, and MFU is then reported as unknown."""
+    path = os.path.expanduser(PEAK_CACHE)
+    key = _cpu_key()
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get(key):
+            return float(cached[key])
+    except (OSError, ValueError, AttributeError):
+        cached = {}
+    try:
+        peak = measure_cpu_matmul_peak()
+    except Exception:  # noqa: BLE001 (no CPU backend, out of memory): MFU unknown, never a failed run
+        return 0.0
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**(cached if isinstance(cached, dict) else {}), key: peak}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return peak
+
+
+def peak_flops_per_device(devices) -> float:
+    """Peak FLOP/s of one device for MFU: the chip table on accelerators (bf16 peak), this
+    host's measured matmul peak shared by its CPU devices on CPU; 0.0 when unknown."""
+    device = devices[0]
+    if device.platform == "cpu":
+        return cpu_matmul_peak() / max(1, len(devices))
+    try:
+        return peak_flops_for_device_kind(device.device_kind)
+    except KeyError:
         return 0.0
 
 

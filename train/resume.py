@@ -17,8 +17,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from configs.train_config import config_to_json
-from train.checkpoint import Checkpointer, restore_params
+from matrixmagic.configs.train_config import config_to_json
+
+from .checkpoint import Checkpointer, restore_params
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import jax
 import optax
-from flax import struct
 from flax import linen as nn
+from flax import struct
 
-from model import build
+from matrixmagic.model import build
 
 
 @struct.dataclass

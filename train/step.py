@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs.train_config import TrainConfig
-from model import build_model
-from train import objectives
-from train.optimizer import accumulate_gradients, make_optimizer
-from train.schedules import make_schedule
-from train.state import TrainState
+from matrixmagic.configs.train_config import TrainConfig
+from matrixmagic.model import build_model, objectives
+from matrixmagic.model.families import family_of
+
+from .optimizer import accumulate_gradients, make_optimizer
+from .schedules import make_schedule
+from .state import TrainState
 
 
 def make_learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -37,8 +38,7 @@ def make_tx(config: TrainConfig) -> optax.GradientTransformation:
 def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax.GradientTransformation):
     """One optimizer update on a global batch -> (new state, metrics)."""
     model = build_model(config.model)
-    family = config.model.family
-    loss_fn = partial(objectives.loss_fn, model, family, train=True,
+    loss_fn = partial(objectives.loss_fn, model, family_of(config.model), train=True,
                       label_smoothing=config.optimizer.label_smoothing)
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss, grads, aux = accumulate_gradients(loss_fn, state.params, batch, config.microbatches, step_rng)
@@ -57,11 +57,8 @@ def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax
 
 def eval_step(params, batch: dict, *, config: TrainConfig) -> dict:
     """Sums over one eval batch; the caller adds them up across batches."""
-    model = build_model(config.model)
-    family = config.model.family
-    logits = model.apply({"params": params}, **objectives.model_inputs(family, batch), deterministic=True)
-    loss_sum, weight, correct = objectives.weighted_cross_entropy(
-        logits, batch[objectives.TARGET_KEY[family]], batch["loss_mask"])
+    loss_sum, weight, correct = objectives.loss_sums(family_of(config.model), build_model(config.model), params,
+                                                     batch)
     return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
 
 

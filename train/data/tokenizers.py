@@ -66,12 +66,6 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def regular_ids(tokenizer: Tokenizer) -> np.ndarray:
-    """Ids that are real text (not special): what BERT's "random token" draws from."""
-    ids = np.arange(tokenizer.vocab_size, dtype=np.int32)
-    return ids[~np.isin(ids, np.asarray(tokenizer.special_ids))]
-
-
 def _decode_runs(ids, is_text, decode_text, marker) -> str:
     """Decode runs of ordinary ids with `decode_text`; render every other id with `marker`."""
     out, run = [], []
@@ -260,7 +254,7 @@ def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | 
             raise TokenizerError(
                 f"tokenizer='sentencepiece': no model at {path}. "
                 "Run `magic data --tokenizer sentencepiece` first (or call "
-                "train.pipeline.prepare_tokenizer(corpus, 'sentencepiece'))."
+                "matrixmagic.train.data.pipeline.prepare_tokenizer(corpus, 'sentencepiece'))."
             )
         return SentencePieceTokenizer(path)
     if name.endswith(".model"):

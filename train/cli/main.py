@@ -17,10 +17,13 @@ import json
 import os
 import sys
 
+from .compile import add_compile_arguments  # light: argparse only, no jax
+from .flags import add_config_arguments, config_assignments
+
 
 def _cmd_params(args) -> int:
-    from configs import PRESETS, get_preset
-    from model.accounting import format_report, report
+    from matrixmagic.configs import PRESETS, get_preset
+    from matrixmagic.model.accounting import format_report, report
 
     names = args.presets or list(PRESETS)
     presets = [get_preset(n) for n in names]  # fail on a bad name before any work
@@ -32,49 +35,34 @@ def _cmd_params(args) -> int:
     return 0
 
 
-def _train_config(args):
-    from configs.train_config import apply_overrides, train_config_for
-
-    config = train_config_for(args.preset)
-    assignments = list(args.set or [])
-    if args.workdir:
-        assignments.append(f"workdir={args.workdir}")
-    if args.mesh:
-        from sharding.mesh import mesh_assignments
-
-        assignments += mesh_assignments(args.mesh)  # unknown axis -> an error naming the allowed ones
-    if args.layout:
-        assignments.append(f"mesh.layout={args.layout}")
-    if args.init_from:
-        assignments.append(f"init_from={args.init_from}")
-    return apply_overrides(config, assignments) if assignments else config
-
-
 def _cmd_train(args) -> int:
     if args.help_fields:
-        from configs.train_config import field_help
+        from matrixmagic.configs.train_config import field_help
 
         print("Fields for --set (dotted name, type):\n" + field_help())
         return 0
-    config = _train_config(args)  # every config error surfaces here, before data or compile
-    from sharding.distributed import initialize
+    assignments = config_assignments(args)  # a bad --mesh axis fails here, before jax starts
+    from matrixmagic.sharding.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX computation
-    from train.loop import train
+    from ..loop import train
+    from ..run import resolve_config
 
+    # Every config error surfaces here, before data or compile; `magic compile` resolves the same way.
+    config = resolve_config(args.preset, assignments)  # this runtime's devices and platform
     summary = train(config, compiled=args.compiled)
     return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
 
 
 def _cmd_compile(args) -> int:
-    from train.compile import main as compile_main
+    from .compile import main as compile_main
 
     return compile_main(args)
 
 
 def _cmd_data(args) -> int:
-    from train.corpus import open_corpus
-    from train.pipeline import prepare_tokenizer
+    from ..data.corpus import open_corpus
+    from ..data.pipeline import prepare_tokenizer
 
     corpus = open_corpus(args.source, args.data_dir)
     tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size)
@@ -85,13 +73,13 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from model.explain import cli_explain
+    from .runs import cli_explain
 
     return cli_explain(args)
 
 
 def _cmd_generate(args) -> int:
-    from model.generate import cli_generate
+    from .runs import cli_generate
 
     return cli_generate(args)
 
@@ -112,12 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_data)
 
     t = sub.add_parser("train", help="train a model (default: gpt-tiny on the Python stdlib corpus)")
-    t.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
-    t.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override a config field by dotted name, e.g. --set optimizer.learning_rate=3e-4")
+    add_config_arguments(t)
     t.add_argument("--workdir", help="run directory (logs, checkpoints); rerun with the same one to resume")
-    t.add_argument("--mesh", help="device mesh sizes, e.g. data=2,fsdp=2,tensor=2 (-1 fills)")
-    t.add_argument("--layout", help="parameter layout: dp, fsdp, tp or fsdp+tp")
     t.add_argument("--help-fields", action="store_true", help="list every field --set accepts")
     t.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (auto on TPU pods and SLURM)")
     t.add_argument("--num-processes", type=int, help="multi-process: how many processes run this command")
@@ -132,9 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="AOT-compile the train step for a TPU slice (or CPU mesh): memory, "
                                        "FLOPs, step time; --sweep searches layouts")
-    from train.compile import add_arguments
-
-    add_arguments(c)
+    add_config_arguments(c)
+    add_compile_arguments(c)
     c.set_defaults(func=_cmd_compile)
 
     e = sub.add_parser("explain", help="walk one forward pass matrix by matrix (shapes, FLOPs, values, pictures)")
@@ -164,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from configs import ConfigError
+    from matrixmagic.configs import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -175,7 +158,7 @@ def main(argv=None) -> int:
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # train/guards.NonFiniteError: diverged, last good checkpoint kept
-        from train.preemption import EXIT_NONFINITE
+        from ..preemption import EXIT_NONFINITE  # light: no jax
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE

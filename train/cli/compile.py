@@ -6,14 +6,19 @@
   magic compile ... --serialize step.bin   then on the pod:   magic train ... --compiled step.bin
   magic compile ... --sweep                 meshes x remat x microbatches, fastest first
 
+The config is `train.run.resolve_config` of the same flags `magic train` takes, for the
+target's device count and platform: what is compiled here is what train would run.
+
 Exit status: 0 fits, 3 does not fit (a result, printed with the shortfall), 2 config error.
+jax-heavy modules are imported inside the functions: the CLI imports this module for
+its flags, and `magic --help` or `magic params` should not wait for jax.
 """
 
 from __future__ import annotations
 
 import time
 
-from sharding.chips import Target, parse_target, target_devices  # light: no jax import
+from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
 
 NOT_FIT = 3
 
@@ -25,48 +30,54 @@ def _log(message: str) -> None:
 def _peak(target: Target, devices: list) -> tuple[float, str]:
     if target.chip is not None:
         return target.chip.peak_bf16_flops, target.chip.name
-    from train.metrics import CPU_PEAK_FLOPS
+    from ..metrics import peak_flops_per_device
 
-    return CPU_PEAK_FLOPS / max(1, len(devices)), "CPU: the host's measured matmul peak split over the fake devices"
+    return peak_flops_per_device(devices), "CPU: this host's measured matmul peak split over the fake devices"
 
 
-def _config(args, devices: int, **changes):
-    from sharding import plan
+def _config(args, devices: int, platform: str, **flags):
+    """THE config `magic train` would run with these flags on `devices` devices of `platform`."""
+    from matrixmagic.sharding.validate import validate_mesh
 
-    kw = dict(mesh=args.mesh, layout=args.layout, batch=args.batch, remat=args.remat,
-              microbatches=args.microbatches, assignments=tuple(args.set or ()))
-    kw.update(changes)
-    return plan.compile_config(args.preset, devices, **kw)
+    from ..run import resolve_config, run_tokenizer, with_tokenizer_vocab
+    from .flags import config_assignments
+
+    config = resolve_config(args.preset, config_assignments(args, **flags), devices=devices, platform=platform)
+    config = with_tokenizer_vocab(config, run_tokenizer(config))
+    validate_mesh(config, devices)  # as train.loop.train does, before anything compiles
+    return config
 
 
 def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
     """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
 
     Only a config that fits is calibrated (two more compiles, 1 and 2 unrolled layers)."""
-    from sharding import aot
+    from matrixmagic.sharding import compiled as report
+
+    from .. import aot
 
     outcome = aot.compile_step(config, devices)
     log(f"  compile  lowered in {outcome.lower_seconds:.1f} s, compiled in {outcome.compile_seconds:.1f} s"
         + ("" if outcome.fits else " (out of memory)"))
-    if not outcome.fits or (aot.needs_calibration(config) and not calibrate):
+    if not outcome.fits or (report.needs_calibration(config) and not calibrate):
         return outcome, None, None
     calib = {}
-    if aot.needs_calibration(config):
+    if report.needs_calibration(config):
         log("  calibrating FLOPs (cost_analysis counts a loop body once): compiling 1 and 2 unrolled layers, "
             "one microbatch...")
-        extra = [aot.compile_step(c, devices) for c in aot.calibration_configs(config)]
+        extra = [aot.compile_step(c, devices) for c in report.calibration_configs(config)]
         log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
         if all(e.fits for e in extra):
             calib = {k: (extra[0].cost[k], extra[1].cost[k]) for k in extra[0].cost if k in extra[1].cost}
-    corrected = {k: aot.loop_corrected(outcome.cost[k], calib.get(k), config)
+    corrected = {k: report.loop_corrected(outcome.cost[k], calib.get(k), config)
                  for k in ("flops", "optimal_seconds") if k in outcome.cost}
     return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
 
 
 def report_gpu(args, target: Target) -> int:
-    from sharding import plan
+    from matrixmagic.sharding import plan
 
-    config = _config(args, target.chips)
+    config = _config(args, target.chips, "gpu")
     est = plan.estimate(config, target.chips)
     lines = plan.header(config, target, target.chips)
     lines += ["", "ESTIMATE, not a compile: no XLA compiler for a GPU cluster runs here; these are closed forms.", ""]
@@ -79,12 +90,12 @@ def report_gpu(args, target: Target) -> int:
 
 
 def report_compile(args, target: Target, devices: list) -> int:
-    from sharding import plan
+    from matrixmagic.sharding import plan
 
-    config = _config(args, len(devices))
+    config = _config(args, len(devices), devices[0].platform)
     hbm = target.chip.hbm_bytes if target.chip else None
     print("\n".join(plan.header(config, target, len(devices))), flush=True)
-    print("  compiling the train step `magic train` runs (sharding.setup.train_run)...", flush=True)
+    print("  compiling the train step `magic train` runs (train.run.train_run)...", flush=True)
     outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
     print()
     est = plan.estimate(config, len(devices))
@@ -100,11 +111,11 @@ def report_compile(args, target: Target, devices: list) -> int:
     lines += [""] + plan.flops_lines(est, len(devices), outcome.cost.get("flops"), flops, config.model.remat_policy)
     lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds)
     if args.serialize:
-        from sharding.aot import save_executable
+        from ..aot import save_executable
 
         size = save_executable(args.serialize, outcome)
         lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
-                      f"this same config: magic train --preset {config.preset} ... --compiled {args.serialize} "
+                      f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
                       f"(it checks the config, trees and shapes, and compiles instead if they differ)"]
     print("\n".join(lines))
     return 0  # the compiler accepted it: on TPU that is its own HBM check
@@ -114,7 +125,7 @@ def report_compile(args, target: Target, devices: list) -> int:
 
 
 def _ints(text: str, flag: str) -> list[int]:
-    from configs import ConfigError
+    from matrixmagic.configs import ConfigError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -131,11 +142,11 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
     Why the smallest: more microbatches only shrink the matmuls and add loop
     overhead, so once one fits the larger counts are slower; out-of-memory
     compiles fail in seconds, so trying the small counts first is cheap."""
-    from configs import ConfigError
-    from sharding import plan
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.sharding import plan
 
-    n = len(devices)
-    base = _config(args, n)
+    n, platform = len(devices), devices[0].platform
+    base = _config(args, n, platform)
     tensors = _ints(args.sweep_tensor, "--sweep-tensor")
     for t in [t for t in tensors if n % t]:
         log(f"tensor={t}: skipped ({n} devices are not divisible by {t})")
@@ -147,7 +158,7 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
         for k in micro:
             label = f"[{i + 1}/{total}] tensor={tensor} fsdp={n // tensor} remat={remat} microbatches={k}"
             try:
-                config = _config(args, n, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
+                config = _config(args, n, platform, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
                                  microbatches=k, batch=base.batch_size)
             except ConfigError as err:
                 log(f"{label}: skipped ({err})")
@@ -178,7 +189,7 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> s
         return r["flops"] / peak if (r["flops"] and peak) else float("inf")
 
     fit = sorted((r for r in rows if r["fits"]), key=est_seconds)
-    from sharding.plan import seconds_text
+    from matrixmagic.sharding.plan import seconds_text
 
     head = f"{'mesh':24s} {'remat':10s} {'micro':>5s} {'memory':>10s} {'headroom':>10s} {'est. step':>11s} " \
            f"{'tokens/s':>12s} {'wall s':>7s}"
@@ -199,7 +210,7 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> s
 
 
 def main(args) -> int:
-    from configs import ConfigError
+    from matrixmagic.configs import ConfigError
 
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} is invalid: use a fraction in (0, 1], e.g. --mfu 0.5.")
@@ -217,17 +228,11 @@ def main(args) -> int:
     return report_compile(args, target, devices)
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
+def add_compile_arguments(p) -> None:
+    """The flags of `magic compile` besides the config flags it shares with `magic train` (flags.py)."""
     p.add_argument("--topology", required=True,
                    help="v5p-1024 (v4/v5p count TensorCores, 2 per chip), v5e-16 / v6e-64 (chips), v5p:8x8x8, "
                         "cpu-8 (this host's CPU devices), h100x64 (analytic estimate)")
-    p.add_argument("--mesh", help="mesh sizes, e.g. fsdp=-1,tensor=8 (axes not named are 1; default fsdp=-1)")
-    p.add_argument("--layout", help="dp, fsdp, tp or fsdp+tp (default: implied by the mesh)")
-    p.add_argument("--batch", type=int, help="global batch in sequences (default: the paper's batch_tokens / max_len)")
-    p.add_argument("--remat", help="none, full, save_dots or save_dots_no_batch")
-    p.add_argument("--microbatches", type=int, help="gradient-accumulation steps inside the step")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, as for magic train")
     p.add_argument("--mfu", type=float, default=0.5, help="model FLOP utilization for the throughput estimate")
     p.add_argument("--serialize", metavar="PATH", help="save the compiled executable for magic train --compiled")
     p.add_argument("--no-calibrate", action="store_true",

@@ -1,0 +1,104 @@
+"""The three model families, one record each: everything that differs between them.
+
+A `Family` owns its model class, its objective (the features the input pipeline
+builds from packed rows, and the loss), the batch it trains on (every key with
+its side, dtype and so its shape), the key the loss predicts, and how one packed
+row is split between encoder and decoder. The pipeline, the train and eval steps,
+the AOT lowering, generation and `magic explain` all read these records, so the
+batch `magic train` feeds and the batch `magic compile` lowers come from the same
+lines. A fourth family is one more record here plus its model module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import numpy as np
+
+from matrixmagic.configs import ModelConfig
+from matrixmagic.configs.model_config import FAMILIES
+
+from . import objectives
+from .decoder_only import DecoderOnlyLM
+from .encoder_decoder import EncoderDecoderLM
+from .encoder_only import EncoderOnlyLM
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchKey:
+    """One array of a training batch: [batch, length of its side], of `dtype`."""
+
+    name: str
+    side: str  # 'encoder' or 'decoder': which length its second axis has
+    dtype: str = "int32"
+
+
+def _keys(side: str, *names: str, **dtypes: str) -> tuple[BatchKey, ...]:
+    return tuple(BatchKey(n, side, dtypes.get(n, "int32")) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model: type  # the flax.linen Module; built as model(config)
+    objective: str  # its name in objectives.py
+    features: Callable[..., dict]  # objectives.<objective>_features: packed rows -> the batch
+    batch: tuple[BatchKey, ...]  # what features returns; the model's inputs are those it accepts
+    model_input_keys: tuple[str, ...]  # batch keys passed to model(**...) by the same names
+    target: str  # the batch key the loss predicts (weighted by 'loss_mask')
+    sides: tuple[str, ...]  # the stacks, in row order: ('decoder',), ('encoder',), ('encoder', 'decoder')
+    shifted: bool = False  # a row holds one extra token (inputs and targets shifted by one)
+
+    def lengths(self, seq_len: int) -> dict[str, int]:
+        """Tokens per side for a run's data.seq_len. The encoder-decoder splits a window in
+        two equal halves, the encoder reading the first and the decoder writing the second."""
+        if len(self.sides) == 1:
+            return {self.sides[0]: seq_len}
+        return {side: seq_len // 2 for side in self.sides}
+
+    def row_len(self, seq_len: int) -> int:
+        """Tokens in one packed row: the sides end to end, +1 for a shifted objective."""
+        return sum(self.lengths(seq_len).values()) + int(self.shifted)
+
+    def batch_shapes(self, batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+        """{key: ((batch_size, length of its side), dtype)}: the contract of `features`."""
+        lengths = self.lengths(seq_len)
+        return {k.name: ((batch_size, lengths[k.side]), np.dtype(k.dtype)) for k in self.batch}
+
+    def model_inputs(self, batch: Mapping) -> dict:
+        """The model's keyword arguments, taken from a batch (keys it lacks are left out)."""
+        return {k: batch[k] for k in self.model_input_keys if k in batch}
+
+    def build(self, config: ModelConfig):
+        return self.model(config)
+
+
+_TEXT = ("inputs", "positions", "segment_ids")
+
+FAMILY_RECORDS: dict[str, Family] = {
+    "decoder": Family(
+        name="decoder", model=DecoderOnlyLM, objective="causal_lm", features=objectives.causal_lm_features,
+        batch=_keys("decoder", "inputs", "targets", "positions", "segment_ids", "loss_mask", loss_mask="float32"),
+        model_input_keys=_TEXT, target="targets", sides=("decoder",), shifted=True),
+    "encoder": Family(
+        name="encoder", model=EncoderOnlyLM, objective="masked_lm", features=objectives.masked_lm_features,
+        batch=_keys("encoder", "inputs", "targets", "positions", "segment_ids", "loss_mask", "token_types",
+                    loss_mask="float32"),
+        model_input_keys=(*_TEXT, "token_types"), target="targets", sides=("encoder",)),
+    "encoder_decoder": Family(
+        name="encoder_decoder", model=EncoderDecoderLM, objective="prefix_lm", features=objectives.prefix_lm_features,
+        batch=(_keys("encoder", "encoder_inputs", "encoder_segment_ids", "encoder_positions")
+               + _keys("decoder", "decoder_inputs", "decoder_targets", "decoder_segment_ids", "decoder_positions",
+                       "loss_mask", loss_mask="float32")),
+        model_input_keys=("encoder_inputs", "decoder_inputs", "encoder_positions", "decoder_positions",
+                          "encoder_segment_ids", "decoder_segment_ids"),
+        target="decoder_targets", sides=("encoder", "decoder")),
+}
+assert tuple(FAMILY_RECORDS) == FAMILIES, "configs.model_config.FAMILIES and the records must agree"
+
+
+def family_of(family: "str | ModelConfig") -> Family:
+    """The record of a family name or of a ModelConfig's family."""
+    name = family.family if isinstance(family, ModelConfig) else family
+    return FAMILY_RECORDS[name]

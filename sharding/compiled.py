@@ -1,0 +1,153 @@
+"""What the compiler says about a compiled program: memory, FLOPs, out-of-memory.
+
+Knows nothing of training: train/aot.py lowers the train step and hands the
+compiled program here. Two things the compiler reports need care:
+  memory   `memory_analysis()` per device: arguments (state + batch), outputs,
+           temporaries, generated code. A donated argument is written into in
+           place: its `alias` bytes are counted in both arguments and outputs, and
+           we subtract them once: total = arguments + outputs - alias + temporaries + code.
+  FLOPs    `cost_analysis()` is per device and counts each while-loop body
+           ONCE (checked on TPU and CPU: a 4-layer scanned model reports about
+           the FLOPs of one layer). Layers are a scan and microbatches another,
+           so `loop_corrected` extrapolates from two loop-free compiles of the
+           same program with 1 and 2 unrolled layers and one microbatch of B/k
+           rows: total = k * (c1 + (L - 1) * (c2 - c1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+GiB = 2**30
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device, from `compiled.memory_analysis()`."""
+
+    arguments: int
+    outputs: int
+    alias: int  # donated argument bytes reused for outputs (counted in both)
+    temporaries: int
+    code: int
+    peak: int = 0  # XLA's own peak estimate where the backend reports one (TPU), else 0
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.alias + self.temporaries + self.code
+
+
+def memory_breakdown(stats) -> MemoryBreakdown:
+    return MemoryBreakdown(
+        arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+        alias=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+        code=stats.generated_code_size_in_bytes, peak=int(getattr(stats, "peak_memory_in_bytes", 0) or 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+    """The compiler refused: the program does not fit the chip's HBM."""
+
+    message: str  # the compiler's first line
+    required: Optional[float] = None  # bytes, when the message says
+    available: Optional[float] = None
+
+    @property
+    def shortfall(self) -> Optional[float]:
+        if self.required is None or self.available is None:
+            return None
+        return self.required - self.available
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
+
+
+def _bytes(number: str, unit: str) -> float:
+    return float(number) * _UNITS[unit.upper()]
+
+
+def parse_out_of_memory(message: str) -> Optional[OutOfMemory]:
+    """An OutOfMemory from an XLA error message, or None if it is another error.
+
+    XLA's sizes ("192.83G") are binary: G = GiB."""
+    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+        return None
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    patterns = (
+        (rf"required for .*?\({_SIZE}\) exceeds available HBM \({_SIZE}\)", False),
+        (rf"Used {_SIZE} of {_SIZE} hbm", False),
+        (rf"requires? {_SIZE}.*?(?:only|available)\D*{_SIZE}", False),
+        (rf"Exceeded hbm capacity by {_SIZE}", True),
+    )
+    for pattern, is_excess in patterns:
+        m = re.search(pattern, message, flags=re.IGNORECASE | re.DOTALL)
+        if m and is_excess:
+            return OutOfMemory(first, _bytes(*m.groups()), 0.0)
+        if m:
+            return OutOfMemory(first, _bytes(m[1], m[2]), _bytes(m[3], m[4]))
+    return OutOfMemory(first)
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+@dataclasses.dataclass
+class CompileOutcome:
+    config: Any
+    mesh_shape: dict
+    devices: list  # the mesh's devices, flat
+    lower_seconds: float
+    compile_seconds: float
+    compiled: Any = None  # jax.stages.Compiled, None when out of memory
+    memory: Optional[MemoryBreakdown] = None
+    cost: Optional[dict] = None  # flops, optimal_seconds (TPU), bytes accessed: raw, per device
+    oom: Optional[OutOfMemory] = None
+
+    @property
+    def fits(self) -> bool:
+        return self.oom is None
+
+
+def cost_summary(compiled) -> dict:
+    """The few cost_analysis() keys we use (list-of-dicts in older jax, dict now)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    keys = ("flops", "optimal_seconds", "bytes accessed", "transcendentals")
+    return {k: float(cost[k]) for k in keys if k in cost}
+
+
+def calibration_configs(config) -> list:
+    """The same step with 1 and with 2 unrolled layers and one microbatch of B/k rows:
+    no while loops, so cost_analysis counts everything in them."""
+    return [dataclasses.replace(config, model=config.model.replace(num_layers=n, scan_layers=False), microbatches=1,
+                                batch_size=config.batch_size // config.microbatches) for n in (1, 2)]
+
+
+def needs_calibration(config) -> bool:
+    """A while loop remains only when the scan is not fully unrolled."""
+    return config.model.scan_layers and config.model.num_layers > config.model.scan_unroll
+
+
+def loop_corrected(raw: float, calibration: Optional[tuple[float, float]], config) -> Optional[float]:
+    """Per-device cost of the whole step, for a cost that adds up over ops (flops, optimal_seconds).
+
+    raw: the real (scanned) compile, whose loop bodies count once. calibration: the
+    1- and 2-layer unrolled compiles; cost is linear in depth (layers, their share of
+    the optimizer and norms), so depth L costs c1 + (L - 1)(c2 - c1) per microbatch,
+    times k microbatches. That counts the optimizer update k times instead of once:
+    ~40 FLOPs per parameter against 6 x parameters x tokens per microbatch, i.e.
+    negligible at scale (it matters only for toy batches)."""
+    per_microbatch = raw
+    if needs_calibration(config):
+        if calibration is None or calibration[1] <= calibration[0]:
+            return None
+        c1, c2 = calibration
+        per_microbatch = c1 + (config.model.num_layers - 1) * (c2 - c1)
+    return config.microbatches * per_microbatch

@@ -1,0 +1,151 @@
+"""Ahead-of-time compilation of THE train step, and its serialized executable.
+
+`compile_step` builds the same jitted step `magic train` runs (`run.train_run`)
+over any devices, here TPU topology devices from libtpu or a fake CPU mesh, and
+lowers it with ShapeDtypeStructs (`run.abstract_batch`, from the family record)
+instead of arrays: no memory is allocated, so a 175B model compiles for a
+512-chip pod on a laptop. What the compiler then says (memory, FLOPs, out of
+memory) is read by sharding/compiled.py.
+
+`save_executable` / `load_train_step`: `magic compile --serialize X` writes the
+executable; `magic train --compiled X` uses it only if this run's config,
+devices, trees and shapes match it exactly, and otherwise compiles, saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+import warnings
+from typing import Callable
+
+import jax
+
+from matrixmagic.sharding.compiled import CompileOutcome, cost_summary, memory_breakdown, parse_out_of_memory
+from matrixmagic.sharding.mesh import axis_sizes
+
+from .run import abstract_batch, train_run
+
+
+def lower_step(config, devices=None):
+    """(ShardedRun, Lowered): the train step `magic train` runs (run.train_run), lowered for `devices`."""
+    _, run = train_run(config, devices)
+    lowered = run.train_step.lower(run.abstract_state, abstract_batch(config, run.batch_sharding))
+    return run, lowered
+
+
+def compile_step(config, devices=None) -> CompileOutcome:
+    """Lower and compile; an out-of-memory refusal becomes a result, not an exception."""
+    start = time.perf_counter()
+    run, lowered = lower_step(config, devices)
+    lowered_at = time.perf_counter()
+    shape, devices = dict(run.mesh.shape), list(run.mesh.devices.flat)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        oom = parse_out_of_memory(str(err))
+        if oom is None:
+            raise
+        return CompileOutcome(config, shape, devices, lowered_at - start, time.perf_counter() - lowered_at, oom=oom)
+    return CompileOutcome(config, shape, devices, lowered_at - start, time.perf_counter() - lowered_at, compiled,
+                          memory_breakdown(compiled.memory_analysis()), cost_summary(compiled))
+
+
+# ----------------------------------------------------------------------------- serialize
+
+FORMAT = "matrixmagic-executable-v1"
+
+
+def step_signature(config, devices: int) -> dict:
+    """The config fields baked into a compiled step (shapes, optimizer constants, schedule,
+    mesh: its resolved sizes, so data=-1 and data=1 on one device compare equal)."""
+    mesh = dataclasses.asdict(config.mesh)
+    mesh.update(axis_sizes(config.mesh, devices))
+    return {"model": dataclasses.asdict(config.model), "optimizer": dataclasses.asdict(config.optimizer),
+            "mesh": mesh, "batch_size": config.batch_size,
+            "microbatches": config.microbatches, "steps": config.steps, "data.seq_len": config.data.seq_len}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def signature_differences(saved: dict, current: dict) -> list[str]:
+    a, b = _flat(saved), _flat(current)
+    return [f"{k}: compiled {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def save_executable(path: str, outcome: "CompileOutcome") -> int:
+    """Write the executable plus what a loader must check; returns the file size.
+
+    Only load files you made: deserializing an executable runs pickle."""
+    from jax.experimental import serialize_executable
+
+    blob, in_tree, out_tree = serialize_executable.serialize(outcome.compiled)
+    device = outcome.devices[0]
+    payload = {"format": FORMAT, "jax": jax.__version__, "platform": device.platform,
+               "device_kind": device.device_kind, "num_devices": len(outcome.devices),
+               "signature": step_signature(outcome.config, len(outcome.devices)),
+               "in_tree": str(in_tree), "out_tree": str(out_tree), "executable": blob}
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _load_problems(payload: dict, run, config) -> list[str]:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return ["not a `magic compile --serialize` file"]
+    problems = []
+    if payload["jax"] != jax.__version__:
+        problems.append(f"compiled with jax {payload['jax']}, running jax {jax.__version__}")
+    devices = list(run.mesh.devices.flat)
+    if payload["num_devices"] != len(devices) or payload["platform"] != devices[0].platform:
+        problems.append(f"compiled for {payload['num_devices']} {payload['platform']} device(s), this mesh has "
+                        f"{len(devices)} {devices[0].platform} device(s)")
+    problems += signature_differences(payload["signature"], step_signature(config, len(devices)))
+    return problems
+
+
+def load_train_step(path: str, run, config, warn: Callable[[str], None] = None,
+                    log: Callable[[str], None] = lambda msg: None) -> Callable:
+    """The serialized step if it matches this run exactly, else `run.train_step` (jit
+    compiles it on the first call) after a warning that says what differed."""
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+
+    def fall_back(reason: str) -> Callable:
+        warn(f"--compiled {path}: not used ({reason}); compiling the train step instead.")
+        return run.train_step
+
+    try:
+        with open(path, "rb") as f:
+            payload = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        return fall_back(f"cannot read it: {err}")
+    if problems := _load_problems(payload, run, config):
+        return fall_back("; ".join(problems[:6]))
+    batch = abstract_batch(config, run.batch_sharding)
+    in_tree = jax.tree.structure(((run.abstract_state, batch), {}))
+    out_tree = jax.tree.structure(jax.eval_shape(run.train_step, run.abstract_state, batch))
+    if str(in_tree) != payload["in_tree"]:
+        return fall_back("its input tree (state, batch) differs from this run's")
+    if str(out_tree) != payload["out_tree"]:
+        return fall_back("its output tree (state, metrics) differs from this run's")
+    from jax.experimental import serialize_executable
+
+    try:
+        loaded = serialize_executable.deserialize_and_load(payload["executable"], in_tree, out_tree,
+                                                           execution_devices=list(run.mesh.devices.flat))
+    except Exception as err:  # a runtime that cannot load it (other libtpu, other topology)
+        return fall_back(f"the runtime refused it: {str(err).splitlines()[0]}")
+    expected = jax.tree.leaves((run.abstract_state, batch))
+    got = jax.tree.leaves(loaded.args_info)
+    if [(a.shape, a.dtype) for a in expected] != [(g.shape, g.dtype) for g in got]:
+        return fall_back("argument shapes or dtypes differ from this run's")
+    log(f"--compiled {path}: using the serialized train step (no compile)")
+    return loaded

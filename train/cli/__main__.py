@@ -1,0 +1,7 @@
+"""`python -m matrixmagic.train.cli ...` runs `magic ...` (what the multi-process tests launch)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The flags that choose a run's config, shared by `magic train` and `magic compile`.
+
+Both commands take the same flags and turn them into the same 'field=value'
+assignments, which `train.run.resolve_config` applies: so
+`magic compile <flags> --serialize X` and `magic train <flags> --compiled X` agree.
+"""
+
+from __future__ import annotations
+
+from matrixmagic.configs.model_config import REMAT_POLICIES
+from matrixmagic.configs.train_config import LAYOUTS
+
+
+def add_config_arguments(p) -> None:
+    p.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a config field by dotted name, e.g. --set optimizer.learning_rate=3e-4 "
+                        "(`magic train --help-fields` lists them)")
+    p.add_argument("--mesh", help="device mesh sizes, e.g. data=2,fsdp=2,tensor=2 or fsdp=-1,tensor=8: axes not "
+                                  "named are 1, -1 fills (default: data=-1)")
+    p.add_argument("--layout", choices=LAYOUTS, help="parameter layout (default: implied by the mesh)")
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: the preset's batch_tokens / "
+                                             "seq_len, rounded down to a multiple of data x fsdp x microbatches)")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialization policy (model.remat_policy)")
+    p.add_argument("--microbatches", type=int, help="gradient-accumulation steps inside the step")
+
+
+def config_assignments(args, **flags) -> list[str]:
+    """'field=value' strings from the config flags (`flags` replace args' values, for sweeps).
+    --set comes last, so it wins over the other flags."""
+    from matrixmagic.sharding.mesh import mesh_assignments
+
+    def flag(name):
+        return flags[name] if name in flags else getattr(args, name, None)
+
+    out = []
+    if flag("mesh"):
+        out += mesh_assignments(flag("mesh"))  # unknown axis -> an error naming the allowed ones
+    if flag("layout"):
+        out.append(f"mesh.layout={flag('layout')}")
+    if flag("batch") is not None:
+        out.append(f"batch_size={flag('batch')}")
+    if flag("remat"):
+        out.append(f"model.remat_policy={flag('remat')}")
+    if flag("microbatches") is not None:
+        out.append(f"microbatches={flag('microbatches')}")
+    for name in ("workdir", "init_from"):
+        if getattr(args, name, None):
+            out.append(f"{name}={getattr(args, name)}")
+    return out + list(args.set or [])

@@ -1,0 +1,92 @@
+"""`magic generate` and `magic explain`: load a trained run (or a preset with random
+weights), then sample from it or walk its forward pass.
+
+The model-side work lives in model/generate.py and model/explain.py; this is the
+glue that knows about run directories, checkpoints and tokenizers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+
+from matrixmagic.configs import get_preset
+from matrixmagic.model.build import build_model, init_params
+from matrixmagic.model.explain import explain, format_explanation
+from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
+from matrixmagic.model.plots import plot_explanation
+
+from ..data.tokenizers import ByteTokenizer
+from ..run import load_run
+
+
+def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0):
+    """--workdir (trained weights) or --preset (random weights, byte tokenizer)
+    -> (config, params, tokenizer, a line saying which)."""
+    if workdir:
+        return (*load_run(workdir), f"trained run {workdir}")
+    if not preset:
+        raise ValueError("give --workdir RUN (a trained run) or --preset NAME (random weights), "
+                         "e.g. --preset gpt-tiny.")
+    tokenizer = ByteTokenizer()
+    config = get_preset(preset).model
+    config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
+    return config, params, tokenizer, f"preset {preset} with RANDOM weights (pass --workdir for a trained run)"
+
+
+def cli_generate(args) -> int:
+    """`magic generate`: the family decides the task (continue, translate, fill masks)."""
+    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed)
+    print(f"[{config.family} model: {origin}]", file=sys.stderr)
+    model = build_model(config)
+    if config.family == "decoder":
+        if args.prompt is None:
+            raise ValueError("decoder-only models need --prompt TEXT to continue.")
+        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    elif config.family == "encoder_decoder":
+        source = args.source if args.source is not None else args.prompt
+        if not source:
+            raise ValueError("encoder-decoder models need --source TEXT (the sequence to translate).")
+        out = translate(model, params, [tokenizer.encode(source)], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                        max_new_tokens=min(args.max_new_tokens, config.max_len), beam_size=args.beam_size,
+                        length_penalty=args.length_penalty)
+        print(tokenizer.decode(out.rows()[0]))
+    else:
+        if not args.prompt or MASK_MARKER not in args.prompt:
+            raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
+                             f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
+        parts = [tokenizer.encode(p) for p in args.prompt.split(MASK_MARKER)]
+        pieces = [parts[0]] + [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
+        ids = np.concatenate(pieces).astype(np.int32)[None]
+        filled = fill_masks(model, params, ids, tokenizer.mask_id, banned_ids=tuple(tokenizer.special_ids))
+        print(tokenizer.decode(filled[0]))
+    return 0
+
+
+def cli_explain(args) -> int:
+    """`magic explain`: print the walk, and write the pictures with --plot DIR."""
+    if args.workdir:
+        config, params, tokenizer = load_run(args.workdir)
+    elif args.preset:
+        config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
+    else:
+        raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
+    ids = None
+    if args.text is not None:
+        ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
+        if not 0 < ids.shape[1] <= config.max_len:
+            raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
+    e = explain(config, params, ids, layer=args.layer, batch=args.batch,
+                shapes_only=True if args.shapes_only else None, tokenizer=tokenizer)
+    print(format_explanation(e))
+    if args.plot:
+        for path in plot_explanation(e, args.plot):
+            print(f"wrote {path}")
+        if e.shapes_only:
+            print("(shape-only run: attention and mask pictures need values; only the positional table was drawn)")
+    return 0

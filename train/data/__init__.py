@@ -1,0 +1,6 @@
+"""Input data: the corpus (a TFDS array_record dataset), the tokenizers, and the
+packed, step-addressed batch pipeline (grain).
+
+May import matrixmagic.configs and matrixmagic.model (the family records say which
+features each family's batch holds); never sharding or the rest of train.
+"""

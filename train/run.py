@@ -1,0 +1,183 @@
+"""A run, composed in one place: config -> state, shardings and the jitted steps.
+
+`resolve_config` is THE config of a run: `magic train` trains it and `magic compile`
+compiles it, from the same flags, so an executable serialized by one is loaded by
+the other. `train_run` composes the train step both of them run (and
+train/aot.py lowers) from that config.
+
+Sharded init follows Flax's lm1b: `jax.eval_shape` -> logical axes -> the rule
+table's NamedShardings (sharding/partition.py) -> `jax.jit(init, out_shardings=...)`,
+so every array is born in its shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import optax
+from jax.sharding import NamedSharding
+
+from matrixmagic.configs import get_preset
+from matrixmagic.configs.train_config import TrainConfig, apply_overrides, train_config_for
+from matrixmagic.model.families import family_of
+from matrixmagic.sharding.mesh import axis_sizes, make_mesh
+from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, replicated, with_rules, with_shardings
+from matrixmagic.sharding.rules import BATCH_AXES, rules_for
+from matrixmagic.sharding.validate import validate_mesh
+
+from .checkpoint import load_params
+from .data.pipeline import open_tokenizer
+from .guards import skip_nonfinite
+from .state import TrainState, create_train_state
+from .step import bind_train_step, eval_step
+
+VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of 128: full MXU / tensor-core tiles
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+def platform_defaults(platform: str) -> list[str]:
+    """Mixed precision where it pays: bf16 compute (float32 params, optimizer state,
+    softmax and loss) on TPU and GPU; float32 on CPU, where bf16 matmuls are slower."""
+    return [] if platform == "cpu" else ["model.dtype=bfloat16"]
+
+
+def infer_layout(sizes: dict[str, int]) -> str:
+    """The layout a mesh implies: split weights over every axis that has devices."""
+    fsdp, tp = sizes["fsdp"] > 1, sizes["tensor"] > 1
+    return "fsdp+tp" if fsdp and tp else "fsdp" if fsdp else "tp" if tp else "dp"
+
+
+def _set(assignments: Sequence[str], field: str) -> bool:
+    return any(a.partition("=")[0].strip() == field for a in assignments)
+
+
+def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Optional[int] = None,
+                   platform: Optional[str] = None) -> TrainConfig:
+    """The TrainConfig of a run on `devices` devices of `platform` ('cpu', 'gpu', 'tpu'; by
+    default this process's runtime, as `magic train` sees it).
+
+    In order, later steps winning: the preset's TrainConfig (its model, its recipe's
+    optimizer, sequence length and batch); the platform's dtype; the flags as
+    'field=value' assignments (--set, --mesh, --layout, --remat, ...). Then, unless the
+    flags chose them: the layout the mesh implies, and the recipe's batch rounded down
+    to a multiple of the data-parallel size times microbatches. The embedding table
+    follows the tokenizer later (`with_tokenizer_vocab`), once its vocabulary is known."""
+    devices = jax.device_count() if devices is None else devices
+    platform = jax.devices()[0].platform if platform is None else platform
+    assignments = list(assignments)
+    # Microbatches last: the default batch must first be rounded to a multiple of them.
+    micro = [a for a in assignments if a.partition("=")[0].strip() == "microbatches"]
+    config = apply_overrides(train_config_for(preset), platform_defaults(platform)
+                             + [a for a in assignments if a not in micro])
+    sizes = axis_sizes(config.mesh, devices)
+    if not _set(assignments, "batch_size"):
+        try:
+            k = int(micro[-1].partition("=")[2]) if micro else config.microbatches
+        except ValueError:
+            k = 1  # apply_overrides below names the bad value
+        multiple = math.prod(sizes[a] for a in BATCH_AXES) * max(1, k)
+        tokens = get_preset(preset).recipe.batch_tokens
+        micro.append(f"batch_size={max(multiple, tokens // config.data.seq_len // multiple * multiple)}")
+    config = apply_overrides(config, micro) if micro else config
+    if not _set(assignments, "mesh.layout"):
+        config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
+    return config  # the mesh is checked against the model once the table is sized (`with_tokenizer_vocab`)
+
+
+def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
+    """The embedding table fits the tokenizer: the preset's table is kept when the
+    tokenizer's ids fit in it (so a preset stays the paper's shape), else it grows to
+    the tokenizer's; padded to a multiple of 128 either way, with the ids past the
+    tokenizer's vocabulary masked so they are never predicted."""
+    padded = -(-config.model.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    table = max(padded, tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
+    model = config.model.replace(vocab_size=table, num_valid_tokens=tokenizer.vocab_size)
+    return dataclasses.replace(config, model=model)
+
+
+def run_tokenizer(config: TrainConfig):
+    """The tokenizer of the run's data (bytes and .model paths need no dataset)."""
+    return open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir)
+
+
+def load_run(workdir: str):
+    """(ModelConfig, params on the host, tokenizer) of a trained run directory (`magic train --workdir`)."""
+    params, config = load_params(workdir)
+    return config.model, jax.device_get(params), run_tokenizer(config)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def abstract_batch(config: TrainConfig, sharding: Optional[NamedSharding]) -> dict:
+    """ShapeDtypeStructs of one global batch, from the family record: what the
+    pipeline feeds `magic train` and what `magic compile` lowers."""
+    shapes = family_of(config.model).batch_shapes(config.batch_size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+@dataclasses.dataclass
+class ShardedRun:
+    mesh: Any
+    rules: tuple
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings (for restore / AOT)
+    init_state: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    def put_batch(self, batch: dict) -> dict:
+        """Global arrays from this process's rows of the batch (batch_size / process_count of
+        them: the pipeline's slice for this host); each device keeps only its own rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+def state_shardings(model_config, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+    """Params by the rule table; the optimizer's moments like their params; counters replicated."""
+    params = param_shardings(model_config, mesh, rules)
+    abstract = jax.eval_shape(lambda: create_train_state(model_config, tx, jax.random.PRNGKey(0)))
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+                                transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt, rng=replicated(mesh))
+
+
+def sharded_abstract_state(model_config, tx, shardings) -> TrainState:
+    """ShapeDtypeStructs of the whole state with their shardings: no memory allocated."""
+    abstract = jax.eval_shape(lambda: create_train_state(model_config, tx, jax.random.PRNGKey(0)))
+    return with_shardings(abstract, shardings)
+
+
+def shard_run(config: TrainConfig, tx, step_fn, eval_fn, devices=None) -> ShardedRun:
+    """Mesh, shardings and jitted init/train/eval steps for `config`.
+
+    `devices`: None for jax.devices(); a subset (tests) or TPU topology devices to
+    AOT-compile (train/aot.py). Mesh errors are raised here, before compiling.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    validate_mesh(config, len(devices), jax.process_count())
+    mesh = make_mesh(config.mesh, devices)
+    rules = rules_for(config.mesh)
+    shardings = state_shardings(config.model, tx, mesh, rules)
+    batch_sharding = batch_sharding_for(mesh, rules)
+    abstract = sharded_abstract_state(config.model, tx, shardings)
+
+    init = jax.jit(partial(create_train_state, config.model, tx), out_shardings=shardings)
+    train = jax.jit(with_rules(step_fn, mesh, rules), in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, None), donate_argnums=0)
+    evaluate = jax.jit(with_rules(partial(eval_fn, config=config), mesh, rules),
+                       in_shardings=(shardings.params, batch_sharding))
+    return ShardedRun(mesh, rules, shardings, batch_sharding, abstract, init, train, evaluate)
+
+
+def train_run(config: TrainConfig, devices=None):
+    """(tx, ShardedRun) with THE train step: what `magic train` runs and `magic compile`
+    AOT-lowers (train/aot.py). One place composes it, so the two can never differ."""
+    tx, step_fn = bind_train_step(config)
+    return tx, shard_run(config, tx, skip_nonfinite(step_fn), eval_step, devices)  # NaN/Inf steps keep the old state
