@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from .build import build_model
+
 NEG_INF = -1e9  # finite, so sums and length normalization stay NaN-free
 
 
@@ -340,8 +342,6 @@ def generate_text(config, params, tokenizer, prompt: str, *, max_new_tokens: int
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
     """prompt + its continuation by a decoder-only model. The prompt is prefixed with
     end-of-text, which starts every training document, and generation stops at the next one."""
-    from .build import build_model
-
     ids = [tokenizer.eot_id] + [int(i) for i in tokenizer.encode(prompt)]
     room = config.max_len - len(ids) + 1
     if room < 1:

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import time
 from typing import Optional
+
+import jax
+import jax.numpy as jnp
 
 from matrixmagic.sharding.chips import peak_flops_for_device_kind
 
@@ -18,10 +23,6 @@ _PROBE_N = 2048  # a 2048^2 f32 matmul: 17 GFLOP, ~0.1 s on a 2-core CPU, large 
 
 def _cpu_key() -> str:
     """What the probed figure belongs to: the processor, its core count and the jax build."""
-    import platform
-
-    import jax
-
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -33,11 +34,6 @@ def _cpu_key() -> str:
 
 def measure_cpu_matmul_peak(n: int = _PROBE_N, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` jitted n x n float32 matmuls on this host's CPU."""
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     matmul = jax.jit(jnp.matmul)

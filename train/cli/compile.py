@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from matrixmagic.configs import ConfigError
 from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
 
 NOT_FIT = 3
@@ -125,8 +126,6 @@ def report_compile(args, target: Target, devices: list) -> int:
 
 
 def _ints(text: str, flag: str) -> list[int]:
-    from matrixmagic.configs import ConfigError
-
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -142,7 +141,6 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
     Why the smallest: more microbatches only shrink the matmuls and add loop
     overhead, so once one fits the larger counts are slower; out-of-memory
     compiles fail in seconds, so trying the small counts first is cheap."""
-    from matrixmagic.configs import ConfigError
     from matrixmagic.sharding import plan
 
     n, platform = len(devices), devices[0].platform
@@ -210,8 +208,6 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> s
 
 
 def main(args) -> int:
-    from matrixmagic.configs import ConfigError
-
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} is invalid: use a fraction in (0, 1], e.g. --mfu 0.5.")
     if args.sweep and args.serialize:

@@ -17,12 +17,14 @@ import json
 import os
 import sys
 
+from matrixmagic.configs import PRESETS, ConfigError, get_preset
+from matrixmagic.configs.train_config import field_help
+
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
 
 
 def _cmd_params(args) -> int:
-    from matrixmagic.configs import PRESETS, get_preset
     from matrixmagic.model.accounting import format_report, report
 
     names = args.presets or list(PRESETS)
@@ -37,8 +39,6 @@ def _cmd_params(args) -> int:
 
 def _cmd_train(args) -> int:
     if args.help_fields:
-        from matrixmagic.configs.train_config import field_help
-
         print("Fields for --set (dotted name, type):\n" + field_help())
         return 0
     assignments = config_assignments(args)  # a bad --mesh axis fails here, before jax starts
@@ -147,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from matrixmagic.configs import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
