@@ -17,6 +17,7 @@ from typing import Literal, Optional, get_args
 from .model_config import ConfigError, ModelConfig, fail, suggest
 from .presets import SCHEDULES, Schedule, get_preset
 
+TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model file
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
 
@@ -32,7 +33,7 @@ class DataConfig:
     def __post_init__(self):
         if self.seq_len <= 1:
             fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
-        if self.tokenizer not in ("bytes", "sentencepiece") and not self.tokenizer.endswith(".model"):
+        if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith(".model"):
             fail("data.tokenizer", self.tokenizer,
                   "use 'bytes', 'sentencepiece' or a path to a sentencepiece .model file.")
 

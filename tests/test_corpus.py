@@ -258,7 +258,7 @@ def test_missing_catalog_dataset_says_where_and_how(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::train.corpus.CorpusWarning")  # the stdlib has a few latin-1 tests
+@pytest.mark.filterwarnings("ignore::matrixmagic.train.data.corpus.CorpusWarning")  # the stdlib has a few latin-1 tests
 def test_real_stdlib_dataset_builds_and_packs(tmp_path):
     pipe = P.make_pipeline("decoder", "stdlib", "bytes", seq_len=256, batch_size=16, data_dir=tmp_path,
                            process_index=0, process_count=1)

@@ -18,7 +18,7 @@ import os
 import sys
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
-from matrixmagic.configs.train_config import field_help
+from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="build a dataset from text files and optionally train a tokenizer")
     d.add_argument("--source", default="stdlib", help="'stdlib', a directory of text files, or tfds:<name>")
-    d.add_argument("--tokenizer", default="bytes", choices=["bytes", "sentencepiece"])
+    d.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
     d.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
     d.add_argument("--data-dir", help="TFDS data dir (default ~/.cache/matrixmagic/tfds)")
     d.set_defaults(func=_cmd_data)

@@ -28,9 +28,10 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from matrixmagic.configs.train_config import TOKENIZER_NAMES
+
 SPECIAL_PIECES = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
 SENTENCEPIECE_FILE = "sentencepiece.model"
-TOKENIZER_NAMES = ("bytes", "sentencepiece")
 
 
 class TokenizerError(ValueError):
