@@ -48,7 +48,7 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
 def main() -> None:
     from matrixmagic.train.data.tokenizers import ByteTokenizer
     from matrixmagic.train.loop import flops_per_step
-    from matrixmagic.train.metrics import measure_cpu_matmul_peak
+    from matrixmagic.train.metrics import cpu_matmul_peak, measure_cpu_matmul_peak
     from matrixmagic.train.run import resolve_config, with_tokenizer_vocab
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +65,7 @@ def main() -> None:
             f"{per_step * 1e3:.1f} ms/step, {step_rate:,.0f} tokens/s, {flops / per_step / 1e9:.1f} GFLOP/s")
     if platform == "cpu":  # the peak measured now, in this run, not a figure from another day
         peak = measure_cpu_matmul_peak()
+        cpu_matmul_peak(measured=peak)  # and the best one seen kept for magic train's MFU
         line += f" = {flops / per_step / peak:.1%} of this CPU's f32 matmul peak, {peak / 1e9:.0f} GFLOP/s"
     print(line)
     if not args.no_pipeline and config.model.family == "decoder":

@@ -141,6 +141,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                                 mfu=f"{values['mfu']:.0%}" if peak else "n/a")
                 window_start, window_steps = time.perf_counter(), 0
             if eval_batches and (done % config.eval_every == 0 or done == config.steps):
+                eval_start = time.perf_counter()
                 last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
                 if config.data.tokenizer == "bytes" and config.model.family == "decoder":
                     last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
@@ -148,7 +149,9 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                 eval_metrics = {"eval_loss": last_eval["loss"]}  # ranks this step for keep_best_checkpoint
                 if is_main:  # tqdm.write prints even when the bar is disabled
                     bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-                window_start = time.perf_counter()  # eval time is not train time
+                # Eval time is not train time: the window keeps its steps and drops the eval's seconds
+                # (restarting it here counted the steps before the eval over the time after it).
+                window_start += time.perf_counter() - eval_start
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked
