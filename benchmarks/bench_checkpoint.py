@@ -27,11 +27,9 @@ import time
 def build(batch_size: int, seq_len: int, preset: str):
     import jax
 
-    from matrixmagic.configs.train_config import apply_overrides, train_config_for
-    from matrixmagic.train.run import train_run
+    from matrixmagic.train.run import resolve_config, train_run
 
-    config = apply_overrides(train_config_for(preset), [f"batch_size={batch_size}", f"data.seq_len={seq_len}",
-                                                        "model.vocab_size=256"])
+    config = resolve_config(preset, [f"batch_size={batch_size}", f"data.seq_len={seq_len}", "model.vocab_size=256"])
     _, run = train_run(config)  # the step `magic train` runs
     return config, run, run.init_state(jax.random.PRNGKey(0))
 
@@ -52,7 +50,7 @@ def measure(saves: int, steps: int, batch_size: int, seq_len: int, preset: str, 
     from matrixmagic.train.checkpoint import Checkpointer
 
     config, run, state = build(batch_size, seq_len, preset)
-    batch = run.put_batch(synthetic_batch(batch_size, seq_len))
+    batch = run.put_batch(synthetic_batch(config))
     for _ in range(3):  # compile and warm up
         state, _ = timed_step(run, state, batch)
     normal = []

@@ -27,7 +27,7 @@ TARGET_BYTES = 3 * 1024**3
 
 def run_once(presets: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes of the largest child so far, its stdout)."""
-    cmd = [sys.executable, "-m", "train.cli", "params", *presets]
+    cmd = [sys.executable, "-m", "matrixmagic.train.cli", "params", *presets]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start

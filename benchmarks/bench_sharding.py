@@ -39,18 +39,17 @@ def main(argv=None) -> int:
     import jax
 
     from matrixmagic.configs import ConfigError
-    from matrixmagic.configs.train_config import MeshConfig, train_config_for
+    from matrixmagic.configs.train_config import MeshConfig
     from matrixmagic.sharding.memory import state_bytes
     from matrixmagic.sharding.mesh import make_mesh
     from matrixmagic.sharding.rules import rules_for
     from matrixmagic.sharding.validate import validate_mesh
-    from matrixmagic.train.run import sharded_abstract_state, state_shardings
+    from matrixmagic.train.data.tokenizers import ByteTokenizer
+    from matrixmagic.train.run import resolve_config, sharded_abstract_state, state_shardings, with_tokenizer_vocab
     from matrixmagic.train.step import make_tx
 
-    base = train_config_for(args.preset)
-    vocab = -(-base.model.vocab_size // 128) * 128
-    base = dataclasses.replace(base, model=base.model.replace(vocab_size=vocab),
-                               batch_size=max(base.batch_size, args.devices))
+    base = with_tokenizer_vocab(resolve_config(args.preset, devices=args.devices, platform="cpu"), ByteTokenizer())
+    vocab = base.model.vocab_size  # the preset's table, padded as magic train pads it
     tx = make_tx(base)
     mib = 1 << 20
     print(f"{args.preset}: vocab padded to {vocab}, {args.devices} devices, fp32 params + AdamW (mu, nu); "

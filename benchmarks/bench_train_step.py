@@ -15,13 +15,15 @@ import jax
 import numpy as np
 
 
-def synthetic_batch(batch_size: int, seq_len: int) -> dict:
-    """A decoder batch of random byte tokens, one document per row (benchmarks time the step, not the data)."""
-    tokens = np.random.default_rng(0).integers(0, 256, (batch_size, seq_len + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
-            "segment_ids": np.ones((batch_size, seq_len), np.int32),
-            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+def synthetic_batch(config) -> dict:
+    """A batch of random byte tokens for the config's family, one document per row, made by the
+    family's own objective (benchmarks time the step, not the data)."""
+    from matrixmagic.model.families import family_of
+    from matrixmagic.train.data.tokenizers import ByteTokenizer
+
+    family = family_of(config.model)
+    rows = np.random.default_rng(0).integers(0, 256, (config.batch_size, family.row_len(config.data.seq_len)))
+    return family.make_batch(rows.astype(np.int32), ByteTokenizer(), config.data.seq_len)
 
 
 def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tuple[float, float]:
@@ -32,8 +34,7 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
     config = with_tokenizer_vocab(config, ByteTokenizer())
     tx, run = train_run(config)
     state = run.init_state(jax.random.PRNGKey(0))
-    B, T = config.batch_size, config.data.seq_len
-    batch = run.put_batch(synthetic_batch(B, T))
+    batch = run.put_batch(synthetic_batch(config))
     for _ in range(warmup):
         state, metrics = run.train_step(state, batch)
     jax.block_until_ready(metrics)
@@ -42,7 +43,7 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
         state, metrics = run.train_step(state, batch)
     jax.block_until_ready(metrics)
     per_step = (time.perf_counter() - start) / steps
-    return B * T / per_step, per_step
+    return config.tokens_per_step / per_step, per_step
 
 
 def main() -> None:

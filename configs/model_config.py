@@ -22,6 +22,17 @@ FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES = (
     get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType))
 
 
+# The stacks of each family, in the order a packed row feeds them (model/families.py reads this).
+FAMILY_SIDES = {"decoder": ("decoder",), "encoder": ("encoder",), "encoder_decoder": ("encoder", "decoder")}
+
+
+def side_lengths(family: str, seq_len: int) -> dict[str, int]:
+    """Tokens per stack for a run's data.seq_len: the encoder-decoder splits its window in two
+    equal halves, the encoder reading the first and the decoder writing the second."""
+    sides = FAMILY_SIDES[family]
+    return {side: seq_len // len(sides) for side in sides}
+
+
 class ConfigError(ValueError):
     """A config field has a bad value. The message names the field and the fix."""
 

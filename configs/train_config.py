@@ -14,12 +14,15 @@ import os
 import typing
 from typing import Literal, Optional, get_args
 
-from .model_config import ConfigError, ModelConfig, fail, suggest
+from .model_config import ConfigError, ModelConfig, fail, side_lengths, suggest
 from .presets import SCHEDULES, Schedule, get_preset
 
 TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model file
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
+# Mesh axes, outermost first (sharding/mesh.py says why this order); MeshConfig has one field each.
+MESH_AXES = ("data", "fsdp", "tensor")
+MESH_FLAG_KEYS = MESH_AXES + ("dcn_data",)  # what --mesh accepts
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -35,7 +38,7 @@ class DataConfig:
             fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
         if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith(".model"):
             fail("data.tokenizer", self.tokenizer,
-                  "use 'bytes', 'sentencepiece' or a path to a sentencepiece .model file.")
+                  f"use {' or '.join(map(repr, TOKENIZER_NAMES))} or a path to a sentencepiece .model file.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,24 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
+
+
+def mesh_assignments(text: str) -> list[str]:
+    """`--mesh fsdp=-1,tensor=8` -> ['mesh.data=1', 'mesh.fsdp=-1', 'mesh.tensor=8'] in every
+    command: axes not named are 1 (-1 fills); an unknown axis names the allowed ones."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"--mesh {item!r} is invalid: write axis=size, e.g. --mesh data=2,fsdp=2,tensor=2.")
+        if key not in MESH_FLAG_KEYS:
+            raise ConfigError(f"--mesh {item!r}: unknown mesh axis {key!r}; the axes are "
+                              f"{', '.join(MESH_FLAG_KEYS)}.{suggest(key, MESH_FLAG_KEYS)}")
+        out.append(f"mesh.{key}={value}")
+    named = {a.split("=")[0].removeprefix("mesh.") for a in out}
+    return [f"mesh.{axis}=1" for axis in MESH_AXES if axis not in named] + out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +147,7 @@ class TrainConfig:
             fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
                   f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
                   f"or steps); lower optimizer.warmup_steps or raise steps.")
-        positions_needed = self.data.seq_len if self.model.family != "encoder_decoder" else self.data.seq_len // 2
+        positions_needed = max(side_lengths(self.model.family, self.data.seq_len).values())
         if positions_needed > self.model.max_len:
             fail("data.seq_len", self.data.seq_len,
                   f"the model has only {self.model.max_len} positions (model.max_len); "
@@ -153,6 +174,13 @@ def config_from_json(d: dict) -> TrainConfig:
                           "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"])})
 
 
+def batch_for_tokens(tokens: int, seq_len: int, multiple: int = 1) -> int:
+    """A recipe's batch in tokens as whole sequences, rounded down to a multiple of `multiple`
+    (what the mesh and microbatches can split), at least one multiple: GPT-3's 3.2M tokens at
+    2048 are 1562 sequences, 1536 on a data x fsdp x microbatches of 256 (the paper's 1536)."""
+    return max(multiple, tokens // seq_len // multiple * multiple)
+
+
 def train_config_for(preset_name: str, **overrides) -> TrainConfig:
     """Defaults for a preset: its model, and its paper's optimizer, context and batch:
     sequences of the model's max_len, and the paper's batch_tokens in whole sequences
@@ -163,7 +191,7 @@ def train_config_for(preset_name: str, **overrides) -> TrainConfig:
                                 b1=recipe.adam_b1, b2=recipe.adam_b2, eps=recipe.adam_eps,
                                 weight_decay=recipe.weight_decay)
     seq_len = preset.model.max_len
-    defaults = dict(data=DataConfig(seq_len=seq_len), batch_size=max(1, recipe.batch_tokens // seq_len))
+    defaults = dict(data=DataConfig(seq_len=seq_len), batch_size=batch_for_tokens(recipe.batch_tokens, seq_len))
     return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
                        workdir=os.path.join("runs", preset_name), **{**defaults, **overrides})
 
@@ -202,9 +230,8 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
     def reject(event) -> None:
         argument = getattr(event, "argument", None)
-        name = argument.field.intern_name if argument is not None else None
-        dotted = next((k for k in last if name and k.split(".")[-1] == name), None)
-        if dotted:
+        dotted = ".".join(filter(None, (argument.intern_prefix, argument.field.intern_name))) if argument else None
+        if dotted in last:
             value = last[dotted].partition("=")[2]
             raise ConfigError(f"--set {last[dotted]!r}: {dotted} expects {fields[dotted]}, and {value!r} is not one "
                               f"({getattr(event, 'message', 'rejected')}).")

@@ -17,15 +17,14 @@ from .families import family_of
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    return family_of(config).build(config)
+    return family_of(config).model(config)
 
 
 def example_inputs(config: ModelConfig, batch: int = 1, length: int | None = None) -> dict:
     """Zero token ids of the right shapes, as keyword arguments of the model's __call__."""
     length = length or min(config.max_len, 8)
     ids = jnp.zeros((batch, length), jnp.int32)
-    family = family_of(config)
-    return {key: ids for key in family.model_input_keys if key.endswith("inputs")}
+    return {key: ids for key in family_of(config).token_inputs}
 
 
 def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int | None = None):

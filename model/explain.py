@@ -79,14 +79,19 @@ class Explanation:
 
 
 def token_label(tokenizer, token_id: int) -> str:
-    """A short printable label of one id: its text with spaces and control bytes made
-    visible, or the special's name (<eot>, <pad>, ...)."""
-    if token_id in tokenizer.special_ids:
-        return f"<{tokenizer.decode([token_id]).strip('<|>')}>"
-    text = tokenizer.decode([token_id])
-    if text == "\ufffd" or (len(text) == 1 and not text.isprintable()):  # a lone byte of a multi-byte character
-        return f"\\x{token_id:02x}" if token_id < 256 else f"<{token_id}>"
-    return text.replace(" ", "␣")
+    """A short printable label of one id, from its tokenizer: a special's own text
+    (<|endoftext|>, ...), a byte tokenizer's control or partial-UTF-8 bytes as \\xNN, and
+    spaces made visible."""
+    if tokenizer.cache_key == "bytes" and 0 <= token_id < 256:
+        return _byte_label(token_id)
+    return tokenizer.decode([token_id]).replace(" ", "␣")
+
+
+def _byte_label(token_id: int) -> str:
+    """An id as a byte (printable ASCII, else \\xNN); ids past 255 as <id>."""
+    if 32 <= token_id < 127:
+        return {" ": "␣"}.get(chr(token_id), chr(token_id))
+    return f"\\x{token_id:02x}" if 0 <= token_id < 256 else f"<{token_id}>"
 
 
 def _capture(module: nn.Module, method_name: str) -> bool:
@@ -233,17 +238,13 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     return stages, added
 
 
-def _byte_label(token_id: int) -> str:
-    """A label when no tokenizer is given: the id as a printable ASCII byte, else <id>."""
-    return {" ": "␣"}.get(chr(token_id), chr(token_id)) if 32 <= token_id < 127 else f"<{token_id}>"
-
-
 def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: int = 1,
             shapes_only: Optional[bool] = None, labels: Optional[list] = None, tokenizer=None) -> Explanation:
-    """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT encoded by `tokenizer`, or
-    max_len zeros on shape-only runs); params None = fresh random init, or shapes only for
-    presets over MAX_MATERIALIZED_PARAMS parameters. `tokenizer` (encode, decode, bos_id,
-    special_ids: train/data/tokenizers.py) labels the tokens and gives the decoder's start."""
+    """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT encoded by `tokenizer`, or as
+    UTF-8 bytes without one; max_len zeros on shape-only runs); params None = fresh random
+    init, or shapes only for presets over MAX_MATERIALIZED_PARAMS parameters. `tokenizer`
+    (encode, decode, bos_id, cache_key: train/data/tokenizers.py) labels the tokens and gives
+    the encoder-decoder's start token; without one tokens are labelled as bytes."""
     cfg = config
     if not 0 <= layer < cfg.num_layers:
         raise ValueError(f"layer={layer} is invalid: this model has layers 0..{cfg.num_layers - 1}.")
@@ -251,14 +252,16 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
     if shapes_only is None:
         n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
         shapes_only = params is None and n_params > MAX_MATERIALIZED_PARAMS
-    if tokenizer is None and not shapes_only and (ids is None or cfg.family == "encoder_decoder"):
-        raise ValueError("explain needs tokenizer= to encode the default text and to start the decoder "
-                         "(e.g. ByteTokenizer() from matrixmagic.train.data.tokenizers).")
+    if tokenizer is None and not shapes_only and cfg.family == "encoder_decoder":
+        raise ValueError("explain of an encoder-decoder needs tokenizer= (its bos id starts the decoder), "
+                         "e.g. ByteTokenizer() from matrixmagic.train.data.tokenizers.")
     label = functools.partial(token_label, tokenizer) if tokenizer is not None else _byte_label
     bos_id = tokenizer.bos_id if tokenizer is not None else 0  # shape-only runs never read it
     if ids is None:
+        text = tokenizer.encode(DEFAULT_TEXT) if tokenizer is not None else np.frombuffer(DEFAULT_TEXT.encode(),
+                                                                                          np.uint8)
         ids = (jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32) if shapes_only
-               else np.tile(tokenizer.encode(DEFAULT_TEXT), (batch, 1)))
+               else np.tile(np.asarray(text, np.int32), (batch, 1)))
     if labels is None and not isinstance(ids, jax.ShapeDtypeStruct):
         labels = [label(int(i)) for i in np.asarray(ids)[0]]
     if labels is not None and cfg.family == "encoder_decoder":

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from matrixmagic.configs import ModelConfig
-from matrixmagic.configs.model_config import FAMILIES
+from matrixmagic.configs.model_config import FAMILIES, FAMILY_SIDES, side_lengths
 
 from . import objectives
 from .decoder_only import DecoderOnlyLM
@@ -42,20 +42,22 @@ def _keys(side: str, *names: str, **dtypes: str) -> tuple[BatchKey, ...]:
 class Family:
     name: str
     model: type  # the flax.linen Module; built as model(config)
-    objective: str  # its name in objectives.py
+    objective: str  # its name in objectives.py (printed in the run header)
     features: Callable[..., dict]  # objectives.<objective>_features: packed rows -> the batch
-    batch: tuple[BatchKey, ...]  # what features returns; the model's inputs are those it accepts
+    batch: tuple[BatchKey, ...]  # what features returns
     model_input_keys: tuple[str, ...]  # batch keys passed to model(**...) by the same names
+    token_inputs: tuple[str, ...]  # of those, the token ids (example_inputs fills them with zeros)
     target: str  # the batch key the loss predicts (weighted by 'loss_mask')
-    sides: tuple[str, ...]  # the stacks, in row order: ('decoder',), ('encoder',), ('encoder', 'decoder')
     shifted: bool = False  # a row holds one extra token (inputs and targets shifted by one)
 
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The stacks, in row order: ('decoder',), ('encoder',) or ('encoder', 'decoder')."""
+        return FAMILY_SIDES[self.name]
+
     def lengths(self, seq_len: int) -> dict[str, int]:
-        """Tokens per side for a run's data.seq_len. The encoder-decoder splits a window in
-        two equal halves, the encoder reading the first and the decoder writing the second."""
-        if len(self.sides) == 1:
-            return {self.sides[0]: seq_len}
-        return {side: seq_len // 2 for side in self.sides}
+        """Tokens per side for a run's data.seq_len (configs.model_config.side_lengths)."""
+        return side_lengths(self.name, seq_len)
 
     def row_len(self, seq_len: int) -> int:
         """Tokens in one packed row: the sides end to end, +1 for a shifted objective."""
@@ -66,12 +68,16 @@ class Family:
         lengths = self.lengths(seq_len)
         return {k.name: ((batch_size, lengths[k.side]), np.dtype(k.dtype)) for k in self.batch}
 
+    def make_batch(self, rows: np.ndarray, tokenizer, seq_len: int, *, stream_positions=None, seed: int = 0,
+                   salt: int = 0, mask_rate: float = 0.15) -> dict[str, np.ndarray]:
+        """The batch of packed rows [B, row_len(seq_len)] under this family's objective."""
+        positions = np.arange(len(rows)) if stream_positions is None else stream_positions
+        return self.features(rows, tokenizer, lengths=self.lengths(seq_len), stream_positions=positions, seed=seed,
+                             salt=salt, mask_rate=mask_rate)
+
     def model_inputs(self, batch: Mapping) -> dict:
         """The model's keyword arguments, taken from a batch (keys it lacks are left out)."""
         return {k: batch[k] for k in self.model_input_keys if k in batch}
-
-    def build(self, config: ModelConfig):
-        return self.model(config)
 
 
 _TEXT = ("inputs", "positions", "segment_ids")
@@ -80,12 +86,12 @@ FAMILY_RECORDS: dict[str, Family] = {
     "decoder": Family(
         name="decoder", model=DecoderOnlyLM, objective="causal_lm", features=objectives.causal_lm_features,
         batch=_keys("decoder", "inputs", "targets", "positions", "segment_ids", "loss_mask", loss_mask="float32"),
-        model_input_keys=_TEXT, target="targets", sides=("decoder",), shifted=True),
+        model_input_keys=_TEXT, token_inputs=("inputs",), target="targets", shifted=True),
     "encoder": Family(
         name="encoder", model=EncoderOnlyLM, objective="masked_lm", features=objectives.masked_lm_features,
         batch=_keys("encoder", "inputs", "targets", "positions", "segment_ids", "loss_mask", "token_types",
                     loss_mask="float32"),
-        model_input_keys=(*_TEXT, "token_types"), target="targets", sides=("encoder",)),
+        model_input_keys=(*_TEXT, "token_types"), token_inputs=("inputs",), target="targets"),
     "encoder_decoder": Family(
         name="encoder_decoder", model=EncoderDecoderLM, objective="prefix_lm", features=objectives.prefix_lm_features,
         batch=(_keys("encoder", "encoder_inputs", "encoder_segment_ids", "encoder_positions")
@@ -93,7 +99,7 @@ FAMILY_RECORDS: dict[str, Family] = {
                        "loss_mask", loss_mask="float32")),
         model_input_keys=("encoder_inputs", "decoder_inputs", "encoder_positions", "decoder_positions",
                           "encoder_segment_ids", "decoder_segment_ids"),
-        target="decoder_targets", sides=("encoder", "decoder")),
+        token_inputs=("encoder_inputs", "decoder_inputs"), target="decoder_targets"),
 }
 assert tuple(FAMILY_RECORDS) == FAMILIES, "configs.model_config.FAMILIES and the records must agree"
 

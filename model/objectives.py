@@ -46,7 +46,14 @@ def segments_and_positions(rows: np.ndarray, eot_id: int, pad_id: int) -> tuple[
     return segment_ids, positions
 
 
-def causal_lm_features(rows: np.ndarray, tokenizer, **_) -> dict[str, np.ndarray]:
+# Every features function takes the same arguments (the pipeline passes them all); each uses
+# the ones its objective needs: rows [B, row_len], the tokenizer, and keyword-only
+#   lengths (tokens per side), stream_positions [B] (each row's place in the data stream),
+#   seed, salt (train / eval), mask_rate (BERT's 15%).
+
+
+def causal_lm_features(rows: np.ndarray, tokenizer, *, lengths, stream_positions, seed, salt,
+                       mask_rate) -> dict[str, np.ndarray]:
     """Rows of T + 1 tokens -> inputs and targets of T (the row shifted by one). A target
     counts only inside the input's document, so the `eot` that starts the next one never does."""
     rows = np.asarray(rows, dtype=np.int32)
@@ -91,8 +98,8 @@ def mask_row(row: np.ndarray, rng: np.random.Generator, special_ids, mask_id: in
     return inputs, selected
 
 
-def masked_lm_features(rows: np.ndarray, tokenizer, *, stream_positions: np.ndarray, seed: int, salt: int,
-                       mask_rate: float, **_) -> dict[str, np.ndarray]:
+def masked_lm_features(rows: np.ndarray, tokenizer, *, lengths, stream_positions: np.ndarray, seed: int,
+                       salt: int, mask_rate: float) -> dict[str, np.ndarray]:
     """Rows of T tokens -> masked inputs, original targets, loss_mask 1 at the selected
     positions. Each row's masking is drawn from numpy Generators seeded by (seed, salt,
     stream position), so every epoch masks a row differently (RoBERTa's dynamic masking)
@@ -115,7 +122,8 @@ def masked_lm_features(rows: np.ndarray, tokenizer, *, stream_positions: np.ndar
     }
 
 
-def prefix_lm_features(rows: np.ndarray, tokenizer, *, lengths: dict, **_) -> dict[str, np.ndarray]:
+def prefix_lm_features(rows: np.ndarray, tokenizer, *, lengths: dict, stream_positions, seed, salt,
+                       mask_rate) -> dict[str, np.ndarray]:
     """Rows of encoder + decoder tokens -> the encoder reads the first lengths['encoder'],
     the decoder writes the rest. The split is fixed (T5 draws it at random) so shapes are
     static. A target counts only if it belongs to the document of the last encoder token
@@ -168,7 +176,7 @@ def loss_sums(family, model, params, batch: dict, rng: Optional[jax.Array] = Non
     return weighted_cross_entropy(logits, batch[family.target], batch["loss_mask"], label_smoothing)
 
 
-def loss_fn(model, family, params, batch: dict, rng: Optional[jax.Array], *, train: bool,
+def loss_fn(family, model, params, batch: dict, rng: Optional[jax.Array], *, train: bool,
             label_smoothing: float = 0.0):
     """(mean loss, aux) with aux['weight'] = the number of predicted tokens (see accumulate_gradients)."""
     loss_sum, weight, correct = loss_sums(family, model, params, batch, rng, train=train,

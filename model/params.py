@@ -32,5 +32,5 @@ VOCAB_ACTIVATION = ("activation_batch", "activation_length", "activation_vocab")
 def constrain(x: jnp.ndarray, axes: tuple) -> jnp.ndarray:
     """Pin an activation's layout by logical names, so XLA keeps the batch split and
     splits heads/MLP over `tensor` (Megatron) instead of guessing. A no-op unless a
-    rule table and a mesh are in context (sharding/setup.py provides both)."""
+    rule table and a mesh are in context (train/run.py provides both (sharding/partition.py: with_rules))."""
     return nn.with_logical_constraint(x, axes)

@@ -20,8 +20,6 @@ import dataclasses
 import re
 from typing import Any, Optional
 
-GiB = 2**30
-
 # ----------------------------------------------------------------------------- memory
 
 

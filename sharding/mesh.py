@@ -15,10 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from matrixmagic.configs.model_config import ConfigError, suggest
-
-AXES = ("data", "fsdp", "tensor")
-MESH_FLAG_KEYS = AXES + ("dcn_data",)  # what `magic train --mesh` accepts
+from matrixmagic.configs.model_config import ConfigError
+from matrixmagic.configs.train_config import MESH_AXES as AXES
 
 
 def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, int]:
@@ -43,24 +41,6 @@ def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, in
 
 def axis_sizes(mesh_config, device_count: int) -> dict[str, int]:
     return resolve_axis_sizes({a: getattr(mesh_config, a) for a in AXES}, device_count)
-
-
-def mesh_assignments(text: str) -> list[str]:
-    """`--mesh fsdp=-1,tensor=8` -> ['mesh.data=1', 'mesh.fsdp=-1', 'mesh.tensor=8'] in every
-    command: axes not named are 1 (-1 fills); an unknown axis names the allowed ones."""
-    out = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep:
-            raise ConfigError(f"--mesh {item!r} is invalid: write axis=size, e.g. --mesh data=2,fsdp=2,tensor=2.")
-        if key not in MESH_FLAG_KEYS:
-            raise ConfigError(f"--mesh {item!r}: unknown mesh axis {key!r}; the axes are "
-                              f"{', '.join(MESH_FLAG_KEYS)}.{suggest(key, MESH_FLAG_KEYS)}")
-        out.append(f"mesh.{key}={value}")
-    named = {a.split("=")[0].removeprefix("mesh.") for a in out}
-    return [f"mesh.{axis}=1" for axis in AXES if axis not in named] + out
 
 
 def granules(devices) -> tuple[str, int]:

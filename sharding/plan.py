@@ -1,7 +1,7 @@
 """Planning a run: analytic estimates, and the printed report of `magic compile`.
 
 `magic compile` answers "will this fit, and how fast would it go?" for a preset
-on a slice it does not have. The compiler's word (sharding/aot.py) comes first;
+on a slice it does not have. The compiler's word (sharding/compiled.py) comes first;
 the closed forms here are the cross-check, and the only answer for GPU clusters.
 
 Analytic memory per device (bytes; N parameters, p = bytes per parameter dtype,

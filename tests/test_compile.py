@@ -7,6 +7,7 @@ runs; TPU-topology tests are skipped only when libtpu is missing.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,9 +22,9 @@ import pytest
 from matrixmagic.configs import ConfigError
 from matrixmagic.sharding import chips, plan
 from matrixmagic.sharding import compiled as report
-from matrixmagic.sharding.mesh import mesh_assignments
 from matrixmagic.train import aot
 from matrixmagic.train.cli import main
+from matrixmagic.train.cli.flags import config_assignments
 from matrixmagic.train.data.tokenizers import ByteTokenizer
 from matrixmagic.train.run import abstract_batch, resolve_config, with_tokenizer_vocab
 
@@ -38,11 +39,9 @@ needs_libtpu = pytest.mark.skipif(not chips.libtpu_available(),
 def compile_config(preset: str, devices: int, *, mesh=None, batch=None, remat=None, microbatches=None,
                    assignments=(), platform="tpu"):
     """What `magic compile` resolves for these flags (train.cli.compile._config), bytes data."""
-    flags = mesh_assignments(mesh) if mesh else []
-    flags += [f"batch_size={batch}"] if batch else []
-    flags += [f"model.remat_policy={remat}"] if remat else []
-    flags += [f"microbatches={microbatches}"] if microbatches else []
-    config = resolve_config(preset, flags + list(assignments), devices=devices, platform=platform)
+    args = argparse.Namespace(mesh=mesh, layout=None, batch=batch, remat=remat, microbatches=microbatches,
+                              set=list(assignments))
+    config = resolve_config(preset, config_assignments(args), devices=devices, platform=platform)
     return with_tokenizer_vocab(config, ByteTokenizer())
 
 

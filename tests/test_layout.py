@@ -106,3 +106,16 @@ def test_own_model_configs_train_sharding_files_do_not_shadow_the_package(tmp_pa
 def test_each_package_says_what_lives_there_and_what_it_may_import(package):
     doc = ast.get_docstring(ast.parse((REPO / package / "__init__.py").read_text(encoding="utf-8")))
     assert doc and "import" in doc, f"{package}/__init__.py needs a docstring naming what it may import"
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages by hand (package-dir maps each folder): a new
+    subfolder with an __init__.py must be listed, or `pip install .` silently leaves it out."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the test extra installs tomli
+        import tomli as tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for pkg in PACKAGES for init in (REPO / pkg).rglob("__init__.py")}
+    assert found == listed

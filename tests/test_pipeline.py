@@ -106,7 +106,7 @@ def test_decoder_batches_follow_the_contract(corpus):
 
 def test_documents_longer_than_a_row_continue_in_the_next_row():
     rows = P.pack_documents([np.arange(30) % 250, np.arange(3)], 9, EOT, PAD)
-    b = objectives.causal_lm_features(rows, BYTES)
+    b = family_of("decoder").make_batch(rows, BYTES, seq_len=rows.shape[1] - 1)
     assert rows.shape == (4, 9) and (rows[1:3] != EOT).all()
     np.testing.assert_array_equal(b["segment_ids"][1], np.ones(8))
     np.testing.assert_array_equal(b["positions"][1], np.arange(8))  # restarts at the row

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import TrainConfig, config_to_json
 from matrixmagic.model.accounting import closed_form_params, training_flops_per_token
+from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import generate_text
 from matrixmagic.sharding.memory import tree_bytes
 from matrixmagic.sharding.validate import validate_mesh
@@ -115,7 +116,8 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     peak = config.peak_flops or metrics_lib.peak_flops_per_device(jax.local_devices())
     step_flops = flops_per_step(config)
     n_params = closed_form_params(config.model)["model"]
-    log(f"{config.preset}: {n_params:,} params, {config.model.family}, {len(jax.devices())} device(s) "
+    family = family_of(config.model)
+    log(f"{config.preset}: {n_params:,} params, {family.name} ({family.objective}), {len(jax.devices())} device(s) "
         f"mesh {dict(run.mesh.shape)}, {config.tokens_per_step:,} tokens/step, workdir {config.workdir}")
 
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True)
@@ -134,13 +136,15 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                 elapsed = time.perf_counter() - window_start
                 values["step_time"] = elapsed / window_steps
                 values["tokens_per_second"] = config.tokens_per_step * window_steps / elapsed
-                values["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count()) if peak else 0.0
+                if peak:  # unknown peak: no MFU recorded, and the bar says n/a
+                    values["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
                 writer.write(done, "train", values)
                 monitor.check(last_good(ckpt))  # raises NonFiniteError past max_nonfinite_skips
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",
                                 mfu=f"{values['mfu']:.0%}" if peak else "n/a")
                 window_start, window_steps = time.perf_counter(), 0
             if eval_batches and (done % config.eval_every == 0 or done == config.steps):
+                jax.block_until_ready(state)  # the steps dispatched before the eval are train time
                 eval_start = time.perf_counter()
                 last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
                 if config.data.tokenizer == "bytes" and config.model.family == "decoder":

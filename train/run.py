@@ -22,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from matrixmagic.configs import get_preset
-from matrixmagic.configs.train_config import TrainConfig, apply_overrides, train_config_for
+from matrixmagic.configs.train_config import TrainConfig, apply_overrides, batch_for_tokens, train_config_for
 from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import axis_sizes, make_mesh
 from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, replicated, with_rules, with_shardings
@@ -31,6 +31,7 @@ from matrixmagic.sharding.validate import validate_mesh
 
 from .checkpoint import load_params
 from .data.pipeline import open_tokenizer
+from .data.tokenizers import round_up
 from .guards import skip_nonfinite
 from .state import TrainState, create_train_state
 from .step import bind_train_step, eval_step
@@ -83,7 +84,7 @@ def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Opt
             k = 1  # apply_overrides below names the bad value
         multiple = math.prod(sizes[a] for a in BATCH_AXES) * max(1, k)
         tokens = get_preset(preset).recipe.batch_tokens
-        micro.append(f"batch_size={max(multiple, tokens // config.data.seq_len // multiple * multiple)}")
+        micro.append(f"batch_size={batch_for_tokens(tokens, config.data.seq_len, multiple)}")
     config = apply_overrides(config, micro) if micro else config
     if not _set(assignments, "mesh.layout"):
         config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
@@ -95,8 +96,7 @@ def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
     tokenizer's ids fit in it (so a preset stays the paper's shape), else it grows to
     the tokenizer's; padded to a multiple of 128 either way, with the ids past the
     tokenizer's vocabulary masked so they are never predicted."""
-    padded = -(-config.model.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    table = max(padded, tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
+    table = max(round_up(config.model.vocab_size, VOCAB_MULTIPLE), tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
     model = config.model.replace(vocab_size=table, num_valid_tokens=tokenizer.vocab_size)
     return dataclasses.replace(config, model=model)
 

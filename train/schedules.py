@@ -23,8 +23,6 @@ Kinds (``make_schedule(kind, ...)``):
   ``peak_learning_rate`` the curve is rescaled so that the peak equals it
   (``d_model`` then cancels out); otherwise it is the formula as published.
 * ``"constant"`` -- the peak, after an optional linear warmup from 0.
-
-``batch_size_at`` is the (optional) GPT-3 batch-size ramp.
 """
 
 from __future__ import annotations

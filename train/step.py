@@ -38,7 +38,7 @@ def make_tx(config: TrainConfig) -> optax.GradientTransformation:
 def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax.GradientTransformation):
     """One optimizer update on a global batch -> (new state, metrics)."""
     model = build_model(config.model)
-    loss_fn = partial(objectives.loss_fn, model, family_of(config.model), train=True,
+    loss_fn = partial(objectives.loss_fn, family_of(config.model), model, train=True,
                       label_smoothing=config.optimizer.label_smoothing)
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss, grads, aux = accumulate_gradients(loss_fn, state.params, batch, config.microbatches, step_rng)

@@ -8,7 +8,7 @@ assignments, which `train.run.resolve_config` applies: so
 from __future__ import annotations
 
 from matrixmagic.configs.model_config import REMAT_POLICIES
-from matrixmagic.configs.train_config import LAYOUTS
+from matrixmagic.configs.train_config import LAYOUTS, mesh_assignments
 
 
 def add_config_arguments(p) -> None:
@@ -28,8 +28,6 @@ def add_config_arguments(p) -> None:
 def config_assignments(args, **flags) -> list[str]:
     """'field=value' strings from the config flags (`flags` replace args' values, for sweeps).
     --set comes last, so it wins over the other flags."""
-    from matrixmagic.sharding.mesh import mesh_assignments
-
     def flag(name):
         return flags[name] if name in flags else getattr(args, name, None)
 

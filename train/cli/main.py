@@ -63,12 +63,14 @@ def _cmd_compile(args) -> int:
 def _cmd_data(args) -> int:
     from ..data.corpus import open_corpus
     from ..data.pipeline import prepare_tokenizer
+    from ..run import VOCAB_MULTIPLE
 
     corpus = open_corpus(args.source, args.data_dir)
     tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size)
     print(f"dataset {corpus.name}: {corpus.num_documents('train'):,} train / "
           f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
-    print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (model table {tokenizer.padded_vocab_size(128):,})")
+    print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (a model's embedding table holds at least "
+          f"{tokenizer.padded_vocab_size(VOCAB_MULTIPLE):,} rows: padded to a multiple of {VOCAB_MULTIPLE})")
     return 0
 
 
@@ -160,7 +162,3 @@ def main(argv=None) -> int:
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

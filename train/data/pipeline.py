@@ -162,8 +162,8 @@ class LMPipeline:
 
     def features(self, rows: np.ndarray, stream_positions: np.ndarray, salt: int) -> dict[str, np.ndarray]:
         """The family's objective turns packed rows into its batch (model/objectives.py)."""
-        return self.record.features(rows, self.tokenizer, lengths=self.lengths, stream_positions=stream_positions,
-                                    seed=self.seed, salt=salt, mask_rate=self.mask_rate)
+        return self.record.make_batch(rows, self.tokenizer, self.seq_len, stream_positions=stream_positions,
+                                      seed=self.seed, salt=salt, mask_rate=self.mask_rate)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         if not isinstance(step, (int, np.integer)) or step < 0:
