@@ -18,8 +18,13 @@ NormPosition = Literal["pre", "post"]
 Positional = Literal["learned", "sinusoidal"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
-FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES = (
-    get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType))
+# How attention is computed (model/attention.py): "matrices" forms QK^T/sqrt(d_k), the mask,
+# the softmax weights and A V as arrays (the readable reference, and what `magic explain`
+# shows); "fused" calls jax.nn.dot_product_attention (XLA's fused attention, cuDNN's flash
+# attention on GPUs where it applies), which never exposes the weights.
+AttentionImpl = Literal["matrices", "fused"]
+FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES, ATTENTION_IMPLS = (
+    get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType, AttentionImpl))
 
 
 # The stacks of each family, in the order a packed row feeds them (model/families.py reads this).
@@ -90,6 +95,7 @@ class ModelConfig:
     # layers (~15% faster on CPU) while weights keep their stacked [layers, ...] layout.
     scan_unroll: int = 1
     remat_policy: RematPolicy = "none"
+    attention_impl: AttentionImpl = "matrices"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len", "scan_unroll"):
@@ -104,6 +110,7 @@ class ModelConfig:
             ("remat_policy", REMAT_POLICIES),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
+            ("attention_impl", ATTENTION_IMPLS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -122,6 +129,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not _number(value) or not 0.0 <= value < 1.0:
                 fail(name, value, "use a probability in [0, 1).")
+        if self.attention_impl != "matrices" and self.attention_dropout_rate:
+            fail("attention_impl", self.attention_impl,
+                 f"the {self.attention_impl} kernel never forms the attention weights, so it cannot drop them out "
+                 f"(attention_dropout_rate={self.attention_dropout_rate}): set model.attention_dropout_rate=0, or "
+                 f"model.attention_impl=matrices.")
         if not _number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
         if not _number(self.init_std) or not self.init_std > 0:

@@ -8,6 +8,10 @@ For each head h (d_k = d_model / num_heads):
     O_h = A_h V_h                                               weighted sum of values
     out = concat(O_1 .. O_H) W_o                                heads concatenated, projected
 X = Y gives self-attention; Y = the encoder output gives cross attention.
+`config.attention_impl` chooses how: "matrices" computes exactly the lines above, each
+matrix an array; "fused" hands Q, K, V and the mask to jax.nn.dot_product_attention
+(one XLA fusion, cuDNN flash attention on GPUs where it applies): the same maths, the
+scores and weights never stored, so it has no attention dropout and nothing to sow.
 With `decode=True` (self-attention only) K and V are also written to a KV cache
 (see `_cached_keys_values`), so generation computes one new row per step.
 Each intermediate is `sow`n under 'intermediates' so `magic explain` can show
@@ -43,6 +47,15 @@ def attention_weights(q: jnp.ndarray, k: jnp.ndarray, mask: Optional[jnp.ndarray
     return scores, jax.nn.softmax(scores, axis=-1)
 
 
+def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Optional[jnp.ndarray],
+                    dtype) -> jnp.ndarray:
+    """softmax(Q K^T / sqrt(d_k), masked) V in one call: q [B, Tq, H, d_k], k and v [B, Tk, H, d_k],
+    mask [B or 1, 1, Tq, Tk] -> [B, Tq, H, d_k]. A fully masked row attends uniformly, as in
+    `attention_weights`, so padding rows match the matrices path."""
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 class MultiHeadAttention(nn.Module):
     config: ModelConfig
     deterministic: bool = True
@@ -63,12 +76,14 @@ class MultiHeadAttention(nn.Module):
         v = constrain(projection("value")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
         if self.decode:
             k, v, mask = self._cached_keys_values(k, v, mask)
-        scores, weights = attention_weights(q, k, mask)
-        for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
-            self.sow("intermediates", name, value)
-
-        weights = Dropout(cfg.attention_dropout_rate, self.deterministic)(weights)
-        values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
+        if cfg.attention_impl == "fused":
+            values = fused_attention(q, k, v, mask, cfg.dtype)
+        else:
+            scores, weights = attention_weights(q, k, mask)
+            for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
+                self.sow("intermediates", name, value)
+            weights = Dropout(cfg.attention_dropout_rate, self.deterministic)(weights)
+            values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
         concatenated = values.reshape(values.shape[:2] + (heads * d_k,))  # [B, Tq, d_model]
         self.sow("intermediates", "heads_concatenated", concatenated)
         # W_o takes `values` [B, Tq, H, d_k], not the flat concat: with H = 1 and Tq = 1 the flat

@@ -245,7 +245,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
     init, or shapes only for presets over MAX_MATERIALIZED_PARAMS parameters. `tokenizer`
     (encode, decode, bos_id, cache_key: train/data/tokenizers.py) labels the tokens and gives
     the encoder-decoder's start token; without one tokens are labelled as bytes."""
-    cfg = config
+    cfg = config.replace(attention_impl="matrices")  # the walk shows the matrices, whatever the run computed with
     if not 0 <= layer < cfg.num_layers:
         raise ValueError(f"layer={layer} is invalid: this model has layers 0..{cfg.num_layers - 1}.")
     abstract = nn.meta.unbox(abstract_variables(cfg)["params"])

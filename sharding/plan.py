@@ -133,7 +133,8 @@ def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
         f"{config.preset} on {target.spec}: {target.description}",
         f"  model    {count(n)} params, {cfg.num_layers} layers{' (scanned)' if cfg.scan_layers else ' (unrolled)'}"
         f", d_model {cfg.d_model}; compute {cfg.dtype}, params {cfg.param_dtype}"
-        + (" (the TPU/GPU default, as magic train runs there)" if cfg.dtype == "bfloat16" else ""),
+        + (" (the TPU/GPU default, as magic train runs there)" if cfg.dtype == "bfloat16" else "")
+        + f"; attention {cfg.attention_impl}",
         "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + f" over {devices} device(s), "
         f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)",
         f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "

@@ -118,7 +118,8 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     n_params = closed_form_params(config.model)["model"]
     family = family_of(config.model)
     log(f"{config.preset}: {n_params:,} params, {family.name} ({family.objective}), {len(jax.devices())} device(s) "
-        f"mesh {dict(run.mesh.shape)}, {config.tokens_per_step:,} tokens/step, workdir {config.workdir}")
+        f"mesh {dict(run.mesh.shape)}, {config.tokens_per_step:,} tokens/step, {config.model.dtype} compute, "
+        f"attention {config.model.attention_impl}, workdir {config.workdir}")
 
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True)
     window_start, window_steps, last_eval, preempted_at = time.perf_counter(), 0, None, None
