@@ -8,6 +8,7 @@ term), so tokens/s at 1024 should be roughly 1024/64 = 16x lower once the prefix
 matmuls dominate (on small CPU models fixed overheads make the ratio smaller).
 
     python benchmarks/bench_generate.py [--positions 64 1024] [--steps 32] [--batch 1]
+    python benchmarks/bench_generate.py --preset gpt-tiny     # ms per token through generate(), batch 1 and 8
 """
 
 from __future__ import annotations
@@ -65,12 +66,44 @@ def uncached_tokens_per_second(model, params, position: int, batch: int, steps: 
     return batch / _timed(lambda: forward(ids), steps)
 
 
+def generate_ms_per_token(preset: str, batch: int, sampling=None, new_tokens: int = 100, repeats: int = 5) -> float:
+    """Milliseconds per decoded token (per step of the batch) through `generate()`, the loop
+    `magic generate` runs, after its compile: the best of `repeats` runs; random weights."""
+    from matrixmagic.configs import get_preset
+    from matrixmagic.model.generate import Sampling, generate
+
+    cfg = get_preset(preset).model.replace(num_valid_tokens=260)
+    model, params = build_model(cfg), jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    prompts = [[256, 100, 101, 102]] * batch
+
+    def run():  # eot is never produced (ids >= 260 are masked), so every call decodes new_tokens
+        return generate(model, params, prompts, max_new_tokens=new_tokens, eot_id=10**6,
+                        sampling=sampling or Sampling(0.0))
+
+    run()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best / new_tokens * 1e3
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--preset", help="instead: ms per token of this preset through generate(), batch 1 and 8")
     args = parser.parse_args(argv)
+    if args.preset:
+        from matrixmagic.model.generate import Sampling
+
+        for batch in (1, 8):
+            for name, sampling in (("greedy", Sampling(0.0)), ("T 0.8, top-p 0.95", Sampling(0.8, top_p=0.95))):
+                ms = generate_ms_per_token(args.preset, batch, sampling)
+                print(f"{args.preset} batch {batch}, {name}: {ms:.2f} ms per token step on {jax.devices()[0].device_kind}")
+        return
     cfg = BENCH_CONFIG
     if max(args.positions) >= cfg.max_len:
         raise SystemExit(f"--positions must be < max_len={cfg.max_len}")

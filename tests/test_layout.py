@@ -119,3 +119,22 @@ def test_every_package_folder_is_installed():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {module_name(init) for pkg in PACKAGES for init in (REPO / pkg).rglob("__init__.py")}
     assert found == listed
+
+
+def test_the_magic_command_keeps_compiled_programs_on_disk(tmp_path):
+    import os
+
+    from matrixmagic.train.cli.main import use_compile_cache
+
+    env = {}
+    use_compile_cache(env)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == os.path.expanduser("~/.cache/matrixmagic/jax")
+    moved = {"MAGIC_COMPILE_CACHE": str(tmp_path / "c")}
+    use_compile_cache(moved)
+    assert moved["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c")
+    off = {"MAGIC_COMPILE_CACHE": "0"}
+    use_compile_cache(off)
+    assert "JAX_COMPILATION_CACHE_DIR" not in off
+    mine = {"MAGIC_COMPILE_CACHE": str(tmp_path / "c"), "JAX_COMPILATION_CACHE_DIR": "/already/set"}
+    use_compile_cache(mine)
+    assert mine["JAX_COMPILATION_CACHE_DIR"] == "/already/set"  # an explicit jax setting wins

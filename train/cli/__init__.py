@@ -5,6 +5,6 @@ train); nothing imports it. Each subcommand imports its work lazily so that
 `magic params` and `magic --help` start without loading jax.
 """
 
-from .main import build_parser, main
+from .main import build_parser, console_main, main
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "console_main", "main"]

@@ -148,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPILE_CACHE_ENV = "MAGIC_COMPILE_CACHE"
+DEFAULT_COMPILE_CACHE = "~/.cache/matrixmagic/jax"
+
+
+def use_compile_cache(env=os.environ) -> None:
+    """Keep XLA's compiled programs on disk between runs (jax's persistent compilation cache),
+    so a second `magic generate`, `magic explain` or a resumed `magic train` skips its compiles:
+    `magic generate --preset gpt-tiny --max-new-tokens 100` takes 6.6 s cold and 3.1 s warm on
+    the 2-core CPU, of which the 100 tokens themselves are 0.1 s. Set through jax's environment
+    variables so no jax is imported here. MAGIC_COMPILE_CACHE=DIR moves it, =0 turns it off."""
+    path = env.get(COMPILE_CACHE_ENV, DEFAULT_COMPILE_CACHE)
+    if path in ("", "0"):
+        return
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(path))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # jax's default 1 s misses most
+
+
+def console_main() -> int:
+    """The `magic` command: main() with the compile cache on (tests call main() without it)."""
+    use_compile_cache()
+    return main()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
