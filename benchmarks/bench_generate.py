@@ -73,6 +73,9 @@ def generate_ms_per_token(preset: str, batch: int, sampling=None, new_tokens: in
     from matrixmagic.model.generate import Sampling, generate
 
     cfg = get_preset(preset).model.replace(num_valid_tokens=260)
+    if cfg.family != "decoder":
+        raise SystemExit(f"--preset {preset}: generate() continues text with a decoder-only model; "
+                         f"pick a GPT preset such as gpt-tiny or gpt2.")
     model, params = build_model(cfg), jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     prompts = [[256, 100, 101, 102]] * batch
 

@@ -20,8 +20,7 @@ RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
 # How attention is computed (model/attention.py): "matrices" forms QK^T/sqrt(d_k), the mask,
 # the softmax weights and A V as arrays (the readable reference, and what `magic explain`
-# shows); "fused" calls jax.nn.dot_product_attention (XLA's fused attention, cuDNN's flash
-# attention on GPUs where it applies), which never exposes the weights.
+# shows); "fused" calls jax.nn.dot_product_attention, which never exposes the weights.
 AttentionImpl = Literal["matrices", "fused"]
 FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES, ATTENTION_IMPLS = (
     get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType, AttentionImpl))

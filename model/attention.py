@@ -9,9 +9,10 @@ For each head h (d_k = d_model / num_heads):
     out = concat(O_1 .. O_H) W_o                                heads concatenated, projected
 X = Y gives self-attention; Y = the encoder output gives cross attention.
 `config.attention_impl` chooses how: "matrices" computes exactly the lines above, each
-matrix an array; "fused" hands Q, K, V and the mask to jax.nn.dot_product_attention
-(one XLA fusion, cuDNN flash attention on GPUs where it applies): the same maths, the
-scores and weights never stored, so it has no attention dropout and nothing to sow.
+matrix an array; "fused" hands Q, K, V and the mask to jax.nn.dot_product_attention, the
+entry point of jax's attention kernels. In jax 0.10 its default implementation runs the
+same XLA computation (no speed-up: benchmarks/bench_train_step.py); its weights are never
+returned, so it has no attention dropout and nothing to sow.
 With `decode=True` (self-attention only) K and V are also written to a KV cache
 (see `_cached_keys_values`), so generation computes one new row per step.
 Each intermediate is `sow`n under 'intermediates' so `magic explain` can show

@@ -122,19 +122,21 @@ def test_every_package_folder_is_installed():
 
 
 def test_the_magic_command_keeps_compiled_programs_on_disk(tmp_path):
-    import os
-
     from matrixmagic.train.cli.main import use_compile_cache
 
-    env = {}
+    env = {"MAGIC_COMPILE_CACHE": str(tmp_path / "c")}
     use_compile_cache(env)
-    assert env["JAX_COMPILATION_CACHE_DIR"] == os.path.expanduser("~/.cache/matrixmagic/jax")
-    moved = {"MAGIC_COMPILE_CACHE": str(tmp_path / "c")}
-    use_compile_cache(moved)
-    assert moved["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c")
-    off = {"MAGIC_COMPILE_CACHE": "0"}
-    use_compile_cache(off)
-    assert "JAX_COMPILATION_CACHE_DIR" not in off
-    mine = {"MAGIC_COMPILE_CACHE": str(tmp_path / "c"), "JAX_COMPILATION_CACHE_DIR": "/already/set"}
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    assert int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]) > 0  # bounded: jax evicts and locks
+    for off in ("0", "off", "False"):
+        env = {"MAGIC_COMPILE_CACHE": off}
+        use_compile_cache(env)
+        assert "JAX_COMPILATION_CACHE_DIR" not in env
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    env = {"MAGIC_COMPILE_CACHE": str(blocked / "jax")}
+    use_compile_cache(env)
+    assert "JAX_COMPILATION_CACHE_DIR" not in env  # cannot be created: no cache, no warnings
+    mine = {"MAGIC_COMPILE_CACHE": str(tmp_path / "d"), "JAX_COMPILATION_CACHE_DIR": "/already/set"}
     use_compile_cache(mine)
     assert mine["JAX_COMPILATION_CACHE_DIR"] == "/already/set"  # an explicit jax setting wins

@@ -42,19 +42,13 @@ VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of 128: full MXU / t
 # ----------------------------------------------------------------------------- the config
 
 
-def platform_defaults(platform: str, model) -> list[str]:
-    """What each platform runs fastest, as assignments the flags can override:
-    - compute dtype: bf16 on TPU and GPU (params, optimizer state, softmax statistics and
-      the loss stay float32); float32 on CPU, where bf16 matmuls are slower;
-    - attention: on GPU the fused kernel (cuDNN flash attention where it applies) when the
-      model has no attention dropout (a fused kernel cannot drop weights it never forms);
-      elsewhere the matrices: on CPU they run as fast (benchmarks/bench_train_step.py) and
-      are the readable reference; on TPU XLA's fused path is the same computation, and
-      Pallas splash attention is not wired in yet."""
-    if platform == "cpu":
-        return []
-    fused = platform == "gpu" and not model.attention_dropout_rate
-    return ["model.dtype=bfloat16"] + (["model.attention_impl=fused"] if fused else [])
+def platform_defaults(platform: str) -> list[str]:
+    """Mixed precision where it pays, as assignments the flags can override: bf16 compute on
+    TPU and GPU (params, optimizer state, softmax statistics and the loss stay float32);
+    float32 on CPU, where bf16 matmuls are slower. Attention stays `matrices` everywhere:
+    jax 0.10's dot_product_attention (`fused`) runs the same XLA computation unless a cuDNN
+    or Pallas kernel is asked for, and neither is wired in yet."""
+    return [] if platform == "cpu" else ["model.dtype=bfloat16"]
 
 
 def infer_layout(sizes: dict[str, int]) -> str:
@@ -74,7 +68,7 @@ def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Opt
 
     The preset's TrainConfig (its model, its recipe's optimizer, sequence length and
     batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
-    --remat, ...); then, for what the flags left alone: the platform's dtype and attention
+    --remat, ...); then, for what the flags left alone: the platform's dtype
     (`platform_defaults`), the layout the mesh implies, and the recipe's batch rounded down
     to a multiple of the data-parallel size times microbatches. The embedding table
     follows the tokenizer later (`with_tokenizer_vocab`), once its vocabulary is known."""
@@ -84,7 +78,7 @@ def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Opt
     # Microbatches last: the default batch must first be rounded to a multiple of them.
     micro = [a for a in assignments if a.partition("=")[0].strip() == "microbatches"]
     config = apply_overrides(train_config_for(preset), [a for a in assignments if a not in micro])
-    defaults = [a for a in platform_defaults(platform, config.model) if not _set(assignments, a.partition("=")[0])]
+    defaults = [a for a in platform_defaults(platform) if not _set(assignments, a.partition("=")[0])]
     config = apply_overrides(config, defaults) if defaults else config
     sizes = axis_sizes(config.mesh, devices)
     if not _set(assignments, "batch_size"):
