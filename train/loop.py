@@ -23,7 +23,6 @@ from matrixmagic.model.accounting import closed_form_params, training_flops_per_
 from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import generate_text
 from matrixmagic.sharding.memory import tree_bytes
-from matrixmagic.sharding.validate import validate_mesh
 
 from . import metrics as metrics_lib
 from .aot import load_train_step
@@ -32,7 +31,7 @@ from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .resume import data_state, last_good, nonfinite_skips, start_state
-from .run import run_tokenizer, train_run, with_tokenizer_vocab
+from .run import run_tokenizer, sized_for_data, train_run
 from .step import summarize_eval
 
 
@@ -93,8 +92,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     `compiled`: a `magic compile --serialize` file to use instead of compiling the step."""
     check_workdir(config.workdir)
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
-    config = with_tokenizer_vocab(config, tokenizer)
-    validate_mesh(config, jax.device_count(), jax.process_count())  # mesh errors before data or compile
+    config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
     train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)

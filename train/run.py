@@ -92,7 +92,7 @@ def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Opt
     config = apply_overrides(config, micro) if micro else config
     if not _set(assignments, "mesh.layout"):
         config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
-    return config  # the mesh is checked against the model once the table is sized (`with_tokenizer_vocab`)
+    return config  # the mesh is checked against the model once the table is sized (`sized_for_data`)
 
 
 def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
@@ -103,6 +103,14 @@ def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
     table = max(round_up(config.model.vocab_size, VOCAB_MULTIPLE), tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
     model = config.model.replace(vocab_size=table, num_valid_tokens=tokenizer.vocab_size)
     return dataclasses.replace(config, model=model)
+
+
+def sized_for_data(config: TrainConfig, tokenizer, devices: int, processes: int = 1) -> TrainConfig:
+    """The config with its table sized for the tokenizer, checked against the mesh: the last
+    step before anything is read or compiled, the same for `magic train` and `magic compile`."""
+    config = with_tokenizer_vocab(config, tokenizer)
+    validate_mesh(config, devices, processes)  # model dims vs the mesh's splits, batch vs hosts
+    return config
 
 
 def run_tokenizer(config: TrainConfig):

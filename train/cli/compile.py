@@ -38,15 +38,11 @@ def _peak(target: Target, devices: list) -> tuple[float, str]:
 
 def _config(args, devices: int, platform: str, **flags):
     """THE config `magic train` would run with these flags on `devices` devices of `platform`."""
-    from matrixmagic.sharding.validate import validate_mesh
-
-    from ..run import resolve_config, run_tokenizer, with_tokenizer_vocab
+    from ..run import resolve_config, run_tokenizer, sized_for_data
     from .flags import config_assignments
 
     config = resolve_config(args.preset, config_assignments(args, **flags), devices=devices, platform=platform)
-    config = with_tokenizer_vocab(config, run_tokenizer(config))
-    validate_mesh(config, devices)  # as train.loop.train does, before anything compiles
-    return config
+    return sized_for_data(config, run_tokenizer(config), devices)  # as train.loop.train does
 
 
 def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
