@@ -18,6 +18,7 @@ of the model, and on a mesh each device receives only its own shard.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import zlib
 from typing import Callable, Optional
 
@@ -151,7 +152,10 @@ def place_params(plan: ImportPlan, model: ModelConfig, abstract_params, seed: in
                 return np.stack([np.asarray(one(entries[i])[index[1:]], dtype) for i in layers])
         return jax.make_array_from_callback(abstract.shape, abstract.sharding, fill)
 
-    leaves = [leaf(path, a) for path, a in flat_by_name(abstract_params).items()]  # tree order
+    leaves = []
+    for path, a in flat_by_name(abstract_params).items():  # tree order
+        leaves.append(jax.block_until_ready(leaf(path, a)))
+        gc.collect()  # the host buffers of the tensor just placed sit in reference cycles until collected
     return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
 
 

@@ -172,7 +172,7 @@ def hf_config_from_model(model: ModelConfig, architecture: str, vocab_size: int,
                     activation_function=ACTIVATIONS_OUT[model.activation], layer_norm_epsilon=model.layer_norm_eps,
                     resid_pdrop=model.dropout_rate, embd_pdrop=model.dropout_rate,
                     attn_pdrop=model.attention_dropout_rate, scale_attn_weights=True,
-                    scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                    scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
                     bos_token_id=specials.get("bos_token_id"), eos_token_id=specials.get("eos_token_id"),
                     pad_token_id=specials.get("pad_token_id"))
     return dict(common, hidden_size=model.d_model, num_attention_heads=model.num_heads,
