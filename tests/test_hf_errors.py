@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hf_helpers import FIXTURES, tensors, variant
 
-from matrixmagic.train.checkpoint import CheckpointError, Checkpointer
+from matrixmagic.train.checkpoint import Checkpointer, CheckpointError
 from matrixmagic.train.cli import main
 from matrixmagic.train.hf import api
 from matrixmagic.train.hf.api import import_hf

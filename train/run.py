@@ -30,7 +30,7 @@ from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, 
 from matrixmagic.sharding.rules import BATCH_AXES, rules_for
 from matrixmagic.sharding.validate import validate_mesh
 
-from .checkpoint import load_params, resolve_checkpoint
+from .checkpoint import load_params, resolve_checkpoint, saved_run_config
 from .data.pipeline import open_tokenizer
 from .data.tokenizers import round_up
 from .guards import skip_nonfinite
@@ -78,9 +78,7 @@ def init_from_assignments(path: str) -> tuple[str, list[str]]:
     model (the params fit no other shapes), its sequence length, and its tokenizer unless that
     lives beside a dataset ('sentencepiece' is then named by its file). A run imported with
     `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`."""
-    from .checkpoint import saved_run_config
-
-    workdir, step = resolve_checkpoint(path)
+    workdir, _ = resolve_checkpoint(path)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ConfigError(f"--init-from {path!r}: no checkpoint found there; give a run directory (its checkpoints/ "
                           f"holds numbered steps) or a step directory like RUN/checkpoints/500.")

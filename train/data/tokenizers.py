@@ -177,6 +177,11 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r})"
 
 
+# A tokenizer.json without a tokenizer_config.json beside it: the roles by their usual names.
+HF_FALLBACK_ROLES = {"eos_token": ("<|endoftext|>", "</s>"), "cls_token": ("[CLS]", "<s>"),
+                     "pad_token": ("[PAD]", "<pad>"), "mask_token": ("[MASK]", "<mask>")}
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (GPT-2's byte-level BPE, BERT's WordPiece, ...) through
     the `tokenizers` library. `magic hf import` writes one into the run directory; any
@@ -190,9 +195,6 @@ class HFTokenizer:
     `encode` treats special tokens' text as plain text, so documents never contain
     specials (the packer relies on that).
     """
-
-    FALLBACK_ROLES = {"eos_token": ("<|endoftext|>", "</s>"), "cls_token": ("[CLS]", "<s>"),
-                      "pad_token": ("[PAD]", "<pad>"), "mask_token": ("[MASK]", "<mask>")}
 
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer as _Tokenizer
@@ -232,14 +234,16 @@ class HFTokenizer:
         names = {}
         if config_path.is_file():
             config = json.loads(config_path.read_text())
-            for role in self.FALLBACK_ROLES | {"bos_token": ()}:
+            for role in (*HF_FALLBACK_ROLES, "bos_token"):
                 value = config.get(role)
                 value = value.get("content") if isinstance(value, dict) else value  # AddedToken as a dict
                 if value is not None:
                     names[role] = value
         else:
-            for role, candidates in self.FALLBACK_ROLES.items():
-                names.update({role: c for c in candidates[:1] if self._tok.token_to_id(c) is not None})
+            for role, candidates in HF_FALLBACK_ROLES.items():
+                found = [c for c in candidates if self._tok.token_to_id(c) is not None]
+                if found:
+                    names[role] = found[0]
         ids = {role: self._tok.token_to_id(token) for role, token in names.items()}
         missing = [f"{role}={names[role]!r}" for role, i in ids.items() if i is None]
         if missing:

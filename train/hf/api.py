@@ -29,6 +29,7 @@ from flax import linen as nn
 
 from matrixmagic.configs import PRESETS, ModelConfig
 from matrixmagic.configs.model_config import DTYPES
+from matrixmagic.configs.train_config import mesh_assignments
 from matrixmagic.model.build import abstract_variables
 from matrixmagic.sharding.mesh import make_mesh
 from matrixmagic.sharding.partition import param_shardings, with_shardings
@@ -61,8 +62,8 @@ class Report:
     notes: tuple[str, ...] = ()
 
     def summary(self, verb: str) -> str:
-        lines = [f"{verb} {self.model_type} ({self.architecture}, {self.parameters:,} parameters) -> {self.path} "
-                 f"in {self.seconds:.1f} s: {', '.join(self.files)}"]
+        lines = [(f"{verb} {self.model_type} ({self.architecture}, {self.parameters:,} parameters) -> {self.path} "
+                  f"in {self.seconds:.1f} s: {', '.join(self.files)}")]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -164,8 +165,6 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
 
 
 def _mesh_assignments(mesh: str) -> list[str]:
-    from matrixmagic.configs.train_config import mesh_assignments
-
     return mesh_assignments(mesh) if mesh else []
 
 

@@ -172,8 +172,7 @@ def saved_name(model_type: str, architecture: str, tensor: HFTensor, layer: Opti
 def canonical(model_type: str, name: str) -> str:
     """A checkpoint's tensor name in the table's spelling: base prefix dropped, TF-era
     LayerNorm gamma/beta as weight/bias, the MLM bias under its one name."""
-    prefix = PREFIX[model_type]
-    name = name[len(prefix):] if name.startswith(prefix) else name
+    name = name.removeprefix(PREFIX[model_type])
     if re.search(r"(LayerNorm|ln_\w+)\.(gamma|beta)$", name):
         name = name[: name.rfind(".")] + (".weight" if name.endswith("gamma") else ".bias")
     return "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
