@@ -20,8 +20,9 @@ RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
 # How attention is computed (model/attention.py): "matrices" forms QK^T/sqrt(d_k), the mask,
 # the softmax weights and A V as arrays (the readable reference, and what `magic explain`
-# shows); "fused" calls jax.nn.dot_product_attention, which never exposes the weights.
-AttentionImpl = Literal["matrices", "fused"]
+# shows); "fused" calls jax.nn.dot_product_attention, which never exposes the weights;
+# "splash" runs jax's Pallas splash-attention kernel (model/splash.py), TPU only.
+AttentionImpl = Literal["matrices", "fused", "splash"]
 FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES, ATTENTION_IMPLS = (
     get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType, AttentionImpl))
 
@@ -30,11 +31,20 @@ FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES, ATTEN
 FAMILY_SIDES = {"decoder": ("decoder",), "encoder": ("encoder",), "encoder_decoder": ("encoder", "decoder")}
 
 
+# The splash kernel tiles every attention length in blocks of a multiple of 128 (the TPU's lanes).
+SPLASH_BLOCK = 128
+
+
 def side_lengths(family: str, seq_len: int) -> dict[str, int]:
     """Tokens per stack for a run's data.seq_len: the encoder-decoder splits its window in two
     equal halves, the encoder reading the first and the decoder writing the second."""
     sides = FAMILY_SIDES[family]
     return {side: seq_len // len(sides) for side in sides}
+
+
+def untiled_lengths(family: str, seq_len: int) -> dict[str, int]:
+    """{side: length} of the stacks whose attention length SPLASH_BLOCK does not divide."""
+    return {side: n for side, n in side_lengths(family, seq_len).items() if n % SPLASH_BLOCK}
 
 
 class ConfigError(ValueError):
@@ -129,10 +139,12 @@ class ModelConfig:
             if not _number(value) or not 0.0 <= value < 1.0:
                 fail(name, value, "use a probability in [0, 1).")
         if self.attention_impl != "matrices" and self.attention_dropout_rate:
-            fail("attention_impl", self.attention_impl,
+            fail("model.attention_impl", self.attention_impl,
                  f"the {self.attention_impl} kernel never forms the attention weights, so it cannot drop them out "
                  f"(attention_dropout_rate={self.attention_dropout_rate}): set model.attention_dropout_rate=0, or "
                  f"model.attention_impl=matrices.")
+        # The platform (splash: TPU only) and the sequence lengths are checked where they are known:
+        # train/run.py resolve_config and TrainConfig.
         if not _number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
         if not _number(self.init_std) or not self.init_std > 0:

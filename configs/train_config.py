@@ -14,7 +14,7 @@ import os
 import typing
 from typing import Literal, Optional, get_args
 
-from .model_config import ConfigError, ModelConfig, fail, side_lengths, suggest
+from .model_config import SPLASH_BLOCK, ConfigError, ModelConfig, fail, side_lengths, suggest, untiled_lengths
 from .presets import SCHEDULES, Schedule, get_preset
 
 TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model or a Hugging Face tokenizer.json
@@ -150,7 +150,14 @@ class TrainConfig:
             fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
                   f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
                   f"or steps); lower optimizer.warmup_steps or raise steps.")
-        positions_needed = max(side_lengths(self.model.family, self.data.seq_len).values())
+        lengths = side_lengths(self.model.family, self.data.seq_len)
+        untiled = untiled_lengths(self.model.family, self.data.seq_len)
+        if self.model.attention_impl == "splash" and untiled:
+            fail("model.attention_impl", "splash",
+                 f"the splash kernel tiles attention in blocks of {SPLASH_BLOCK}, and data.seq_len={self.data.seq_len} "
+                 f"gives {', '.join(f'{side} length {n}' for side, n in untiled.items())}: use a data.seq_len that "
+                 f"is a multiple of {len(lengths) * SPLASH_BLOCK}, or model.attention_impl=matrices or fused.")
+        positions_needed = max(lengths.values())
         if positions_needed > self.model.max_len:
             fail("data.seq_len", self.data.seq_len,
                   f"the model has only {self.model.max_len} positions (model.max_len); "

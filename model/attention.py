@@ -8,11 +8,19 @@ For each head h (d_k = d_model / num_heads):
     O_h = A_h V_h                                               weighted sum of values
     out = concat(O_1 .. O_H) W_o                                heads concatenated, projected
 X = Y gives self-attention; Y = the encoder output gives cross attention.
-`config.attention_impl` chooses how: "matrices" computes exactly the lines above, each
-matrix an array; "fused" hands Q, K, V and the mask to jax.nn.dot_product_attention, the
-entry point of jax's attention kernels. In jax 0.10 its default implementation runs the
-same XLA computation (no speed-up: benchmarks/bench_train_step.py); its weights are never
-returned, so it has no attention dropout and nothing to sow.
+The mask arrives as structure (masks.AttentionMask: causal, segment ids) or, from the
+KV cache and hand-built callers, as a dense boolean array.
+`config.attention_impl` chooses how:
+- "matrices" computes exactly the lines above, each matrix an array, from the mask's
+  dense form: the reference, and what `magic explain` walks;
+- "fused" hands Q, K, V and the dense mask to jax.nn.dot_product_attention, the entry
+  point of jax's attention kernels. In jax 0.10 its default implementation runs the same
+  XLA computation (no speed-up: benchmarks/bench_train_step.py);
+- "splash" runs the Pallas splash-attention kernel on TPU (splash.py): flash-style
+  blocks with a running softmax, so the [Tq, Tk] matrices never reach HBM, fed the
+  mask's structure. It needs lengths that are multiples of 128; KV-cache decoding
+  (one new query row against the cache, dense mask) runs the fused path instead.
+fused and splash never return the weights: no attention dropout, nothing to sow.
 With `decode=True` (self-attention only) K and V are also written to a KV cache
 (see `_cached_keys_values`), so generation computes one new row per step.
 Each intermediate is `sow`n under 'intermediates' so `magic explain` can show
@@ -22,7 +30,7 @@ the real matrices of a forward pass.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +40,11 @@ from matrixmagic.configs import ModelConfig
 
 from .dropout import Dropout
 from .linear import Linear
-from .masks import combine_masks
+from .masks import AttentionMask, combine_masks
 from .params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
+from .splash import splash_attention
+
+Mask = Optional[Union[AttentionMask, jnp.ndarray]]  # structure, or a dense [B or 1, 1, Tq, Tk] boolean array
 
 # Large but finite, so a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -1e9
@@ -64,7 +75,7 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False  # autoregressive decoding: read and write the 'cache' collection
 
     @nn.compact
-    def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray, mask: Optional[jnp.ndarray] = None):
+    def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray, mask: Mask = None):
         cfg = self.config
         heads, d_k = cfg.num_heads, cfg.head_dim
 
@@ -75,16 +86,21 @@ class MultiHeadAttention(nn.Module):
         q = constrain(projection("query")(inputs_q), HEADS_ACTIVATION)  # [B, Tq, H, d_k]
         k = constrain(projection("key")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
         v = constrain(projection("value")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
-        if self.decode:
-            k, v, mask = self._cached_keys_values(k, v, mask)
-        if cfg.attention_impl == "fused":
-            values = fused_attention(q, k, v, mask, cfg.dtype)
+        if cfg.attention_impl == "splash" and isinstance(mask, AttentionMask) and not self.decode:
+            values = splash_attention(q, k, v, mask, cfg.dtype)  # the mask's structure, no [Tq, Tk] array
         else:
-            scores, weights = attention_weights(q, k, mask)
-            for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
-                self.sow("intermediates", name, value)
-            weights = Dropout(cfg.attention_dropout_rate, self.deterministic)(weights)
-            values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
+            if isinstance(mask, AttentionMask):
+                mask = mask.dense(q.shape[1], k.shape[1])
+            if self.decode:
+                k, v, mask = self._cached_keys_values(k, v, mask)
+            if cfg.attention_impl in ("fused", "splash"):  # splash here: decoding against the cache
+                values = fused_attention(q, k, v, mask, cfg.dtype)
+            else:
+                scores, weights = attention_weights(q, k, mask)
+                for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
+                    self.sow("intermediates", name, value)
+                weights = Dropout(cfg.attention_dropout_rate, self.deterministic)(weights)
+                values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
         concatenated = values.reshape(values.shape[:2] + (heads * d_k,))  # [B, Tq, d_model]
         self.sow("intermediates", "heads_concatenated", concatenated)
         # W_o takes `values` [B, Tq, H, d_k], not the flat concat: with H = 1 and Tq = 1 the flat

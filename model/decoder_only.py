@@ -48,7 +48,7 @@ class DecoderOnlyLM(nn.Module):
         self.sow("intermediates", "embeddings", x)
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
-        mask = None if decode else self_attention_mask(segment_ids, inputs.shape[1], causal=True)
+        mask = None if decode else self_attention_mask(segment_ids, causal=True)  # decoding: the cache masks
         x = LayerStack(cfg, DecoderLayer, name="decoder")(x, mask, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
             x = LayerNorm(cfg, name="final_norm")(x)

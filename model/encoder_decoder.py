@@ -50,7 +50,7 @@ class EncoderDecoderLM(nn.Module):
                encoder_segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
         """source ids [B, S] -> encoder output [B, S, d]."""
         x = self._embed(encoder_inputs, encoder_positions, deterministic)
-        mask = self_attention_mask(encoder_segment_ids, encoder_inputs.shape[1], causal=False)
+        mask = self_attention_mask(encoder_segment_ids, causal=False)
         x = self.encoder(x, mask, deterministic=deterministic)
         return self.encoder_norm(x) if self.config.norm_position == "pre" else x
 
@@ -67,8 +67,10 @@ class EncoderDecoderLM(nn.Module):
             raise ValueError("decode=True needs decoder_positions= ([B, T] positions of the new target "
                              "tokens); model/generate.py passes them.")
         x = self._embed(decoder_inputs, decoder_positions, deterministic)
-        self_mask = None if decode else self_attention_mask(decoder_segment_ids, decoder_inputs.shape[1], causal=True)
+        self_mask = None if decode else self_attention_mask(decoder_segment_ids, causal=True)
         cross_mask = cross_attention_mask(None if decode else decoder_segment_ids, encoder_segment_ids)
+        if decode:  # a step's few queries: the dense path (attention_impl='splash' needs lengths of 128s)
+            cross_mask = cross_mask.dense(decoder_inputs.shape[1], encoded.shape[1])
         x = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
         if self.config.norm_position == "pre":
             x = self.decoder_norm(x)

@@ -75,7 +75,7 @@ class EncoderOnlyLM(nn.Module):
             x = x + self.token_type_embedding(types)
         self.sow("intermediates", "embeddings", x)
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
-        mask = self_attention_mask(segment_ids, inputs.shape[1], causal=False)
+        mask = self_attention_mask(segment_ids, causal=False)
         hidden = self.encoder(x, mask, deterministic=deterministic)
         if cfg.norm_position == "pre":
             hidden = self.final_norm(hidden)

@@ -113,7 +113,7 @@ def forward(config: ModelConfig, params, ids, bos_id: int = 0) -> tuple[jnp.ndar
     logits, state = build_model(config).apply({"params": params}, **model_inputs(config, ids, bos_id),
                                               capture_intermediates=_capture, mutable=["intermediates"])
     length = ids.shape[1]
-    mask = self_attention_mask(None, length, causal=config.family != "encoder")
+    mask = self_attention_mask(None, causal=config.family != "encoder").dense(length, length)
     mask = jnp.ones((1, 1, length, length), bool) if mask is None else mask
     return logits, state["intermediates"], vocab_softmax(logits), mask
 

@@ -19,7 +19,7 @@ from flax import linen as nn
 from matrixmagic.configs import ModelConfig
 
 from .add_norm import LayerNorm, add_and_norm
-from .attention import MultiHeadAttention
+from .attention import Mask, MultiHeadAttention
 from .dropout import Dropout
 from .feed_forward import FeedForward
 from .params import EMBED_ACTIVATION, constrain
@@ -44,7 +44,7 @@ class _Layer(nn.Module):
 
 class EncoderLayer(_Layer):
     @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: Optional[jnp.ndarray]):
+    def __call__(self, x: jnp.ndarray, mask: Mask):
         cfg, det = self.config, self.deterministic
         attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, mask))
@@ -58,8 +58,8 @@ class DecoderLayer(_Layer):
     decode: bool = False  # KV-cached self-attention for generation (cross attention recomputes)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, self_mask: Optional[jnp.ndarray],
-                 encoded: Optional[jnp.ndarray] = None, cross_mask: Optional[jnp.ndarray] = None):
+    def __call__(self, x: jnp.ndarray, self_mask: Mask, encoded: Optional[jnp.ndarray] = None,
+                 cross_mask: Mask = None):
         cfg, det = self.config, self.deterministic
         attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), self.decode, name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))

@@ -1,8 +1,12 @@
-"""Attention masks: boolean [B, 1, Q, K] arrays, True where query q may attend to key k.
+"""Attention masks: which keys each query may see.
 
-The head axis is 1 so one mask broadcasts over all heads. The attention module
-turns False into a large negative score before the softmax, so masked keys get
-zero weight.
+The stacks describe a mask by its structure, an `AttentionMask` record: causal or
+not, and the segment ids of the queries and of the keys (0 = padding). Its dense
+form, `AttentionMask.dense`, is a boolean [B, 1, Q, K] array, True where query q
+may attend key k (the head axis is 1 so one mask broadcasts over all heads); the
+`matrices` and `fused` attention paths use that, turning False into a large
+negative score before the softmax, so masked keys get zero weight. The `splash`
+kernel (splash.py) reads the structure itself and never builds the [Q, K] array.
 - causal: position t sees positions <= t (decoders: no peeking at the future);
 - padding: nobody attends to padding keys;
 - segment: packed sequences hold several documents; a token sees only its own;
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax.numpy as jnp
+from flax import struct
 
 
 def causal_mask(length: int) -> jnp.ndarray:
@@ -38,16 +43,6 @@ def segment_mask(query_segments: jnp.ndarray, key_segments: jnp.ndarray) -> jnp.
     return (same & (key_segments[:, None, :] > 0))[:, None]
 
 
-def cross_attention_mask(decoder_segments: Optional[jnp.ndarray],
-                         encoder_segments: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
-    """Decoder queries x encoder keys. Without segment ids every key is visible."""
-    if encoder_segments is None:
-        return None
-    if decoder_segments is None:
-        return padding_mask(None, encoder_segments > 0)
-    return segment_mask(decoder_segments, encoder_segments)
-
-
 def combine_masks(*masks: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
     """Logical AND of the masks that are not None (None if all are)."""
     present = [m for m in masks if m is not None]
@@ -59,7 +54,63 @@ def combine_masks(*masks: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
     return out
 
 
-def self_attention_mask(segment_ids: Optional[jnp.ndarray], length: int, causal: bool) -> Optional[jnp.ndarray]:
+@struct.dataclass
+class AttentionMask:
+    """A mask as structure (a pytree, so it passes through nn.scan and remat like an array).
+
+    causal:      query t sees keys <= t (self-attention only: Q = K);
+    q_segments:  [B, Q] segment ids of the queries, or None;
+    kv_segments: [B, K] segment ids of the keys (0 = padding), or None.
+    Both segment ids: a query sees the keys of its own, non-padding segment. Key ids
+    alone: every query sees every non-padding key (cross attention while decoding,
+    where the new target tokens carry no segment ids). Neither: no segment masking.
+    """
+
+    causal: bool = struct.field(pytree_node=False, default=False)
+    q_segments: Optional[jnp.ndarray] = None
+    kv_segments: Optional[jnp.ndarray] = None
+
+    def _check(self, q_len: int, kv_len: int) -> None:
+        # Checked where the mask is used, not in __post_init__: jax rebuilds pytrees with placeholder leaves.
+        if self.q_segments is not None and self.kv_segments is None:
+            raise ValueError("AttentionMask: q_segments need kv_segments (the keys' segment ids) to compare with.")
+        if self.causal and q_len != kv_len:
+            raise ValueError(f"a causal mask needs as many queries as keys (self-attention), got {q_len} and {kv_len}")
+
+    def dense(self, q_len: int, kv_len: int) -> Optional[jnp.ndarray]:
+        """The boolean [B or 1, 1, Q, K] array the matrices and fused paths apply (None: all visible)."""
+        self._check(q_len, kv_len)
+        if self.kv_segments is None:
+            by_segment = None
+        elif self.q_segments is None:
+            by_segment = padding_mask(None, self.kv_segments > 0)
+        else:
+            by_segment = segment_mask(self.q_segments, self.kv_segments)
+        return combine_masks(causal_mask(q_len) if self.causal else None, by_segment)
+
+    def kernel_segments(self, batch: int, q_len: int, kv_len: int) -> Optional[tuple[jnp.ndarray, jnp.ndarray]]:
+        """(q ids [B, Q], kv ids [B, K]) for a kernel that lets a query see the keys of an EQUAL id
+        (splash's SegmentIds), or None without segment ids. Non-padding queries see exactly the
+        keys `dense` shows them. A padding query (id 0) sees the padding keys instead of none:
+        its output differs from the dense path's (there, uniform over every key), and the loss
+        discards it either way. Key ids alone become 1 = real, 0 = padding, with every query 1."""
+        self._check(q_len, kv_len)
+        if self.kv_segments is None:
+            return None
+        if self.q_segments is None:
+            return jnp.ones((batch, q_len), jnp.int32), (self.kv_segments > 0).astype(jnp.int32)
+        return self.q_segments.astype(jnp.int32), self.kv_segments.astype(jnp.int32)
+
+
+def cross_attention_mask(decoder_segments: Optional[jnp.ndarray],
+                         encoder_segments: Optional[jnp.ndarray]) -> AttentionMask:
+    """Decoder queries x encoder keys. Without segment ids every key is visible; with the
+    encoder's alone, every non-padding key."""
+    if encoder_segments is None:
+        return AttentionMask()
+    return AttentionMask(q_segments=decoder_segments, kv_segments=encoder_segments)
+
+
+def self_attention_mask(segment_ids: Optional[jnp.ndarray], causal: bool) -> AttentionMask:
     """The mask a stack's self-attention uses: causal (decoders) and/or segment/padding."""
-    return combine_masks(causal_mask(length) if causal else None,
-                         segment_mask(segment_ids, segment_ids) if segment_ids is not None else None)
+    return AttentionMask(causal, segment_ids, segment_ids)

@@ -16,6 +16,8 @@ x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S)
       none       h (10 + 24/t) + 11 a S / t
       save_dots  c (2h + 4h/t + d_ff/t) + 4 a S / t   (matmul outputs + layer input)
       full       2 h, + one layer's `none` working set while it is recomputed
+    With splash attention no [S, S] matrix exists: each head keeps one float32
+    logsumexp per token instead of S scores, so S becomes 1 in the a S terms.
 FLOPs: 6N + 12 L S h per token (PaLM, model/accounting.py); full remat adds the
 forward matmuls whose outputs the backward pass reads: + L (6h^2 + 2 h d_ff + 4 S h)
 per token (see `recompute_flops_per_token`).
@@ -62,9 +64,10 @@ def _state_shards(layout: str, sizes: dict[str, int]) -> int:
 def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
     """A in the module doc: bytes one token keeps per layer for the backward pass."""
     h, a, c = cfg.d_model, cfg.num_heads, DTYPE_BYTES[cfg.dtype]
-    working = h * (10 + 24 / tensor) + 11 * a * seq_len / tensor
+    row = 1 if cfg.attention_impl == "splash" else seq_len  # per token and head: a score row, or a logsumexp
+    working = h * (10 + 24 / tensor) + 11 * a * row / tensor
     if cfg.remat_policy == "save_dots":
-        return c * (2 * h + 4 * h / tensor + cfg.d_ff / tensor) + 4 * a * seq_len / tensor
+        return c * (2 * h + 4 * h / tensor + cfg.d_ff / tensor) + 4 * a * row / tensor
     if cfg.remat_policy in ("full", "save_dots_no_batch"):
         return 2 * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
     return working

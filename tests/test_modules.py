@@ -125,7 +125,7 @@ SELF_MASKS = {
     "segment": (lambda: masks.segment_mask(jnp.asarray(_segments()), jnp.asarray(_segments())),
                 lambda: (_segments()[:, :, None] == _segments()[:, None, :]) & (_segments()[:, None, :] > 0)),
     "causal_segment": (
-        lambda: masks.self_attention_mask(jnp.asarray(_segments()), T, causal=True),
+        lambda: masks.self_attention_mask(jnp.asarray(_segments()), causal=True),
         lambda: ((_segments()[:, :, None] == _segments()[:, None, :]) & (_segments()[:, None, :] > 0)
                  & (np.arange(T)[None, :] <= np.arange(T)[:, None])[None])),
 }
@@ -182,7 +182,7 @@ def test_cross_attention_different_lengths_matches_numpy(which):
     dec_seg = np.array([[1, 2, 2], [2, 1, 2]], np.int32)
     if which == "no_mask":
         mask, allowed = masks.cross_attention_mask(None, None), None
-        assert mask is None
+        assert mask.dense(tq, tk) is None
     elif which == "encoder_padding":
         mask = masks.cross_attention_mask(None, jnp.asarray(enc_seg))
         allowed = np.broadcast_to((enc_seg > 0)[:, None, :], (B, tq, tk))
@@ -226,10 +226,14 @@ def test_mask_functions_match_definitions():
     expected = np.array([[[seg[b, q] == seg[b, k] and seg[b, k] > 0 for k in range(T)] for q in range(T)]
                          for b in range(B)])
     np.testing.assert_array_equal(sm[:, 0], expected)
-    both = np.asarray(masks.self_attention_mask(jnp.asarray(seg), T, causal=True))
+    both = np.asarray(masks.self_attention_mask(jnp.asarray(seg), causal=True).dense(T, T))
     np.testing.assert_array_equal(both[:, 0], expected & causal[0, 0][None])
-    assert masks.self_attention_mask(None, T, causal=False) is None
-    np.testing.assert_array_equal(np.asarray(masks.self_attention_mask(None, T, causal=True)), causal)
+    assert masks.self_attention_mask(None, causal=False).dense(T, T) is None
+    np.testing.assert_array_equal(np.asarray(masks.self_attention_mask(None, causal=True).dense(T, T)), causal)
+    enc = np.array([[1, 1, 0], [1, 2, 2]], np.int32)  # decoding: key ids alone mean "every non-padding key"
+    decoding = np.asarray(masks.cross_attention_mask(None, jnp.asarray(enc)).dense(2, 3))
+    np.testing.assert_array_equal(np.broadcast_to(decoding, (2, 1, 2, 3))[:, 0],
+                                  np.broadcast_to((enc > 0)[:, None, :], (2, 2, 3)))
 
 
 # ---------------------------------------------------------------- positional encodings
@@ -300,7 +304,7 @@ def test_encoder_layer_matches_numpy(order):
     config = cfg(norm_position=order, activation="relu")
     x = randn(6, B, T, D)
     seg = _segments()
-    mask = masks.self_attention_mask(jnp.asarray(seg), T, causal=False)
+    mask = masks.self_attention_mask(jnp.asarray(seg), causal=False)
     layer = EncoderLayer(config)
     params = randomize(layer.init(jax.random.key(0), x, mask)["params"], seed=3)
     got, _ = layer.apply({"params": params}, x, mask)

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from matrixmagic.configs import ConfigError, get_preset
+from matrixmagic.configs.model_config import untiled_lengths
 from matrixmagic.configs.train_config import TrainConfig, apply_overrides, batch_for_tokens, train_config_for
 from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import axis_sizes, make_mesh
@@ -43,13 +44,31 @@ VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of 128: full MXU / t
 # ----------------------------------------------------------------------------- the config
 
 
+# The TPU's attention: the splash kernel, which forms no weights to drop out, so the preset's
+# attention dropout goes with it. Flags that choose either field keep their own choice.
+SPLASH_DEFAULTS = ("model.attention_impl=splash", "model.attention_dropout_rate=0")
+
+
 def platform_defaults(platform: str) -> list[str]:
-    """Mixed precision where it pays, as assignments the flags can override: bf16 compute on
-    TPU and GPU (params, optimizer state, softmax statistics and the loss stay float32);
-    float32 on CPU, where bf16 matmuls are slower. Attention stays `matrices` everywhere:
-    jax 0.10's dot_product_attention (`fused`) runs the same XLA computation unless a cuDNN
-    or Pallas kernel is asked for, and neither is wired in yet."""
-    return [] if platform == "cpu" else ["model.dtype=bfloat16"]
+    """What runs best on `platform`, as assignments the flags can override: bf16 compute on
+    TPU and GPU (params, optimizer state, softmax statistics and the loss stay float32),
+    float32 on CPU, where bf16 matmuls are slower; on TPU, splash attention (SPLASH_DEFAULTS:
+    the [T, T] score matrices never reach HBM). Elsewhere attention stays `matrices`: jax
+    0.10's dot_product_attention (`fused`) runs the same XLA computation unless a cuDNN or
+    Pallas kernel is asked for."""
+    if platform == "cpu":
+        return []
+    return ["model.dtype=bfloat16", *(SPLASH_DEFAULTS if platform == "tpu" else ())]
+
+
+def _splash_by_default(config: TrainConfig, assignments: Sequence[str]) -> bool:
+    """Splash is the TPU default unless the flags chose the attention (its impl, or a dropout the
+    kernel cannot do) or the sequence length is one its blocks do not tile."""
+    if _set(assignments, "model.attention_impl"):
+        return False
+    if _set(assignments, "model.attention_dropout_rate") and config.model.attention_dropout_rate:
+        return False
+    return not untiled_lengths(config.model.family, config.data.seq_len)
 
 
 def infer_layout(sizes: dict[str, int]) -> str:
@@ -101,7 +120,7 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
 
     The preset's TrainConfig (its model, its recipe's optimizer, sequence length and
     batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
-    --remat, ...); then, for what the flags left alone: the platform's dtype
+    --remat, ...); then, for what the flags left alone: the platform's dtype and attention
     (`platform_defaults`), the layout the mesh implies, and the recipe's batch rounded down
     to a multiple of the data-parallel size times microbatches. The embedding table
     follows the tokenizer later (`with_tokenizer_vocab`), once its vocabulary is known."""
@@ -116,7 +135,13 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
     # Microbatches last: the default batch must first be rounded to a multiple of them.
     micro = [a for a in assignments if a.partition("=")[0].strip() == "microbatches"]
     config = apply_overrides(train_config_for(preset), [a for a in assignments if a not in micro])
+    if config.model.attention_impl == "splash" and platform != "tpu":
+        raise ConfigError(f"model.attention_impl='splash' is invalid on {platform}: splash is a Pallas kernel for "
+                          f"TPU. Use model.attention_impl=matrices or fused here (or compile for a TPU from this "
+                          f"machine: magic compile --topology v5p-8 ...).")
     defaults = [a for a in platform_defaults(platform) if not _set(assignments, a.partition("=")[0])]
+    if not _splash_by_default(config, assignments):
+        defaults = [a for a in defaults if a not in SPLASH_DEFAULTS]
     config = apply_overrides(config, defaults) if defaults else config
     sizes = axis_sizes(config.mesh, devices)
     if not _set(assignments, "batch_size"):
@@ -157,9 +182,14 @@ def run_tokenizer(config: TrainConfig):
 
 
 def load_run(workdir: str):
-    """(ModelConfig, params on the host, tokenizer) of a trained run directory (`magic train --workdir`)."""
+    """(ModelConfig, params on the host, tokenizer) of a trained run directory (`magic train --workdir`).
+    A run trained with splash attention (TPU) is loaded with `fused`, the same attention computed
+    densely: prompts and texts have any length, which the kernel's blocks do not tile."""
     params, config = load_params(workdir)
-    return config.model, jax.device_get(params), run_tokenizer(config)
+    model = config.model
+    if model.attention_impl == "splash":
+        model = model.replace(attention_impl="fused")
+    return model, jax.device_get(params), run_tokenizer(config)
 
 
 # ----------------------------------------------------------------------------- the step
