@@ -1,7 +1,8 @@
 """matrixmagic.model: the Transformer, one module per concept.
 
 tokens -> embeddings.py (token embedding) + positional.py (sinusoidal / learned)
-       -> attention.py (Q, K, V, Q K^T / sqrt(d_k), masks.py, softmax, A V, concat, W_o)
+       -> attention.py (Q, K, V, Q K^T / sqrt(d_k), masks.py, softmax, A V, concat, W_o;
+          or splash.py, the Pallas TPU kernel that never forms the [T, T] matrices)
        -> add_norm.py (residual + LayerNorm, pre or post) -> feed_forward.py -> dropout.py
        -> layers.py (encoder / decoder layer, cross attention) -> stack.py (scan, remat)
        -> output_head.py (final linear + softmax over the vocabulary)

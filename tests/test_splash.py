@@ -220,6 +220,21 @@ def test_splash_lowers_and_compiles_for_a_tpu_topology():
     assert 0 < peak["splash"] < peak["matrices"], peak
 
 
+def test_analytic_activations_drop_the_score_matrices():
+    """sharding/plan.py: with splash each head keeps one logsumexp per token, not S scores: the
+    remat-none estimate shrinks by L x tokens x 11 a (S - 1) / t bytes."""
+    from matrixmagic.sharding import plan
+
+    flags = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=8", "model.remat_policy=none", "microbatches=4",
+             "model.attention_dropout_rate=0"]
+    est = {impl: plan.estimate(resolve_config("gpt3-175b", flags + [f"model.attention_impl={impl}"], devices=512,
+                                              platform="tpu"), 512) for impl in ("matrices", "splash")}
+    cfg, seq = get_preset("gpt3-175b").model, 2048
+    tokens = 1536 // 64 // 4 * seq  # per device per microbatch
+    saved = cfg.num_layers * tokens * 11 * cfg.num_heads * (seq - 1) / 8
+    assert est["matrices"].activation_bytes - est["splash"].activation_bytes == pytest.approx(saved)
+
+
 # ----------------------------------------------------------------------------- defaults and errors
 
 
