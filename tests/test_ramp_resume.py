@@ -63,7 +63,7 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 def run(workdir, corpus, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(workdir, corpus, *extra), env=ENV, capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
+                          check=False, cwd=REPO)
 
 
 def train_rows(workdir) -> list[dict]:
