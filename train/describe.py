@@ -134,7 +134,7 @@ def plot_schedule(config: TrainConfig, curve: dict, path: str) -> str:
 
     tokens = curve["tokens_before"]
     total = float(tokens[-1] + curve["batch_tokens"][-1])
-    unit, scale = next(((u, s) for u, s in (("B", 1e9), ("M", 1e6), ("k", 1e3)) if total >= 10 * s), ("", 1.0))
+    unit, scale = next(((u, s) for u, s in (("B", 1e9), ("M", 1e6), ("k", 1e3)) if total >= s), ("", 1.0))
     facts, ramp = schedule_facts(config), config.batch_ramp
     start_end = max(ramp.tokens_before(ramp.ramp_steps), facts["warmup_tokens"]) * 1.25 or total / 10
     marks = [(facts["warmup_tokens"], "warmup ends"), (ramp.tokens_before(ramp.ramp_steps), "batch full")]
