@@ -18,7 +18,7 @@ from .model_config import ConfigError, ModelConfig, fail, side_lengths, suggest
 from .presets import SCHEDULES, Schedule, get_preset
 from .ramp import BatchRamp
 
-TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model file
+TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model or a Hugging Face tokenizer.json
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
 # Mesh axes, outermost first (sharding/mesh.py says why this order); MeshConfig has one field each.
@@ -30,16 +30,19 @@ class DataConfig:
     # 'stdlib' (the Python standard library's own .py files), a directory of text
     # files, or 'tfds:<catalog name>' (e.g. tfds:lm1b) prepared in data_dir.
     source: str = "stdlib"
-    tokenizer: str = "bytes"  # 'bytes' or 'sentencepiece' (train it with `magic data`)
+    # 'bytes', 'sentencepiece' (train it with `magic data`), or a path to a .model file or to a
+    # Hugging Face tokenizer.json (`magic hf import` puts one in the run directory)
+    tokenizer: str = "bytes"
     data_dir: Optional[str] = None  # TFDS data dir; None: ~/.cache/matrixmagic/tfds
     seq_len: int = 128  # decoder/encoder length; enc-dec: encoder and decoder each get half
 
     def __post_init__(self):
         if self.seq_len <= 1:
             fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
-        if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith(".model"):
+        if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith((".model", ".json")):
             fail("data.tokenizer", self.tokenizer,
-                  f"use {' or '.join(map(repr, TOKENIZER_NAMES))} or a path to a sentencepiece .model file.")
+                  f"use {' or '.join(map(repr, TOKENIZER_NAMES))}, a path to a sentencepiece .model file or to a "
+                  f"Hugging Face tokenizer.json.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,7 +170,7 @@ def _embedding_stages(cfg, inter, ids, S):
     shifted = "; decoder input = [bos] + source[:-1]" if family == "encoder_decoder" else ""
     scale = " x sqrt(d_model)" if cfg.scale_embeddings else ""
     stages = [
-        S("tokens", f"ids [B, T]: byte tokenizer, UTF-8 bytes 0..255{shifted}", ids),
+        S("tokens", f"ids [B, T]: token ids, rows 0..{cfg.vocab_size - 1} of the table{shifted}", ids),
         S("token embeddings", f"E[ids]{scale}: rows of the [vocab, d_model] table (a lookup, no matmul)", tokens),
         S("positional encodings", _SINUSOIDS if cfg.positional == "sinusoidal" else _LEARNED, pos),
     ]

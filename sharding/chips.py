@@ -21,6 +21,8 @@ Sources (per-chip bf16 peak, HBM):
        (overview: https://cloud.google.com/tpu/docs/system-architecture-tpu-vm)
   H100 NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s dense bf16
        (1979 is with 2:4 sparsity), 80 GB HBM3
+  H200 NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s dense bf16 (the H100's
+       compute), 141 GB HBM3e
   A100 NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOP/s dense bf16, 80 GB HBM2e
 Google's pages write "GB" and "GiB" for the same TPU figures; we use GiB (XLA
 reports 95.74 GiB usable on a v5p). NVIDIA's GB are 10^9 bytes.
@@ -56,6 +58,7 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, 2, 3),
     Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, 1, 2),
     Chip("h100", ("NVIDIA H100", "H100"), 989e12, 80 * 10**9, 1, 0),
+    Chip("h200", ("NVIDIA H200", "H200"), 989e12, 141 * 10**9, 1, 0),
     Chip("a100", ("NVIDIA A100", "A100"), 312e12, 80 * 10**9, 1, 0),
 )}
 

@@ -86,6 +86,8 @@ def test_peak_flops_for_device_kind():
     assert chips.peak_flops_for_device_kind("TPU v4") == 275e12
     assert chips.peak_flops_for_device_kind("TPU v6 lite") == 918e12
     assert chips.peak_flops_for_device_kind("NVIDIA H100 80GB HBM3") == 989e12
+    assert chips.peak_flops_for_device_kind("NVIDIA H200") == 989e12  # not taken for an H100 by substring
+    assert chips.CHIPS["h200"].hbm_bytes == 141 * 10**9
     with pytest.raises(KeyError):
         chips.peak_flops_for_device_kind("TPU v9 mega")
 

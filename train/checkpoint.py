@@ -223,6 +223,10 @@ class Checkpointer:
                 self._skip_corrupt(step, err)
                 skipped.append(step)
                 continue
+            if isinstance(saved_arrays, dict) and set(saved_arrays) == {"params"}:  # `magic hf import`: params, no optimizer state to resume
+                raise CheckpointError(f"{self.workdir} holds imported params only (no optimizer state), so it is not "
+                                      f"resumed: fine-tune it in a new run with `magic train --init-from "
+                                      f"{self.workdir} --workdir NEW_RUN`.")
             self.check_compatible(step, abstract_state, config_json, saved_arrays)
             try:
                 state, data, config = self.restore(abstract_state, step)
@@ -302,17 +306,32 @@ def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] 
         ckpt.close()
 
 
-def load_params(workdir: str):
-    """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device."""
+def _latest(workdir: str) -> tuple[int, dict]:
+    """(step, config JSON) of a run directory's latest checkpoint; reads no array."""
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
+                                    f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
+        return step, ckpt.saved_config(step)
+    finally:
         ckpt.close()
-        raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
-                                f"`magic train --set workdir={workdir}` first.")
-    config = config_from_json(ckpt.saved_config(step))
-    tx = make_tx(config)
-    abstract = jax.eval_shape(lambda: create_train_state(config.model, tx, jax.random.PRNGKey(0)))
-    state, _, _ = ckpt.restore(abstract, step)
-    ckpt.close()
-    return state.params, config
+
+
+def saved_run_config(workdir: str):
+    """The TrainConfig of a run directory's latest checkpoint, without loading any array."""
+    return config_from_json(_latest(workdir)[1])
+
+
+def load_params(workdir: str):
+    """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device.
+    Only the params are read (not the optimizer state: a third of the bytes), so a run
+    imported with params alone (`magic hf import`) loads like a trained one."""
+    step, config_json = _latest(workdir)
+    config = config_from_json(config_json)
+    abstract = jax.eval_shape(lambda: create_train_state(config.model, make_tx(config), jax.random.PRNGKey(0)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract.params)
+    params, _ = restore_params(os.path.join(workdir, "checkpoints", str(step)), params, config_json, flag="--workdir")
+    return params, config

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,7 +22,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding
 
-from matrixmagic.configs import get_preset
+from matrixmagic.configs import ConfigError, get_preset
 from matrixmagic.configs.train_config import (
     RampConfig,
     TrainConfig,
@@ -35,7 +36,7 @@ from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, 
 from matrixmagic.sharding.rules import BATCH_AXES, rules_for
 from matrixmagic.sharding.validate import validate_mesh
 
-from .checkpoint import load_params
+from .checkpoint import load_params, resolve_checkpoint, saved_run_config
 from .data.pipeline import open_tokenizer
 from .data.tokenizers import round_up
 from .guards import skip_nonfinite
@@ -81,10 +82,42 @@ def _late_int(assignments: Sequence[str], field: str, default: int) -> int:
         return default
 
 
-def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Optional[int] = None,
+DEFAULT_PRESET = "gpt-tiny"
+# Model fields a run chooses for itself instead of inheriting them with the params it starts
+# from: the platform's compute dtype, remat, the attention implementation and the scan unroll.
+RUN_CHOICES = ("dtype", "remat_policy", "attention_impl", "scan_unroll")
+
+
+def model_assignments(model, skip: Sequence[str] = RUN_CHOICES) -> list[str]:
+    """A ModelConfig as 'model.field=value' assignments (the fields in `skip` left out)."""
+    return [f"model.{f.name}={getattr(model, f.name)}" for f in dataclasses.fields(model) if f.name not in skip]
+
+
+def init_from_assignments(path: str) -> tuple[str, list[str]]:
+    """(preset, assignments) a run started with --init-from PATH inherits from that run: its
+    model (the params fit no other shapes), its sequence length, and its tokenizer unless that
+    lives beside a dataset ('sentencepiece' is then named by its file). A run imported with
+    `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`."""
+    workdir, _ = resolve_checkpoint(path)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ConfigError(f"--init-from {path!r}: no checkpoint found there; give a run directory (its checkpoints/ "
+                          f"holds numbered steps) or a step directory like RUN/checkpoints/500.")
+    source = saved_run_config(workdir)
+    tokenizer = source.data.tokenizer
+    if tokenizer == "sentencepiece":
+        tokenizer = str(run_tokenizer(source).path)
+    return source.preset, [*model_assignments(source.model), f"data.seq_len={source.data.seq_len}",
+                           f"data.tokenizer={tokenizer}"]
+
+
+def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, devices: Optional[int] = None,
                    platform: Optional[str] = None) -> TrainConfig:
     """The TrainConfig of a run on `devices` devices of `platform` ('cpu', 'gpu', 'tpu'; by
     default this process's runtime, as `magic train` sees it).
+
+    With an `init_from=RUN` assignment the model, sequence length and tokenizer of RUN come
+    first (`init_from_assignments`), and `preset` None means RUN's preset; without one, None
+    means gpt-tiny. The assignments given here come after, so they win.
 
     The preset's TrainConfig (its model, its recipe's optimizer, sequence length and
     batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
@@ -97,6 +130,11 @@ def resolve_config(preset: str, assignments: Sequence[str] = (), *, devices: Opt
     devices = jax.device_count() if devices is None else devices
     platform = jax.devices()[0].platform if platform is None else platform
     assignments = list(assignments)
+    init_from = [a.partition("=")[2].strip() for a in assignments if a.partition("=")[0].strip() == "init_from"]
+    if init_from and init_from[-1]:
+        inherited_preset, inherited = init_from_assignments(init_from[-1])
+        preset, assignments = preset or inherited_preset, inherited + assignments
+    preset = preset or DEFAULT_PRESET
     # Microbatches and the ramp last, with the batch: the default batch is rounded to a multiple
     # of them, and until it is, a preset's ramp may not divide a batch sized for another seq_len.
     late = [a for a in assignments if _field(a) == "microbatches" or _field(a).startswith("ramp.")]

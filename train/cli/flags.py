@@ -12,7 +12,8 @@ from matrixmagic.configs.train_config import LAYOUTS, mesh_assignments
 
 
 def add_config_arguments(p) -> None:
-    p.add_argument("--preset", default="gpt-tiny", help="preset name (see `magic params`)")
+    p.add_argument("--preset", help="preset name (see `magic params`; default gpt-tiny, or with --init-from the "
+                                    "preset of that run)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a config field by dotted name, e.g. --set optimizer.learning_rate=3e-4 "
                         "(`magic train --help-fields` lists them)")

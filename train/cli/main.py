@@ -7,6 +7,7 @@
   magic generate --workdir RUN --prompt T   sample / translate (--source) / fill [MASK]s
   magic compile --preset P --topology v5p-1024 [--mesh ...] [--sweep]   plan a pod run: memory, FLOPs, step time
   magic schedule --preset P [--plot out.png]   learning rate and batch size against tokens
+  magic hf import DIR --workdir RUN | magic hf export --workdir RUN --out DIR   Hugging Face GPT-2 / BERT
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
 
@@ -23,6 +24,7 @@ from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
+from .hf import add_hf_arguments  # light: argparse only, no jax
 from .schedule import add_schedule_arguments  # light: argparse only, no jax
 
 
@@ -99,6 +101,12 @@ def _cmd_generate(args) -> int:
     return cli_generate(args)
 
 
+def _cmd_hf(args) -> int:
+    from .hf import main as hf_main
+
+    return hf_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magic", description="matrixmagic: Transformers as matrices, at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=0.0, help="beam search: GNMT alpha (0 = none)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_generate)
+
+    h = sub.add_parser("hf", help="import / export Hugging Face GPT-2 and BERT checkpoints (safetensors, tokenizer)")
+    add_hf_arguments(h)
+    h.set_defaults(func=_cmd_hf)
     return parser
 
 

@@ -61,10 +61,12 @@ def cli_generate(args) -> int:
             raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
                              f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
         parts = [tokenizer.encode(p) for p in args.prompt.split(MASK_MARKER)]
-        pieces = [parts[0]] + [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
+        # End-of-text first, as it starts every training document (for a Hugging Face BERT it is [CLS]).
+        pieces = [np.array([tokenizer.eot_id], np.int32), parts[0]]
+        pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
         ids = np.concatenate(pieces).astype(np.int32)[None]
         filled = fill_masks(model, params, ids, tokenizer.mask_id, banned_ids=tuple(tokenizer.special_ids))
-        print(tokenizer.decode(filled[0]))
+        print(tokenizer.decode(filled[0, 1:]))
     return 0
 
 

@@ -1,5 +1,8 @@
 """Tokenizers: text <-> int32 ids, with the four special ids the three model families need.
 
+Three kinds: UTF-8 bytes (no files), a SentencePiece model trained on the corpus, and a
+Hugging Face tokenizer.json (GPT-2's BPE, BERT's WordPiece: what `magic hf import` brings).
+
 Every tokenizer exposes the same small surface (`Tokenizer` below), so the packing
 and batching code never asks which one it has:
 
@@ -174,6 +177,103 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r})"
 
 
+# A tokenizer.json without a tokenizer_config.json beside it: the roles by their usual names.
+HF_FALLBACK_ROLES = {"eos_token": ("<|endoftext|>", "</s>"), "cls_token": ("[CLS]", "<s>"),
+                     "pad_token": ("[PAD]", "<pad>"), "mask_token": ("[MASK]", "<mask>")}
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (GPT-2's byte-level BPE, BERT's WordPiece, ...) through
+    the `tokenizers` library. `magic hf import` writes one into the run directory; any
+    tokenizer.json can be given as data.tokenizer to train on a text corpus with it.
+
+    The roles come from `tokenizer_config.json` beside it (transformers writes it; so does
+    `magic hf import`): end-of-text is `eos_token`, or `cls_token` when there is none (BERT:
+    every document then starts with [CLS], as BERT's inputs do); bos is `bos_token`, else
+    `cls_token`, else end-of-text. A role the vocabulary lacks (GPT-2 has no pad and no mask)
+    gets the next id past it: a padding row of the embedding table, never predicted.
+    `encode` treats special tokens' text as plain text, so documents never contain
+    specials (the packer relies on that).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer={str(path)!r} does not exist: give the tokenizer.json of a Hugging "
+                                 f"Face model (`magic hf import` puts one in the run directory).")
+        raw = path.read_bytes()
+        try:
+            self._tok = _Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as err:  # the Rust library's own exception type
+            raise TokenizerError(f"tokenizer={str(path)!r} is not a Hugging Face tokenizer.json ({err}).") from None
+        self._tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special
+        self.path = path
+        self.cache_key = "hf-" + hashlib.sha256(raw).hexdigest()[:12]
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        roles = self._roles(path.with_name("tokenizer_config.json"))
+        extra = iter(range(self.vocab_size, self.vocab_size + 2))
+        self.eot_id = roles.get("eos_token", roles.get("cls_token"))
+        if self.eot_id is None:
+            raise TokenizerError(f"tokenizer={str(path)!r} has neither an eos_token nor a cls_token to mark where "
+                                 f"documents start; name one in tokenizer_config.json beside it.")
+        self.bos_id = roles.get("bos_token", roles.get("cls_token", self.eot_id))
+        pad = roles.get("pad_token")
+        self.pad_id = pad if pad is not None and pad != self.eot_id else next(extra)
+        self.mask_id = roles["mask_token"] if "mask_token" in roles else next(extra)
+        self._extra_names = {i: name for i, name in ((self.pad_id, "<|pad|>"), (self.mask_id, "<|mask|>"))
+                             if i >= self.vocab_size}
+        specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = tuple(sorted(specials | {self.eot_id, self.bos_id, self.pad_id, self.mask_id}))
+
+    def _roles(self, config_path: Path) -> dict[str, int]:
+        """{role: id} from tokenizer_config.json (missing file: the conventional names)."""
+        import json
+
+        names = {}
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            for role in (*HF_FALLBACK_ROLES, "bos_token"):
+                value = config.get(role)
+                value = value.get("content") if isinstance(value, dict) else value  # AddedToken as a dict
+                if value is not None:
+                    names[role] = value
+        else:
+            for role, candidates in HF_FALLBACK_ROLES.items():
+                found = [c for c in candidates if self._tok.token_to_id(c) is not None]
+                if found:
+                    names[role] = found[0]
+        ids = {role: self._tok.token_to_id(token) for role, token in names.items()}
+        missing = [f"{role}={names[role]!r}" for role, i in ids.items() if i is None]
+        if missing:
+            raise TokenizerError(f"{config_path} names {', '.join(missing)}, which the tokenizer's vocabulary lacks.")
+        return ids
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[np.ndarray]:
+        out = self._tok.encode_batch(texts, add_special_tokens=False)  # parallel in Rust
+        return [np.asarray(e.ids, dtype=np.int32) for e in out]
+
+    def decode(self, ids) -> str:
+        specials, n = set(self.special_ids), self.vocab_size
+        return _decode_runs(
+            ids,
+            is_text=lambda i: 0 <= i < n and i not in specials,
+            decode_text=lambda run: self._tok.decode(run, skip_special_tokens=False),
+            marker=lambda i: self._tok.id_to_token(i) if 0 <= i < n else self._extra_names.get(i, f"<|invalid:{i}|>"),
+        )
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        """Rows the table needs, roles past the vocabulary included, rounded up to `multiple`."""
+        return round_up(max(self.vocab_size, *self.special_ids) + 1, multiple)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r})"
+
+
 def _training_chunks(texts: Iterable[str], lines_per_chunk: int = 32):
     """SentencePiece trains on "sentences"; give it blocks of lines, newlines kept."""
     for text in texts:
@@ -234,7 +334,8 @@ def train_sentencepiece(
 
 
 def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """'bytes', 'sentencepiece' (the model beside a prepared dataset: `data_dir`), or a .model path.
+    """'bytes', 'sentencepiece' (the model beside a prepared dataset: `data_dir`), a .model path,
+    or a Hugging Face tokenizer.json path.
 
     `data_dir` is the prepared dataset's directory (`Corpus.directory`), where
     `magic data --tokenizer sentencepiece` writes `sentencepiece.model`.
@@ -260,7 +361,9 @@ def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | 
         return SentencePieceTokenizer(path)
     if name.endswith(".model"):
         return SentencePieceTokenizer(name)
+    if name.endswith(".json"):
+        return HFTokenizer(name)
     raise TokenizerError(
-        f"tokenizer={name!r} is unknown: use one of {TOKENIZER_NAMES} or a path to a "
-        "SentencePiece .model file."
+        f"tokenizer={name!r} is unknown: use one of {TOKENIZER_NAMES}, a path to a "
+        "SentencePiece .model file or to a Hugging Face tokenizer.json."
     )

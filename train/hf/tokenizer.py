@@ -1,0 +1,109 @@
+"""A checkpoint's tokenizer files -> one `tokenizer.json` (+ `tokenizer_config.json`) in the run.
+
+Hugging Face model directories carry their tokenizer in one of three layouts:
+`tokenizer.json` (the `tokenizers` library's own format, what transformers writes today),
+or the older `vocab.json` + `merges.txt` (GPT-2's byte-level BPE) or `vocab.txt` (BERT's
+WordPiece). The import turns any of them into a tokenizer.json beside the checkpoint, so
+a run has exactly one tokenizer file to load (`HFTokenizer`, train/data/tokenizers.py),
+and keeps `tokenizer_config.json`, which names the special tokens' roles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+from .errors import HFError
+
+TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+# What transformers' GPT2Tokenizer and BertTokenizer default to when tokenizer_config.json is absent.
+DEFAULT_CONFIG = {
+    "gpt2": {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+             "unk_token": "<|endoftext|>", "add_prefix_space": False},
+    "bert": {"tokenizer_class": "BertTokenizer", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+             "mask_token": "[MASK]", "unk_token": "[UNK]", "do_lower_case": True},
+}
+
+
+def _read_config(directory: str, model_type: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return dict(DEFAULT_CONFIG[model_type])
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise HFError(f"{path} is not valid JSON ({err}).") from None
+
+
+def _from_legacy(directory: str, model_type: str, config: dict):
+    """A `tokenizers.Tokenizer` from vocab.json + merges.txt or vocab.txt, or None."""
+    from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+
+    vocab_json, merges, vocab_txt = (os.path.join(directory, n) for n in ("vocab.json", "merges.txt", "vocab.txt"))
+    if model_type == "gpt2" and os.path.isfile(vocab_json) and os.path.isfile(merges):
+        tok = ByteLevelBPETokenizer(vocab_json, merges, add_prefix_space=bool(config.get("add_prefix_space", False)))
+        specials = sorted({config[k] for k in ("bos_token", "eos_token", "unk_token") if isinstance(config.get(k), str)})
+        tok.add_special_tokens([s for s in specials if tok.token_to_id(s) is not None])  # GPT-2: <|endoftext|>
+        return tok._tokenizer
+    if model_type == "bert" and os.path.isfile(vocab_txt):
+        tok = BertWordPieceTokenizer(vocab_txt, lowercase=bool(config.get("do_lower_case", True)),
+                                     strip_accents=config.get("strip_accents"),
+                                     handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+                                     **{k: config[k] for k in ("unk_token", "sep_token", "cls_token", "pad_token",
+                                                               "mask_token") if isinstance(config.get(k), str)})
+        return tok._tokenizer
+    return None
+
+
+def find_tokenizer(directory: str, model_type: str):
+    """(tokenizers.Tokenizer, tokenizer_config dict) of a model directory; HFError naming
+    the files looked for when there is none."""
+    from tokenizers import Tokenizer
+
+    config = _read_config(directory, model_type)
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.isfile(path):
+        try:
+            return Tokenizer.from_file(path), config
+        except Exception as err:  # the Rust library's own exception type
+            raise HFError(f"{path} cannot be read by the tokenizers library ({err}).") from None
+    tok = _from_legacy(directory, model_type, config)
+    if tok is None:
+        legacy = "vocab.json + merges.txt" if model_type == "gpt2" else "vocab.txt"
+        raise HFError(f"{directory} has no tokenizer: looked for {TOKENIZER_FILE} and {legacy}. Copy the tokenizer "
+                      f"files from the model's repository into it, or pass --tokenizer DIR.")
+    return tok, config
+
+
+def check_vocabulary(tok, rows: int, where: str) -> Optional[str]:
+    """An error when the tokenizer has ids past the embedding table; a note when it has fewer."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > rows:
+        raise HFError(f"the tokenizer in {where} has {size:,} ids but the embedding table (config.json vocab_size) "
+                      f"has {rows:,} rows: ids {rows:,} and up would have no embedding. The tokenizer belongs to "
+                      f"another model; pass the right one with --tokenizer DIR.")
+    if size < rows:
+        return f"the tokenizer has {size:,} ids and the table {rows:,} rows; the rest are kept (and predictable)"
+    return None
+
+
+def write_tokenizer(tok, config: dict, directory: str, max_len: int) -> str:
+    """tokenizer.json + tokenizer_config.json into `directory`; returns the tokenizer.json path."""
+    path = os.path.join(directory, TOKENIZER_FILE)
+    tok.save(path)
+    config = {**config, "model_max_length": max_len}  # transformers' default is "unbounded" (1e30)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return path
+
+
+def copy_tokenizer(source_json: str, directory: str, model_type: str, max_len: int) -> None:
+    """A run's tokenizer.json (and its tokenizer_config.json) into an export directory."""
+    shutil.copyfile(source_json, os.path.join(directory, TOKENIZER_FILE))
+    config = _read_config(os.path.dirname(source_json), model_type)
+    config.setdefault("tokenizer_class", DEFAULT_CONFIG[model_type]["tokenizer_class"])
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump({**config, "model_max_length": max_len}, f, indent=2, ensure_ascii=False)
