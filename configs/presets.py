@@ -3,7 +3,8 @@
 Sources (cited per preset below):
   GPT-3: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1
          (shapes, batch, learning rate), Table D.1 (parameter counts), Appendix B
-         (AdamW, cosine decay to 10% over 260B tokens, 375M-token linear warmup).
+         (AdamW, cosine decay to 10% over 260B tokens, 375M-token linear warmup, and the
+         batch ramp: linear from 32k tokens to the full batch over the first 4-12B tokens).
   GPT-2: Radford et al. 2019, Table 2 (shapes), Section 2.3 (1024 context, batch 512).
   BERT:  Devlin et al. 2019, Section 3 (shapes), Appendix A.2 (batch 256 x 512,
          lr 1e-4, 10k warmup, linear decay, 1M steps).
@@ -14,6 +15,7 @@ Sources (cited per preset below):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional, get_args
 
 from .model_config import ConfigError, ModelConfig, suggest
@@ -35,6 +37,10 @@ class PaperRecipe:
     adam_b2: float = 0.95
     adam_eps: float = 1e-8
     weight_decay: float = 0.1
+    # Batch-size ramp (GPT-3 only): the batch grows linearly from ramp_start_tokens to
+    # batch_tokens over the first ramp_tokens tokens; 0 = no ramp.
+    ramp_start_tokens: int = 0
+    ramp_tokens: int = 0
     source: str = ""
 
     def __post_init__(self):
@@ -54,7 +60,24 @@ class Preset:
 _GPT3_SOURCE = "Brown et al. 2020, Table 2.1 (shape), Table D.1 (params)"
 
 
-def _gpt3_recipe(batch_tokens: int, lr: float) -> PaperRecipe:
+# GPT-3 Appendix B: "we also gradually increase the batch size linearly from a small value
+# (32k tokens) to the full value over the first 4-12 billion tokens of training, depending on
+# the model size". 32k = 16 sequences of 2048. The paper gives only the range, not each model's
+# length; OUR rule interpolates linearly in log(parameters) from 4B tokens at the smallest model
+# (125M, Table D.1) to 12B at the largest (174.6B), rounded to 0.1B tokens.
+GPT3_RAMP_START_TOKENS = 16 * 2048
+_GPT3_RAMP_RANGE = ((125_000_000, 4_000_000_000), (174_600_000_000, 12_000_000_000))
+
+
+def gpt3_ramp_tokens(params: int) -> int:
+    """Tokens over which the batch ramps up for a GPT-3 model of `params` (Table D.1): our
+    log-linear reading of Appendix B's "4-12 billion tokens ... depending on the model size"."""
+    (p0, t0), (p1, t1) = _GPT3_RAMP_RANGE
+    fraction = min(1.0, max(0.0, math.log(params / p0) / math.log(p1 / p0)))
+    return round((t0 + fraction * (t1 - t0)) / 1e8) * 100_000_000
+
+
+def _gpt3_recipe(batch_tokens: int, lr: float, params: int) -> PaperRecipe:
     # GPT-3 Appendix B: warmup over the first 375M tokens, cosine decay to 10% over 260B tokens.
     return PaperRecipe(
         batch_tokens=batch_tokens,
@@ -62,7 +85,9 @@ def _gpt3_recipe(batch_tokens: int, lr: float) -> PaperRecipe:
         schedule="cosine",
         warmup_tokens=375_000_000,
         decay_tokens=260_000_000_000,
-        source="GPT-3 Table 2.1 (batch, lr); Appendix B (Adam 0.9/0.95, eps 1e-8, wd 0.1, schedule)",
+        ramp_start_tokens=GPT3_RAMP_START_TOKENS,
+        ramp_tokens=gpt3_ramp_tokens(params),
+        source="GPT-3 Table 2.1 (batch, lr); Appendix B (Adam 0.9/0.95, eps 1e-8, wd 0.1, schedule, batch ramp)",
     )
 
 
@@ -224,7 +249,7 @@ def _build() -> dict[str, Preset]:
         presets[name] = Preset(name, model, recipe, paper_params, source)
 
     for name, layers, d, heads, batch_m, lr, params in _GPT3_TABLE:
-        add(name, _gpt3(layers, d, heads), _gpt3_recipe(int(batch_m * 1e6), lr), params, _GPT3_SOURCE)
+        add(name, _gpt3(layers, d, heads), _gpt3_recipe(int(batch_m * 1e6), lr, params), params, _GPT3_SOURCE)
     # GPT-2 counts as the Hugging Face reference counts them (tied head, no output bias).
     for name, layers, d, heads, params, lr in (
         ("gpt2", 12, 768, 12, 124_439_808, 6.0e-4),

@@ -16,6 +16,7 @@ from typing import Literal, Optional, get_args
 
 from .model_config import SPLASH_BLOCK, ConfigError, ModelConfig, fail, side_lengths, suggest, untiled_lengths
 from .presets import SCHEDULES, Schedule, get_preset
+from .ramp import BatchRamp
 
 TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model or a Hugging Face tokenizer.json
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
@@ -48,8 +49,12 @@ class DataConfig:
 class OptimizerConfig:
     learning_rate: float = 1e-3  # peak
     schedule: Schedule = "cosine"
-    warmup_steps: Optional[int] = None  # None: 10% of the decay, at most 100 steps
-    decay_steps: Optional[int] = None  # None: decay over the whole run
+    warmup_steps: Optional[int] = None  # None: from warmup_tokens, else 10% of the decay, at most 100 steps
+    decay_steps: Optional[int] = None  # None: from decay_tokens, else decay over the whole run
+    # A paper's schedule in tokens (presets with a paper recipe fill these): converted to steps
+    # with the run's tokens per step, rounded. An explicit warmup_steps / decay_steps wins.
+    warmup_tokens: Optional[int] = None
+    decay_tokens: Optional[int] = None
     final_ratio: float = 0.1  # cosine ends at 10% of peak (GPT-3 Appendix B)
     b1: float = 0.9
     b2: float = 0.95
@@ -66,6 +71,10 @@ class OptimizerConfig:
             fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
+        if self.warmup_tokens is not None and self.warmup_tokens < 0:
+            fail("optimizer.warmup_tokens", self.warmup_tokens, "use 0 or more tokens.")
+        if self.decay_tokens is not None and self.decay_tokens <= 0:
+            fail("optimizer.decay_tokens", self.decay_tokens, "use a positive number of tokens (or leave it unset).")
         if not 0 <= self.final_ratio <= 1:
             fail("optimizer.final_ratio", self.final_ratio, "use a fraction of the peak in [0, 1].")
         if not 0 <= self.label_smoothing < 1:
@@ -83,6 +92,21 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RampConfig:
+    # The batch-size ramp (GPT-3, Brown et al. 2020, Appendix B): the batch grows linearly in
+    # tokens from start_tokens (whole sequences) to batch_size over the first `tokens` tokens,
+    # in whole multiples of the start (configs/ramp.py). tokens=0: no ramp.
+    start_tokens: int = 0
+    tokens: int = 0
+
+    def __post_init__(self):
+        for name in ("start_tokens", "tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(f"ramp.{name}", value, "use a whole number of tokens >= 0 (ramp.tokens=0 turns the ramp off).")
 
 
 def mesh_assignments(text: str) -> list[str]:
@@ -110,6 +134,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    ramp: RampConfig = dataclasses.field(default_factory=RampConfig)
     workdir: str = "runs/default"
     seed: int = 0
     batch_size: int = 32  # global, in sequences
@@ -145,11 +170,15 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
-        decay = self.optimizer.decay_steps or self.steps
-        if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= decay:
-            fail("optimizer.warmup_steps", self.optimizer.warmup_steps,
-                  f"warmup must end before the decay does (decay_steps={decay}, i.e. optimizer.decay_steps "
-                  f"or steps); lower optimizer.warmup_steps or raise steps.")
+        self._check_ramp()
+        if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= self.decay_steps:
+            field, value = (("optimizer.warmup_tokens", self.optimizer.warmup_tokens)
+                            if self.optimizer.warmup_steps is None and self.optimizer.warmup_tokens is not None
+                            else ("optimizer.warmup_steps", self.optimizer.warmup_steps))
+            fail(field, value, f"warmup must end before the decay does: warmup {self.warmup_steps} steps "
+                               f"({self.schedule_source('warmup')}), decay {self.decay_steps} steps "
+                               f"({self.schedule_source('decay')}); lower the warmup, or raise the decay "
+                               f"(optimizer.decay_tokens, optimizer.decay_steps or steps).")
         lengths = side_lengths(self.model.family, self.data.seq_len)
         untiled = untiled_lengths(self.model.family, self.data.seq_len)
         if self.model.attention_impl == "splash" and untiled:
@@ -163,15 +192,65 @@ class TrainConfig:
                   f"the model has only {self.model.max_len} positions (model.max_len); "
                   f"lower data.seq_len or raise model.max_len.")
 
+    def _check_ramp(self) -> None:
+        """A ramp must come in whole sequences and whole multiples of its start."""
+        start, seq = self.ramp.start_tokens, self.data.seq_len
+        if not self.ramp.tokens:
+            return
+        if start == 0 or start % seq:
+            fail("ramp.start_tokens", start,
+                 f"the ramp starts with whole sequences of data.seq_len={seq} tokens: use a positive multiple of "
+                 f"{seq}, e.g. {max(1, start // seq) * seq} (or ramp.tokens=0 for no ramp).")
+        rows = start // seq
+        if rows > self.batch_size:
+            fail("ramp.start_tokens", start,
+                 f"the ramp starts larger than the full batch (batch_size={self.batch_size} x data.seq_len={seq} = "
+                 f"{self.tokens_per_step:,} tokens): lower ramp.start_tokens or raise batch_size.")
+        if self.batch_size % rows:
+            fail("batch_size", self.batch_size,
+                 f"the ramp grows in whole multiples of its start, ramp.start_tokens={start} = {rows} sequences: "
+                 f"use a multiple of {rows} (e.g. {max(rows, self.batch_size // rows * rows)}) or a "
+                 f"ramp.start_tokens whose sequences divide {self.batch_size}.")
+
     @property
     def warmup_steps(self) -> int:
-        if self.optimizer.warmup_steps is not None:
-            return self.optimizer.warmup_steps
-        return min(100, (self.optimizer.decay_steps or self.steps) // 10)
+        opt = self.optimizer
+        if opt.warmup_steps is not None:
+            return opt.warmup_steps
+        if opt.warmup_tokens is not None:
+            return round(opt.warmup_tokens / self.tokens_per_step)
+        return min(100, self.decay_steps // 10)
+
+    @property
+    def decay_steps(self) -> int:
+        opt = self.optimizer
+        if opt.decay_steps:
+            return opt.decay_steps
+        if opt.decay_tokens is not None:
+            return round(opt.decay_tokens / self.tokens_per_step)
+        return self.steps
+
+    def schedule_source(self, which: str) -> str:
+        """Where the resolved warmup or decay length came from, for the run header and print-config."""
+        opt = self.optimizer
+        steps, tokens = getattr(opt, f"{which}_steps"), getattr(opt, f"{which}_tokens")
+        if (steps is not None) if which == "warmup" else bool(steps):  # as warmup_steps / decay_steps read them
+            return (f"optimizer.{which}_steps={steps}, an override of the recipe's optimizer.{which}_tokens={tokens:,}"
+                    if tokens is not None else f"optimizer.{which}_steps={steps}")
+        if tokens is not None:
+            return f"optimizer.{which}_tokens={tokens:,} / {self.tokens_per_step:,} tokens per step, rounded"
+        return "10% of the decay, at most 100 steps" if which == "warmup" else f"steps={self.steps}"
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of a full batch (during a batch ramp a step has fewer: `batch_ramp`)."""
         return self.batch_size * self.data.seq_len
+
+    @property
+    def batch_ramp(self) -> BatchRamp:
+        """The batch of every step (configs/ramp.py): one level of batch_size without a ramp."""
+        return BatchRamp.build(self.batch_size, self.data.seq_len, self.ramp.start_tokens // self.data.seq_len,
+                               self.ramp.tokens)
 
 
 def config_to_json(config: TrainConfig) -> dict:
@@ -181,7 +260,8 @@ def config_to_json(config: TrainConfig) -> dict:
 
 def config_from_json(d: dict) -> TrainConfig:
     return TrainConfig(**{**d, "model": ModelConfig(**d["model"]), "data": DataConfig(**d["data"]),
-                          "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"])})
+                          "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"]),
+                          "ramp": RampConfig(**d.get("ramp", {}))})  # runs saved before the ramp existed
 
 
 def batch_for_tokens(tokens: int, seq_len: int, multiple: int = 1) -> int:
@@ -194,14 +274,22 @@ def batch_for_tokens(tokens: int, seq_len: int, multiple: int = 1) -> int:
 def train_config_for(preset_name: str, **overrides) -> TrainConfig:
     """Defaults for a preset: its model, and its paper's optimizer, context and batch:
     sequences of the model's max_len, and the paper's batch_tokens in whole sequences
-    (the tiny presets' recipe gives the CPU demo's 32 x 128)."""
+    (the tiny presets' recipe gives the CPU demo's 32 x 128). A paper's recipe also gives
+    the schedule in tokens (warmup, decay) and GPT-3's batch ramp; the tiny demo presets
+    keep their step-based defaults, so the demo run stays what it was."""
     preset = get_preset(preset_name)
     recipe = preset.recipe
+    paper = preset.paper_params is not None  # None: a demo preset, not a paper's recipe
     optimizer = OptimizerConfig(learning_rate=recipe.peak_learning_rate, schedule=recipe.schedule,
                                 b1=recipe.adam_b1, b2=recipe.adam_b2, eps=recipe.adam_eps,
-                                weight_decay=recipe.weight_decay)
+                                weight_decay=recipe.weight_decay,
+                                warmup_tokens=recipe.warmup_tokens if paper else None,
+                                decay_tokens=(recipe.decay_tokens or None) if paper else None)  # rsqrt: no decay
     seq_len = preset.model.max_len
-    defaults = dict(data=DataConfig(seq_len=seq_len), batch_size=batch_for_tokens(recipe.batch_tokens, seq_len))
+    ramp = RampConfig(recipe.ramp_start_tokens, recipe.ramp_tokens) if paper else RampConfig()
+    start_rows = ramp.start_tokens // seq_len if ramp.tokens else 1
+    defaults = dict(data=DataConfig(seq_len=seq_len), ramp=ramp,
+                    batch_size=batch_for_tokens(recipe.batch_tokens, seq_len, start_rows))
     return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
                        workdir=os.path.join("runs", preset_name), **{**defaults, **overrides})
 

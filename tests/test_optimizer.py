@@ -217,3 +217,25 @@ def test_accumulation_bad_arguments():
         accumulate_gradients(_loss_fn, params, batch, 3)
     with pytest.raises(ValueError, match=r"num_microbatches=0"):
         accumulate_gradients(_loss_fn, params, batch, 0)
+
+
+def test_inactive_microbatches_are_skipped_not_computed():
+    """The batch ramp's flags: an inactive microbatch is not run at all. Its rows here carry a
+    nonzero loss_mask on purpose, so computing it would change the result; the result must
+    equal the plain gradient over the active microbatches' rows alone."""
+    params, batch = _model_and_batch()
+    batch = {**batch, "loss_mask": jnp.ones((B, T), jnp.float32).at[0, 2:].set(0.0)}
+    k, active = 4, jnp.array([True, False, True, False])
+    rows = np.arange(B)[np.isin(np.arange(B) % k, [0, 2])]  # microbatch i holds rows i, i + k, ...
+    subset = jax.tree_util.tree_map(lambda x: x[rows], batch)
+    (ref_loss, _), ref_grads = jax.value_and_grad(_loss_fn, has_aux=True)(params, subset, None)
+    loss, grads, aux = jax.jit(accumulate_gradients, static_argnums=(0, 3))(_loss_fn, params, batch, k, None, active)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    _assert_trees_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(aux["weight"], float(subset["loss_mask"].sum()))
+    all_on = accumulate_gradients(_loss_fn, params, batch, k, None, jnp.ones(k, bool))
+    plain = accumulate_gradients(_loss_fn, params, batch, k)
+    _assert_trees_close(all_on, plain, rtol=1e-6, atol=1e-7)
+    jaxpr = lambda flags: str(jax.make_jaxpr(lambda p, b: accumulate_gradients(_loss_fn, p, b, k, None, flags))(
+        params, batch))
+    assert "cond" in jaxpr(active) and "cond" not in jaxpr(None), "no flags: the scan compiles as before"

@@ -59,11 +59,11 @@ FORMAT = "matrixmagic-executable-v1"
 
 def step_signature(config, devices: int) -> dict:
     """The config fields baked into a compiled step (shapes, optimizer constants, schedule,
-    mesh: its resolved sizes, so data=-1 and data=1 on one device compare equal)."""
+    batch ramp, mesh: its resolved sizes, so data=-1 and data=1 on one device compare equal)."""
     mesh = dataclasses.asdict(config.mesh)
     mesh.update(axis_sizes(config.mesh, devices))
     return {"model": dataclasses.asdict(config.model), "optimizer": dataclasses.asdict(config.optimizer),
-            "mesh": mesh, "batch_size": config.batch_size,
+            "ramp": dataclasses.asdict(config.ramp), "mesh": mesh, "batch_size": config.batch_size,
             "microbatches": config.microbatches, "steps": config.steps, "data.seq_len": config.data.seq_len}
 
 

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from matrixmagic.configs import ConfigError
+from matrixmagic.configs.ramp import ramp_description
 from matrixmagic.configs.train_config import TrainConfig, config_to_json
 from matrixmagic.model.accounting import closed_form_params, training_flops_per_token
 from matrixmagic.model.families import family_of
@@ -55,7 +56,8 @@ def open_data(config: TrainConfig, tokenizer):
     kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=data.seq_len,
                   data_dir=data.data_dir,
                   process_index=jax.process_index(), process_count=jax.process_count())  # this host's rows only
-    train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, **kwargs)
+    train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, ramp=config.batch_ramp,
+                                        microbatches=config.microbatches, **kwargs)
     eval_batches = pipeline.make_eval_batches(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
                                               **kwargs) if config.eval_batches else []
     return train_data, eval_batches
@@ -71,10 +73,23 @@ def process_zero_first(fn):
     return fn() if jax.process_index() != 0 else result
 
 
-def flops_per_step(config: TrainConfig) -> float:
+def flops_per_token(config: TrainConfig) -> float:
     total = closed_form_params(config.model)
     n = total["model"] + total["mlm_head"]
-    return training_flops_per_token(config.model, n, config.data.seq_len) * config.tokens_per_step
+    return training_flops_per_token(config.model, n, config.data.seq_len)
+
+
+def flops_per_step(config: TrainConfig) -> float:
+    """Of a full batch (benchmarks); a ramp step has fewer tokens."""
+    return flops_per_token(config) * config.tokens_per_step
+
+
+def schedule_line(config: TrainConfig) -> str:
+    """The run header's schedule: where warmup and decay came from, and the batch ramp."""
+    opt = config.optimizer
+    return (f"{opt.schedule} schedule, peak lr {opt.learning_rate:g}: warmup {config.warmup_steps:,} steps "
+            f"({config.schedule_source('warmup')}), decay {config.decay_steps:,} steps "
+            f"({config.schedule_source('decay')}); {ramp_description(config.batch_ramp)}")
 
 
 def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
@@ -112,12 +127,14 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
 
     writer = metrics_lib.MetricsWriter(config.workdir, enabled=is_main)
     peak = config.peak_flops or metrics_lib.peak_flops_per_device(jax.local_devices())
-    step_flops = flops_per_step(config)
+    token_flops = flops_per_token(config)
+    ramp = config.batch_ramp  # the batch of every step (one level without a ramp)
     n_params = closed_form_params(config.model)["model"]
     family = family_of(config.model)
     log(f"{config.preset}: {n_params:,} params, {family.name} ({family.objective}), {len(jax.devices())} device(s) "
         f"mesh {dict(run.mesh.shape)}, {config.tokens_per_step:,} tokens/step, {config.model.dtype} compute, "
         f"attention {config.model.attention_impl}, workdir {config.workdir}")
+    log(schedule_line(config))
 
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True)
     window_start, window_steps, last_eval, preempted_at = time.perf_counter(), 0, None, None
@@ -133,10 +150,12 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
             if done % config.log_every == 0 or done == config.steps:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 elapsed = time.perf_counter() - window_start
+                window_tokens = ramp.tokens_before(done) - ramp.tokens_before(done - window_steps)
+                values["tokens_seen"] = ramp.tokens_before(done)  # exact: every step's rows x seq_len
                 values["step_time"] = elapsed / window_steps
-                values["tokens_per_second"] = config.tokens_per_step * window_steps / elapsed
+                values["tokens_per_second"] = window_tokens / elapsed
                 if peak:  # unknown peak: no MFU recorded, and the bar says n/a
-                    values["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
+                    values["mfu"] = token_flops * window_tokens / elapsed / (peak * jax.device_count())
                 writer.write(done, "train", values)
                 monitor.check(last_good(ckpt))  # raises NonFiniteError past max_nonfinite_skips
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",

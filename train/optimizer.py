@@ -163,6 +163,7 @@ def accumulate_gradients(
     batch: Mapping,
     num_microbatches: int,
     rng: jax.Array | None = None,
+    active: jax.Array | None = None,
 ):
     """Mean loss and gradient of ``loss_fn`` over ``batch`` in microbatches.
 
@@ -188,6 +189,11 @@ def accumulate_gradients(
     ``num_microbatches=1`` is a plain ``jax.value_and_grad`` call (no scan,
     ``rng`` passed through unsplit).
 
+    ``active``: optional ``[num_microbatches]`` bools (the batch ramp, train/ramp.py). A
+    microbatch marked False is not computed at all (``lax.cond``) and counts as weight 0,
+    so it must hold no weighted token. ``None`` builds the plain scan, without a cond.
+    With one microbatch it is ignored: that microbatch holds the active rows.
+
     Returns:
       ``(mean_loss, mean_grads, aux)``.
     """
@@ -207,8 +213,13 @@ def accumulate_gradients(
     f32_zeros = lambda t: jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), t)
 
     def body(carry, xs):
-        microbatch, key = xs
-        (loss, aux), grads = grad_fn(params, microbatch, key)
+        microbatch, key, run = xs
+        if run is None:
+            (loss, aux), grads = grad_fn(params, microbatch, key)
+        else:  # an inactive microbatch (all padding) is skipped, not computed and masked
+            shapes = jax.eval_shape(grad_fn, params, microbatch, key)
+            skipped = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (loss, aux), grads = jax.lax.cond(run, lambda: grad_fn(params, microbatch, key), lambda: skipped)
         aux = dict(aux)
         w = jax.lax.stop_gradient(jnp.asarray(aux.pop(WEIGHT_KEY), jnp.float32)) if weighted else 1.0
         scaled = lambda x: jnp.where(w > 0, jnp.asarray(x, jnp.float32) * w, 0.0)
@@ -223,7 +234,7 @@ def accumulate_gradients(
 
     aux_rest = {key: v for key, v in aux_shape.items() if key != WEIGHT_KEY}
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), f32_zeros(params), f32_zeros(aux_rest))
-    (total_w, loss_sum, grad_sum, aux_sum), _ = jax.lax.scan(body, init, (micro, rngs))
+    (total_w, loss_sum, grad_sum, aux_sum), _ = jax.lax.scan(body, init, (micro, rngs, active))
 
     safe_w = jnp.where(total_w > 0, total_w, 1.0)
     mean = lambda x: jnp.where(total_w > 0, x / safe_w, 0.0)

@@ -24,7 +24,13 @@ from jax.sharding import NamedSharding
 
 from matrixmagic.configs import ConfigError, get_preset
 from matrixmagic.configs.model_config import untiled_lengths
-from matrixmagic.configs.train_config import TrainConfig, apply_overrides, batch_for_tokens, train_config_for
+from matrixmagic.configs.train_config import (
+    RampConfig,
+    TrainConfig,
+    apply_overrides,
+    batch_for_tokens,
+    train_config_for,
+)
 from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import axis_sizes, make_mesh
 from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, replicated, with_rules, with_shardings
@@ -77,8 +83,22 @@ def infer_layout(sizes: dict[str, int]) -> str:
     return "fsdp+tp" if fsdp and tp else "fsdp" if fsdp else "tp" if tp else "dp"
 
 
+def _field(assignment: str) -> str:
+    return assignment.partition("=")[0].strip()
+
+
 def _set(assignments: Sequence[str], field: str) -> bool:
-    return any(a.partition("=")[0].strip() == field for a in assignments)
+    return any(_field(a) == field for a in assignments)
+
+
+def _late_int(assignments: Sequence[str], field: str, default: int) -> int:
+    """The last integer assigned to `field` (for sizing the batch); a bad value is left to
+    apply_overrides, which names it."""
+    values = [a.partition("=")[2] for a in assignments if _field(a) == field]
+    try:
+        return int(values[-1]) if values else default
+    except ValueError:
+        return default
 
 
 DEFAULT_PRESET = "gpt-tiny"
@@ -122,7 +142,9 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
     batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
     --remat, ...); then, for what the flags left alone: the platform's dtype and attention
     (`platform_defaults`), the layout the mesh implies, and the recipe's batch rounded down
-    to a multiple of the data-parallel size times microbatches. The embedding table
+    to a multiple of the data-parallel size times microbatches (with a batch ramp, to the least
+    common multiple of that and the ramp's start rows: GPT-3 175B on 256-way data parallelism
+    keeps the paper's 1536 = 96 x 16). The embedding table
     follows the tokenizer later (`with_tokenizer_vocab`), once its vocabulary is known."""
     devices = jax.device_count() if devices is None else devices
     platform = jax.devices()[0].platform if platform is None else platform
@@ -132,9 +154,12 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
         inherited_preset, inherited = init_from_assignments(init_from[-1])
         preset, assignments = preset or inherited_preset, inherited + assignments
     preset = preset or DEFAULT_PRESET
-    # Microbatches last: the default batch must first be rounded to a multiple of them.
-    micro = [a for a in assignments if a.partition("=")[0].strip() == "microbatches"]
-    config = apply_overrides(train_config_for(preset), [a for a in assignments if a not in micro])
+    # Microbatches and the ramp last, with the batch: the default batch is rounded to a multiple
+    # of them, and until it is, a preset's ramp may not divide a batch sized for another seq_len.
+    late = [a for a in assignments if _field(a) == "microbatches" or _field(a).startswith("ramp.")]
+    base = train_config_for(preset)
+    late = [f"ramp.start_tokens={base.ramp.start_tokens}", f"ramp.tokens={base.ramp.tokens}"] + late
+    config = apply_overrides(dataclasses.replace(base, ramp=RampConfig()), [a for a in assignments if a not in late])
     if config.model.attention_impl == "splash" and platform != "tpu":
         raise ConfigError(f"model.attention_impl='splash' is invalid on {platform}: splash is a Pallas kernel for "
                           f"TPU. Use model.attention_impl=matrices or fused here (or compile for a TPU from this "
@@ -145,14 +170,15 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
     config = apply_overrides(config, defaults) if defaults else config
     sizes = axis_sizes(config.mesh, devices)
     if not _set(assignments, "batch_size"):
-        try:
-            k = int(micro[-1].partition("=")[2]) if micro else config.microbatches
-        except ValueError:
-            k = 1  # apply_overrides below names the bad value
-        multiple = math.prod(sizes[a] for a in BATCH_AXES) * max(1, k)
+        k = max(1, _late_int(late, "microbatches", config.microbatches))
+        multiple = math.prod(sizes[a] for a in BATCH_AXES) * k
         tokens = get_preset(preset).recipe.batch_tokens
-        micro.append(f"batch_size={batch_for_tokens(tokens, config.data.seq_len, multiple)}")
-    config = apply_overrides(config, micro) if micro else config
+        start, ramp_tokens = _late_int(late, "ramp.start_tokens", 0), _late_int(late, "ramp.tokens", 0)
+        seq = config.data.seq_len
+        if ramp_tokens > 0 and 0 < start <= tokens and start % seq == 0:  # else the config names the field
+            multiple = math.lcm(multiple, start // seq)  # whole ramp levels and whole microbatches
+        late.append(f"batch_size={batch_for_tokens(tokens, config.data.seq_len, multiple)}")
+    config = apply_overrides(config, late)
     if not _set(assignments, "mesh.layout"):
         config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
     return config  # the mesh is checked against the model once the table is sized (`sized_for_data`)

@@ -18,15 +18,20 @@ from matrixmagic.model import build_model, objectives
 from matrixmagic.model.families import family_of
 
 from .optimizer import accumulate_gradients, make_optimizer
+from .ramp import active_microbatches, ramp_at, ramped_schedule
 from .schedules import make_schedule
 from .state import TrainState
 
 
 def make_learning_rate(config: TrainConfig) -> optax.Schedule:
+    """The schedule in steps (warmup and decay resolved from tokens by TrainConfig); during a
+    batch ramp its clock is the tokens seen, in full-batch steps (train/ramp.py)."""
     opt = config.optimizer
-    return make_schedule(opt.schedule, peak_learning_rate=opt.learning_rate, warmup_steps=config.warmup_steps,
-                         decay_steps=opt.decay_steps or config.steps, final_ratio=opt.final_ratio,
-                         d_model=config.model.d_model)
+    schedule = make_schedule(opt.schedule, peak_learning_rate=opt.learning_rate, warmup_steps=config.warmup_steps,
+                             decay_steps=config.decay_steps, final_ratio=opt.final_ratio,
+                             d_model=config.model.d_model)
+    ramp = config.batch_ramp
+    return ramped_schedule(schedule, ramp) if ramp.on else schedule
 
 
 def make_tx(config: TrainConfig) -> optax.GradientTransformation:
@@ -41,7 +46,13 @@ def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax
     loss_fn = partial(objectives.loss_fn, family_of(config.model), model, train=True,
                       label_smoothing=config.optimizer.label_smoothing)
     step_rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads, aux = accumulate_gradients(loss_fn, state.params, batch, config.microbatches, step_rng)
+    ramp = config.batch_ramp
+    if ramp.on:  # the same full-size batch every step; microbatches without an active row are skipped
+        rows = ramp_at(ramp, state.step)[0]
+        active = active_microbatches(rows, config.batch_size, config.microbatches)
+    else:
+        rows, active = config.batch_size, None
+    loss, grads, aux = accumulate_gradients(loss_fn, state.params, batch, config.microbatches, step_rng, active)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -51,6 +62,7 @@ def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "learning_rate": make_learning_rate(config)(state.step),
+        "batch_rows": jnp.asarray(rows, jnp.int32),  # sequences this step trained on
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

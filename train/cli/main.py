@@ -6,6 +6,7 @@
   magic explain --preset P [--text T] [--layer N] [--plot DIR]   one forward pass, matrix by matrix
   magic generate --workdir RUN --prompt T   sample / translate (--source) / fill [MASK]s
   magic compile --preset P --topology v5p-1024 [--mesh ...] [--sweep]   plan a pod run: memory, FLOPs, step time
+  magic schedule --preset P [--plot out.png]   learning rate and batch size against tokens
   magic hf import DIR --workdir RUN | magic hf export --workdir RUN --out DIR   Hugging Face GPT-2 / BERT
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
@@ -24,6 +25,7 @@ from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
+from .schedule import add_schedule_arguments  # light: argparse only, no jax
 
 
 def _cmd_params(args) -> int:
@@ -52,6 +54,11 @@ def _cmd_train(args) -> int:
 
     # Every config error surfaces here, before data or compile; `magic compile` resolves the same way.
     config = resolve_config(args.preset, assignments)  # this runtime's devices and platform
+    if args.print_config:  # no data read, nothing compiled
+        from ..describe import print_config
+
+        print(json.dumps(print_config(config), indent=2))
+        return 0
     summary = train(config, compiled=args.compiled)
     return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
 
@@ -60,6 +67,12 @@ def _cmd_compile(args) -> int:
     from .compile import main as compile_main
 
     return compile_main(args)
+
+
+def _cmd_schedule(args) -> int:
+    from .schedule import main as schedule_main
+
+    return schedule_main(args)
 
 
 def _cmd_data(args) -> int:
@@ -113,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(t)
     t.add_argument("--workdir", help="run directory (logs, checkpoints); rerun with the same one to resume")
     t.add_argument("--help-fields", action="store_true", help="list every field --set accepts")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON (warmup and "
+                                                                "decay steps, batch ramp, mesh, dtype) and exit")
     t.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (auto on TPU pods and SLURM)")
     t.add_argument("--num-processes", type=int, help="multi-process: how many processes run this command")
     t.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
@@ -129,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(c)
     add_compile_arguments(c)
     c.set_defaults(func=_cmd_compile)
+
+    s = sub.add_parser("schedule", help="learning rate and batch size against tokens (text, and --plot FILE)")
+    add_schedule_arguments(s)
+    s.set_defaults(func=_cmd_schedule)
 
     e = sub.add_parser("explain", help="walk one forward pass matrix by matrix (shapes, FLOPs, values, pictures)")
     e.add_argument("--preset", help="preset name; presets over 200M params run on shapes only")

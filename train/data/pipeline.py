@@ -11,7 +11,11 @@ on any number of hosts. So nothing here is an iterator with hidden state:
 2. Order. A grain `MapDataset` over row ids is shuffled (a new permutation each
    epoch, all derived from `seed`) and repeated forever; stream position i holds one row.
    Global batch s is stream positions [s*B, (s+1)*B); process p computes only its rows
-   p*B/P : (p+1)*B/P, by random access (`dataset[step]`), never by iterating.
+   p*B/P : (p+1)*B/P, by random access (`stream[position]`), never by iterating.
+   With a batch ramp (configs/ramp.py) step s reads only b_s rows, stream positions
+   [rows_before(s), rows_before(s) + b_s), into the active slots of the same [B] batch;
+   the other slots are padding rows (loss_mask 0). Active slots fill microbatch by
+   microbatch (`ramp_slots`), so the step skips whole microbatches that have none.
 3. Features, vectorized per batch: the family's objective (model/objectives.py) turns
    packed rows into its batch, whose keys, sides and dtypes its record in
    model/families.py lists. Segment ids count documents within a row, and positions
@@ -34,6 +38,7 @@ import grain
 import numpy as np
 
 from matrixmagic.configs.model_config import FAMILIES
+from matrixmagic.configs.ramp import BatchRamp
 from matrixmagic.model.families import Family, family_of
 
 from .corpus import Corpus, open_corpus
@@ -137,12 +142,24 @@ def _process_layout(batch_size: int, process_index, process_count) -> tuple[int,
     return int(process_index), process_count, batch_size // process_count
 
 
+def ramp_slots(batch_size: int, microbatches: int) -> np.ndarray:
+    """[B] ranks of the batch's slots in microbatch-major order. The step's microbatch i holds
+    slots i, i + k, i + 2k, ... (train/optimizer.py `split_microbatches`), so slot r is row
+    r // k of microbatch r % k and has rank (r % k) * (B / k) + r // k. A ramp step with b
+    rows uses the slots of rank < b: microbatch 0 fills first, then 1, and so on."""
+    slots = np.arange(batch_size)
+    return (slots % microbatches) * (batch_size // microbatches) + slots // microbatches
+
+
 class LMPipeline:
     """Random-access batches: `batch(step)` is this process's slice of global batch `step`.
-    `seq_len` is the run's data.seq_len; the family record splits it between its sides."""
+    `seq_len` is the run's data.seq_len; the family record splits it between its sides.
+    `ramp`: the run's BatchRamp (None: batch_size rows every step); `microbatches`: the
+    step's, which decide where a ramp step's active rows go."""
 
     def __init__(self, rows: np.ndarray, family: str, seq_len: int, batch_size: int, seed: int,
-                 tokenizer: Tokenizer, process_index: int, process_count: int, mask_rate: float = 0.15):
+                 tokenizer: Tokenizer, process_index: int, process_count: int, mask_rate: float = 0.15,
+                 ramp: BatchRamp | None = None, microbatches: int = 1):
         self.rows, self.family, self.seq_len, self.batch_size = rows, family, seq_len, batch_size
         self.seed, self.tokenizer, self.mask_rate = int(seed), tokenizer, mask_rate
         self.record: Family = family_of(family)
@@ -154,11 +171,24 @@ class LMPipeline:
         self.process_index, self.process_count, self.local_batch_size = _process_layout(
             batch_size, process_index, process_count
         )
+        self.ramp = BatchRamp.build(batch_size, seq_len) if ramp is None else ramp
+        if self.ramp.full_rows != batch_size:
+            raise PipelineError(f"ramp.full_rows={self.ramp.full_rows} must equal batch_size={batch_size}.")
+        if batch_size % _check_positive("microbatches", microbatches):
+            raise PipelineError(f"microbatches={microbatches} must divide batch_size={batch_size}.")
+        self.slot_ranks = ramp_slots(batch_size, microbatches)
         epochs = max(1, STREAM_ROWS // len(rows))  # finite: grain's infinite lengths overflow
-        stream = grain.MapDataset.range(len(rows)).shuffle(seed=_grain_seed(self.seed)).repeat(epochs)
-        local = stream.map_with_index(lambda position, row: (position, row)).batch(self.local_batch_size)
-        mine = local[self.process_index :: self.process_count]
-        self.dataset = mine.map(lambda b: self.features(self.rows[b[1]], b[0], TRAIN_SALT))
+        self.stream = grain.MapDataset.range(len(rows)).shuffle(seed=_grain_seed(self.seed)).repeat(epochs)
+
+    def positions(self, step: int) -> np.ndarray:
+        """Stream positions of this process's slots of global batch `step`; -1 marks a padding
+        slot. The active slots take [rows_before(step), + rows(step)) in slot order, so a full
+        batch is positions step * B + slot."""
+        active = self.slot_ranks < self.ramp.rows(step)
+        order = np.cumsum(active) - 1
+        positions = np.where(active, self.ramp.rows_before(step) + order, -1)
+        first = self.process_index * self.local_batch_size
+        return positions[first : first + self.local_batch_size]
 
     def features(self, rows: np.ndarray, stream_positions: np.ndarray, salt: int) -> dict[str, np.ndarray]:
         """The family's objective turns packed rows into its batch (model/objectives.py)."""
@@ -168,7 +198,13 @@ class LMPipeline:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise PipelineError(f"step={step!r} is invalid: use an integer >= 0.")
-        return self.dataset[int(step)]
+        positions = self.positions(int(step))
+        live = positions >= 0
+        rows = np.full((len(positions), self.rows.shape[1]), self.tokenizer.pad_id, self.rows.dtype)
+        rows[live] = self.rows[[self.stream[int(p)] for p in positions[live]]]
+        # A padding row gets every loss_mask 0 from its objective and draws no masking randomness
+        # (it has no eligible token), so its stream position is a placeholder.
+        return self.features(rows, np.where(live, positions, 0), TRAIN_SALT)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -203,7 +239,9 @@ class BatchIterator:
     def get_state(self) -> dict:
         p = self.pipeline
         return {"step": self.step, "seed": p.seed, "batch_size": p.batch_size,
-                "seq_len": p.seq_len, "family": p.family}
+                "seq_len": p.seq_len, "family": p.family,
+                "ramp.start_tokens": p.ramp.start_rows * p.seq_len if p.ramp.on else 0,
+                "ramp.tokens": p.ramp.ramp_tokens}
 
     def set_state(self, state: dict) -> None:
         for key, mine in self.get_state().items():
@@ -255,14 +293,17 @@ def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: i
 
 def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
                   batch_size: int = 16, seed: int = 0, data_dir=None, process_index: int | None = None,
-                  process_count: int | None = None, *, mask_rate: float = 0.15, **corpus_kwargs) -> LMPipeline:
+                  process_count: int | None = None, *, mask_rate: float = 0.15, ramp: BatchRamp | None = None,
+                  microbatches: int = 1, **corpus_kwargs) -> LMPipeline:
     """Training batches. `source`: a directory, 'stdlib', 'tfds:<name>' or a Corpus.
+    `ramp`, `microbatches`: the run's batch ramp and the step's microbatches (LMPipeline).
     `corpus_kwargs` go to `open_corpus` (pattern, validation_fraction, text_field, max_documents)."""
     seq_len, batch_size = _check_shape(family, seq_len, batch_size)
     _process_layout(batch_size, process_index, process_count)  # fail before reading data
     corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
     rows = packed_rows(corpus, "train", tok, family_of(family).row_len(seq_len))
-    return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate)
+    return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate,
+                      ramp, microbatches)
 
 
 def make_eval_batches(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
