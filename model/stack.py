@@ -12,6 +12,8 @@ fast as a 12-layer model. Remat trades compute for activation memory:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 from flax import linen as nn
 
@@ -53,3 +55,18 @@ class LayerStack(nn.Module):
         for i in range(cfg.num_layers):
             x, _ = layer_cls(cfg, deterministic, **kwargs, name=f"layer_{i}")(x, *args)
         return x
+
+
+def unstack_layers(params, num_layers: int):
+    """Params of a scanned model -> the same weights under the names an unrolled one uses:
+    each `layers` subtree of [num_layers, ...] arrays becomes layer_0 .. layer_{L-1}."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key == "layers":
+            out.update({f"layer_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], value)
+                        for i in range(num_layers)})
+        else:
+            out[key] = unstack_layers(value, num_layers)
+    return out

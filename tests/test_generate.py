@@ -16,6 +16,7 @@ from matrixmagic.configs import ModelConfig
 from matrixmagic.model import build_model, init_params
 from matrixmagic.model.generate import (
     Sampling,
+    _unrolled,
     beam_search,
     fill_masks,
     filter_logits,
@@ -151,6 +152,23 @@ def test_cache_shapes_and_unchanged_params(gpt):
     decode_init = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, decode=True))
     assert jax.tree_util.tree_structure(decode_init["params"]) == jax.tree_util.tree_structure(
         jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"])
+
+
+def test_decoding_unrolls_the_stack_with_the_same_weights(gpt):
+    """The loops decode with the layers unrolled (no weight slicing per token): each layer gets
+    its own slice of the stacked weights, under the names the unrolled model declares."""
+    model, params = gpt
+    unrolled, per_layer = _unrolled(model, params)
+    assert model.config.scan_layers and not unrolled.config.scan_layers
+    declared = jax.eval_shape(lambda: init_params(unrolled.config, jax.random.key(0)))
+    assert jax.tree_util.tree_structure(per_layer) == jax.tree_util.tree_structure(declared)
+    stacked = jax.tree_util.tree_leaves(params["decoder"]["layers"])
+    for i in range(model.config.num_layers):
+        for got, layers in zip(jax.tree_util.tree_leaves(per_layer["decoder"][f"layer_{i}"]), stacked, strict=True):
+            np.testing.assert_array_equal(got, np.asarray(layers)[i])
+    ids = jnp.asarray([PROMPTS[0]])
+    np.testing.assert_allclose(unrolled.apply({"params": per_layer}, ids), model.apply({"params": params}, ids),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- encoder-decoder

@@ -17,7 +17,6 @@ from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model, init_params
 from matrixmagic.model.explain import explain, format_explanation
 from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
-from matrixmagic.model.plots import plot_explanation
 
 from ..data.tokenizers import ByteTokenizer
 from ..run import load_run
@@ -87,6 +86,8 @@ def cli_explain(args) -> int:
                 shapes_only=True if args.shapes_only else None, tokenizer=tokenizer)
     print(format_explanation(e))
     if args.plot:
+        from matrixmagic.model.plots import plot_explanation  # matplotlib: 0.8 s that `magic generate` never needs
+
         for path in plot_explanation(e, args.plot):
             print(f"wrote {path}")
         if e.shapes_only:
