@@ -273,3 +273,13 @@ def test_schedule_plot_path_errors_name_the_flag(where, words, tmp_path, capsys)
     assert main(["schedule", "--preset", "gpt-tiny", "--plot", str(target)]) == 2
     err = capsys.readouterr().err
     assert "--plot" in err and words in err and "Traceback" not in err
+
+
+def test_the_run_header_says_when_a_papers_warmup_outlasts_the_run():
+    from matrixmagic.train.loop import schedule_line
+
+    short = schedule_line(resolve_config("bert-base", [], devices=1, platform="cpu"))  # 10k warmup, 1300 steps
+    assert "warmup ends at step 10,000, after this run's 1,300 steps" in short
+    assert "never reaches" not in schedule_line(resolve_config("gpt-tiny", [], devices=1, platform="cpu"))
+    assert "override" in schedule_line(resolve_config("bert-base", ["optimizer.warmup_steps=10"], devices=1,
+                                                      platform="cpu"))

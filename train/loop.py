@@ -86,10 +86,15 @@ def flops_per_step(config: TrainConfig) -> float:
 
 def schedule_line(config: TrainConfig) -> str:
     """The run header's schedule: where warmup and decay came from, and the batch ramp."""
-    opt = config.optimizer
-    return (f"{opt.schedule} schedule, peak lr {opt.learning_rate:g}: warmup {config.warmup_steps:,} steps "
+    opt, ramp = config.optimizer, config.batch_ramp
+    line = (f"{opt.schedule} schedule, peak lr {opt.learning_rate:g}: warmup {config.warmup_steps:,} steps "
             f"({config.schedule_source('warmup')}), decay {config.decay_steps:,} steps "
-            f"({config.schedule_source('decay')}); {ramp_description(config.batch_ramp)}")
+            f"({config.schedule_source('decay')}); {ramp_description(ramp)}")
+    warmup_end = ramp.first_step_with(config.warmup_steps * config.tokens_per_step)
+    if warmup_end > config.steps:  # a paper's warmup in tokens on a short run: say so, it is legal
+        line += (f"\nnote: the warmup ends at step {warmup_end:,}, after this run's {config.steps:,} steps, so the "
+                 f"learning rate never reaches its peak; --set optimizer.warmup_steps=N for a shorter warmup")
+    return line
 
 
 def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
