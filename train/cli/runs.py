@@ -86,7 +86,7 @@ def cli_explain(args) -> int:
                 shapes_only=True if args.shapes_only else None, tokenizer=tokenizer)
     print(format_explanation(e))
     if args.plot:
-        from matrixmagic.model.plots import plot_explanation  # matplotlib: 0.8 s that `magic generate` never needs
+        from matrixmagic.model.plots import plot_explanation  # matplotlib: start-up `magic generate` never needs
 
         for path in plot_explanation(e, args.plot):
             print(f"wrote {path}")
