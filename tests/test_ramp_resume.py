@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from run_helpers import final_params, saved_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -79,21 +80,6 @@ def train_rows(workdir) -> list[dict]:
     return rows
 
 
-def fingerprint(workdir, step=STEPS) -> dict:
-    with open(os.path.join(workdir, "checkpoints", str(step), "integrity", "metadata")) as f:
-        return json.load(f)["fingerprint"]
-
-
-def final_params(workdir) -> dict:
-    import jax
-
-    from matrixmagic.train.checkpoint import load_params
-    from matrixmagic.train.integrity import flat_by_name
-
-    params, _ = load_params(str(workdir))
-    return {k: np.asarray(v) for k, v in flat_by_name(jax.device_get(params)).items()}
-
-
 @pytest.fixture(scope="module")
 def clean(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clean") / "run"
@@ -151,7 +137,7 @@ def test_killed_mid_ramp_and_resumed_is_bit_identical(clean, corpus, tmp_path):
     for a, b in zip(got, want):
         for key in COMPARED:
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
-    assert fingerprint(workdir) == fingerprint(clean)
+    assert saved_fingerprint(workdir, STEPS) == saved_fingerprint(clean, STEPS)
     mine, theirs = final_params(workdir), final_params(clean)
     assert mine.keys() == theirs.keys()
     assert all(mine[k].tobytes() == theirs[k].tobytes() for k in theirs)

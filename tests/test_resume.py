@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from run_helpers import final_params, saved_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -110,22 +111,6 @@ def wait_for(predicate, proc, timeout=240.0, poll=0.02) -> bool:
     raise TimeoutError("the run made no progress")
 
 
-def final_fingerprint(workdir, step=STEPS) -> dict:
-    """The whole state's per-array fingerprint (params, optimizer, step, key) of `step`."""
-    with open(os.path.join(workdir, "checkpoints", str(step), "integrity", "metadata")) as f:
-        return json.load(f)["fingerprint"]
-
-
-def final_params(workdir) -> dict:
-    import jax
-
-    from matrixmagic.train.checkpoint import load_params
-    from matrixmagic.train.integrity import flat_by_name
-
-    params, _ = load_params(str(workdir))
-    return {k: np.asarray(v) for k, v in flat_by_name(jax.device_get(params)).items()}
-
-
 def assert_same_log(rows, reference) -> None:
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "every step logged exactly once"
     for got, want in zip(rows, reference):
@@ -172,7 +157,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(clean, corpus, tmp
     done = run(workdir, corpus)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    assert final_fingerprint(workdir) == final_fingerprint(clean), kills
+    assert saved_fingerprint(workdir, STEPS) == saved_fingerprint(clean, STEPS), kills
     got, want = final_params(workdir), final_params(clean)
     assert got.keys() == want.keys()
     for name in want:
@@ -197,7 +182,7 @@ def test_sigterm_saves_that_step_exits_75_and_resumes(clean, corpus, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"starting from checkpoint step {stopped}" in done.stdout
     assert_same_log(train_rows(workdir), train_rows(clean))
-    assert final_fingerprint(workdir) == final_fingerprint(clean)
+    assert saved_fingerprint(workdir, STEPS) == saved_fingerprint(clean, STEPS)
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(corpus, tmp_path):
