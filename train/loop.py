@@ -32,6 +32,7 @@ from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .resume import data_state, last_good, nonfinite_skips, start_state
+from .rundir import finished_line, record_start
 from .run import run_tokenizer, sized_for_data, train_run
 from .step import summarize_eval
 
@@ -124,6 +125,12 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoint)
     begin = start_state(config, run, tx, ckpt, train_data, is_main)  # resume, --init-from, or init
     state, start = begin.state, begin.step
+    if start >= config.steps:  # the same command again after the run ended: say so, train nothing
+        ckpt.close()
+        log(finished_line(start, config.workdir))
+        return {"config": config_to_json(config), "final_eval": None, "steps": config.steps, "finished_at": start}
+    if is_main:
+        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json once
     if begin.step or config.init_from:
         log(f"starting from {begin.source}")
     monitor = NonFiniteMonitor(config.max_nonfinite_skips, nonfinite_skips(begin),
@@ -178,7 +185,10 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
                     bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
                 # Eval time is not train time: the window keeps its steps and drops the eval's seconds
                 # (restarting it here counted the steps before the eval over the time after it).
-                window_start += time.perf_counter() - eval_start
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds
+                if not bar.disable:  # nor for the bar: its rate (and so the ETA) is of train steps only
+                    bar.last_print_t += eval_seconds
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked

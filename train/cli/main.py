@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_schedule)
 
     e = sub.add_parser("explain", help="walk one forward pass matrix by matrix (shapes, FLOPs, values, pictures)")
-    e.add_argument("--preset", help="preset name; presets over 200M params run on shapes only")
-    e.add_argument("--workdir", help="a trained run directory (its config and weights)")
+    e.add_argument("--preset", help="preset name: the run `magic train --preset P` made, else random weights "
+                                    "(presets over 200M params run on shapes only)")
+    e.add_argument("--set", action="append", metavar="FIELD=VALUE", help="the --set flags of the `magic "
+                   "train` run to load when no --workdir is given (its default workdir follows from them)")
+    e.add_argument("--workdir", help="a trained run directory (default: the one `magic train` with the same "
+                                     "--preset/--set made)")
     e.add_argument("--text", help="input text (default: a sample sentence; shape-only runs: max_len tokens)")
     e.add_argument("--layer", type=int, default=0, help="which layer to show (default 0)")
     e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
@@ -160,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_explain)
 
     g = sub.add_parser("generate", help="sample text (GPT), translate (enc-dec) or fill [MASK]s (BERT)")
-    g.add_argument("--workdir", help="a trained run directory (family, config and weights come from it)")
-    g.add_argument("--preset", help="no run: a preset with random weights (for trying the machinery)")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="the --set flags of the `magic "
+                   "train` run to load when no --workdir is given (its default workdir follows from them)")
+    g.add_argument("--workdir", help="a trained run directory (default: the one `magic train` with the same "
+                                     "--preset/--set made)")
+    g.add_argument("--preset", help="the run `magic train --preset P` made; without one, random weights")
     g.add_argument("--prompt", help="text to continue; for BERT, text with [MASK] markers")
     g.add_argument("--source", help="encoder-decoder: the source text")
     g.add_argument("--max-new-tokens", type=int, default=100)
