@@ -32,8 +32,8 @@ from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .resume import data_state, last_good, nonfinite_skips, start_state
-from .rundir import finished_line, record_start
 from .run import run_tokenizer, sized_for_data, train_run
+from .rundir import finished_line, record_start
 from .step import summarize_eval
 
 
