@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -214,11 +215,44 @@ def use_compile_cache(env=os.environ) -> None:
     env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
-def console_main() -> int:
-    """The `magic` command: main() with the compile cache on. Tests call main(), and the
-    multi-process tests `python -m matrixmagic.train.cli`, without it."""
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor (as jax's own probe reads them)
+ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA (Docker, WSL2), ROCm
+
+
+def machine_has_accelerator(pci_root: str = "/sys/bus/pci/devices") -> bool:
+    """A TPU chip on the PCI bus, or a GPU device node."""
+    if any(os.path.exists(node) for node in ACCELERATOR_NODES):
+        return True
+    for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def cpu_only_when_no_accelerator(env=os.environ, has_accelerator=machine_has_accelerator) -> None:
+    """With the `tpu` extra installed, jax starts libtpu even on a machine with no TPU, and libtpu
+    then prints its failed probes ("Failed to find host bounds", "unexpected worker hostname",
+    "=== Source Location Trace ===") on every command. On a machine with no accelerator the only
+    backend is the CPU, so say so (JAX_PLATFORMS=cpu) and libtpu never starts. `magic compile`
+    is left alone: it loads libtpu on purpose, to compile for a TPU topology. A JAX_PLATFORMS
+    you set yourself wins."""
+    if "JAX_PLATFORMS" not in env and not has_accelerator():
+        env["JAX_PLATFORMS"] = "cpu"
+
+
+def console_main(argv=None) -> int:
+    """The `magic` command: main() with the compile cache on, and libtpu kept quiet where there
+    is no accelerator. Tests call main(), and the multi-process tests `python -m
+    matrixmagic.train.cli`, without them."""
+    argv = sys.argv[1:] if argv is None else argv
     use_compile_cache()
-    return main()
+    if not argv or argv[0] != "compile":
+        cpu_only_when_no_accelerator()
+    return main(argv)
 
 
 def main(argv=None) -> int:
