@@ -21,7 +21,8 @@ import os
 import sys
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
-from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
+from matrixmagic.configs.fields import field_help
+from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
@@ -43,8 +44,11 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    if args.help_fields:
-        print("Fields for --set (dotted name, type):\n" + field_help())
+    if args.help_fields:  # the preset's defaults; no jax
+        preset = args.preset or "gpt-tiny"
+        config = dataclasses.replace(train_config_for(preset), workdir=f"runs/{preset}-<6 hex of the config's hash>")
+        print(f"Fields for --set (dotted name, type = default for --preset {preset}, then what it means):\n"
+              + field_help(config))
         return 0
     assignments = config_assignments(args)  # a bad --mesh axis fails here, before jax starts
     from matrixmagic.sharding.distributed import initialize
