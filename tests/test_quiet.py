@@ -1,0 +1,71 @@
+"""A quiet console: no libtpu probes on a CPU-only machine, and one line of ours, not TFDS's
+chatter, when a dataset is built."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from matrixmagic.train.cli.main import cpu_only_when_no_accelerator, machine_has_accelerator
+from matrixmagic.train.data.corpus import open_corpus
+
+LIBTPU_NOISE = re.compile(r"libtpu|host bounds|TPU_|E0000|Source Location Trace|InitGoogle", re.I)
+
+
+def test_cpu_only_when_no_accelerator():
+    env = {}
+    cpu_only_when_no_accelerator(env, has_accelerator=lambda: False)
+    assert env == {"JAX_PLATFORMS": "cpu"}
+    env = {}
+    cpu_only_when_no_accelerator(env, has_accelerator=lambda: True)  # a TPU VM or a GPU box: jax decides
+    assert env == {}
+    env = {"JAX_PLATFORMS": "tpu"}
+    cpu_only_when_no_accelerator(env, has_accelerator=lambda: False)  # yours wins
+    assert env == {"JAX_PLATFORMS": "tpu"}
+
+
+def test_a_google_pci_device_counts_as_a_tpu(tmp_path):
+    if machine_has_accelerator(str(tmp_path / "none")):
+        pytest.skip("this machine has a GPU device node")
+    (tmp_path / "0000:00:04.0").mkdir()
+    (tmp_path / "0000:00:04.0" / "vendor").write_text("0x8086\n")  # Intel: not an accelerator
+    assert not machine_has_accelerator(str(tmp_path))
+    (tmp_path / "0000:00:05.0").mkdir()
+    (tmp_path / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")  # Google: a TPU chip
+    assert machine_has_accelerator(str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'): nothing to keep quiet")
+def test_magic_params_prints_no_libtpu_line_on_cpu():
+    if machine_has_accelerator():
+        pytest.skip("this machine has an accelerator, so libtpu (or a GPU) may rightly start")
+    magic = Path(sys.executable).parent / "magic"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([str(magic), "params", "gpt-tiny"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "gpt-tiny" in result.stdout
+    assert not [line for line in output.splitlines() if LIBTPU_NOISE.search(line)], output
+
+
+def test_building_a_dataset_prints_one_line_of_ours(tmp_path, capfd):
+    source = tmp_path / "texts"
+    source.mkdir()
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py"):
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), source / name)
+    corpus = open_corpus(str(source), tmp_path / "data")
+    out, err = capfd.readouterr()
+    assert re.fullmatch(r"building the texts dataset from 3 files into \S+ \.\.\. done in \d+ s\n", out), out
+    assert err == "", err  # no absl warnings, no progress bars
+    assert corpus.num_documents("train") + corpus.num_documents("validation") == 3
+    open_corpus(str(source), tmp_path / "data")  # prepared: silent
+    assert capfd.readouterr() == ("", "")
