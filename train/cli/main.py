@@ -250,11 +250,13 @@ def cpu_only_when_no_accelerator(env=os.environ, has_accelerator=machine_has_acc
 
 def console_main(argv=None) -> int:
     """The `magic` command: main() with the compile cache on, and libtpu kept quiet where there
-    is no accelerator. Tests call main(), and the multi-process tests `python -m
-    matrixmagic.train.cli`, without them."""
+    is no accelerator (both but for `magic compile`). Tests call main(), and the multi-process
+    tests `python -m matrixmagic.train.cli`, without them."""
     argv = sys.argv[1:] if argv is None else argv
-    use_compile_cache()
     if not argv or argv[0] != "compile":
+        # `magic compile` reports compile times, which a cache hit would falsify, and a TPU
+        # topology's cached executable cannot be loaded without a TPU (jax warns on each).
+        use_compile_cache()
         cpu_only_when_no_accelerator()
     return main(argv)
 
