@@ -89,7 +89,9 @@ def cli_explain(args) -> int:
         print(f"[trained run {run}]")
     elif args.preset:
         config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
-        print(f"[preset {args.preset}: no trained run at {default}; random weights, or shapes only when large]")
+        text = (f"; --text read as UTF-8 bytes, ids 0..{tokenizer.vocab_size - 1} of its {config.vocab_size:,}-row "
+                f"table (no trained tokenizer)") if args.text is not None else ""
+        print(f"[preset {args.preset}: no trained run at {default}; random weights, or shapes only when large{text}]")
     else:
         raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
                          f"first, give --workdir RUN, or --preset NAME (random weights, or shapes only when large).")
@@ -107,5 +109,7 @@ def cli_explain(args) -> int:
         for path in plot_explanation(e, args.plot):
             print(f"wrote {path}")
         if e.shapes_only:
-            print("(shape-only run: attention and mask pictures need values; only the positional table was drawn)")
+            drawn = "only the sinusoidal table was drawn" if config.positional == "sinusoidal" else \
+                "nothing was drawn (learned positions too)"
+            print(f"(shape-only run: the pictures need the model's values; {drawn})")
     return 0
