@@ -7,6 +7,7 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -21,6 +22,18 @@ from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, t
 
 from ..data.tokenizers import ByteTokenizer
 from ..run import load_run, resolve_config
+
+
+def load_quietly(workdir: str):
+    """load_run without orbax's absl warnings about opening the checkpoints read-only ("Given
+    directory is read only", "setting save_interval_steps=0"): reading is all we meant to do."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return load_run(workdir)
+    finally:
+        absl.setLevel(level)
 
 
 def trained_run(preset: Optional[str], sets: Sequence[str], workdir: Optional[str]) -> tuple[Optional[str], str]:
@@ -38,7 +51,7 @@ def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0, 
     --preset (random weights, byte tokenizer) -> (config, params, tokenizer, a line saying which)."""
     run, default = trained_run(preset, sets, workdir)
     if run:
-        return (*load_run(run), f"trained run {run}")
+        return (*load_quietly(run), f"trained run {run}")
     if not preset:
         raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
                          f"first, give --workdir RUN, or --preset NAME for random weights, e.g. --preset gpt-tiny.")
@@ -85,7 +98,7 @@ def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
     run, default = trained_run(args.preset, args.set or (), args.workdir)
     if run:
-        config, params, tokenizer = load_run(run)
+        config, params, tokenizer = load_quietly(run)
         print(f"[trained run {run}]")
     elif args.preset:
         config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
