@@ -69,3 +69,19 @@ def test_building_a_dataset_prints_one_line_of_ours(tmp_path, capfd):
     assert corpus.num_documents("train") + corpus.num_documents("validation") == 3
     open_corpus(str(source), tmp_path / "data")  # prepared: silent
     assert capfd.readouterr() == ("", "")
+
+
+def test_sweep_skips_tensor_sizes_the_heads_cannot_split_in_one_line():
+    """gpt-tiny's 2 heads cannot split over tensor=4 or 8: one line says so, instead of one per
+    (tensor, remat, microbatches) combination (30 before)."""
+    import jax
+
+    from matrixmagic.sharding.chips import parse_target
+    from matrixmagic.train.cli import build_parser
+    from matrixmagic.train.cli.compile import sweep_rows
+
+    args = build_parser().parse_args(["compile", "--preset", "gpt-tiny", "--topology", "cpu-8", "--sweep",
+                                      "--sweep-tensor", "4,8"])
+    lines = []
+    rows = sweep_rows(args, parse_target("cpu-8"), jax.devices("cpu")[:1] * 8, log=lines.append)
+    assert rows == [] and lines == ["tensor=4,8: skipped (gpt-tiny has 2 heads, and the tensor axis splits them)"]

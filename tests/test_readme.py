@@ -153,7 +153,7 @@ def test_readme_default_workdir_is_the_one_train_makes():
 @pytest.mark.slow
 def test_readme_commands_run_in_order(user_home):
     home, work, env = user_home
-    walked, failures = [], []
+    walked, failures, outputs = [], [], []
     for readme, line in readme_commands():
         commands, expected, why = split_command(line)
         if why:
@@ -186,6 +186,7 @@ def test_readme_commands_run_in_order(user_home):
             argv = [expand_home(a, home) for a in argv]
             result = subprocess.run(argv, cwd=work, env=run_env, capture_output=True, text=True, timeout=600)
             codes.append(result.returncode)
+            outputs.append((line, result.stdout))
             if result.returncode != expected:
                 failures.append(f"{line}\n  exit {result.returncode}, expected {expected}\n{result.stderr[-2000:]}")
                 break
@@ -195,6 +196,9 @@ def test_readme_commands_run_in_order(user_home):
             walked.append(f"exit {','.join(map(str, codes))}  {readme}: {line}" + (f"  ({why})" if why else ""))
         print(walked[-1], flush=True)  # pytest -s shows the walk as it goes
     assert not failures, "\n\n".join(failures)
+    # The training section's plain `magic train` repeats the quick-start: the same run, already done.
+    again = [out for line, out in outputs if line.startswith("magic train  ")]
+    assert again and "already finished at step 3" in again[0] and "sample from" not in again[0], again
     assert sum(w.startswith("exit") for w in walked) >= 20
 
 
