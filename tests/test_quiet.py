@@ -85,3 +85,19 @@ def test_sweep_skips_tensor_sizes_the_heads_cannot_split_in_one_line():
     lines = []
     rows = sweep_rows(args, parse_target("cpu-8"), jax.devices("cpu")[:1] * 8, log=lines.append)
     assert rows == [] and lines == ["tensor=4,8: skipped (gpt-tiny has 2 heads, and the tensor axis splits them)"]
+
+
+def test_cli_warnings_are_one_line_of_words(capsys):
+    """Inside `magic`, a warning prints as 'warning: <message>' (no file:line, no source line), and the
+    caller's warning display is restored afterwards."""
+    import warnings
+
+    from matrixmagic.train.cli import main
+
+    before = warnings.showwarning
+    assert main(["params", "gpt-tiny", "--json"]) == 0
+    assert warnings.showwarning is before
+    from matrixmagic.train.cli.main import show_warning
+
+    show_warning(UserWarning("4 file(s) are not valid UTF-8"), UserWarning, "x.py", 1)
+    assert capsys.readouterr().err == "warning: 4 file(s) are not valid UTF-8\n"

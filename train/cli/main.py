@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import sys
+import warnings
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
@@ -261,10 +262,18 @@ def console_main(argv=None) -> int:
     return main(argv)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the console as one line of words ("warning: 4 files ... are not valid UTF-8"),
+    without Python's file:line prefix and source line: they say what happened, not where."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the caller's showwarning afterwards
+            warnings.showwarning = show_warning
+            return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         if os.environ.get("MAGIC_DEBUG"):
             raise

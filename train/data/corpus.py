@@ -305,9 +305,11 @@ def build(builder, what: str) -> None:
     "Downloading and preparing dataset" (nothing is downloaded) printed to stdout."""
     print(f"{what} into {builder.data_dir} ...", end="", flush=True)
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
         builder.download_and_prepare(file_format="array_record")
     print(f" done in {time.perf_counter() - start:.0f} s", flush=True)
+    for w in caught:  # after our line, not inside it (non-UTF-8 files, found while writing)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
