@@ -43,7 +43,7 @@ import shutil
 import threading
 import time
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -52,6 +52,7 @@ from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
 
 from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
+from .quiet import describe_error, quiet_checkpoint_noise
 from .state import create_train_state
 from .step import make_tx
 
@@ -135,6 +136,7 @@ class Checkpointer:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                                           n=1, keep_checkpoints_without_metrics=False))
         self._read_only = read_only
+        quiet_checkpoint_noise()  # a damaged step's failed reads print nothing but our warning
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
@@ -178,6 +180,12 @@ class Checkpointer:
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def saved_records(self, step: int) -> tuple[dict, dict]:
+        """(config, data) JSON items of `step`: what a resume compares before reading arrays."""
+        items = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                   data=ocp.args.JsonRestore()))
+        return items["config"], items["data"]
+
     def saved_arrays(self, step: int):
         """The saved state's array metadata tree (shapes, dtypes); reads no array data."""
         return self.manager.item_metadata(step)["state"].tree
@@ -208,9 +216,12 @@ class Checkpointer:
             raise IOError(f"array contents differ from the fingerprint written at save time: {', '.join(bad[:5])}")
         return restored["state"], restored["data"], restored["config"]
 
-    def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None) -> Optional[Restored]:
+    def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None,
+                       check_run: Optional[Callable[[int, dict, dict], None]] = None) -> Optional[Restored]:
         """The newest step that restores and verifies; older ones are tried after a corrupt
         one (which is moved aside with a warning). None when there is no checkpoint.
+        `check_run(step, saved config, saved data)` may refuse the step (train/samerun.py)
+        after the shapes are checked and before any array is read.
 
         An incompatible config raises CheckpointError at once: that is a user error to fix,
         not damage to skip. So does finding every checkpoint corrupt: silently starting over
@@ -219,6 +230,7 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 saved_arrays = self.saved_arrays(step)
+                records = self.saved_records(step) if check_run else None
             except Exception as err:  # unreadable metadata: a damaged step directory
                 self._skip_corrupt(step, err)
                 skipped.append(step)
@@ -228,6 +240,8 @@ class Checkpointer:
                                       f"resumed: fine-tune it in a new run with `magic train --init-from "
                                       f"{self.workdir} --workdir NEW_RUN`.")
             self.check_compatible(step, abstract_state, config_json, saved_arrays)
+            if check_run:
+                check_run(step, *records)
             try:
                 state, data, config = self.restore(abstract_state, step)
             except Exception as err:
@@ -243,11 +257,9 @@ class Checkpointer:
 
     def _skip_corrupt(self, step: int, err: Exception) -> None:
         """Warn, move the step directory to checkpoints.corrupt/ (primary process), reload."""
-        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
-        warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(err).__name__}: "
-                      f"{first_line}); moved it to {target} and trying the previous one.", CheckpointWarning,
-                      stacklevel=3)
+        warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({describe_error(err)}); "
+                      f"moved it to {target} and trying the previous one.", CheckpointWarning, stacklevel=3)
         if not self._read_only and jax.process_index() == 0:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
@@ -273,65 +285,109 @@ def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
     return path, None
 
 
+def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config_json: Optional[dict],
+                     flag: str) -> Any:
+    """Step `step`'s params alone, checked against their saved fingerprints (the optimizer
+    state is neither read nor verified). CheckpointError for other shapes (the user's to fix);
+    any other error means the step is damaged."""
+    saved = {"params": ckpt.saved_arrays(step)["params"]}
+    mismatches = shape_mismatches(saved, {"params": abstract_params})  # names read 'params/...
+    if mismatches:
+        diffs = config_differences(ckpt.saved_config(step), config_json) if config_json else []
+        raise CheckpointError(incompatibility_message(ckpt.directory, step, mismatches, diffs, fix=(
+            f"give {flag} a run whose model has this run's shapes, or set the model fields to its values")))
+    item = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(ckpt.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    expected = ckpt.manager.restore(step, args=ocp.args.Composite(
+        integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]
+    bad = sorted(name for name, value in state_fingerprint({"params": restored["params"]}).items()
+                 if expected.get(name) != value)
+    if bad:
+        raise IOError(f"params differ from the fingerprint written at save time: {', '.join(bad[:5])}")
+    return restored["params"]
+
+
+def newest_good(ckpt: Checkpointer, steps: list[int], load: Callable[[int], Any], what: str) -> tuple[Any, int]:
+    """(load(step), step) for the newest of `steps` that loads. A reader never moves a damaged
+    step (the run's writer may be using the directory): it skips it with one warning naming it.
+    CheckpointError (a user error) stops at once; every step damaged is a CheckpointError too."""
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result = load(step)
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - tensorstore, orbax and JSON errors all mean a damaged step
+            skipped.append((step, err))
+            continue
+        if skipped:
+            names = ", ".join(f"step {s} ({describe_error(e)})" for s, e in skipped)
+            warnings.warn(f"{what}: skipped corrupt or partial checkpoint {names}; loaded step {step} instead (the "
+                          f"damaged step is left in place: the next `magic train` on the run moves it aside).",
+                          CheckpointWarning, stacklevel=3)
+        return result, step
+    raise CheckpointError(f"{what}: every checkpoint ({', '.join(f'step {s}' for s, _ in skipped)}) in "
+                          f"{ckpt.directory} is corrupt or partial ({describe_error(skipped[0][1])}).")
+
+
 def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] = None,
                    flag: str = "--init-from") -> tuple[Any, int]:
     """(params, step) from another run's checkpoint, into `abstract_params`' shardings;
-    shapes are checked first and a mismatch names the parameters."""
+    shapes are checked first and a mismatch names the parameters. A run directory gives its
+    newest good step (a damaged one is skipped with a warning); a step directory that step."""
     workdir, step = resolve_checkpoint(path)
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
+        steps = ckpt.all_steps()
+        if not steps or (step is not None and step not in steps):
             raise CheckpointError(f"{flag} {path!r}: no checkpoint found there; give a run directory (its "
                                   f"checkpoints/ holds numbered steps) or a step directory like RUN/checkpoints/500.")
-        saved = {"params": ckpt.saved_arrays(step)["params"]}
-        mismatches = shape_mismatches(saved, {"params": abstract_params})  # names read 'params/...
-        if mismatches:
-            diffs = config_differences(ckpt.saved_config(step), config_json) if config_json else []
-            raise CheckpointError(incompatibility_message(ckpt.directory, step, mismatches, diffs, fix=(
-                f"give {flag} a run whose model has this run's shapes, or set the model fields to its values")))
-        item = {"params": abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(ckpt.directory, str(step), "state"),
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-        expected = ckpt.manager.restore(step, args=ocp.args.Composite(
-            integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]
-        actual = state_fingerprint({"params": restored["params"]})
-        if any(expected.get(name) != value for name, value in actual.items()):
-            raise CheckpointError(f"{flag} {path!r}: step {step}'s params do not match their saved fingerprint "
-                                  f"(a corrupt checkpoint); point {flag} at another step directory.")
-        return restored["params"], step
+        return newest_good(ckpt, [step] if step is not None else steps,
+                           lambda s: _verified_params(ckpt, s, abstract_params, config_json, flag), f"{flag} {path}")
     finally:
         ckpt.close()
 
 
-def _latest(workdir: str) -> tuple[int, dict]:
-    """(step, config JSON) of a run directory's latest checkpoint; reads no array."""
-    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
-                                    f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
-        return step, ckpt.saved_config(step)
-    finally:
-        ckpt.close()
+def _run_steps(workdir: str, ckpt: Checkpointer) -> list[int]:
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
+                                f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
+    return steps
 
 
 def saved_run_config(workdir: str):
-    """The TrainConfig of a run directory's latest checkpoint, without loading any array."""
-    return config_from_json(_latest(workdir)[1])
+    """The TrainConfig of a run directory's newest checkpoint whose config reads, without
+    loading any array (a damaged step is skipped; its params load warns about it)."""
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            return newest_good(ckpt, _run_steps(workdir, ckpt), lambda s: config_from_json(ckpt.saved_config(s)),
+                               f"--workdir {workdir}")[0]
+    finally:
+        ckpt.close()
 
 
 def load_params(workdir: str):
-    """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device.
-    Only the params are read (not the optimizer state: a third of the bytes), so a run
-    imported with params alone (`magic hf import`) loads like a trained one."""
-    step, config_json = _latest(workdir)
-    config = config_from_json(config_json)
-    abstract = jax.eval_shape(lambda: create_train_state(config.model, make_tx(config), jax.random.PRNGKey(0)))
+    """(params, TrainConfig) of the newest good checkpoint in a run directory, on the default
+    device. Only the params are read and verified (not the optimizer state: two thirds of the
+    bytes), so a run imported with params alone (`magic hf import`) loads like a trained one,
+    and damage confined to the optimizer state does not stop a reader."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract.params)
-    params, _ = restore_params(os.path.join(workdir, "checkpoints", str(step)), params, config_json, flag="--workdir")
-    return params, config
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+
+    def load(step: int):
+        config_json = ckpt.saved_config(step)
+        config = config_from_json(config_json)
+        abstract = jax.eval_shape(lambda: create_train_state(config.model, make_tx(config), jax.random.PRNGKey(0)))
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract.params)
+        return _verified_params(ckpt, step, params, config_json, "--workdir"), config
+
+    try:
+        return newest_good(ckpt, _run_steps(workdir, ckpt), load, f"--workdir {workdir}")[0]
+    finally:
+        ckpt.close()

@@ -117,6 +117,12 @@ class MetricsWriter:
             for key, value in values.items():
                 self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
 
+    def record(self, step: int, split: str, fields: dict) -> None:
+        """A row of facts rather than numbers (a resume's allowed changes): JSONL only."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": int(step), "split": split, **fields}) + "\n")
+            self._jsonl.flush()
+
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
