@@ -37,6 +37,7 @@ process inside it). Unset in normal use; when set, the step directory gains an e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -52,7 +53,8 @@ from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
 
 from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
-from .quiet import describe_error, quiet_checkpoint_noise
+from .guards import human_bytes
+from .quiet import describe_error, is_disk_full, quiet_checkpoint_noise
 from .state import create_train_state
 from .step import make_tx
 
@@ -62,6 +64,10 @@ CORRUPT_DIR = "checkpoints.corrupt"
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used for this run; the message names why and the fix."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up during a save; the message says how much a checkpoint needs."""
 
 
 class CheckpointWarning(UserWarning):
@@ -136,6 +142,7 @@ class Checkpointer:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                                           n=1, keep_checkpoints_without_metrics=False))
         self._read_only = read_only
+        self._keep, self._in_flight, self._state_bytes, self._failed = keep, None, 0, False
         quiet_checkpoint_noise()  # a damaged step's failed reads print nothing but our warning
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
@@ -166,14 +173,39 @@ class Checkpointer:
                      integrity=ocp.args.JsonSave({"fingerprint": state_fingerprint(state)}))
         if _save_delay():
             items["delay"] = _DelayArgs(_save_delay())
-        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        self._state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        started = self._reporting_disk_full(self.manager.save, step, args=ocp.args.Composite(**items),
+                                            metrics=metrics)
+        self._in_flight = step
+        return started
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._reporting_disk_full(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # reported once; what is left to wait for failed with it
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        self.wait()
         self.manager.close()
+
+    def _reporting_disk_full(self, fn: Callable, *args, **kwargs):
+        """fn(...), with a full disk (the previous async save's, surfacing here) as one DiskFullError."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if self._failed or not is_disk_full(err):
+                raise
+            self._failed = True
+            free = shutil.disk_usage(self.directory).free
+            raise DiskFullError(
+                f"the disk of {self.directory} is full: saving checkpoint step {self._in_flight} failed (no space "
+                f"left on device). One checkpoint of this state needs about {human_bytes(self._state_bytes)}, and "
+                f"keep_checkpoints={self._keep} needs about {human_bytes(self._state_bytes * (self._keep + 1))} while "
+                f"a new one is written; {human_bytes(free)} is free now. The last good checkpoint is step "
+                f"{self.manager.latest_step()}: free some space (or lower keep_checkpoints) and rerun the same "
+                f"command to resume from it.") from None
 
     # -- restoring
 

@@ -28,10 +28,11 @@ from matrixmagic.sharding.memory import tree_bytes
 
 from . import metrics as metrics_lib
 from .aot import load_train_step
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
+from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
 from .runlock import RunInUseError, RunLock
@@ -139,6 +140,12 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     lock = lock_run(config.workdir)
     try:
         return _train(config, quiet=quiet, compiled=compiled, allowed=allowed)
+    except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
+        if not is_disk_full(err):
+            raise
+        raise DiskFullError(f"the disk of workdir={config.workdir!r} is full (no space left on device while writing "
+                            f"{getattr(err, 'filename', None) or 'the logs'}): free some space and rerun the same "
+                            f"command to resume from the last good checkpoint.") from None
     finally:
         if lock is not None:
             lock.release()
@@ -228,8 +235,8 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: Optional[str], allowed
     finally:
         guard.uninstall()
         bar.close()
-        ckpt.close()  # waits for the last async save to commit, also when a guard raised
         writer.close()
+        ckpt.close()  # waits for the last async save to commit, also when a guard raised
 
     summary = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
     if preempted_at is not None:

@@ -9,10 +9,14 @@
   the paths of the chunk files; `describe_error` keeps the status, the array and the reason.
 * orbax logs two warnings whenever a checkpoint is opened read-only (as every reader does);
   they say nothing a user can act on.
+* A full disk during an async save makes orbax log the same ENOSPC traceback from each of
+  its threads (51 for one failed save of the default run). The checkpointer reports it
+  once, with the space needed (train/checkpoint.py `DiskFullError`), so those are dropped.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import sys
@@ -28,12 +32,26 @@ def _drop_closed_loop(unraisable, previous=None) -> None:
     (previous or sys.__unraisablehook__)(unraisable)
 
 
-class _ReadOnlyFilter(logging.Filter):
+def is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception's chain (orbax wraps the OSError of its threads)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class _NoiseFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_READ_ONLY_NOISE)
+        if str(record.msg).startswith(_READ_ONLY_NOISE):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
 
 
-_FILTER = _ReadOnlyFilter()
+_FILTER = _NoiseFilter()
 
 
 def quiet_checkpoint_noise() -> None:
@@ -54,7 +72,7 @@ def quiet_checkpoint_noise() -> None:
 def describe_error(err: BaseException) -> str:
     """One short line for a read error: 'DATA_LOSS reading params.w: CRC-32C checksum
     verification failed: expected=..., actual=...' for tensorstore's, else 'Type: first line'."""
-    text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(err).strip(), flags=re.S)
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(err).strip(), flags=re.DOTALL)
     text = text.splitlines()[0].strip() if text else ""
     if not text:
         return type(err).__name__
