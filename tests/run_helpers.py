@@ -61,7 +61,7 @@ def train_command(workdir, source, data_dir, *sets: str, flags=()) -> list:
 def magic(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     """Any `magic` subcommand in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", *map(str, args)], env=magic_env(),
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, check=False, timeout=timeout, cwd=REPO)
 
 
 def metrics_rows(workdir) -> list:

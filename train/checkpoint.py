@@ -44,7 +44,8 @@ import shutil
 import threading
 import time
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -52,8 +53,8 @@ import orbax.checkpoint as ocp
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
 
-from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
 from .guards import human_bytes
+from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
 from .quiet import describe_error, is_disk_full, quiet_checkpoint_noise
 from .state import create_train_state
 from .step import make_tx
@@ -249,7 +250,7 @@ class Checkpointer:
         return restored["state"], restored["data"], restored["config"]
 
     def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None,
-                       check_run: Optional[Callable[[int, dict, dict], None]] = None) -> Optional[Restored]:
+                       check_run: Callable[[int, dict, dict], None] | None = None) -> Optional[Restored]:
         """The newest step that restores and verifies; older ones are tried after a corrupt
         one (which is moved aside with a warning). None when there is no checkpoint.
         `check_run(step, saved config, saved data)` may refuse the step (train/samerun.py)
@@ -317,7 +318,7 @@ def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
     return path, None
 
 
-def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config_json: Optional[dict],
+def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config_json: dict | None,
                      flag: str) -> Any:
     """Step `step`'s params alone, checked against their saved fingerprints (the optimizer
     state is neither read nor verified). CheckpointError for other shapes (the user's to fix);
@@ -338,7 +339,7 @@ def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config
     bad = sorted(name for name, value in state_fingerprint({"params": restored["params"]}).items()
                  if expected.get(name) != value)
     if bad:
-        raise IOError(f"params differ from the fingerprint written at save time: {', '.join(bad[:5])}")
+        raise OSError(f"params differ from the fingerprint written at save time: {', '.join(bad[:5])}")
     return restored["params"]
 
 

@@ -92,8 +92,8 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     a warning when it cannot hold keep + 1 (orbax writes the new one before deleting)."""
     free = free_bytes(workdir)
     if free < checkpoint_bytes:
-        raise ConfigError(f"workdir={workdir!r} has {human_bytes(free)} free but one checkpoint of this state needs about "
-                          f"{human_bytes(checkpoint_bytes)}: free some space or choose another with --workdir PATH.")
+        raise ConfigError(f"workdir={workdir!r} has {human_bytes(free)} free but one checkpoint of this state needs "
+                          f"about {human_bytes(checkpoint_bytes)}: free some space or choose another with --workdir PATH.")
     needed = checkpoint_bytes * (keep + 1)
     if free < needed:
         warnings.warn(f"workdir={workdir!r} has {human_bytes(free)} free; keeping keep_checkpoints={keep} checkpoints "

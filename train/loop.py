@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import numpy as np
@@ -111,7 +112,7 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
     return summarize_eval(sums)
 
 
-def lock_run(workdir: str) -> Optional[RunLock]:
+def lock_run(workdir: str) -> RunLock | None:
     """Process 0 locks the run directory (train/runlock.py); every process learns the outcome,
     so a refused multi-host run stops everywhere instead of hanging at its first barrier."""
     lock, refused = None, None
@@ -151,7 +152,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
             lock.release()
 
 
-def _train(config: TrainConfig, *, quiet: bool, compiled: Optional[str], allowed: frozenset) -> dict:
+def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
     train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 
@@ -32,7 +33,7 @@ class Start(NamedTuple):
     step: int
     data_state: dict  # {'iterator': BatchIterator state, 'nonfinite_skips': int}; {} for a fresh run
     source: str  # what the run started from, for the log
-    changes: dict = {}  # {field: [old, new]} a resume made under --allow-change (logged in metrics.jsonl)
+    changes: dict | None = None  # {field: [old, new]} a resume made under --allow-change (logged in metrics.jsonl)
     notes: Sequence[str] = ()  # lines for the run's log
 
 

@@ -29,7 +29,7 @@ import os
 import socket
 import sys
 import warnings
-from typing import Optional
+from typing import Self
 
 from matrixmagic.configs import ConfigError
 
@@ -44,7 +44,7 @@ class LockWarning(UserWarning):
     """The run directory's filesystem cannot lock: nothing stops a second writer."""
 
 
-def holder_record(command: Optional[str] = None) -> dict:
+def holder_record(command: str | None = None) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:500]}
@@ -63,13 +63,13 @@ def describe_holder(text: str) -> str:
 class RunLock:
     """Exclusive, non-blocking lock of a run directory: `with RunLock(workdir): ...`."""
 
-    def __init__(self, workdir: str, command: Optional[str] = None):
+    def __init__(self, workdir: str, command: str | None = None):
         self.workdir = os.path.abspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_FILE)
         self.command = command
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> Self:
         os.makedirs(self.workdir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -103,7 +103,7 @@ class RunLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -23,7 +23,8 @@ says so), and the next checkpoint records it.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
@@ -94,7 +95,7 @@ def _normalized(saved_config: dict) -> dict:
         return saved_config
 
 
-def run_changes(saved_config: dict, config_json: dict, saved_fingerprint: Optional[dict],
+def run_changes(saved_config: dict, config_json: dict, saved_fingerprint: dict | None,
                 fingerprint: dict) -> list[Change]:
     """Every change that alters what the run computes, config fields then data fingerprint."""
     old, new = flatten(_normalized(saved_config)), flatten(config_json)
