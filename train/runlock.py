@@ -29,7 +29,6 @@ import os
 import socket
 import sys
 import warnings
-from typing import Self
 
 from matrixmagic.configs import ConfigError
 
@@ -69,7 +68,7 @@ class RunLock:
         self.command = command
         self._fd: int | None = None
 
-    def acquire(self) -> Self:
+    def acquire(self) -> RunLock:
         os.makedirs(self.workdir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -103,7 +102,7 @@ class RunLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
