@@ -105,3 +105,11 @@ def test_same_command_resumes_then_reports_finished(in_tmp, capsys):
     # a changed config trains in a directory of its own instead of tripping on this run's checkpoints
     assert main(_train(data, "steps=4", "model.num_layers=2")) == 0
     assert len(os.listdir(tmp_path / "runs")) == 2
+
+
+def test_the_hash_leaves_out_only_fields_a_resume_may_change():
+    """Fields left out of the hash share a directory, so a rerun resumes there: the same-run check
+    (train/samerun.py) must accept each of them, or a changed log cadence would be refused."""
+    from matrixmagic.train.samerun import HARMLESS
+
+    assert set(BOOKKEEPING_FIELDS) <= set(HARMLESS)
