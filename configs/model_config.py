@@ -75,36 +75,36 @@ def suggest(name: str, choices) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Family = "decoder"
-    vocab_size: int = 50257
+    family: Family = "decoder"  # decoder (GPT), encoder (BERT) or encoder_decoder (Vaswani et al.)
+    vocab_size: int = 50257  # rows of the embedding table (padded to a multiple of 128 for the tokenizer)
     # Ids >= num_valid_tokens are padding rows of the embedding table (the table is
     # padded to a multiple of 128 for fast matmuls); their logits are masked so they
     # are never predicted. None: every id is valid.
     num_valid_tokens: Optional[int] = None
-    d_model: int = 768
-    num_heads: int = 12
+    d_model: int = 768  # width of the residual stream: every token is a vector of this size
+    num_heads: int = 12  # attention heads; each head is d_model / num_heads wide
     num_layers: int = 12  # per stack: the encoder-decoder has this many in each
-    d_ff: int = 3072
-    max_len: int = 1024
-    activation: Activation = "gelu_tanh"
-    norm_position: NormPosition = "pre"
-    positional: Positional = "learned"
-    tie_embeddings: bool = True
+    d_ff: int = 3072  # hidden width of the feed-forward network
+    max_len: int = 1024  # positions the model has (the longest sequence it reads)
+    activation: Activation = "gelu_tanh"  # feed-forward nonlinearity: relu, gelu or gelu_tanh
+    norm_position: NormPosition = "pre"  # LayerNorm before each sublayer (GPT-2) or after the residual add
+    positional: Positional = "learned"  # learned position embeddings or the fixed sinusoidal table
+    tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani 3.4)
     type_vocab_size: int = 0  # BERT's segment (sentence A/B) embeddings; 0 = none
-    use_bias: bool = True
-    layer_norm_eps: float = 1e-5
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    init_std: float = 0.02
+    use_bias: bool = True  # biases in the attention and feed-forward projections
+    layer_norm_eps: float = 1e-5  # added to the variance inside LayerNorm
+    dropout_rate: float = 0.1  # dropout on embeddings and sublayer outputs (training only)
+    attention_dropout_rate: float = 0.1  # dropout on the softmax attention weights (matrices only)
+    init_std: float = 0.02  # standard deviation of the normal init of weight matrices
     dtype: DType = "float32"  # compute dtype
-    param_dtype: DType = "float32"
-    scan_layers: bool = True
+    param_dtype: DType = "float32"  # dtype the parameters are stored in
+    scan_layers: bool = True  # stack the layers with nn.scan (one compiled layer body)
     # Layers per scan iteration. Unrolling a small model's scan lets XLA fuse across
     # layers (~15% faster on CPU) while weights keep their stacked [layers, ...] layout.
     scan_unroll: int = 1
-    remat_policy: RematPolicy = "none"
-    attention_impl: AttentionImpl = "matrices"
+    remat_policy: RematPolicy = "none"  # what the backward pass recomputes instead of storing
+    attention_impl: AttentionImpl = "matrices"  # matrices, fused or splash (TPU): see AttentionImpl above
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len", "scan_unroll"):

@@ -48,20 +48,20 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     learning_rate: float = 1e-3  # peak
-    schedule: Schedule = "cosine"
+    schedule: Schedule = "cosine"  # learning-rate schedule: cosine, linear, rsqrt or constant
     warmup_steps: Optional[int] = None  # None: from warmup_tokens, else 10% of the decay, at most 100 steps
     decay_steps: Optional[int] = None  # None: from decay_tokens, else decay over the whole run
     # A paper's schedule in tokens (presets with a paper recipe fill these): converted to steps
     # with the run's tokens per step, rounded. An explicit warmup_steps / decay_steps wins.
     warmup_tokens: Optional[int] = None
-    decay_tokens: Optional[int] = None
+    decay_tokens: Optional[int] = None  # the decay in tokens, as warmup_tokens
     final_ratio: float = 0.1  # cosine ends at 10% of peak (GPT-3 Appendix B)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    label_smoothing: float = 0.0
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on weight matrices and embeddings
+    clip_norm: float = 1.0  # gradients clipped to this global norm
+    label_smoothing: float = 0.0  # probability mass spread over the vocabulary in the loss
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -85,9 +85,9 @@ class OptimizerConfig:
 class MeshConfig:
     # Device-mesh axis sizes; -1 fills with the remaining devices.
     data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    layout: Layout = "dp"
+    fsdp: int = 1  # devices that split the batch and every weight matrix
+    tensor: int = 1  # devices that split attention heads and the MLP (Megatron)
+    layout: Layout = "dp"  # which weights the axes split: dp, fsdp, tp or fsdp+tp
     # Multi-slice TPU pods: how many slices (joined by the slower DCN) split the data axis.
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
@@ -100,7 +100,7 @@ class RampConfig:
     # tokens from start_tokens (whole sequences) to batch_size over the first `tokens` tokens,
     # in whole multiples of the start (configs/ramp.py). tokens=0: no ramp.
     start_tokens: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens over which the ramp reaches the full batch; 0: no ramp
 
     def __post_init__(self):
         for name in ("start_tokens", "tokens"):
@@ -129,23 +129,23 @@ def mesh_assignments(text: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "gpt-tiny"
+    preset: str = "gpt-tiny"  # the preset this run started from (set it with --preset)
     model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("gpt-tiny").model)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     ramp: RampConfig = dataclasses.field(default_factory=RampConfig)
-    workdir: str = "runs/default"
-    seed: int = 0
+    workdir: str = "runs/default"  # run directory; default runs/<preset>-<hash of the config> (train/rundir.py)
+    seed: int = 0  # seeds the init, dropout and the data order
     batch_size: int = 32  # global, in sequences
     microbatches: int = 1  # gradient accumulation steps inside one train step
     # The default run fits 10 minutes on the 2-core CPU (~0.36 s/step for gpt-tiny at 32 x 128).
     steps: int = 1300
-    eval_every: int = 325
-    eval_batches: int = 16
-    log_every: int = 50
-    checkpoint_every: int = 325
-    keep_checkpoints: int = 3
+    eval_every: int = 325  # steps between validation evals
+    eval_batches: int = 16  # validation batches per eval; 0: no eval
+    log_every: int = 50  # steps between metrics rows (and progress-bar figures)
+    checkpoint_every: int = 325  # steps between checkpoints (one is always saved at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept
     # Also keep the checkpoint with the lowest eval loss (steps where an eval and a save coincide).
     keep_best_checkpoint: bool = False
     # Non-finite loss/grad-norm steps are skipped (update not applied); stop after more than this many.
@@ -365,7 +365,3 @@ def _literal_choices(dotted: str) -> tuple[str, ...]:
     """The allowed values of a Literal-typed field, else ()."""
     hint = _hint(dotted)
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
-
-
-def field_help() -> str:
-    return "\n".join(f"  {name:32s} {kind}" for name, kind in _field_types(TrainConfig).items())

@@ -62,15 +62,33 @@ def plot_attention(weights: np.ndarray, labels: Optional[Sequence[str]], path, t
     return _save(fig, Path(path))
 
 
-def plot_positional_encoding(max_len: int, d_model: int, path, positions: int = 256, dims: int = 512) -> Path:
-    """The sinusoidal table of Vaswani et al. 3.5 (first `positions` x `dims` entries)."""
-    table = sinusoidal_encoding(max_len, d_model)[:positions, :dims]
+def positional_picture(explanation, positions: int = 256, dims: int = 512):
+    """(table [positions, dims], x label, title) of the model's own positional encodings, or None:
+    the sinusoidal table of Vaswani et al. 3.5 for a sinusoidal model; for learned positions the
+    rows P[pos] its forward pass used (none in a shape-only walk: a random table says nothing)."""
+    cfg = explanation.config
+    if cfg.positional == "sinusoidal":
+        return (sinusoidal_encoding(cfg.max_len, cfg.d_model)[:positions, :dims],
+                "embedding dimension i (even: sin, odd: cos)",
+                f"sinusoidal positional encoding PE[pos, i], d_model={cfg.d_model}")
+    if explanation.shapes_only:
+        return None
+    table = np.asarray(explanation.stage("positional encodings").value)
+    table = table[0] if table.ndim == 3 else table  # [B, T, d]: the first sequence's positions
+    return (table[:positions, :dims], "embedding dimension i",
+            f"learned position embeddings P[pos, i] of this model, positions 0..{min(positions, len(table)) - 1}, "
+            f"d_model={cfg.d_model}")
+
+
+def plot_positional_encoding(table: np.ndarray, xlabel: str, title: str, path) -> Path:
+    table = np.asarray(table, np.float32)
+    limit = float(np.abs(table).max()) or 1.0  # sinusoids fill [-1, 1]; a learned table is ~init_std wide
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
-    image = ax.imshow(table, cmap="RdBu", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_xlabel("embedding dimension i (even: sin, odd: cos)")
+    image = ax.imshow(table, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("position")
-    ax.set_title(f"sinusoidal positional encoding PE[pos, i], d_model={d_model}")
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
     return _save(fig, Path(path))
 
@@ -91,10 +109,12 @@ def plot_mask(mask: np.ndarray, labels: Optional[Sequence[str]], path, title: st
 
 def plot_explanation(explanation, out_dir, labels: Optional[Sequence[str]] = None) -> list[Path]:
     """The three pictures of a `model.explain.Explanation`: attention per head for its layer
-    (first sequence), the sinusoidal encoding table, and the self-attention mask."""
+    (first sequence), the model's positional encodings (`positional_picture`), and the
+    self-attention mask."""
     out_dir = Path(out_dir)
     cfg, layer = explanation.config, explanation.layer
-    written = [plot_positional_encoding(cfg.max_len, cfg.d_model, out_dir / "positional_encoding.png")]
+    picture = positional_picture(explanation)
+    written = [plot_positional_encoding(*picture, out_dir / "positional_encoding.png")] if picture else []
     if explanation.shapes_only:
         return written  # no values to draw
     labels = labels or explanation.labels

@@ -96,3 +96,21 @@ def test_cli_explain_shape_only(capsys):
     assert main(["explain", "--preset", "gpt3-175b", "--batch", "3", "--text", "Hello"]) == 0
     out = capsys.readouterr().out
     assert "shapes only" in out and "[3, 96, 5, 5]" in out and "per head [3, 5, 128]" in out
+
+
+def test_positional_picture_is_the_models_own(tiny):
+    """Learned positions are drawn as the rows P[pos] the forward pass used (not the sinusoidal table);
+    a sinusoidal model gets its sinusoids; a shape-only learned walk draws none."""
+    from matrixmagic.model.plots import positional_picture
+    from matrixmagic.model.positional import sinusoidal_encoding
+
+    cfg, params, *_, e = tiny
+    assert cfg.positional == "learned"
+    table, _, title = positional_picture(e)
+    rows = np.asarray(params["position_embedding"]["embedding"])  # [max_len, d_model]
+    np.testing.assert_allclose(table, rows[:table.shape[0]], rtol=1e-6)
+    assert title.startswith("learned position embeddings")
+    assert positional_picture(explain(cfg, shapes_only=True)) is None
+    sinusoidal = cfg.replace(positional="sinusoidal")
+    table, _, title = positional_picture(explain(sinusoidal, shapes_only=True))
+    np.testing.assert_array_equal(table, sinusoidal_encoding(sinusoidal.max_len, sinusoidal.d_model)[:256, :512])

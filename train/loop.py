@@ -36,6 +36,7 @@ from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
+from .rundir import finished_line, record_start
 from .runlock import RunInUseError, RunLock
 from .samerun import check_allowed
 from .step import summarize_eval
@@ -166,6 +167,12 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
     ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoint)
     begin = start_state(config, run, tx, ckpt, train_data, is_main, allowed)  # resume, --init-from, or init
     state, start = begin.state, begin.step
+    if start >= config.steps:  # the same command again after the run ended: say so, train nothing
+        ckpt.close()
+        log(finished_line(start, config.workdir))
+        return {"config": config_to_json(config), "final_eval": None, "steps": config.steps, "finished_at": start}
+    if is_main:
+        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json once
     if begin.step or config.init_from:
         log(f"starting from {begin.source}")
     for line in begin.notes:
@@ -224,7 +231,10 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                     bar.write(f"step {done}: eval " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
                 # Eval time is not train time: the window keeps its steps and drops the eval's seconds
                 # (restarting it here counted the steps before the eval over the time after it).
-                window_start += time.perf_counter() - eval_start
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds
+                if not bar.disable:  # nor for the bar: its rate (and so the ETA) is of train steps only
+                    bar.last_print_t += eval_seconds
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked

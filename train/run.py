@@ -41,6 +41,7 @@ from .checkpoint import load_params, resolve_checkpoint, saved_run_config
 from .data.pipeline import open_tokenizer
 from .data.tokenizers import round_up
 from .guards import skip_nonfinite
+from .rundir import default_workdir
 from .state import TrainState, create_train_state
 from .step import bind_train_step, eval_step
 
@@ -136,7 +137,8 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
 
     With an `init_from=RUN` assignment the model, sequence length and tokenizer of RUN come
     first (`init_from_assignments`), and `preset` None means RUN's preset; without one, None
-    means gpt-tiny. The assignments given here come after, so they win.
+    means gpt-tiny. The assignments given here come after, so they win. Without a `workdir=`
+    assignment the workdir is `runs/<preset>-<hash of the config>` (train/rundir.py).
 
     The preset's TrainConfig (its model, its recipe's optimizer, sequence length and
     batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
@@ -181,6 +183,8 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
     config = apply_overrides(config, late)
     if not _set(assignments, "mesh.layout"):
         config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
+    if not _set(assignments, "workdir"):  # runs/<preset>-<hash>: same flags, same run (train/rundir.py)
+        config = dataclasses.replace(config, workdir=default_workdir(config))
     return config  # the mesh is checked against the model once the table is sized (`sized_for_data`)
 
 

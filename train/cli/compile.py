@@ -145,6 +145,11 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
     for t in [t for t in tensors if n % t]:
         log(f"tensor={t}: skipped ({n} devices are not divisible by {t})")
     tensors = [t for t in tensors if n % t == 0]
+    heads = base.model.num_heads  # the tensor axis splits the heads: a size they cannot split fails at every k
+    if [t for t in tensors if heads % t]:
+        log(f"tensor={','.join(str(t) for t in tensors if heads % t)}: skipped ({base.preset} has {heads} heads, "
+            f"and the tensor axis splits them)")
+    tensors = [t for t in tensors if heads % t == 0]
     remats = [r.strip() for r in args.sweep_remat.split(",") if r.strip()]
     micro = sorted(_ints(args.sweep_microbatches, "--sweep-microbatches"))
     rows, total = [], len(tensors) * len(remats)

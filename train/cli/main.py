@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
 import warnings
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
-from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
+from matrixmagic.configs.fields import field_help
+from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, config_assignments
@@ -43,8 +45,11 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    if args.help_fields:
-        print("Fields for --set (dotted name, type):\n" + field_help())
+    if args.help_fields:  # the preset's defaults; no jax
+        preset = args.preset or "gpt-tiny"
+        config = dataclasses.replace(train_config_for(preset), workdir=f"runs/{preset}-<6 hex of the config's hash>")
+        print(f"Fields for --set (dotted name, type = default for --preset {preset}, then what it means):\n"
+              + field_help(config))
         return 0
     assignments = config_assignments(args)  # a bad --mesh axis fails here, before jax starts
     from matrixmagic.sharding.distributed import initialize
@@ -154,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_schedule)
 
     e = sub.add_parser("explain", help="walk one forward pass matrix by matrix (shapes, FLOPs, values, pictures)")
-    e.add_argument("--preset", help="preset name; presets over 200M params run on shapes only")
-    e.add_argument("--workdir", help="a trained run directory (its config and weights)")
+    e.add_argument("--preset", help="preset name: the run `magic train --preset P` made, else random weights "
+                                    "(presets over 200M params run on shapes only)")
+    e.add_argument("--set", action="append", metavar="FIELD=VALUE", help="the --set flags of the `magic "
+                   "train` run to load when no --workdir is given (its default workdir follows from them)")
+    e.add_argument("--workdir", help="a trained run directory (default: the one `magic train` with the same "
+                                     "--preset/--set made)")
     e.add_argument("--text", help="input text (default: a sample sentence; shape-only runs: max_len tokens)")
     e.add_argument("--layer", type=int, default=0, help="which layer to show (default 0)")
     e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
@@ -164,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_explain)
 
     g = sub.add_parser("generate", help="sample text (GPT), translate (enc-dec) or fill [MASK]s (BERT)")
-    g.add_argument("--workdir", help="a trained run directory (family, config and weights come from it)")
-    g.add_argument("--preset", help="no run: a preset with random weights (for trying the machinery)")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="the --set flags of the `magic "
+                   "train` run to load when no --workdir is given (its default workdir follows from them)")
+    g.add_argument("--workdir", help="a trained run directory (default: the one `magic train` with the same "
+                                     "--preset/--set made)")
+    g.add_argument("--preset", help="the run `magic train --preset P` made; without one, random weights")
     g.add_argument("--prompt", help="text to continue; for BERT, text with [MASK] markers")
     g.add_argument("--source", help="encoder-decoder: the source text")
     g.add_argument("--max-new-tokens", type=int, default=100)
@@ -211,11 +223,52 @@ def use_compile_cache(env=os.environ) -> None:
     env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
-def console_main() -> int:
-    """The `magic` command: main() with the compile cache on. Tests call main(), and the
-    multi-process tests `python -m matrixmagic.train.cli`, without it."""
-    use_compile_cache()
-    return main()
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor (as jax's own probe reads them)
+ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA (Docker, WSL2), ROCm
+
+
+def machine_has_accelerator(pci_root: str = "/sys/bus/pci/devices") -> bool:
+    """A TPU chip on the PCI bus, or a GPU device node."""
+    if any(os.path.exists(node) for node in ACCELERATOR_NODES):
+        return True
+    for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def cpu_only_when_no_accelerator(env=os.environ, has_accelerator=machine_has_accelerator) -> None:
+    """With the `tpu` extra installed, jax starts libtpu even on a machine with no TPU, and libtpu
+    then prints its failed probes ("Failed to find host bounds", "unexpected worker hostname",
+    "=== Source Location Trace ===") on every command. On a machine with no accelerator the only
+    backend is the CPU, so say so (JAX_PLATFORMS=cpu) and libtpu never starts. `magic compile`
+    is left alone: it loads libtpu on purpose, to compile for a TPU topology. A JAX_PLATFORMS
+    you set yourself wins."""
+    if "JAX_PLATFORMS" not in env and not has_accelerator():
+        env["JAX_PLATFORMS"] = "cpu"
+
+
+def console_main(argv=None) -> int:
+    """The `magic` command: main() with the compile cache on, and libtpu kept quiet where there
+    is no accelerator (both but for `magic compile`). Tests call main(), and the multi-process
+    tests `python -m matrixmagic.train.cli`, without them."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "compile":
+        # `magic compile` reports compile times, which a cache hit would falsify, and a TPU
+        # topology's cached executable cannot be loaded without a TPU (jax warns on each).
+        use_compile_cache()
+        cpu_only_when_no_accelerator()
+    return main(argv)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the console as one line of words ("warning: 4 files ... are not valid UTF-8"),
+    without Python's file:line prefix and source line: they say what happened, not where."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -227,7 +280,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the caller's showwarning afterwards
+            warnings.showwarning = show_warning
+            return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         if os.environ.get("MAGIC_DEBUG"):
             raise

@@ -7,8 +7,10 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -19,27 +21,50 @@ from matrixmagic.model.explain import explain, format_explanation
 from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
 
 from ..data.tokenizers import ByteTokenizer
-from ..run import load_run
+from ..run import load_run, resolve_config
 
 
-def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0):
-    """--workdir (trained weights) or --preset (random weights, byte tokenizer)
-    -> (config, params, tokenizer, a line saying which)."""
+def load_quietly(workdir: str):
+    """load_run without orbax's absl warnings about opening the checkpoints read-only ("Given
+    directory is read only", "setting save_interval_steps=0"): reading is all we meant to do."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return load_run(workdir)
+    finally:
+        absl.setLevel(level)
+
+
+def trained_run(preset: Optional[str], sets: Sequence[str], workdir: Optional[str]) -> tuple[Optional[str], str]:
+    """(the run directory to load or None, its default name): --workdir, else the directory
+    `magic train` with the same --preset and --set flags made (runs/<preset>-<hash>), if it
+    has a checkpoint."""
     if workdir:
-        return (*load_run(workdir), f"trained run {workdir}")
+        return workdir, workdir
+    default = resolve_config(preset, list(sets)).workdir
+    return (default if os.path.isdir(os.path.join(default, "checkpoints")) else None), default
+
+
+def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0, sets: Sequence[str] = ()):
+    """--workdir, or the run `magic train` made with the same flags (trained weights); else
+    --preset (random weights, byte tokenizer) -> (config, params, tokenizer, a line saying which)."""
+    run, default = trained_run(preset, sets, workdir)
+    if run:
+        return (*load_quietly(run), f"trained run {run}")
     if not preset:
-        raise ValueError("give --workdir RUN (a trained run) or --preset NAME (random weights), "
-                         "e.g. --preset gpt-tiny.")
+        raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
+                         f"first, give --workdir RUN, or --preset NAME for random weights, e.g. --preset gpt-tiny.")
     tokenizer = ByteTokenizer()
     config = get_preset(preset).model
     config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
-    return config, params, tokenizer, f"preset {preset} with RANDOM weights (pass --workdir for a trained run)"
+    return config, params, tokenizer, f"preset {preset} with RANDOM weights (no trained run at {default})"
 
 
 def cli_generate(args) -> int:
     """`magic generate`: the family decides the task (continue, translate, fill masks)."""
-    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed)
+    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed, args.set or ())
     print(f"[{config.family} model: {origin}]", file=sys.stderr)
     model = build_model(config)
     if config.family == "decoder":
@@ -71,12 +96,18 @@ def cli_generate(args) -> int:
 
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
-    if args.workdir:
-        config, params, tokenizer = load_run(args.workdir)
+    run, default = trained_run(args.preset, args.set or (), args.workdir)
+    if run:
+        config, params, tokenizer = load_quietly(run)
+        print(f"[trained run {run}]")
     elif args.preset:
         config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
+        text = (f"; --text read as UTF-8 bytes, ids 0..{tokenizer.vocab_size - 1} of its {config.vocab_size:,}-row "
+                f"table (no trained tokenizer)") if args.text is not None else ""
+        print(f"[preset {args.preset}: no trained run at {default}; random weights, or shapes only when large{text}]")
     else:
-        raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
+        raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
+                         f"first, give --workdir RUN, or --preset NAME (random weights, or shapes only when large).")
     ids = None
     if args.text is not None:
         ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
@@ -91,5 +122,7 @@ def cli_explain(args) -> int:
         for path in plot_explanation(e, args.plot):
             print(f"wrote {path}")
         if e.shapes_only:
-            print("(shape-only run: attention and mask pictures need values; only the positional table was drawn)")
+            drawn = "only the sinusoidal table was drawn" if config.positional == "sinusoidal" else \
+                "nothing was drawn (learned positions too)"
+            print(f"(shape-only run: the pictures need the model's values; {drawn})")
     return 0

@@ -31,12 +31,16 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
+import io
+import logging
 import os
 import re
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -285,16 +289,42 @@ def prepare_text_dir(
         source_dir=str(source.resolve()),
         splits=splits,
     )
-    builder = TextFiles(config=config, data_dir=str(Path(data_dir or default_data_dir()).expanduser()))
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+    with quiet_tfds():
+        builder = TextFiles(config=config, data_dir=str(Path(data_dir or default_data_dir()).expanduser()))
+        if not builder.is_prepared():
+            build(builder, f"building the {name or source.name} dataset from {len(relpaths):,} files")
+        sources = builder.as_data_source()
     corpus_name = name or f"dir:{source.resolve()}"
-    return Corpus(
-        name=corpus_name,
-        directory=Path(builder.data_dir),
-        sources=builder.as_data_source(),
-        fingerprint={"source": corpus_name, "files": files_summary(source, relpaths)},
-    )
+    return Corpus(name=corpus_name, directory=Path(builder.data_dir), sources=sources,
+                  fingerprint={"source": corpus_name, "files": files_summary(source, relpaths)})
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS's own chatter off: its absl warnings ("Using custom data configuration: ...", once per
+    builder object, "Variant folder ... has no dataset_info.json") and its progress bars. Our
+    line (`build`) says what happens instead; errors still come through."""
+    absl = logging.getLogger("absl")
+    level, bars = absl.level, getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    absl.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        tfds.display_progress_bar(bars)
+
+
+def build(builder, what: str) -> None:
+    """Prepare the dataset under one line of ours ("building ... done in 20 s"), in place of TFDS's
+    "Downloading and preparing dataset" (nothing is downloaded) printed to stdout."""
+    print(f"{what} into {builder.data_dir} ...", end="", flush=True)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
+        builder.download_and_prepare(file_format="array_record")
+    print(f" done in {time.perf_counter() - start:.0f} s", flush=True)
+    for w in caught:  # after our line, not inside it (non-UTF-8 files, found while writing)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
@@ -332,7 +362,8 @@ def open_catalog(
     """A TFDS catalog dataset already prepared as array_record in `data_dir`."""
     root = Path(data_dir or default_data_dir()).expanduser()
     try:
-        builder = tfds.builder(name, data_dir=str(root))
+        with quiet_tfds():
+            builder = tfds.builder(name, data_dir=str(root))
     except tfds.core.registered.DatasetNotFoundError:
         why = "no prepared copy was found (and no builder code for it can run here)"
         raise _missing_catalog(name, root, why) from None
@@ -352,7 +383,8 @@ def open_catalog(
             f"{VALIDATION_NAMES}."
         )
     field = choose_text_field(builder.info.features, builder.info.supervised_keys, text_field)
-    sources = builder.as_data_source()
+    with quiet_tfds():
+        sources = builder.as_data_source()
     counts = f"{splits['train'].num_examples:,} train / {splits[validation].num_examples:,} {validation} examples"
     return Corpus(
         name=f"tfds:{name}",

@@ -1,0 +1,75 @@
+"""Run directories: the default name, and what a run records at its top.
+
+The default workdir is `runs/<preset>-<6 hex>`, the hex a hash of the resolved config, so
+the same command always lands in the same directory (and resumes there) while a changed
+config gets a directory of its own instead of tripping over another run's checkpoints.
+`--workdir` (or `--set workdir=`) still names one explicitly.
+
+At its top a run directory holds `command.txt` (the command line of the first start, then
+one line per resume) and `config.json` (the resolved config, written once at the start and
+kept across resumes), so a directory found later says what made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from matrixmagic.configs.train_config import TrainConfig, config_to_json
+
+RUNS_DIR = "runs"
+COMMAND_FILE = "command.txt"
+CONFIG_FILE = "config.json"
+
+# Fields that never change what is computed, so they stay out of the hash: where the run lives,
+# how often it logs, evaluates and saves, how many checkpoints it keeps, when it gives up on
+# NaNs, the MFU denominator, and the smoke-test sample. Changing one of them and rerunning
+# resumes the same run. Every other field (model, data, optimizer, batch, seed, steps, mesh,
+# ramp, ...) changes the trained weights or the eval figures, so it names a new run.
+BOOKKEEPING_FIELDS = ("workdir", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                      "keep_best_checkpoint", "max_nonfinite_skips", "peak_flops", "sample_tokens")
+
+
+def config_digest(config: TrainConfig, length: int = 6) -> str:
+    """The first `length` hex digits of sha256 over the config's computation-changing fields."""
+    fields = {k: v for k, v in config_to_json(config).items() if k not in BOOKKEEPING_FIELDS}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def default_workdir(config: TrainConfig) -> str:
+    """`runs/<preset>-<digest>`: what every command that defaults a workdir uses."""
+    return os.path.join(RUNS_DIR, f"{config.preset}-{config_digest(config)}")
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """This process's command line as a shell would retype it (`magic train --set steps=500`)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.basename(argv[0]) == "magic":
+        argv[0] = "magic"
+    return shlex.join(argv)
+
+
+def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence[str]] = None) -> None:
+    """Append this start's command line to RUN/command.txt (a resume says from which step) and
+    write RUN/config.json if this is the run's first start."""
+    line = command_line(argv)
+    if resumed_from:
+        line += f"   # resumed at step {resumed_from}"
+    with open(os.path.join(config.workdir, COMMAND_FILE), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    path = os.path.join(config.workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config_to_json(config), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+
+def finished_line(step: int, workdir: str) -> str:
+    return f"already finished at step {step:,} ({workdir}); nothing to train"
