@@ -23,7 +23,7 @@ from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
-from .flags import add_config_arguments, config_assignments
+from .flags import add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
 from .schedule import add_schedule_arguments  # light: argparse only, no jax
 
@@ -59,7 +59,7 @@ def _cmd_train(args) -> int:
 
         print(json.dumps(print_config(config), indent=2))
         return 0
-    summary = train(config, compiled=args.compiled)
+    summary = train(config, compiled=args.compiled, check_memory=not args.no_memory_check)
     return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
 
 
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="RUN", help="start from another run's params (fresh optimizer, step 0)")
     t.add_argument("--compiled", metavar="PATH", help="a `magic compile --serialize` executable: skip compiling "
                                                       "the step (used only if it matches this run exactly)")
+    add_memory_check_argument(t)
     t.epilog = ("exit codes: 0 done; 2 config/workdir/checkpoint error (before training); 3 loss or gradient norm "
                 "became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM, Ctrl-C or a TPU preemption "
                 "notice after saving a checkpoint: rerun the same command to resume.")
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
     e.add_argument("--shapes-only", action="store_true", help="jax.eval_shape only, even for small models")
     e.add_argument("--plot", metavar="DIR", help="write attention / positional-encoding / mask PNGs here")
+    add_memory_check_argument(e)
     e.set_defaults(func=_cmd_explain)
 
     g = sub.add_parser("generate", help="sample text (GPT), translate (enc-dec) or fill [MASK]s (BERT)")
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1 = greedy)")
     g.add_argument("--length-penalty", type=float, default=0.0, help="beam search: GNMT alpha (0 = none)")
     g.add_argument("--seed", type=int, default=0)
+    add_memory_check_argument(g)
     g.set_defaults(func=_cmd_generate)
 
     h = sub.add_parser("hf", help="import / export Hugging Face GPT-2 and BERT checkpoints (safetensors, tokenizer)")

@@ -7,83 +7,168 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Optional
 
 import jax
 import numpy as np
 
 from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model, init_params
-from matrixmagic.model.explain import explain, format_explanation
+from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
 from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
+from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
+from ..checkpoint import saved_run_config
 from ..data.tokenizers import ByteTokenizer
-from ..run import load_run
+from ..run import load_run, run_tokenizer
 
 
-def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0):
-    """--workdir (trained weights) or --preset (random weights, byte tokenizer)
-    -> (config, params, tokenizer, a line saying which)."""
+def open_model(preset: str | None, workdir: str | None):
+    """--workdir (a trained run) or --preset (random weights, byte tokenizer) -> (model config,
+    tokenizer, load_params(seed) -> params, a line saying which). Nothing is loaded or allocated
+    yet, so the request is checked against the model (lengths, memory) first."""
     if workdir:
-        return (*load_run(workdir), f"trained run {workdir}")
+        config = saved_run_config(workdir)  # the latest checkpoint's config: no array read
+        model = config.model.replace(attention_impl="fused") if config.model.attention_impl == "splash" else \
+            config.model  # as load_run loads it
+        return model, run_tokenizer(config), lambda seed: load_run(workdir)[1], f"trained run {workdir}"
     if not preset:
         raise ValueError("give --workdir RUN (a trained run) or --preset NAME (random weights), "
                          "e.g. --preset gpt-tiny.")
     tokenizer = ByteTokenizer()
     config = get_preset(preset).model
     config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
-    return config, params, tokenizer, f"preset {preset} with RANDOM weights (pass --workdir for a trained run)"
+
+    def load(seed):
+        return jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
+
+    return config, tokenizer, load, f"preset {preset} with RANDOM weights (pass --workdir for a trained run)"
+
+
+def check_memory(args, what: str, parts: dict) -> None:
+    """The analytic memory of the job against this machine's, unless --no-memory-check."""
+    if args.no_memory_check:
+        return
+    check_fits(what, parts, jax.local_devices(),
+               ["a smaller model (--preset) or run", "a shorter prompt or --max-new-tokens" if args.command == "generate"
+                else "a shorter --text or a smaller --batch", "a machine with more memory"])
+
+
+def fill_mask_ids(tokenizer, prompt: str, max_len: int) -> np.ndarray:
+    """[1, T] ids of a BERT prompt: end-of-text first (it starts every training document; for a
+    Hugging Face BERT it is [CLS]), then the text with one mask id per [MASK] marker."""
+    parts = [tokenizer.encode(p) for p in prompt.split(MASK_MARKER)]
+    pieces = [np.array([tokenizer.eot_id], np.int32), parts[0]]
+    pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
+    ids = np.concatenate(pieces).astype(np.int32)[None]
+    if ids.shape[1] > max_len:
+        raise ValueError(f"--prompt is {ids.shape[1] - 1} tokens (with its [MASK]s); the model reads at most "
+                         f"{max_len - 1} (model.max_len={max_len}, one position for the start token): shorten it.")
+    return ids
+
+
+def _check_generate_flags(args, family: str) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
+    if args.beam_size < 1:
+        raise ValueError(f"--beam-size {args.beam_size} is invalid: use 1 (greedy) or more (beam search).")
+    if args.beam_size > 1 and family != "encoder_decoder":
+        raise ValueError(f"--beam-size {args.beam_size} applies to encoder-decoder models only; this is a {family} "
+                         f"model: drop --beam-size (use --temperature, --top-k or --top-p to shape sampling).")
 
 
 def cli_generate(args) -> int:
     """`magic generate`: the family decides the task (continue, translate, fill masks)."""
-    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed)
-    print(f"[{config.family} model: {origin}]", file=sys.stderr)
-    model = build_model(config)
+    config, tokenizer, load, origin = open_model(args.preset, args.workdir)
+    _check_generate_flags(args, config.family)
     if config.family == "decoder":
         if args.prompt is None:
             raise ValueError("decoder-only models need --prompt TEXT to continue.")
-        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+        prompt_len = 1 + len(tokenizer.encode(args.prompt))  # end-of-text first (generate_text)
+        room = config.max_len - prompt_len + 1  # the last new token is never fed back
+        if args.max_new_tokens > room:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "
+                             f"{prompt_len} of the model's {config.max_len} positions (model.max_len), so at most "
+                             f"{max(room, 0)} new tokens fit: use --max-new-tokens {max(room, 1)} or a shorter prompt.")
+        parts = generation_parts(config, 1, prompt_len, prompt_len + args.max_new_tokens - 1)
     elif config.family == "encoder_decoder":
         source = args.source if args.source is not None else args.prompt
         if not source:
             raise ValueError("encoder-decoder models need --source TEXT (the sequence to translate).")
-        out = translate(model, params, [tokenizer.encode(source)], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
-                        max_new_tokens=min(args.max_new_tokens, config.max_len), beam_size=args.beam_size,
-                        length_penalty=args.length_penalty)
-        print(tokenizer.decode(out.rows()[0]))
+        source_ids = tokenizer.encode(source)
+        if len(source_ids) > config.max_len:
+            raise ValueError(f"--source is {len(source_ids)} tokens; the encoder reads at most {config.max_len} "
+                             f"(model.max_len): shorten it.")
+        if args.max_new_tokens > config.max_len:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the decoder has "
+                             f"{config.max_len} positions (model.max_len): use --max-new-tokens {config.max_len} "
+                             f"or fewer.")
+        parts = generation_parts(config, args.beam_size, len(source_ids), args.max_new_tokens)
     else:
         if not args.prompt or MASK_MARKER not in args.prompt:
             raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
                              f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
-        parts = [tokenizer.encode(p) for p in args.prompt.split(MASK_MARKER)]
-        # End-of-text first, as it starts every training document (for a Hugging Face BERT it is [CLS]).
-        pieces = [np.array([tokenizer.eot_id], np.int32), parts[0]]
-        pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
-        ids = np.concatenate(pieces).astype(np.int32)[None]
+        ids = fill_mask_ids(tokenizer, args.prompt, config.max_len)
+        parts = forward_parts(config, 1, ids.shape[1])
+    check_memory(args, f"generating with {args.workdir or args.preset} ({config.family})", parts)
+    params = load(args.seed)
+    print(f"[{config.family} model: {origin}]", file=sys.stderr)
+    model = build_model(config)
+    if config.family == "decoder":
+        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    elif config.family == "encoder_decoder":
+        out = translate(model, params, [source_ids], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                        max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
+                        length_penalty=args.length_penalty)
+        print(tokenizer.decode(out.rows()[0]))
+    else:
         filled = fill_masks(model, params, ids, tokenizer.mask_id, banned_ids=tuple(tokenizer.special_ids))
         print(tokenizer.decode(filled[0, 1:]))
     return 0
 
 
+def writable_dir(path: str, flag: str) -> str:
+    """Create `path` (a directory for output files) now, so a bad one fails before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file: give a directory for the pictures, e.g. {flag} plots/.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r} cannot be written ({err.strerror}): give a directory you can write, "
+                         f"e.g. {flag} plots/.") from None
+    return path
+
+
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
-    if args.workdir:
-        config, params, tokenizer = load_run(args.workdir)
-    elif args.preset:
-        config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
-    else:
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
+    if args.plot:
+        writable_dir(args.plot, "--plot")
+    if not args.workdir and not args.preset:
         raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
+    config, tokenizer, load, _ = open_model(None if args.workdir else args.preset, args.workdir)
+    if args.workdir is None:
+        config = get_preset(args.preset).model  # random weights: the preset's own table, not the generate one
+    if not 0 <= args.layer < config.num_layers:
+        raise ValueError(f"--layer {args.layer} is invalid: this model has layers 0..{config.num_layers - 1}.")
     ids = None
     if args.text is not None:
         ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
         if not 0 < ids.shape[1] <= config.max_len:
             raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
-    e = explain(config, params, ids, layer=args.layer, batch=args.batch,
-                shapes_only=True if args.shapes_only else None, tokenizer=tokenizer)
+    shapes_only = True if args.shapes_only else runs_on_shapes(config, params_given=bool(args.workdir))
+    if not shapes_only:
+        length = ids.shape[1] if ids is not None else len(tokenizer.encode(DEFAULT_TEXT))
+        check_memory(args, f"explaining {args.workdir or args.preset} (batch {args.batch} x {length} tokens)",
+                     forward_parts(config, args.batch, length))
+    params = load(0) if args.workdir else None  # a preset: explain draws random weights (or runs on shapes)
+    e = explain(config, params, ids, layer=args.layer, batch=args.batch, shapes_only=shapes_only, tokenizer=tokenizer)
     print(format_explanation(e))
     if args.plot:
         from matrixmagic.model.plots import plot_explanation  # matplotlib: start-up `magic generate` never needs
