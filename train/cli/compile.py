@@ -110,7 +110,11 @@ def report_compile(args, target: Target, devices: list) -> int:
     if args.serialize:
         from ..aot import save_executable
 
-        size = save_executable(args.serialize, outcome)
+        try:
+            size = save_executable(args.serialize, outcome)
+        except OSError as err:  # past the up-front check: a full disk, or a filesystem that lied to os.access
+            raise ConfigError(f"--serialize {args.serialize!r} could not be written ({err.strerror or err}): give "
+                              f"a path with room that you can write.") from None
         lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
                       f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
                       f"(it checks the config, trees and shapes, and compiles instead if they differ)"]
@@ -203,12 +207,33 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> s
     return "\n".join(lines)
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before compiling (minutes on a pod config) if `path` cannot be written; nothing is created."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a directory: give a file name, e.g. {flag} step.bin.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path!r}: its folder {folder} does not exist (or is a file): create it first or "
+                          f"give another path.")
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")  # a real write: os.access trusts root
+    try:
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path!r} cannot be written ({err.strerror}): give a path in a folder you can "
+                          f"write.") from None
+
+
 def main(args) -> int:
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} is invalid: use a fraction in (0, 1], e.g. --mfu 0.5.")
     if args.sweep and args.serialize:
         raise ConfigError("--sweep and --serialize do not combine: sweep first, then compile the chosen "
                           "configuration alone with --serialize PATH.")
+    if args.serialize:
+        check_output_file(args.serialize, "--serialize")
     target = parse_target(args.topology)
     if target.kind == "gpu":
         return report_gpu(args, target)

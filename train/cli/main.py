@@ -80,8 +80,10 @@ def _cmd_data(args) -> int:
     from ..data.pipeline import prepare_tokenizer
     from ..run import VOCAB_MULTIPLE
 
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use a positive size, e.g. 8000.")
     corpus = open_corpus(args.source, args.data_dir)
-    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size)
+    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size, force=args.force)
     print(f"dataset {corpus.name}: {corpus.num_documents('train'):,} train / "
           f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
     print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (a model's embedding table holds at least "
@@ -118,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="build a dataset from text files and optionally train a tokenizer")
     d.add_argument("--source", default="stdlib", help="'stdlib', a directory of text files, or tfds:<name>")
     d.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
-    d.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
+    d.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 8000 for a new model; "
+                                                  "an existing model keeps its own)")
+    d.add_argument("--force", action="store_true", help="retrain the sentencepiece model even if one exists")
     d.add_argument("--data-dir", help="TFDS data dir (default ~/.cache/matrixmagic/tfds)")
     d.set_defaults(func=_cmd_data)
 

@@ -272,14 +272,51 @@ def prepare_text_dir(
         source_dir=str(source.resolve()),
         splits=splits,
     )
-    builder = TextFiles(config=config, data_dir=str(Path(data_dir or default_data_dir()).expanduser()))
+    root = checked_data_dir(data_dir)
+    builder = TextFiles(config=config, data_dir=str(root))
     if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+        try:
+            writable_data_dir(root)
+            builder.download_and_prepare(file_format="array_record")
+        except OSError as err:  # TFDS writes an incomplete.* folder under data_dir, then renames it
+            raise _unwritable(root, err) from None
     return Corpus(
         name=name or f"dir:{source.resolve()}",
         directory=Path(builder.data_dir),
         sources=builder.as_data_source(),
     )
+
+
+def _unwritable(root: Path, err: OSError) -> CorpusError:
+    return CorpusError(
+        f"data.data_dir={str(root)!r} cannot be written ({err.strerror or err}): the dataset is built there once. "
+        f"Give a writable directory with --set data.data_dir=PATH (magic data: --data-dir PATH), or set "
+        f"{DATA_DIR_ENV}."
+    )
+
+
+def checked_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The TFDS data dir (default_data_dir() for None); a path that is a file fails here, naming the field."""
+    root = Path(data_dir or default_data_dir()).expanduser()
+    for parent in (root, *root.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise CorpusError(
+                    f"data.data_dir={str(root)!r} is not a directory ({parent} is a file): give a directory with "
+                    f"--set data.data_dir=PATH (magic data: --data-dir PATH)."
+                )
+            break
+    return root
+
+
+def writable_data_dir(root: Path) -> None:
+    """Create `root` and probe a write, so a read-only data dir fails before TFDS starts building."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+    probe = root / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
@@ -315,7 +352,7 @@ def open_catalog(
     max_documents: int | None = None,
 ) -> Corpus:
     """A TFDS catalog dataset already prepared as array_record in `data_dir`."""
-    root = Path(data_dir or default_data_dir()).expanduser()
+    root = checked_data_dir(data_dir)
     try:
         builder = tfds.builder(name, data_dir=str(root))
     except tfds.core.registered.DatasetNotFoundError:

@@ -279,16 +279,32 @@ def open_tokenizer(tokenizer="bytes", source="stdlib", data_dir=None, **corpus_k
     return _resolve(source, tokenizer, data_dir, corpus_kwargs)[1]
 
 
-def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: int = 8000,
-                      model_type: str = "bpe") -> Tokenizer:
+DEFAULT_VOCAB_SIZE = 8000
+
+
+def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: int | None = None,
+                      model_type: str = "bpe", force: bool = False) -> Tokenizer:
     """What `magic data --tokenizer NAME` does: train a SentencePiece model on the train
-    split (once; kept beside the dataset) or return the byte tokenizer."""
+    split (once; kept beside the dataset) or return the byte tokenizer.
+
+    `vocab_size` None: DEFAULT_VOCAB_SIZE for a new model, the existing model's otherwise. A
+    model that exists with another vocabulary is kept unless `force`: runs that name
+    'sentencepiece' for this source read it, so it is never replaced silently."""
     if name != "sentencepiece":
         return load_tokenizer(name)
     path = corpus.directory / SENTENCEPIECE_FILE
-    if path.is_file():
-        return load_tokenizer(str(path))
-    return train_sentencepiece(corpus.documents("train"), path, vocab_size, model_type)
+    if path.is_file() and not force:
+        existing = load_tokenizer(str(path))
+        if vocab_size is not None and existing.vocab_size != vocab_size:
+            raise PipelineError(
+                f"--vocab-size {vocab_size}: {corpus.name} already has a SentencePiece model with "
+                f"{existing.vocab_size} ids at {path}. Pass --force to retrain it (runs that use "
+                f"data.tokenizer=sentencepiece on this source then read the new one; copy the old file first "
+                f"to keep it, and point those runs at it with data.tokenizer=PATH.model), or drop --vocab-size "
+                f"to use the existing one."
+            )
+        return existing
+    return train_sentencepiece(corpus.documents("train"), path, vocab_size or DEFAULT_VOCAB_SIZE, model_type)
 
 
 def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
