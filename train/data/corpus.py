@@ -277,9 +277,13 @@ def prepare_text_dir(
     if not builder.is_prepared():
         try:
             writable_data_dir(root)
-            builder.download_and_prepare(file_format="array_record")
-        except OSError as err:  # TFDS writes an incomplete.* folder under data_dir, then renames it
+        except OSError as err:
             raise _unwritable(root, err) from None
+        try:  # TFDS writes an incomplete.* folder under data_dir and renames it only on success
+            builder.download_and_prepare(file_format="array_record")
+        except OSError as err:  # a source file vanished, a full disk: the files and the dir are named
+            raise CorpusError(f"building the dataset of source={str(source)!r} into data.data_dir={str(root)!r} "
+                              f"failed: {err}. Nothing was kept; fix it and rerun.") from None
     return Corpus(
         name=name or f"dir:{source.resolve()}",
         directory=Path(builder.data_dir),

@@ -307,6 +307,24 @@ def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: i
     return train_sentencepiece(corpus.documents("train"), path, vocab_size or DEFAULT_VOCAB_SIZE, model_type)
 
 
+def check_enough_rows(rows: np.ndarray, source: str, pad_id: int, seq_len: int, batch_size: int,
+                      process_count: int | None) -> None:
+    """A train split must fill one process's rows of a batch with distinct full rows: smaller, every
+    batch repeats the same few rows (a one-sequence corpus trained to loss 0.004 on copies of itself)."""
+    processes = process_count if process_count is not None else _process_layout(batch_size, None, None)[1]
+    need = batch_size // processes
+    full = len(rows) - int(len(rows) > 0 and rows[-1, -1] == pad_id)  # only the last row is ever padded
+    if full < need:
+        tokens = int(np.count_nonzero(np.asarray(rows) != pad_id))
+        per_process = f" per process ({processes} processes)" if processes > 1 else ""
+        raise PipelineError(
+            f"data.source is too small: the train split of {source} has {tokens:,} tokens, {full} full row(s) of "
+            f"{rows.shape[1]} (data.seq_len={seq_len}), and one batch needs {need} distinct rows{per_process} "
+            f"(batch_size={batch_size}), so every batch would repeat the same text. Add text to the source, or "
+            f"lower batch_size (--batch{f' {max(full, 1) * processes}' if full else ''}) or data.seq_len."
+        )
+
+
 def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
                   batch_size: int = 16, seed: int = 0, data_dir=None, process_index: int | None = None,
                   process_count: int | None = None, *, mask_rate: float = 0.15, ramp: BatchRamp | None = None,
@@ -318,6 +336,7 @@ def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", s
     _process_layout(batch_size, process_index, process_count)  # fail before reading data
     corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
     rows = packed_rows(corpus, "train", tok, family_of(family).row_len(seq_len))
+    check_enough_rows(rows, corpus.name, tok.pad_id, seq_len, batch_size, process_count)
     return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate,
                       ramp, microbatches)
 
