@@ -21,6 +21,8 @@ import time
 from matrixmagic.configs import ConfigError
 from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
 
+from .paths import check_output_file
+
 NOT_FIT = 3
 
 
@@ -205,25 +207,6 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> s
             lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} "
                          f"{r['microbatches']:5d}   does not fit: {short}")
     return "\n".join(lines)
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """Fail before compiling (minutes on a pod config) if `path` cannot be written; nothing is created."""
-    import os
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path!r} is a directory: give a file name, e.g. {flag} step.bin.")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path!r}: its folder {folder} does not exist (or is a file): create it first or "
-                          f"give another path.")
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")  # a real write: os.access trusts root
-    try:
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as err:
-        raise ConfigError(f"{flag} {path!r} cannot be written ({err.strerror}): give a path in a folder you can "
-                          f"write.") from None
 
 
 def main(args) -> int:

@@ -7,7 +7,6 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -22,6 +21,7 @@ from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 from ..checkpoint import saved_run_config
 from ..data.tokenizers import ByteTokenizer
 from ..run import load_run, run_tokenizer
+from .paths import check_output_dir
 
 
 def open_model(preset: str | None, workdir: str | None):
@@ -129,27 +129,12 @@ def cli_generate(args) -> int:
     return 0
 
 
-def writable_dir(path: str, flag: str) -> str:
-    """Create `path` (a directory for output files) now, so a bad one fails before any work."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a file: give a directory for the pictures, e.g. {flag} plots/.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{flag} {path!r} cannot be written ({err.strerror}): give a directory you can write, "
-                         f"e.g. {flag} plots/.") from None
-    return path
-
-
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
     if args.plot:
-        writable_dir(args.plot, "--plot")
+        check_output_dir(args.plot, "--plot")
     if not args.workdir and not args.preset:
         raise ValueError("give --preset NAME (random weights, or shapes only when large) or --workdir RUN.")
     config, tokenizer, load, _ = open_model(None if args.workdir else args.preset, args.workdir)
