@@ -48,7 +48,7 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not np.isfinite(self.temperature) or self.temperature < 0:  # NaN compared False: sampled garbage
             raise ValueError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a positive number.")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} is invalid: use 0 (off) or a positive count such as 40.")
@@ -331,6 +331,8 @@ def beam_search(model: nn.Module, params, sources: Sequence[Sequence[int]], *, b
     """-> (best hypothesis per source as Generated, all beams [B, k, N], their ranking scores [B, k])."""
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} is invalid: use a positive count (1 = greedy).")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty} is invalid: use a finite GNMT alpha, e.g. 0.6 (0 = none).")
     if length_penalty < 0:
         raise ValueError(f"length_penalty={length_penalty} is invalid: use 0 (none) or a positive alpha such as 0.6.")
     _check_seq2seq(model, max_new_tokens)

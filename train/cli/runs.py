@@ -15,7 +15,7 @@ import numpy as np
 from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model, init_params
 from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
-from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
+from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
 from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
 from ..checkpoint import saved_run_config
@@ -69,6 +69,7 @@ def fill_mask_ids(tokenizer, prompt: str, max_len: int) -> np.ndarray:
 
 
 def _check_generate_flags(args, family: str) -> None:
+    Sampling(args.temperature, args.top_k, args.top_p)  # its own checks, before any weight is loaded
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
     if args.beam_size < 1:
