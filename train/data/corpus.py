@@ -238,6 +238,7 @@ def prepare_text_dir(
 ) -> Corpus:
     """Build (once) and open the array_record dataset of a directory of text files."""
     source = Path(source_dir).expanduser()
+    root = checked_data_dir(data_dir)
     if not source.is_dir():
         raise CorpusError(
             f"source={str(source_dir)!r} is not a directory: pass a directory of text files, "
@@ -272,7 +273,6 @@ def prepare_text_dir(
         source_dir=str(source.resolve()),
         splits=splits,
     )
-    root = checked_data_dir(data_dir)
     builder = TextFiles(config=config, data_dir=str(root))
     if not builder.is_prepared():
         try:
