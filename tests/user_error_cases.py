@@ -125,7 +125,7 @@ def make_inputs(root: Path) -> dict[str, str]:
     (root / "bad.model").write_bytes(b"this is not a sentencepiece model")
     corpus = root / "corpus"
     corpus.mkdir()
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     for i in range(12):
         (corpus / f"doc{i}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(400)) + "\n")
     prepare_tokenizer(open_corpus(str(corpus), str(root / "data")), "sentencepiece", vocab_size=300)
