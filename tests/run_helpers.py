@@ -1,10 +1,13 @@
-"""What the resume tests read back from a finished run directory: the saved state's
-fingerprint and the final params, so bit-exact comparisons are written once."""
+"""What the resume tests read back from a finished run directory (the saved state's
+fingerprint and the final params, so bit-exact comparisons are written once), and how the
+run-safety tests launch `magic` on a tiny model."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -24,3 +27,55 @@ def final_params(workdir) -> dict:
 
     params, _ = load_params(str(workdir))
     return {k: np.asarray(v) for k, v in flat_by_name(jax.device_get(params)).items()}
+
+
+# ----------------------------------------------------------------------------- launching `magic` in a subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A 1-layer, d_model 32 GPT on 4 x 32 tokens: each subprocess is mostly jax start-up and one compile.
+TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
+        "batch_size=4", "eval_every=1000", "sample_tokens=0", "log_every=1"]
+
+
+def write_corpus(directory, n: int = 30, seed: int = 0) -> str:
+    """n random text files of 50-400 characters: a corpus that builds in a second."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    for i in range(n):
+        with open(os.path.join(directory, f"doc{i:02d}.txt"), "w") as f:
+            f.write("".join(rng.choice(list("abcdefgh ij\n"), int(rng.integers(50, 400)))))
+    return str(directory)
+
+
+def magic_env(**extra) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def train_command(workdir, source, data_dir, *sets: str, flags=()) -> list:
+    """`magic train` of the TINY model on `source`; later --set assignments win."""
+    assignments = [*TINY, f"data.source={source}", f"data.data_dir={data_dir}", *sets]
+    return [sys.executable, "-m", "matrixmagic.train.cli", "train", "--workdir", str(workdir),
+            *[a for s in assignments for a in ("--set", s)], *flags]
+
+
+def magic(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Any `magic` subcommand in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", *map(str, args)], env=magic_env(),
+                          capture_output=True, text=True, check=False, timeout=timeout, cwd=REPO)
+
+
+def metrics_rows(workdir) -> list:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tree_snapshot(directory) -> dict:
+    """{relative path: (size, mtime_ns)} of every file below `directory`: equal snapshots mean
+    nothing was written, created or removed."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+    return out

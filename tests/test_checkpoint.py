@@ -174,8 +174,9 @@ def test_free_space_check(monkeypatch, tmp_path):
     monkeypatch.setattr(guards, "free_bytes", lambda path: 10_000)
     with pytest.raises(ConfigError, match=r"has 9.8 KiB free but one checkpoint .* needs about 19.5 KiB"):
         guards.check_free_space(str(tmp_path), 20_000, keep=3)
-    with pytest.warns(ResourceWarning, match="keep_checkpoints=3"):
+    with pytest.warns(guards.DiskSpaceWarning, match="keep_checkpoints=3"):
         guards.check_free_space(str(tmp_path), 5_000, keep=3)
+    assert not issubclass(guards.DiskSpaceWarning, ResourceWarning), "Python hides ResourceWarning by default"
 
 
 def test_full_disk_fails_before_compiling(monkeypatch, tmp_path):

@@ -148,7 +148,8 @@ def test_resuming_under_another_ramp_is_refused_naming_the_field(clean, corpus, 
     shutil.copytree(clean, workdir)
     done = run(workdir, corpus, "ramp.tokens=3072", f"steps={STEPS + 5}")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "ramp.tokens=1536 differs" in done.stderr and "restart with ramp.tokens=1536" in done.stderr
+    assert "ramp.tokens: 1536 -> 3072" in done.stderr and f"steps: {STEPS} -> {STEPS + 5}" in done.stderr
+    assert "--allow-change ramp.tokens,steps" in done.stderr
     assert "Traceback" not in done.stderr
 
 

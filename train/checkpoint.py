@@ -37,12 +37,14 @@ process inside it). Unset in normal use; when set, the step directory gains an e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -51,7 +53,9 @@ import orbax.checkpoint as ocp
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
 
+from .guards import human_bytes
 from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
+from .quiet import describe_error, is_disk_full, quiet_checkpoint_noise
 from .state import create_train_state
 from .step import make_tx
 
@@ -61,6 +65,10 @@ CORRUPT_DIR = "checkpoints.corrupt"
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used for this run; the message names why and the fix."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up during a save; the message says how much a checkpoint needs."""
 
 
 class CheckpointWarning(UserWarning):
@@ -135,6 +143,8 @@ class Checkpointer:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                                           n=1, keep_checkpoints_without_metrics=False))
         self._read_only = read_only
+        self._keep, self._in_flight, self._state_bytes, self._failed = keep, None, 0, False
+        quiet_checkpoint_noise()  # a damaged step's failed reads print nothing but our warning
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
@@ -164,19 +174,50 @@ class Checkpointer:
                      integrity=ocp.args.JsonSave({"fingerprint": state_fingerprint(state)}))
         if _save_delay():
             items["delay"] = _DelayArgs(_save_delay())
-        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        self._state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        started = self._reporting_disk_full(self.manager.save, step, args=ocp.args.Composite(**items),
+                                            metrics=metrics)
+        self._in_flight = step
+        return started
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._reporting_disk_full(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # reported once; what is left to wait for failed with it
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        self.wait()
         self.manager.close()
+
+    def _reporting_disk_full(self, fn: Callable, *args, **kwargs):
+        """fn(...), with a full disk (the previous async save's, surfacing here) as one DiskFullError."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if self._failed or not is_disk_full(err):
+                raise
+            self._failed = True
+            free = shutil.disk_usage(self.directory).free
+            raise DiskFullError(
+                f"the disk of {self.directory} is full: saving checkpoint step {self._in_flight} failed (no space "
+                f"left on device). One checkpoint of this state needs about {human_bytes(self._state_bytes)}, and "
+                f"keep_checkpoints={self._keep} needs about {human_bytes(self._state_bytes * (self._keep + 1))} while "
+                f"a new one is written; {human_bytes(free)} is free now. The last good checkpoint is step "
+                f"{self.manager.latest_step()}: free some space (or lower keep_checkpoints) and rerun the same "
+                f"command to resume from it.") from None
 
     # -- restoring
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def saved_records(self, step: int) -> tuple[dict, dict]:
+        """(config, data) JSON items of `step`: what a resume compares before reading arrays."""
+        items = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                   data=ocp.args.JsonRestore()))
+        return items["config"], items["data"]
 
     def saved_arrays(self, step: int):
         """The saved state's array metadata tree (shapes, dtypes); reads no array data."""
@@ -208,9 +249,12 @@ class Checkpointer:
             raise IOError(f"array contents differ from the fingerprint written at save time: {', '.join(bad[:5])}")
         return restored["state"], restored["data"], restored["config"]
 
-    def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None) -> Optional[Restored]:
+    def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None,
+                       check_run: Callable[[int, dict, dict], None] | None = None) -> Optional[Restored]:
         """The newest step that restores and verifies; older ones are tried after a corrupt
         one (which is moved aside with a warning). None when there is no checkpoint.
+        `check_run(step, saved config, saved data)` may refuse the step (train/samerun.py)
+        after the shapes are checked and before any array is read.
 
         An incompatible config raises CheckpointError at once: that is a user error to fix,
         not damage to skip. So does finding every checkpoint corrupt: silently starting over
@@ -219,6 +263,7 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 saved_arrays = self.saved_arrays(step)
+                records = self.saved_records(step) if check_run else None
             except Exception as err:  # unreadable metadata: a damaged step directory
                 self._skip_corrupt(step, err)
                 skipped.append(step)
@@ -228,6 +273,8 @@ class Checkpointer:
                                       f"resumed: fine-tune it in a new run with `magic train --init-from "
                                       f"{self.workdir} --workdir NEW_RUN`.")
             self.check_compatible(step, abstract_state, config_json, saved_arrays)
+            if check_run:
+                check_run(step, *records)
             try:
                 state, data, config = self.restore(abstract_state, step)
             except Exception as err:
@@ -243,11 +290,9 @@ class Checkpointer:
 
     def _skip_corrupt(self, step: int, err: Exception) -> None:
         """Warn, move the step directory to checkpoints.corrupt/ (primary process), reload."""
-        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
-        warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(err).__name__}: "
-                      f"{first_line}); moved it to {target} and trying the previous one.", CheckpointWarning,
-                      stacklevel=3)
+        warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({describe_error(err)}); "
+                      f"moved it to {target} and trying the previous one.", CheckpointWarning, stacklevel=3)
         if not self._read_only and jax.process_index() == 0:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
@@ -273,65 +318,109 @@ def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
     return path, None
 
 
+def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config_json: dict | None,
+                     flag: str) -> Any:
+    """Step `step`'s params alone, checked against their saved fingerprints (the optimizer
+    state is neither read nor verified). CheckpointError for other shapes (the user's to fix);
+    any other error means the step is damaged."""
+    saved = {"params": ckpt.saved_arrays(step)["params"]}
+    mismatches = shape_mismatches(saved, {"params": abstract_params})  # names read 'params/...
+    if mismatches:
+        diffs = config_differences(ckpt.saved_config(step), config_json) if config_json else []
+        raise CheckpointError(incompatibility_message(ckpt.directory, step, mismatches, diffs, fix=(
+            f"give {flag} a run whose model has this run's shapes, or set the model fields to its values")))
+    item = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(ckpt.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    expected = ckpt.manager.restore(step, args=ocp.args.Composite(
+        integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]
+    bad = sorted(name for name, value in state_fingerprint({"params": restored["params"]}).items()
+                 if expected.get(name) != value)
+    if bad:
+        raise OSError(f"params differ from the fingerprint written at save time: {', '.join(bad[:5])}")
+    return restored["params"]
+
+
+def newest_good(ckpt: Checkpointer, steps: list[int], load: Callable[[int], Any], what: str) -> tuple[Any, int]:
+    """(load(step), step) for the newest of `steps` that loads. A reader never moves a damaged
+    step (the run's writer may be using the directory): it skips it with one warning naming it.
+    CheckpointError (a user error) stops at once; every step damaged is a CheckpointError too."""
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result = load(step)
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - tensorstore, orbax and JSON errors all mean a damaged step
+            skipped.append((step, err))
+            continue
+        if skipped:
+            names = ", ".join(f"step {s} ({describe_error(e)})" for s, e in skipped)
+            warnings.warn(f"{what}: skipped corrupt or partial checkpoint {names}; loaded step {step} instead (the "
+                          f"damaged step is left in place: the next `magic train` on the run moves it aside).",
+                          CheckpointWarning, stacklevel=3)
+        return result, step
+    raise CheckpointError(f"{what}: every checkpoint ({', '.join(f'step {s}' for s, _ in skipped)}) in "
+                          f"{ckpt.directory} is corrupt or partial ({describe_error(skipped[0][1])}).")
+
+
 def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] = None,
                    flag: str = "--init-from") -> tuple[Any, int]:
     """(params, step) from another run's checkpoint, into `abstract_params`' shardings;
-    shapes are checked first and a mismatch names the parameters."""
+    shapes are checked first and a mismatch names the parameters. A run directory gives its
+    newest good step (a damaged one is skipped with a warning); a step directory that step."""
     workdir, step = resolve_checkpoint(path)
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
+        steps = ckpt.all_steps()
+        if not steps or (step is not None and step not in steps):
             raise CheckpointError(f"{flag} {path!r}: no checkpoint found there; give a run directory (its "
                                   f"checkpoints/ holds numbered steps) or a step directory like RUN/checkpoints/500.")
-        saved = {"params": ckpt.saved_arrays(step)["params"]}
-        mismatches = shape_mismatches(saved, {"params": abstract_params})  # names read 'params/...
-        if mismatches:
-            diffs = config_differences(ckpt.saved_config(step), config_json) if config_json else []
-            raise CheckpointError(incompatibility_message(ckpt.directory, step, mismatches, diffs, fix=(
-                f"give {flag} a run whose model has this run's shapes, or set the model fields to its values")))
-        item = {"params": abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(ckpt.directory, str(step), "state"),
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-        expected = ckpt.manager.restore(step, args=ocp.args.Composite(
-            integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]
-        actual = state_fingerprint({"params": restored["params"]})
-        if any(expected.get(name) != value for name, value in actual.items()):
-            raise CheckpointError(f"{flag} {path!r}: step {step}'s params do not match their saved fingerprint "
-                                  f"(a corrupt checkpoint); point {flag} at another step directory.")
-        return restored["params"], step
+        return newest_good(ckpt, [step] if step is not None else steps,
+                           lambda s: _verified_params(ckpt, s, abstract_params, config_json, flag), f"{flag} {path}")
     finally:
         ckpt.close()
 
 
-def _latest(workdir: str) -> tuple[int, dict]:
-    """(step, config JSON) of a run directory's latest checkpoint; reads no array."""
-    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
-                                    f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
-        return step, ckpt.saved_config(step)
-    finally:
-        ckpt.close()
+def _run_steps(workdir: str, ckpt: Checkpointer) -> list[int]:
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
+                                f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
+    return steps
 
 
 def saved_run_config(workdir: str):
-    """The TrainConfig of a run directory's latest checkpoint, without loading any array."""
-    return config_from_json(_latest(workdir)[1])
+    """The TrainConfig of a run directory's newest checkpoint whose config reads, without
+    loading any array (a damaged step is skipped; its params load warns about it)."""
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            return newest_good(ckpt, _run_steps(workdir, ckpt), lambda s: config_from_json(ckpt.saved_config(s)),
+                               f"--workdir {workdir}")[0]
+    finally:
+        ckpt.close()
 
 
 def load_params(workdir: str):
-    """(params, TrainConfig) of the latest checkpoint in a run directory, on the default device.
-    Only the params are read (not the optimizer state: a third of the bytes), so a run
-    imported with params alone (`magic hf import`) loads like a trained one."""
-    step, config_json = _latest(workdir)
-    config = config_from_json(config_json)
-    abstract = jax.eval_shape(lambda: create_train_state(config.model, make_tx(config), jax.random.PRNGKey(0)))
+    """(params, TrainConfig) of the newest good checkpoint in a run directory, on the default
+    device. Only the params are read and verified (not the optimizer state: two thirds of the
+    bytes), so a run imported with params alone (`magic hf import`) loads like a trained one,
+    and damage confined to the optimizer state does not stop a reader."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract.params)
-    params, _ = restore_params(os.path.join(workdir, "checkpoints", str(step)), params, config_json, flag="--workdir")
-    return params, config
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+
+    def load(step: int):
+        config_json = ckpt.saved_config(step)
+        config = config_from_json(config_json)
+        abstract = jax.eval_shape(lambda: create_train_state(config.model, make_tx(config), jax.random.PRNGKey(0)))
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract.params)
+        return _verified_params(ckpt, step, params, config_json, "--workdir"), config
+
+    try:
+        return newest_good(ckpt, _run_steps(workdir, ckpt), load, f"--workdir {workdir}")[0]
+    finally:
+        ckpt.close()

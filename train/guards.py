@@ -8,7 +8,9 @@
   naming the first bad step. A save is never made after an unchecked step, so a bad state
   cannot reach disk and the last good checkpoint stays the latest.
 * Disk. Before compiling anything: the workdir must have room for at least one checkpoint
-  (the unsharded state bytes); fewer than `keep + 1` fits only warns.
+  (the unsharded state bytes); fewer than `keep + 1` fits only warns, with a DiskSpaceWarning
+  (a ResourceWarning would be hidden by Python's default filters). A disk that fills up
+  during a save is reported once by the checkpointer (train/checkpoint.py DiskFullError).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from matrixmagic.configs import ConfigError
+
+
+class DiskSpaceWarning(UserWarning):
+    """The workdir may run out of space before the run ends."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -86,15 +92,15 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     a warning when it cannot hold keep + 1 (orbax writes the new one before deleting)."""
     free = free_bytes(workdir)
     if free < checkpoint_bytes:
-        raise ConfigError(f"workdir={workdir!r} has {_human(free)} free but one checkpoint of this state needs about "
-                          f"{_human(checkpoint_bytes)}: free some space or choose another with --workdir PATH.")
+        raise ConfigError(f"workdir={workdir!r} has {human_bytes(free)} free but one checkpoint of this state needs "
+                          f"about {human_bytes(checkpoint_bytes)}: free some space or choose another with --workdir PATH.")
     needed = checkpoint_bytes * (keep + 1)
     if free < needed:
-        warnings.warn(f"workdir={workdir!r} has {_human(free)} free; keeping keep_checkpoints={keep} checkpoints "
-                      f"needs about {_human(needed)}. Lower keep_checkpoints or free space.", ResourceWarning)
+        warnings.warn(f"workdir={workdir!r} has {human_bytes(free)} free; keeping keep_checkpoints={keep} checkpoints "
+                      f"needs about {human_bytes(needed)}. Lower keep_checkpoints or free space.", DiskSpaceWarning)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

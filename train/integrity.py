@@ -104,16 +104,22 @@ def shape_mismatches(saved_tree, abstract_tree) -> list[str]:
     return out
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'model.d_model: checkpoint 32, this run 64' for every differing leaf field."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'model.d_model': 32, ...}: a JSON config's leaf fields by dotted name."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'model.d_model: checkpoint 32, this run 64' for every differing leaf field."""
+    a, b = flatten(saved), flatten(current)
+    return [f"{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 RESUME_FIX = ("rerun with the checkpoint's values (--set), start a new run with another --workdir, or use "

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -28,12 +30,15 @@ from matrixmagic.sharding.memory import tree_bytes
 
 from . import metrics as metrics_lib
 from .aot import load_train_step
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
+from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
+from .runlock import RunInUseError, RunLock
+from .samerun import check_allowed
 from .step import summarize_eval
 
 
@@ -108,12 +113,49 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
     return summarize_eval(sums)
 
 
-def train(config: TrainConfig, *, quiet: bool = False, compiled: str | None = None,
-          check_memory: bool = True) -> dict:
+def lock_run(workdir: str) -> RunLock | None:
+    """Process 0 locks the run directory (train/runlock.py); every process learns the outcome,
+    so a refused multi-host run stops everywhere instead of hanging at its first barrier."""
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(workdir).acquire()
+        except RunInUseError as err:
+            refused = err
+    if jax.process_count() > 1:
+        held = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+        if not held and refused is None:
+            raise RunInUseError(f"workdir={workdir!r} is in use by another run: process 0 says which.")
+    if refused is not None:
+        raise refused
+    return lock
+
+
+def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] = None,
+          allow_change: Sequence[str] = (), check_memory: bool = True) -> dict:
     """Run (or resume) training; returns a summary with the final eval metrics.
     `compiled`: a `magic compile --serialize` file to use instead of compiling the step.
-    `check_memory`: refuse a step the analytic memory model says cannot fit (sharding/fit.py)."""
+    `allow_change`: config fields a resume may change (`--allow-change`; train/resume.py).
+    `check_memory`: refuse a step the analytic memory model says cannot fit (sharding/fit.py).
+    The run directory is locked for the whole call: a second writer fails at once."""
     check_workdir(config.workdir)
+    allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
+    lock = lock_run(config.workdir)
+    try:
+        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory)
+    except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
+        if not is_disk_full(err):
+            raise
+        raise DiskFullError(f"the disk of workdir={config.workdir!r} is full (no space left on device while writing "
+                            f"{getattr(err, 'filename', None) or 'the logs'}): free some space and rerun the same "
+                            f"command to resume from the last good checkpoint.") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset,
+           check_memory: bool) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
     if check_memory:
@@ -127,15 +169,19 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: str | None = No
         run.train_step = load_train_step(compiled, run, config, warn=lambda m: print(f"warning: {m}"), log=log)
     check_free_space(config.workdir, tree_bytes(run.abstract_state, per_device=False), config.keep_checkpoints)
     ckpt = Checkpointer(config.workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoint)
-    begin = start_state(config, run, tx, ckpt, train_data, is_main)  # resume, --init-from, or init
+    begin = start_state(config, run, tx, ckpt, train_data, is_main, allowed)  # resume, --init-from, or init
     state, start = begin.state, begin.step
     if begin.step or config.init_from:
         log(f"starting from {begin.source}")
+    for line in begin.notes:
+        log(line)
     monitor = NonFiniteMonitor(config.max_nonfinite_skips, nonfinite_skips(begin),
                                hint=f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g}) or raise "
                                     f"max_nonfinite_skips, then rerun to resume from the last good checkpoint.")
 
     writer = metrics_lib.MetricsWriter(config.workdir, enabled=is_main)
+    if begin.changes:  # --allow-change: what this resume changed, at the step it resumed from
+        writer.record(start, "resume", {"allowed_changes": begin.changes})
     peak = config.peak_flops or metrics_lib.peak_flops_per_device(jax.local_devices())
     token_flops = flops_per_token(config)
     ramp = config.batch_ramp  # the batch of every step (one level without a ramp)
@@ -195,8 +241,8 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: str | None = No
     finally:
         guard.uninstall()
         bar.close()
-        ckpt.close()  # waits for the last async save to commit, also when a guard raised
         writer.close()
+        ckpt.close()  # waits for the last async save to commit, also when a guard raised
 
     summary = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
     if preempted_at is not None:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from matrixmagic.sharding.chips import peak_flops_for_device_kind
 
+from .quiet import is_disk_full
+
 PEAK_CACHE = "~/.cache/matrixmagic/cpu_matmul_peak.json"
 _PROBE_N = 2048  # a 2048^2 f32 matmul: 17 GFLOP, ~0.1 s on a 2-core CPU, large enough to reach the peak
 
@@ -117,11 +119,23 @@ class MetricsWriter:
             for key, value in values.items():
                 self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
 
+    def record(self, step: int, split: str, fields: dict) -> None:
+        """A row of facts rather than numbers (a resume's allowed changes): JSONL only."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": int(step), "split": split, **fields}) + "\n")
+            self._jsonl.flush()
+
     def close(self) -> None:
-        if self._jsonl:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Best effort on a full disk: the JSONL rows were flushed as written, and the full disk
+        is reported once, by whoever hit it first (train/loop.py)."""
+        for handle in (self._jsonl, self._tb):
+            if handle is None:
+                continue
+            try:
+                handle.close()
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
 
 
 def read_history(workdir: str) -> list[dict]:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.train_config import TOKENIZER_NAMES, field_help
@@ -59,7 +60,8 @@ def _cmd_train(args) -> int:
 
         print(json.dumps(print_config(config), indent=2))
         return 0
-    summary = train(config, compiled=args.compiled, check_memory=not args.no_memory_check)
+    summary = train(config, compiled=args.compiled, allow_change=args.allow_change or (),
+                    check_memory=not args.no_memory_check)
     return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
 
 
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-processes", type=int, help="multi-process: how many processes run this command")
     t.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
     t.add_argument("--init-from", metavar="RUN", help="start from another run's params (fresh optimizer, step 0)")
+    t.add_argument("--allow-change", action="append", metavar="FIELD,...",
+                   help="resume although these config fields differ from the checkpoint's (e.g. steps,"
+                        "optimizer.learning_rate); recorded in metrics.jsonl. Without it such a resume is refused")
     t.add_argument("--compiled", metavar="PATH", help="a `magic compile --serialize` executable: skip compiling "
                                                       "the step (used only if it matches this run exactly)")
     add_memory_check_argument(t)
@@ -221,8 +226,14 @@ def console_main() -> int:
     return main()
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line a user reads, without the source line that raised it."""
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

@@ -128,6 +128,17 @@ def source_fingerprint(source_dir: Path, pattern: str, fraction: float, relpaths
     return digest.hexdigest()[:16]
 
 
+def files_summary(source_dir: Path, relpaths: list[str]) -> str:
+    """'30 files, 6,543 bytes, list 1f2e3d4c5b6a': the file list and sizes (not mtimes: a copy
+    or a `touch` is the same data; not contents: that would read the corpus at every start)."""
+    digest, total = hashlib.sha256(), 0
+    for p in sorted(relpaths):
+        size = os.stat(source_dir / p).st_size
+        total += size
+        digest.update(f"{p}\0{size}\0".encode())
+    return f"{len(relpaths)} files, {total:,} bytes, list {digest.hexdigest()[:12]}"
+
+
 def config_name(source_dir: Path, fingerprint: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "_", source_dir.resolve().name.lower()).strip("_") or "root"
     return f"{slug[:40]}_{fingerprint}"
@@ -207,6 +218,8 @@ class Corpus:
     sources: Mapping[str, Any]  # "train" / "validation" -> TFDS array_record data source
     text_field: str = "text"
     max_documents: int | None = None
+    # What a resume compares (train/samerun.py): {'source': ..., 'files': ...}, see `files_summary`.
+    fingerprint: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def num_documents(self, split: str) -> int:
         n = len(self._source(split))
@@ -284,10 +297,12 @@ def prepare_text_dir(
         except OSError as err:  # a source file vanished, a full disk: the files and the dir are named
             raise CorpusError(f"building the dataset of source={str(source)!r} into data.data_dir={str(root)!r} "
                               f"failed: {err}. Nothing was kept; fix it and rerun.") from None
+    corpus_name = name or f"dir:{source.resolve()}"
     return Corpus(
-        name=name or f"dir:{source.resolve()}",
+        name=corpus_name,
         directory=Path(builder.data_dir),
         sources=builder.as_data_source(),
+        fingerprint={"source": corpus_name, "files": files_summary(source, relpaths)},
     )
 
 
@@ -379,12 +394,14 @@ def open_catalog(
         )
     field = choose_text_field(builder.info.features, builder.info.supervised_keys, text_field)
     sources = builder.as_data_source()
+    counts = f"{splits['train'].num_examples:,} train / {splits[validation].num_examples:,} {validation} examples"
     return Corpus(
         name=f"tfds:{name}",
         directory=Path(builder.data_dir),
         sources={"train": sources["train"], "validation": sources[validation]},
         text_field=field,
         max_documents=max_documents,
+        fingerprint={"source": f"tfds:{name}", "files": f"TFDS {builder.info.full_name}, {counts}"},
     )
 
 

@@ -159,9 +159,11 @@ class LMPipeline:
 
     def __init__(self, rows: np.ndarray, family: str, seq_len: int, batch_size: int, seed: int,
                  tokenizer: Tokenizer, process_index: int, process_count: int, mask_rate: float = 0.15,
-                 ramp: BatchRamp | None = None, microbatches: int = 1):
+                 ramp: BatchRamp | None = None, microbatches: int = 1, fingerprint: dict | None = None):
         self.rows, self.family, self.seq_len, self.batch_size = rows, family, seq_len, batch_size
         self.seed, self.tokenizer, self.mask_rate = int(seed), tokenizer, mask_rate
+        # What the rows came from (the corpus's fingerprint and the tokenizer): a resume compares it.
+        self.fingerprint = {**(fingerprint or {}), "tokenizer": tokenizer.cache_key}
         self.record: Family = family_of(family)
         self.lengths = self.record.lengths(seq_len)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -338,7 +340,7 @@ def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", s
     rows = packed_rows(corpus, "train", tok, family_of(family).row_len(seq_len))
     check_enough_rows(rows, corpus.name, tok.pad_id, seq_len, batch_size, process_count)
     return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate,
-                      ramp, microbatches)
+                      ramp, microbatches, corpus.fingerprint)
 
 
 def make_eval_batches(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,

@@ -86,9 +86,13 @@ def _fresh_target(path: str, flag: str) -> None:
 
 
 def _finish(tmp: str, target: str) -> None:
-    if os.path.isdir(target):
-        os.rmdir(target)  # empty (checked first): the rename needs the name free
-    os.rename(tmp, target)
+    try:
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty (checked first): the rename needs the name free
+        os.rename(tmp, target)
+    except OSError as err:  # e.g. a `magic train` started writing there meanwhile (train/runlock.py)
+        raise HFError(f"{target} was created or written by another process while this one wrote "
+                      f"({err.strerror}); nothing was overwritten: choose a new directory.") from None
 
 
 def preset_for(model_type: str, model: ModelConfig) -> str:
