@@ -13,8 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from test_user_errors import run_cli  # noqa: E402  (tests/ is not a package)
-from user_error_cases import CASES, command, make_inputs  # noqa: E402
+from test_user_errors import run_cli  # tests/ is not a package: imported from its folder
+from user_error_cases import CASES, command, make_inputs
 
 HEADER = """# Bad input: what a user sees
 
