@@ -7,6 +7,7 @@ One frozen dataclass describes all three families. A bad value raises
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Literal, Optional, get_args
 
@@ -54,6 +55,11 @@ class ConfigError(ValueError):
 def _number(v) -> bool:
     """A real number: bools and strings are not (and NaN fails every comparison)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def finite(v) -> bool:
+    """A real number that is neither NaN nor infinite (what every float field needs first)."""
+    return _number(v) and math.isfinite(v)
 
 
 def _count(v) -> bool:
@@ -145,9 +151,9 @@ class ModelConfig:
                  f"model.attention_impl=matrices.")
         # The platform (splash: TPU only) and the sequence lengths are checked where they are known:
         # train/run.py resolve_config and TrainConfig.
-        if not _number(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+        if not finite(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", self.layer_norm_eps, "use a small positive number such as 1e-5.")
-        if not _number(self.init_std) or not self.init_std > 0:
+        if not finite(self.init_std) or not self.init_std > 0:
             fail("init_std", self.init_std, "use a positive standard deviation such as 0.02.")
         if not _count(self.type_vocab_size) or self.type_vocab_size < 0:
             fail("type_vocab_size", self.type_vocab_size, "use 0 (no segment embeddings) or a positive count.")

@@ -14,10 +14,21 @@ import os
 import typing
 from typing import Literal, Optional, get_args
 
-from .model_config import SPLASH_BLOCK, ConfigError, ModelConfig, fail, side_lengths, suggest, untiled_lengths
+from .model_config import (
+    SPLASH_BLOCK,
+    ConfigError,
+    ModelConfig,
+    fail,
+    finite,
+    side_lengths,
+    suggest,
+    untiled_lengths,
+)
 from .presets import SCHEDULES, Schedule, get_preset
 from .ramp import BatchRamp
 
+# The train state's step counter is int32 (train/state.py): a run of more steps would wrap.
+MAX_STEPS = 2**31 - 1
 TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model or a Hugging Face tokenizer.json
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
@@ -67,8 +78,22 @@ class OptimizerConfig:
         if self.schedule not in SCHEDULES:
             fail("optimizer.schedule", self.schedule,
                   f"choose one of {', '.join(SCHEDULES)}.{suggest(self.schedule, SCHEDULES)}")
-        if self.learning_rate <= 0:
+        if not finite(self.learning_rate) or self.learning_rate <= 0:
             fail("optimizer.learning_rate", self.learning_rate, "use a positive learning rate such as 3e-4.")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not finite(value) or not 0 <= value < 1:
+                fail(f"optimizer.{name}", value, "use an Adam decay rate in [0, 1), e.g. 0.9 for b1, 0.95 for b2.")
+        if not finite(self.eps) or self.eps <= 0:
+            fail("optimizer.eps", self.eps, "use a small positive number such as 1e-8.")
+        if not finite(self.weight_decay) or self.weight_decay < 0:
+            fail("optimizer.weight_decay", self.weight_decay, "use 0 (none) or a positive decay such as 0.1.")
+        if not finite(self.clip_norm) or self.clip_norm <= 0:
+            fail("optimizer.clip_norm", self.clip_norm, "use a positive global gradient norm such as 1.0.")
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_STEPS:
+                fail(f"optimizer.{name}", value, f"use at most {MAX_STEPS:,} steps (the step counter is int32).")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             fail("optimizer.warmup_steps", self.warmup_steps, "use 0 or more steps.")
         if self.warmup_tokens is not None and self.warmup_tokens < 0:
@@ -163,6 +188,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 fail(name, value, "use a positive integer.")
+        for name in ("steps", "eval_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) > MAX_STEPS:
+                fail(name, getattr(self, name), f"use at most {MAX_STEPS:,} steps (the step counter is int32).")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            fail("seed", self.seed, "use an integer in 0..4294967295 (jax keys take 32-bit seeds: larger ones wrap "
+                                    "onto others).")
+        if not finite(self.peak_flops) or self.peak_flops < 0:
+            fail("peak_flops", self.peak_flops, "use 0 (measure it) or a device's peak FLOP/s such as 4.59e14.")
+        if self.sample_tokens < 0:
+            fail("sample_tokens", self.sample_tokens, "use 0 (no sample) or a positive count.")
         if self.max_nonfinite_skips < 0:
             fail("max_nonfinite_skips", self.max_nonfinite_skips, "use 0 (stop at the first) or more.")
         if self.eval_batches < 0:

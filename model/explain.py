@@ -238,6 +238,13 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     return stages, added
 
 
+def runs_on_shapes(config: ModelConfig, params_given: bool) -> bool:
+    """Whether explain walks shapes only by default: no weights given and too many to draw."""
+    abstract = nn.meta.unbox(abstract_variables(config)["params"])
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
+    return not params_given and n_params > MAX_MATERIALIZED_PARAMS
+
+
 def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: int = 1,
             shapes_only: Optional[bool] = None, labels: Optional[list] = None, tokenizer=None) -> Explanation:
     """Walk one forward pass. ids [B, T] (default: DEFAULT_TEXT encoded by `tokenizer`, or as
@@ -250,8 +257,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
         raise ValueError(f"layer={layer} is invalid: this model has layers 0..{cfg.num_layers - 1}.")
     abstract = nn.meta.unbox(abstract_variables(cfg)["params"])
     if shapes_only is None:
-        n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract))
-        shapes_only = params is None and n_params > MAX_MATERIALIZED_PARAMS
+        shapes_only = runs_on_shapes(cfg, params is not None)
     if tokenizer is None and not shapes_only and cfg.family == "encoder_decoder":
         raise ValueError("explain of an encoder-decoder needs tokenizer= (its bos id starts the decoder), "
                          "e.g. ByteTokenizer() from matrixmagic.train.data.tokenizers.")

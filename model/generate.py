@@ -48,7 +48,7 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not np.isfinite(self.temperature) or self.temperature < 0:  # NaN compared False: sampled garbage
             raise ValueError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a positive number.")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} is invalid: use 0 (off) or a positive count such as 40.")
@@ -313,6 +313,8 @@ def _check_seq2seq(model, max_new_tokens):
 def translate(model: nn.Module, params, sources: Sequence[Sequence[int]], *, bos_id: int, eot_id: int,
               max_new_tokens: int, beam_size: int = 1, length_penalty: float = 0.0) -> Generated:
     """Greedy (beam_size 1) or beam-search target tokens for each source token list."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} is invalid: use 1 (greedy) or more (beam search).")
     if beam_size > 1:
         return beam_search(model, params, sources, bos_id=bos_id, eot_id=eot_id, max_new_tokens=max_new_tokens,
                            beam_size=beam_size, length_penalty=length_penalty)[0]
@@ -329,6 +331,8 @@ def beam_search(model: nn.Module, params, sources: Sequence[Sequence[int]], *, b
     """-> (best hypothesis per source as Generated, all beams [B, k, N], their ranking scores [B, k])."""
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} is invalid: use a positive count (1 = greedy).")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty} is invalid: use a finite GNMT alpha, e.g. 0.6 (0 = none).")
     if length_penalty < 0:
         raise ValueError(f"length_penalty={length_penalty} is invalid: use 0 (none) or a positive alpha such as 0.6.")
     _check_seq2seq(model, max_new_tokens)
@@ -349,6 +353,9 @@ def fill_masks(model: nn.Module, params, ids: np.ndarray, mask_id: int,
     """ids [B, T] with `mask_id` holes -> the same ids, each hole the MLM argmax there."""
     if model.config.family != "encoder":
         raise ValueError(f"fill_masks() needs an encoder (BERT-style) model, not family={model.config.family!r}.")
+    if ids.shape[1] > model.config.max_len:  # past the position table every row would read garbage
+        raise ValueError(f"ids are {ids.shape[1]} tokens; the model reads at most model.max_len="
+                         f"{model.config.max_len}: shorten the text.")
     return np.asarray(_fill(model, params, jnp.asarray(ids, jnp.int32), jnp.int32(mask_id), tuple(banned_ids)))
 
 
@@ -370,9 +377,11 @@ def generate_text(config, params, tokenizer, prompt: str, *, max_new_tokens: int
     """prompt + its continuation by a decoder-only model. The prompt is prefixed with
     end-of-text, which starts every training document, and generation stops at the next one."""
     ids = [tokenizer.eot_id] + [int(i) for i in tokenizer.encode(prompt)]
-    room = config.max_len - len(ids) + 1
-    if room < 1:
-        raise ValueError(f"prompt is {len(ids) - 1} tokens; the model's context is {config.max_len}: shorten it.")
-    out = generate(build_model(config), params, [ids], max_new_tokens=min(max_new_tokens, room),
+    room = config.max_len - len(ids) + 1  # the last new token is never fed back
+    if max_new_tokens > room:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is beyond the context: the prompt takes {len(ids)} of the "
+                         f"model's {config.max_len} positions (model.max_len), so at most {max(room, 0)} new tokens "
+                         f"fit: lower max_new_tokens or shorten the prompt.")
+    out = generate(build_model(config), params, [ids], max_new_tokens=max_new_tokens,
                    eot_id=tokenizer.eot_id, sampling=Sampling(temperature, top_k, top_p), rng=jax.random.key(seed))
     return prompt + tokenizer.decode(out.rows()[0])

@@ -123,6 +123,8 @@ def parse_target(spec: str) -> Target:
     text = spec.strip().lower()
     forms = "v5p-1024, v4-2048, v5e-256, v6e-64, v5p:8x8x8, cpu-8 or h100x64"
     if m := re.fullmatch(r"cpu-(\d+)", text):
+        if int(m[1]) < 1:
+            raise ConfigError(f"--topology {spec!r} is invalid: use at least one CPU device, e.g. cpu-1 or cpu-8.")
         return Target(spec, "cpu", int(m[1]), None)
     if m := re.fullmatch(r"([a-z]\d+)x(\d+)", text):
         chip = CHIPS.get(m[1])

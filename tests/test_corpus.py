@@ -89,7 +89,7 @@ def test_failed_build_leaves_prepared_dataset_alone(corpus_dir, tmp_path, monkey
         yield
 
     monkeypatch.setattr(C.TextFiles, "_generate_examples", broken)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(C.CorpusError, match="building the dataset .* failed: disk on fire"):
         C.open_corpus(corpus_dir, tmp_path / "data")
     monkeypatch.undo()
     assert dataset_files(good.directory) == before

@@ -25,6 +25,7 @@ from matrixmagic.configs.train_config import TrainConfig, config_to_json
 from matrixmagic.model.accounting import closed_form_params, training_flops_per_token
 from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import generate_text
+from matrixmagic.sharding.fit import check_training_fits
 from matrixmagic.sharding.memory import tree_bytes
 
 from . import metrics as metrics_lib
@@ -132,16 +133,17 @@ def lock_run(workdir: str) -> RunLock | None:
 
 
 def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] = None,
-          allow_change: Sequence[str] = ()) -> dict:
+          allow_change: Sequence[str] = (), check_memory: bool = True) -> dict:
     """Run (or resume) training; returns a summary with the final eval metrics.
     `compiled`: a `magic compile --serialize` file to use instead of compiling the step.
     `allow_change`: config fields a resume may change (`--allow-change`; train/resume.py).
+    `check_memory`: refuse a step the analytic memory model says cannot fit (sharding/fit.py).
     The run directory is locked for the whole call: a second writer fails at once."""
     check_workdir(config.workdir)
     allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
     lock = lock_run(config.workdir)
     try:
-        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed)
+        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory)
     except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
         if not is_disk_full(err):
             raise
@@ -153,9 +155,12 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
             lock.release()
 
 
-def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset) -> dict:
+def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset,
+           check_memory: bool) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
+    if check_memory:
+        check_training_fits(config, jax.device_count(), jax.local_devices())
     train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
@@ -277,6 +282,10 @@ def gather_params(params):
 
 def sample_text(config: TrainConfig, params, tokenizer, prompt: str = "def ", temperature: float = 0.8) -> str:
     """A short sample from a trained decoder-only model (params already on the host, from
-    gather_params), generated with the KV cache."""
-    return generate_text(config.model, params, tokenizer, prompt, max_new_tokens=config.sample_tokens,
+    gather_params), generated with the KV cache: up to sample_tokens, as many as the context
+    leaves after the prompt (a smoke check, so a short model.max_len shortens it, not fails it)."""
+    room = config.model.max_len - len(tokenizer.encode(prompt))  # generate_text adds end-of-text first
+    if room < 1:
+        return prompt
+    return generate_text(config.model, params, tokenizer, prompt, max_new_tokens=min(config.sample_tokens, room),
                          temperature=temperature, seed=config.seed)

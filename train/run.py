@@ -22,7 +22,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding
 
-from matrixmagic.configs import ConfigError, get_preset
+from matrixmagic.configs import ConfigError, ModelConfig, get_preset
 from matrixmagic.configs.model_config import untiled_lengths
 from matrixmagic.configs.train_config import (
     RampConfig,
@@ -211,15 +211,17 @@ def run_tokenizer(config: TrainConfig):
     return open_tokenizer(config.data.tokenizer, config.data.source, config.data.data_dir)
 
 
+def reading_model(model: ModelConfig) -> ModelConfig:
+    """The model config a trained run is read with: a run trained with splash attention (TPU)
+    runs `fused`, the same attention computed densely, so prompts and texts have any length,
+    which the kernel's blocks do not tile."""
+    return model.replace(attention_impl="fused") if model.attention_impl == "splash" else model
+
+
 def load_run(workdir: str):
-    """(ModelConfig, params on the host, tokenizer) of a trained run directory (`magic train --workdir`).
-    A run trained with splash attention (TPU) is loaded with `fused`, the same attention computed
-    densely: prompts and texts have any length, which the kernel's blocks do not tile."""
+    """(ModelConfig, params on the host, tokenizer) of a trained run directory (`magic train --workdir`)."""
     params, config = load_params(workdir)
-    model = config.model
-    if model.attention_impl == "splash":
-        model = model.replace(attention_impl="fused")
-    return model, jax.device_get(params), run_tokenizer(config)
+    return reading_model(config.model), jax.device_get(params), run_tokenizer(config)
 
 
 # ----------------------------------------------------------------------------- the step

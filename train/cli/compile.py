@@ -21,6 +21,8 @@ import time
 from matrixmagic.configs import ConfigError
 from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
 
+from .paths import check_output_file
+
 NOT_FIT = 3
 
 
@@ -110,7 +112,11 @@ def report_compile(args, target: Target, devices: list) -> int:
     if args.serialize:
         from ..aot import save_executable
 
-        size = save_executable(args.serialize, outcome)
+        try:
+            size = save_executable(args.serialize, outcome)
+        except OSError as err:  # past the up-front check: a full disk, or a filesystem that lied to os.access
+            raise ConfigError(f"--serialize {args.serialize!r} could not be written ({err.strerror or err}): give "
+                              f"a path with room that you can write.") from None
         lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
                       f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
                       f"(it checks the config, trees and shapes, and compiles instead if they differ)"]
@@ -214,6 +220,8 @@ def main(args) -> int:
     if args.sweep and args.serialize:
         raise ConfigError("--sweep and --serialize do not combine: sweep first, then compile the chosen "
                           "configuration alone with --serialize PATH.")
+    if args.serialize:
+        check_output_file(args.serialize, "--serialize")
     target = parse_target(args.topology)
     if target.kind == "gpu":
         return report_gpu(args, target)

@@ -26,7 +26,7 @@ from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
 
 from .compile import add_compile_arguments  # light: argparse only, no jax
-from .flags import add_config_arguments, config_assignments
+from .flags import add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
 from .schedule import add_schedule_arguments  # light: argparse only, no jax
 
@@ -65,7 +65,8 @@ def _cmd_train(args) -> int:
 
         print(json.dumps(print_config(config), indent=2))
         return 0
-    summary = train(config, compiled=args.compiled, allow_change=args.allow_change or ())
+    summary = train(config, compiled=args.compiled, allow_change=args.allow_change or (),
+                    check_memory=not args.no_memory_check)
     return summary.get("exit_code", 0)  # 75 (EXIT_PREEMPTED): stopped by SIGTERM/Ctrl-C, rerun to resume
 
 
@@ -86,8 +87,10 @@ def _cmd_data(args) -> int:
     from ..data.pipeline import prepare_tokenizer
     from ..run import VOCAB_MULTIPLE
 
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use a positive size, e.g. 8000.")
     corpus = open_corpus(args.source, args.data_dir)
-    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size)
+    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size, force=args.force)
     print(f"dataset {corpus.name}: {corpus.num_documents('train'):,} train / "
           f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
     print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (a model's embedding table holds at least "
@@ -124,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="build a dataset from text files and optionally train a tokenizer")
     d.add_argument("--source", default="stdlib", help="'stdlib', a directory of text files, or tfds:<name>")
     d.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
-    d.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
+    d.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 8000 for a new model; "
+                                                  "an existing model keeps its own)")
+    d.add_argument("--force", action="store_true", help="retrain the sentencepiece model even if one exists")
     d.add_argument("--data-dir", help="TFDS data dir (default ~/.cache/matrixmagic/tfds)")
     d.set_defaults(func=_cmd_data)
 
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimizer.learning_rate); recorded in metrics.jsonl. Without it such a resume is refused")
     t.add_argument("--compiled", metavar="PATH", help="a `magic compile --serialize` executable: skip compiling "
                                                       "the step (used only if it matches this run exactly)")
+    add_memory_check_argument(t)
     t.epilog = ("exit codes: 0 done; 2 config/workdir/checkpoint error (before training); 3 loss or gradient norm "
                 "became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM, Ctrl-C or a TPU preemption "
                 "notice after saving a checkpoint: rerun the same command to resume.")
@@ -170,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
     e.add_argument("--shapes-only", action="store_true", help="jax.eval_shape only, even for small models")
     e.add_argument("--plot", metavar="DIR", help="write attention / positional-encoding / mask PNGs here")
+    add_memory_check_argument(e)
     e.set_defaults(func=_cmd_explain)
 
     g = sub.add_parser("generate", help="sample text (GPT), translate (enc-dec) or fill [MASK]s (BERT)")
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1 = greedy)")
     g.add_argument("--length-penalty", type=float, default=0.0, help="beam search: GNMT alpha (0 = none)")
     g.add_argument("--seed", type=int, default=0)
+    add_memory_check_argument(g)
     g.set_defaults(func=_cmd_generate)
 
     h = sub.add_parser("hf", help="import / export Hugging Face GPT-2 and BERT checkpoints (safetensors, tokenizer)")

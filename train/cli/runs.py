@@ -7,36 +7,41 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model, init_params
-from matrixmagic.model.explain import explain, format_explanation
-from matrixmagic.model.generate import MASK_MARKER, fill_masks, generate_text, translate
+from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
+from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
+from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
+from ..checkpoint import saved_run_config
 from ..data.tokenizers import ByteTokenizer
-from ..run import load_run, resolve_config
+from ..run import load_run, reading_model, resolve_config, run_tokenizer
+from .paths import check_output_dir
 
 
-def load_quietly(workdir: str):
-    """load_run without orbax's absl warnings about opening the checkpoints read-only ("Given
+@contextlib.contextmanager
+def quiet_orbax():
+    """Reading a run without orbax's absl warnings about opening the checkpoints read-only ("Given
     directory is read only", "setting save_interval_steps=0"): reading is all we meant to do."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        return load_run(workdir)
+        yield
     finally:
         absl.setLevel(level)
 
 
-def trained_run(preset: Optional[str], sets: Sequence[str], workdir: Optional[str]) -> tuple[Optional[str], str]:
+def trained_run(preset: str | None, sets: Sequence[str], workdir: str | None) -> tuple[str | None, str]:
     """(the run directory to load or None, its default name): --workdir, else the directory
     `magic train` with the same --preset and --set flags made (runs/<preset>-<hash>), if it
     has a checkpoint."""
@@ -46,49 +51,113 @@ def trained_run(preset: Optional[str], sets: Sequence[str], workdir: Optional[st
     return (default if os.path.isdir(os.path.join(default, "checkpoints")) else None), default
 
 
-def resolve_model(preset: Optional[str], workdir: Optional[str], seed: int = 0, sets: Sequence[str] = ()):
-    """--workdir, or the run `magic train` made with the same flags (trained weights); else
-    --preset (random weights, byte tokenizer) -> (config, params, tokenizer, a line saying which)."""
+def open_model(preset: str | None, workdir: str | None, sets: Sequence[str] = ()):
+    """--workdir, else the run `magic train` made with the same flags (trained weights), else
+    --preset (random weights, byte tokenizer) -> (model config, tokenizer, load(seed) -> params,
+    a line saying which). Nothing is loaded or allocated yet, so the request is checked against
+    the model (lengths, memory) first."""
     run, default = trained_run(preset, sets, workdir)
     if run:
-        return (*load_quietly(run), f"trained run {run}")
+        with quiet_orbax():
+            config = saved_run_config(run)  # the latest good checkpoint's config: no array read
+
+        def load_trained(seed):
+            with quiet_orbax():
+                return load_run(run)[1]
+
+        return reading_model(config.model), run_tokenizer(config), load_trained, f"trained run {run}"
     if not preset:
         raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
                          f"first, give --workdir RUN, or --preset NAME for random weights, e.g. --preset gpt-tiny.")
     tokenizer = ByteTokenizer()
     config = get_preset(preset).model
     config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
-    return config, params, tokenizer, f"preset {preset} with RANDOM weights (no trained run at {default})"
+
+    def load(seed):
+        return jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
+
+    return config, tokenizer, load, f"preset {preset} with RANDOM weights (no trained run at {default})"
+
+
+def check_memory(args, what: str, parts: dict) -> None:
+    """The analytic memory of the job against this machine's, unless --no-memory-check."""
+    if args.no_memory_check:
+        return
+    check_fits(what, parts, jax.local_devices(),
+               ["a smaller model (--preset) or run", "a shorter prompt or --max-new-tokens" if args.command == "generate"
+                else "a shorter --text or a smaller --batch", "a machine with more memory"])
+
+
+def fill_mask_ids(tokenizer, prompt: str, max_len: int) -> np.ndarray:
+    """[1, T] ids of a BERT prompt: end-of-text first (it starts every training document; for a
+    Hugging Face BERT it is [CLS]), then the text with one mask id per [MASK] marker."""
+    parts = [tokenizer.encode(p) for p in prompt.split(MASK_MARKER)]
+    pieces = [np.array([tokenizer.eot_id], np.int32), parts[0]]
+    pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
+    ids = np.concatenate(pieces).astype(np.int32)[None]
+    if ids.shape[1] > max_len:
+        raise ValueError(f"--prompt is {ids.shape[1] - 1} tokens (with its [MASK]s); the model reads at most "
+                         f"{max_len - 1} (model.max_len={max_len}, one position for the start token): shorten it.")
+    return ids
+
+
+def _check_generate_flags(args, family: str) -> None:
+    Sampling(args.temperature, args.top_k, args.top_p)  # its own checks, before any weight is loaded
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
+    if args.beam_size < 1:
+        raise ValueError(f"--beam-size {args.beam_size} is invalid: use 1 (greedy) or more (beam search).")
+    if args.beam_size > 1 and family != "encoder_decoder":
+        raise ValueError(f"--beam-size {args.beam_size} applies to encoder-decoder models only; this is a {family} "
+                         f"model: drop --beam-size (use --temperature, --top-k or --top-p to shape sampling).")
 
 
 def cli_generate(args) -> int:
     """`magic generate`: the family decides the task (continue, translate, fill masks)."""
-    config, params, tokenizer, origin = resolve_model(args.preset, args.workdir, args.seed, args.set or ())
-    print(f"[{config.family} model: {origin}]", file=sys.stderr)
-    model = build_model(config)
+    config, tokenizer, load, origin = open_model(args.preset, args.workdir, args.set or ())
+    _check_generate_flags(args, config.family)
     if config.family == "decoder":
         if args.prompt is None:
             raise ValueError("decoder-only models need --prompt TEXT to continue.")
-        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+        prompt_len = 1 + len(tokenizer.encode(args.prompt))  # end-of-text first (generate_text)
+        room = config.max_len - prompt_len + 1  # the last new token is never fed back
+        if args.max_new_tokens > room:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "
+                             f"{prompt_len} of the model's {config.max_len} positions (model.max_len), so at most "
+                             f"{max(room, 0)} new tokens fit: use --max-new-tokens {max(room, 1)} or a shorter prompt.")
+        parts = generation_parts(config, 1, prompt_len, prompt_len + args.max_new_tokens - 1)
     elif config.family == "encoder_decoder":
         source = args.source if args.source is not None else args.prompt
         if not source:
             raise ValueError("encoder-decoder models need --source TEXT (the sequence to translate).")
-        out = translate(model, params, [tokenizer.encode(source)], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
-                        max_new_tokens=min(args.max_new_tokens, config.max_len), beam_size=args.beam_size,
-                        length_penalty=args.length_penalty)
-        print(tokenizer.decode(out.rows()[0]))
+        source_ids = tokenizer.encode(source)
+        if len(source_ids) > config.max_len:
+            raise ValueError(f"--source is {len(source_ids)} tokens; the encoder reads at most {config.max_len} "
+                             f"(model.max_len): shorten it.")
+        if args.max_new_tokens > config.max_len:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the decoder has "
+                             f"{config.max_len} positions (model.max_len): use --max-new-tokens {config.max_len} "
+                             f"or fewer.")
+        parts = generation_parts(config, args.beam_size, len(source_ids), args.max_new_tokens)
     else:
         if not args.prompt or MASK_MARKER not in args.prompt:
             raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
                              f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
-        parts = [tokenizer.encode(p) for p in args.prompt.split(MASK_MARKER)]
-        # End-of-text first, as it starts every training document (for a Hugging Face BERT it is [CLS]).
-        pieces = [np.array([tokenizer.eot_id], np.int32), parts[0]]
-        pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
-        ids = np.concatenate(pieces).astype(np.int32)[None]
+        ids = fill_mask_ids(tokenizer, args.prompt, config.max_len)
+        parts = forward_parts(config, 1, ids.shape[1])
+    check_memory(args, f"generating with {args.workdir or args.preset} ({config.family})", parts)
+    params = load(args.seed)
+    print(f"[{config.family} model: {origin}]", file=sys.stderr)
+    model = build_model(config)
+    if config.family == "decoder":
+        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    elif config.family == "encoder_decoder":
+        out = translate(model, params, [source_ids], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
+                        max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
+                        length_penalty=args.length_penalty)
+        print(tokenizer.decode(out.rows()[0]))
+    else:
         filled = fill_masks(model, params, ids, tokenizer.mask_id, banned_ids=tuple(tokenizer.special_ids))
         print(tokenizer.decode(filled[0, 1:]))
     return 0
@@ -96,25 +165,42 @@ def cli_generate(args) -> int:
 
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
+    if args.plot:
+        check_output_dir(args.plot, "--plot")
     run, default = trained_run(args.preset, args.set or (), args.workdir)
     if run:
-        config, params, tokenizer = load_quietly(run)
+        with quiet_orbax():
+            saved = saved_run_config(run)  # no array read yet: the request is checked first
+        config, tokenizer = reading_model(saved.model), run_tokenizer(saved)
         print(f"[trained run {run}]")
     elif args.preset:
-        config, params, tokenizer = get_preset(args.preset).model, None, ByteTokenizer()
+        config, tokenizer = get_preset(args.preset).model, ByteTokenizer()  # the preset's own table
         text = (f"; --text read as UTF-8 bytes, ids 0..{tokenizer.vocab_size - 1} of its {config.vocab_size:,}-row "
                 f"table (no trained tokenizer)") if args.text is not None else ""
         print(f"[preset {args.preset}: no trained run at {default}; random weights, or shapes only when large{text}]")
     else:
         raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
                          f"first, give --workdir RUN, or --preset NAME (random weights, or shapes only when large).")
+    if not 0 <= args.layer < config.num_layers:
+        raise ValueError(f"--layer {args.layer} is invalid: this model has layers 0..{config.num_layers - 1}.")
     ids = None
     if args.text is not None:
         ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
         if not 0 < ids.shape[1] <= config.max_len:
             raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
-    e = explain(config, params, ids, layer=args.layer, batch=args.batch,
-                shapes_only=True if args.shapes_only else None, tokenizer=tokenizer)
+    shapes_only = True if args.shapes_only else runs_on_shapes(config, params_given=bool(run))
+    if not shapes_only:
+        length = ids.shape[1] if ids is not None else len(tokenizer.encode(DEFAULT_TEXT))
+        check_memory(args, f"explaining {run or args.preset} (batch {args.batch} x {length} tokens)",
+                     forward_parts(config, args.batch, length))
+    if run:
+        with quiet_orbax():
+            params = load_run(run)[1]
+    else:
+        params = None  # a preset: explain draws random weights (or runs on shapes)
+    e = explain(config, params, ids, layer=args.layer, batch=args.batch, shapes_only=shapes_only, tokenizer=tokenizer)
     print(format_explanation(e))
     if args.plot:
         from matrixmagic.model.plots import plot_explanation  # matplotlib: start-up `magic generate` never needs

@@ -13,6 +13,7 @@ import os
 from matrixmagic.configs import ConfigError
 
 from .flags import add_config_arguments, config_assignments
+from .paths import check_output_file
 
 
 def add_schedule_arguments(p) -> None:
@@ -37,12 +38,7 @@ def check_plot_path(path: str) -> str:
     if suffix not in formats:
         raise ConfigError(f"--plot {path!r}: name the file with one of matplotlib's formats, e.g. .png "
                           f"({', '.join(sorted(formats))}).")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--plot {path!r}: the directory {parent!r} does not exist; create it or choose another.")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ConfigError(f"--plot {path!r} is not writable: choose a path in a directory you can write.")
-    return path
+    return check_output_file(path, "--plot")
 
 
 def main(args) -> int:

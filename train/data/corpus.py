@@ -255,6 +255,7 @@ def prepare_text_dir(
 ) -> Corpus:
     """Build (once) and open the array_record dataset of a directory of text files."""
     source = Path(source_dir).expanduser()
+    root = checked_data_dir(data_dir)
     if not source.is_dir():
         raise CorpusError(
             f"source={str(source_dir)!r} is not a directory: pass a directory of text files, "
@@ -290,9 +291,18 @@ def prepare_text_dir(
         splits=splits,
     )
     with quiet_tfds():
-        builder = TextFiles(config=config, data_dir=str(Path(data_dir or default_data_dir()).expanduser()))
+        builder = TextFiles(config=config, data_dir=str(root))
         if not builder.is_prepared():
-            build(builder, f"building the {name or source.name} dataset from {len(relpaths):,} files")
+            try:
+                writable_data_dir(root)
+            except OSError as err:
+                raise _unwritable(root, err) from None
+            try:  # TFDS writes an incomplete.* folder under data_dir and renames it only on success
+                build(builder, f"building the {name or source.name} dataset from {len(relpaths):,} files")
+            except OSError as err:  # a source file vanished, a full disk: the files and the dir are named
+                print(flush=True)  # end our "building ..." line before the error
+                raise CorpusError(f"building the dataset of source={str(source)!r} into data.data_dir={str(root)!r} "
+                                  f"failed: {err}. Nothing was kept; fix it and rerun.") from None
         sources = builder.as_data_source()
     corpus_name = name or f"dir:{source.resolve()}"
     return Corpus(name=corpus_name, directory=Path(builder.data_dir), sources=sources,
@@ -325,6 +335,38 @@ def build(builder, what: str) -> None:
     print(f" done in {time.perf_counter() - start:.0f} s", flush=True)
     for w in caught:  # after our line, not inside it (non-UTF-8 files, found while writing)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _unwritable(root: Path, err: OSError) -> CorpusError:
+    return CorpusError(
+        f"data.data_dir={str(root)!r} cannot be written ({err.strerror or err}): the dataset is built there once. "
+        f"Give a writable directory with --set data.data_dir=PATH (magic data: --data-dir PATH), or set "
+        f"{DATA_DIR_ENV}."
+    )
+
+
+def checked_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The TFDS data dir (default_data_dir() for None); a path that is a file fails here, naming the field."""
+    root = Path(data_dir or default_data_dir()).expanduser()
+    for parent in (root, *root.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise CorpusError(
+                    f"data.data_dir={str(root)!r} is not a directory ({parent} is a file): give a directory with "
+                    f"--set data.data_dir=PATH (magic data: --data-dir PATH)."
+                )
+            break
+    return root
+
+
+def writable_data_dir(root: Path) -> None:
+    """Create `root` and probe a write, so a read-only data dir fails before TFDS starts building."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+    probe = root / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
@@ -360,7 +402,7 @@ def open_catalog(
     max_documents: int | None = None,
 ) -> Corpus:
     """A TFDS catalog dataset already prepared as array_record in `data_dir`."""
-    root = Path(data_dir or default_data_dir()).expanduser()
+    root = checked_data_dir(data_dir)
     try:
         with quiet_tfds():
             builder = tfds.builder(name, data_dir=str(root))

@@ -281,16 +281,50 @@ def open_tokenizer(tokenizer="bytes", source="stdlib", data_dir=None, **corpus_k
     return _resolve(source, tokenizer, data_dir, corpus_kwargs)[1]
 
 
-def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: int = 8000,
-                      model_type: str = "bpe") -> Tokenizer:
+DEFAULT_VOCAB_SIZE = 8000
+
+
+def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: int | None = None,
+                      model_type: str = "bpe", force: bool = False) -> Tokenizer:
     """What `magic data --tokenizer NAME` does: train a SentencePiece model on the train
-    split (once; kept beside the dataset) or return the byte tokenizer."""
+    split (once; kept beside the dataset) or return the byte tokenizer.
+
+    `vocab_size` None: DEFAULT_VOCAB_SIZE for a new model, the existing model's otherwise. A
+    model that exists with another vocabulary is kept unless `force`: runs that name
+    'sentencepiece' for this source read it, so it is never replaced silently."""
     if name != "sentencepiece":
         return load_tokenizer(name)
     path = corpus.directory / SENTENCEPIECE_FILE
-    if path.is_file():
-        return load_tokenizer(str(path))
-    return train_sentencepiece(corpus.documents("train"), path, vocab_size, model_type)
+    if path.is_file() and not force:
+        existing = load_tokenizer(str(path))
+        if vocab_size is not None and existing.vocab_size != vocab_size:
+            raise PipelineError(
+                f"--vocab-size {vocab_size}: {corpus.name} already has a SentencePiece model with "
+                f"{existing.vocab_size} ids at {path}. Pass --force to retrain it (runs that use "
+                f"data.tokenizer=sentencepiece on this source then read the new one; copy the old file first "
+                f"to keep it, and point those runs at it with data.tokenizer=PATH.model), or drop --vocab-size "
+                f"to use the existing one."
+            )
+        return existing
+    return train_sentencepiece(corpus.documents("train"), path, vocab_size or DEFAULT_VOCAB_SIZE, model_type)
+
+
+def check_enough_rows(rows: np.ndarray, source: str, pad_id: int, seq_len: int, batch_size: int,
+                      process_count: int | None) -> None:
+    """A train split must fill one process's rows of a batch with distinct full rows: smaller, every
+    batch repeats the same few rows (a one-sequence corpus trained to loss 0.004 on copies of itself)."""
+    processes = process_count if process_count is not None else _process_layout(batch_size, None, None)[1]
+    need = batch_size // processes
+    full = len(rows) - int(len(rows) > 0 and rows[-1, -1] == pad_id)  # only the last row is ever padded
+    if full < need:
+        tokens = int(np.count_nonzero(np.asarray(rows) != pad_id))
+        per_process = f" per process ({processes} processes)" if processes > 1 else ""
+        raise PipelineError(
+            f"data.source is too small: the train split of {source} has {tokens:,} tokens, {full} full row(s) of "
+            f"{rows.shape[1]} (data.seq_len={seq_len}), and one batch needs {need} distinct rows{per_process} "
+            f"(batch_size={batch_size}), so every batch would repeat the same text. Add text to the source, or "
+            f"lower batch_size (--batch{f' {max(full, 1) * processes}' if full else ''}) or data.seq_len."
+        )
 
 
 def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
@@ -304,6 +338,7 @@ def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", s
     _process_layout(batch_size, process_index, process_count)  # fail before reading data
     corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
     rows = packed_rows(corpus, "train", tok, family_of(family).row_len(seq_len))
+    check_enough_rows(rows, corpus.name, tok.pad_id, seq_len, batch_size, process_count)
     return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate,
                       ramp, microbatches, corpus.fingerprint)
 

@@ -134,7 +134,14 @@ class SentencePieceTokenizer:
                 "`train_sentencepiece(...)` or run `magic data --tokenizer sentencepiece` first."
             )
         proto = path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:  # sentencepiece's C++ parse error: a truncated, corrupt or foreign file
+            raise TokenizerError(
+                f"tokenizer={str(path)!r} is not a readable SentencePiece model (corrupt, truncated, or another "
+                "kind of file): rebuild it with `magic data --tokenizer sentencepiece --force`, or point "
+                "data.tokenizer at a good .model file."
+            ) from None
         self.path = path
         self.cache_key = "sp-" + hashlib.sha256(proto).hexdigest()[:12]
         ids = [self._sp.piece_to_id(p) for p in SPECIAL_PIECES]
@@ -305,6 +312,23 @@ def train_sentencepiece(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 261 ids; use >= 512."
         )
     model = io.BytesIO()
+    try:
+        _train(spm, texts, model, vocab_size, model_type, max_chunks)
+    except RuntimeError as err:  # the trainer's C++ check, e.g. more distinct characters than vocab_size
+        reason = ". ".join(str(err).split("] ", 1)[-1].split(". ")[:2])  # its fix names options we do not expose
+        raise TokenizerError(
+            f"vocab_size={vocab_size}: SentencePiece could not train on this corpus ({reason}): use a larger "
+            "--vocab-size."
+        ) from None
+    path = Path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return SentencePieceTokenizer(path)
+
+
+def _train(spm, texts, model, vocab_size, model_type, max_chunks) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_chunks(texts),
         model_writer=model,
@@ -325,12 +349,6 @@ def train_sentencepiece(
         num_threads=2,
         minloglevel=2,
     )
-    path = Path(model_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    return SentencePieceTokenizer(path)
 
 
 def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | None = None) -> Tokenizer:

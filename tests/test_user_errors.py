@@ -1,0 +1,49 @@
+"""Every user error is one clear message and exit 2, with no traceback (issue 16): each case in
+tests/user_error_cases.py runs through the real CLI, `python -m matrixmagic.train.cli`. A new
+case is one line there; docs/bad-input.md shows what each prints (docs/bad_input_table.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from user_error_cases import CASES, command, make_inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("bad-input"))
+
+
+def run_cli(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it; in an empty folder, so a case that wrongly starts a run writes
+    nowhere that matters, and with a timeout that such a run would hit."""
+    env = {**os.environ, "MAGIC_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_user_error_is_one_message_and_exit_2(case, inputs):
+    done = run_cli(command(case, inputs), inputs["tmp"])
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert done.returncode == 2, output[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("magic ")]
+    assert len(errors) == 1, done.stderr  # one message, on stderr, saying which command
+    assert re.search(case.expect, errors[0]), errors[0]
+
+
+def test_the_memory_check_can_be_skipped(inputs):
+    """--no-memory-check, the override the message names, skips the check and only it: the run goes
+    on to its next check, the corpus (too small here), so nothing is compiled or allocated."""
+    argv = ["train", "--set", "batch_size=262144", "--set", f"data.source={inputs['tiny']}",
+            "--set", f"data.data_dir={inputs['data']}"]
+    checked = run_cli(argv, inputs["tmp"])
+    assert checked.returncode == 2 and "does not fit in memory" in checked.stderr
+    skipped = run_cli([*argv, "--no-memory-check"], inputs["tmp"])
+    assert skipped.returncode == 2 and "does not fit" not in skipped.stderr
+    assert "data.source is too small" in skipped.stderr

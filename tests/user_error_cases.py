@@ -1,0 +1,147 @@
+"""Bad input a new user types, one line per case: the `magic` command and the words its error
+must contain. tests/test_user_errors.py runs every case through the real CLI (exit 2, no
+traceback); docs/bad_input_table.py runs them again to write docs/bad-input.md.
+
+Placeholders in the commands are filled by `make_inputs`: {file} a plain file, {ro} a folder
+this process cannot write, {corpus} a small text corpus with {data} its data dir (prepared, with
+a SentencePiece model), {tiny} a corpus of a few bytes, {bad_model} a corrupt .model,
+{wide} a corpus of more distinct characters than 300 ids can hold, {tmp} an empty folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+LONG = "a" * 300
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]
+    expect: str  # a regular expression the error message must match
+    issue: str = ""  # where the case comes from (issue 16's list), else a new user's guess
+
+
+CASES = [
+    # issue 16's list
+    Case("corrupt sentencepiece .model", ("train", "--set", "data.tokenizer={bad_model}"),
+         r"is not a readable SentencePiece model.*--force", "16"),
+    Case("data.data_dir is a file", ("train", "--set", "data.data_dir={file}"),
+         r"data\.data_dir=.* is not a directory", "16"),
+    Case("data.data_dir read-only", ("data", "--source", "{corpus}", "--data-dir", "{ro}/tfds"),
+         r"data\.data_dir=.* cannot be written", "16"),
+    Case("explain --batch 0", ("explain", "--preset", "gpt-tiny", "--batch", "0"), r"--batch 0 is invalid", "16"),
+    Case("explain --plot at a file", ("explain", "--preset", "gpt-tiny", "--plot", "{file}"),
+         r"--plot .* is a file: give a directory", "16"),
+    Case("compile --serialize read-only", ("compile", "--preset", "gpt-tiny", "--topology", "cpu-1", "--serialize",
+                                           "{ro}/step.bin"), r"--serialize .* cannot be written", "16"),
+    Case("corpus smaller than one batch", ("train", "--set", "data.source={tiny}", "--set", "data.data_dir={data}"),
+         r"data\.source is too small: .* one batch needs 32 distinct rows", "16"),
+    Case("BERT prompt longer than max_len", ("generate", "--preset", "bert-tiny", "--prompt", LONG + "[MASK]"),
+         r"--prompt is 301 tokens .* at most 127", "16"),
+    Case("magic data --vocab-size vs existing model", ("data", "--source", "{corpus}", "--data-dir", "{data}",
+                                                      "--tokenizer", "sentencepiece", "--vocab-size", "999"),
+         r"already has a SentencePiece model with \d+ ids.*--force", "16"),
+    Case("learning rate inf", ("train", "--set", "optimizer.learning_rate=inf"),
+         r"optimizer\.learning_rate=inf is invalid", "16"),
+    Case("steps=1e23", ("train", "--set", "steps=1e23"), r"steps expects int, and '1e23' is not one", "16"),
+    Case("steps=10**23", ("train", "--set", "steps=100000000000000000000000"),
+         r"steps=100000000000000000000000 is invalid: use at most 2,147,483,647", "16"),
+    Case("--max-new-tokens beyond the context", ("generate", "--preset", "gpt-tiny", "--prompt", "hi",
+                                                 "--max-new-tokens", "500"), r"--max-new-tokens 500 is beyond the context",
+         "16"),
+    Case("--max-new-tokens beyond the decoder", ("generate", "--preset", "transformer-tiny", "--source", "hi",
+                                                 "--max-new-tokens", "500"), r"beyond the context: the decoder has 128",
+         "16"),
+    Case("--beam-size 0", ("generate", "--preset", "transformer-tiny", "--source", "hi", "--beam-size", "0"),
+         r"--beam-size 0 is invalid", "16"),
+    Case("batch too big for memory", ("train", "--set", "batch_size=262144"),
+         r"does not fit in memory: it needs about [\d,.]+ GiB.*--no-memory-check", "16"),
+    Case("model too big for memory", ("train", "--set", "model.d_model=65536", "--set", "model.num_heads=2"),
+         r"does not fit in memory.*Adam moments", "16"),
+    Case("generate gpt3-175b", ("generate", "--preset", "gpt3-175b", "--prompt", "hi"),
+         r"does not fit in memory.*params 650\.45 GiB", "16"),
+    # a new user's other guesses
+    Case("explain batch too big for memory", ("explain", "--preset", "gpt-tiny", "--batch", "100000"),
+         r"does not fit in memory.*intermediates"),
+    Case("--set without =", ("train", "--set", "steps"), r"--set 'steps' is invalid: write it as field=value"),
+    Case("--set unknown field", ("train", "--set", "stepz=5"), r"there is no field 'stepz'\. Did you mean 'steps'"),
+    Case("--set wrong type", ("train", "--set", "batch_size=big"), r"batch_size expects int, and 'big' is not one"),
+    Case("negative --batch", ("train", "--batch", "-3"), r"batch_size=-3 is invalid"),
+    Case("NaN Adam b2", ("train", "--set", "optimizer.b2=nan"), r"optimizer\.b2=nan is invalid"),
+    Case("seed past 32 bits", ("train", "--set", "seed=1099511627776"), r"seed=1099511627776 is invalid"),
+    Case("unknown preset", ("generate", "--preset", "gpt-5", "--prompt", "hi"), r"preset='gpt-5' is unknown"),
+    Case("missing tokenizer file", ("train", "--set", "data.tokenizer={tmp}/none.model"), r"does not exist"),
+    Case("missing run", ("generate", "--workdir", "{tmp}/none", "--prompt", "hi"), r"has no checkpoint"),
+    Case("missing source", ("data", "--source", "{tmp}/none"), r"source=.* is not a directory"),
+    Case("vocab too small for the corpus", ("data", "--source", "{wide}", "--data-dir", "{tmp}/d2", "--tokenizer",
+                                            "sentencepiece", "--vocab-size", "300"), r"could not train.*larger --vocab-size"),
+    Case("--beam-size on a decoder", ("generate", "--preset", "gpt-tiny", "--prompt", "hi", "--beam-size", "3"),
+         r"applies to encoder-decoder models only"),
+    Case("NaN --temperature", ("generate", "--preset", "gpt-tiny", "--prompt", "hi", "--temperature", "nan"),
+         r"temperature=nan is invalid"),
+    Case("explain --layer out of range", ("explain", "--preset", "gpt-tiny", "--layer", "9"),
+         r"--layer 9 is invalid: this model has layers 0\.\.3"),
+    Case("schedule --plot read-only", ("schedule", "--preset", "gpt-tiny", "--plot", "{ro}/lr.png"),
+         r"--plot .* cannot be written"),
+    Case("compile --topology cpu-0", ("compile", "--preset", "gpt-tiny", "--topology", "cpu-0"),
+         r"use at least one CPU device"),
+    Case("data --vocab-size 0", ("data", "--tokenizer", "sentencepiece", "--vocab-size", "0"),
+         r"--vocab-size 0 is invalid"),
+]
+
+
+def _cannot_write(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".probe")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError:
+        return True
+    return False
+
+
+def read_only_folder(root: Path) -> str:
+    """A folder a write into fails: a chmod 555 one, or (root writes those anyway) sysfs."""
+    ro = root / "ro"
+    ro.mkdir(exist_ok=True)
+    ro.chmod(0o555)
+    for candidate in (str(ro), "/sys/kernel"):
+        if _cannot_write(candidate):
+            return candidate
+    raise RuntimeError("no read-only folder found on this machine (chmod 555 and /sys both took a write)")
+
+
+def make_inputs(root: Path) -> dict[str, str]:
+    """The files and folders the cases name, under `root`."""
+    from matrixmagic.train.data.corpus import open_corpus
+    from matrixmagic.train.data.pipeline import prepare_tokenizer
+
+    (root / "file").write_text("not a directory\n")
+    (root / "bad.model").write_bytes(b"this is not a sentencepiece model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(400)) + "\n")
+    prepare_tokenizer(open_corpus(str(corpus), str(root / "data")), "sentencepiece", vocab_size=300)
+    tiny = root / "tiny"
+    tiny.mkdir()
+    for name in ("a.py", "b.py"):
+        (tiny / name).write_text("x = 1\n")
+    wide = root / "wide"
+    wide.mkdir()
+    for i in range(3):  # 600 distinct characters: more than 300 ids can cover
+        (wide / f"w{i}.txt").write_text("".join(chr(0x4E00 + k) for k in range(600)) * 2 + "\n")
+    (root / "tmp").mkdir()
+    return {"file": str(root / "file"), "bad_model": str(root / "bad.model"), "corpus": str(corpus),
+            "data": str(root / "data"), "tiny": str(tiny), "wide": str(wide), "tmp": str(root / "tmp"),
+            "ro": read_only_folder(root)}
+
+
+def command(case: Case, inputs: dict[str, str]) -> list[str]:
+    return [arg.format(**inputs) for arg in case.argv]
