@@ -8,7 +8,8 @@ workdir each one names is still the one its neighbours find. Stand-ins and limit
 it applies:
 * `~/models/gpt2`, `~/models/bert-base-uncased` and `~/my_texts` are the Hugging Face fixtures of
   tests/fixtures/hf and a few stdlib files under a temporary HOME; the stand-in GPT-2 has 64
-  positions, so its fine-tune also gets `--set data.seq_len=64`.
+  positions, so its fine-tune also gets `--set data.seq_len=64`, and every `magic generate` without
+  its own `--max-new-tokens` gets 16 (100 new tokens would not fit the stand-in's context).
 * A command whose --mesh needs more devices than this CPU has runs on that many fake CPU devices.
 * gpt3-175b compiles for a TPU slice take minutes each: they are checked for argument validity only
   (parsed, and the config resolved for the slice's chip count); TPU topologies need libtpu, and
@@ -180,6 +181,8 @@ def test_readme_commands_run_in_order(user_home):
                     continue
             if sub in ("train", "generate", "explain") and "--help-fields" not in argv:
                 argv = argv + FAST + (["--set", "data.seq_len=64"] if "--init-from" in argv else [])
+                if sub == "generate" and "--max-new-tokens" not in argv:
+                    argv += ["--max-new-tokens", "16"]  # the 64-position stand-in GPT-2 has no room for 100
             devices = mesh_devices(argv)
             if devices > 1 and "XLA_FLAGS" not in run_env:
                 run_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
