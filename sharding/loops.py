@@ -55,7 +55,7 @@ class HloModuleText:
                     self.preamble.append(line)
                 continue
             self.computations[current].append(line)
-            if line.startswith("}"):
+            if line.rstrip() == "}":  # not `}}, metadata=`: a custom call's config may span lines
                 current = None
         if self.entry is None:
             raise ValueError("no ENTRY computation in the HLO text")

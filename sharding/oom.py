@@ -64,7 +64,8 @@ def hlo_allocations(text: str, top: int = 40) -> list[Allocation]:
     fused = False
     for line in text.splitlines():
         if line and not line[0].isspace():
-            fused = line.startswith(("%fused", "fused")) or "wrapped_" in line.split("(")[0]
+            if line.rstrip().endswith("{") and "(" in line:  # a computation header, not a wrapped attribute
+                fused = line.startswith(("%fused", "fused")) or "wrapped_" in line.split("(")[0]
             continue
         m = _INSTR.match(line)
         if fused or not m or m[3] in _SKIP_OPS or m[2].startswith("("):

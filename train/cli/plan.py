@@ -72,12 +72,13 @@ def main(args) -> int:
         from .plan_report import plan_gpu
 
         return plan_gpu(args, target, tokens, price, budget)
-    devices = target_devices(target)
-    if _explicit(args):
-        config = _config(args, len(devices), devices[0].platform)  # a mesh that does not divide: ConfigError
+    if _explicit(args):  # a mesh that does not divide the slice fails here, before libtpu or a compile
         from matrixmagic.sharding.mesh import axis_sizes
 
-        axis_sizes(config.mesh, len(devices))
+        axis_sizes(_config(args, target.chips, target.kind).mesh, target.chips)
+    devices = target_devices(target)
+    if _explicit(args):
+        config = _config(args, len(devices), devices[0].platform)
         print("\n".join(_header(config, target, devices)), flush=True)
         outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
         from .plan_report import report_one

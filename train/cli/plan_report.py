@@ -84,31 +84,28 @@ def _label(config) -> str:
 
 
 def ranked(args, target, devices: list, budget: Optional[float], log=_log):
-    """(candidates to compile, best first; how many the memory model pruned; the smallest estimate)."""
+    """(groups to compile, best first; every layout; the smallest estimate). A group is one
+    (tensor, remat) with its microbatch counts that the memory model lets through, fewest first:
+    more microbatches only shrink the matmuls, so the fewest that fits is the fastest."""
     from matrixmagic.sharding import plan
 
     n = len(devices)
     peak, _ = _peak(target, devices)
-    rows = []
-    for config in candidate_configs(args, n, devices[0].platform if devices else "gpu"):
-        est = plan.estimate(config, n)
-        rows.append((config, est))
+    rows = [(config, plan.estimate(config, n)) for config in candidate_configs(args, n, devices[0].platform)]
     smallest = min(rows, key=lambda r: r[1].total_bytes)
     keep = [r for r in rows if budget is None or r[1].total_bytes <= PRUNE_MARGIN * budget]
-    # per (tensor, remat) only the fewest microbatches that fit: more only shrink the matmuls
-    best: dict = {}
+    groups: dict = {}
     for config, est in sorted(keep, key=lambda r: r[0].microbatches):
-        best.setdefault((config.mesh.tensor, config.model.remat_policy), (config, est))
+        groups.setdefault((config.mesh.tensor, config.model.remat_policy), []).append((config, est))
 
-    def analytic_seconds(item):  # FLOPs with recompute at peak; ties: less remat, fewer microbatches, less tensor
-        config, est = item
-        return (est.executed_flops / (n * peak), REMATS.index(config.model.remat_policy), config.microbatches,
-                config.mesh.tensor)
+    def rank(group):  # FLOPs with recompute at peak (3 digits); among equals, the most headroom first
+        config, est = group[0]
+        return (float(f"{est.executed_flops / (n * peak):.3g}"), est.total_bytes, config.mesh.tensor)
 
-    order = sorted(best.values(), key=analytic_seconds)
+    order = sorted(groups.values(), key=rank)
     log(f"search: {len(rows)} layouts; {len(rows) - len(keep)} pruned by the analytic memory model "
-        f"(over {PRUNE_MARGIN:.2f} x the budget); {len(order)} left after keeping the fewest microbatches per "
-        f"(tensor, remat); compiling the best {min(args.max_compiles, len(order))} by analytic step time")
+        f"(over {PRUNE_MARGIN:.2f} x the budget); {len(order)} (tensor, remat) groups left, ranked by analytic "
+        f"step time (FLOPs with remat recompute at peak), then by headroom; compiling at most {args.max_compiles}")
     return order, rows, smallest
 
 
@@ -129,11 +126,12 @@ def search(args, target, devices: list, tokens, price, budget: Optional[float]) 
               f"{est.activation_bytes / GiB:.2f} activations)\n  fix: "
               + ", ".join(plan.oom_fixes(config, est, budget, n)))
         return NOT_FIT
-    results, tried = [], []
-    for i, (config, est) in enumerate(order[:args.max_compiles]):
-        _log(f"[{i + 1}/{min(args.max_compiles, len(order))}] {_label(config)}: analytic "
-             f"{est.total_bytes / GiB:.2f} GiB, {plan.seconds_text(est.executed_flops / (n * _peak(target, devices)[0]))}"
-             f" at peak; compiling...")
+    results, tried, queue = [], [], [list(g) for g in order]
+    while queue and len(tried) < args.max_compiles and sum(t[4] for t in tried) < 2:
+        group = queue.pop(0)
+        config, est = group.pop(0)
+        _log(f"[{len(tried) + 1}/{args.max_compiles}] {_label(config)}: analytic {est.total_bytes / GiB:.2f} GiB, "
+             f"{plan.seconds_text(est.executed_flops / (n * _peak(target, devices)[0]))} at peak; compiling...")
         t0 = time.perf_counter()
         outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
         ok = fits(outcome, budget, explicit_budget)
@@ -145,8 +143,8 @@ def search(args, target, devices: list, tokens, price, budget: Optional[float]) 
                         "memory": memory, "flops": flops, "seconds": seconds, "shortfall": short,
                         "wall": time.perf_counter() - t0, "config": config})
         _log(f"  {'fits' if ok else 'does not fit'}" + (f" ({memory / GiB:.2f} GiB)" if memory else ""))
-        if sum(r["fits"] for r in results) >= 2:
-            break
+        if not ok and group:  # the same layout with more microbatches goes next
+            queue.insert(0, group)
     print("\n" + sweep_table(results, target, n, args.mfu, budget, _peak(target, devices)[0]))
     winners = sorted((t for t in tried if t[4]), key=lambda t: _compiled_seconds(t, target, devices))
     print(f"\nsearch took {time.perf_counter() - start:.0f} s")
