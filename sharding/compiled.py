@@ -22,6 +22,8 @@ import dataclasses
 import re
 from typing import Any, Optional
 
+from .loops import loop_corrected_cost
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -144,8 +146,6 @@ def hlo_loop_corrected(compiled, raw: dict) -> Optional[dict]:
     the module. optimal_seconds (TPU only) is the compiler's raw estimate scaled by corrected /
     raw FLOPs: the cut-out loop bodies can only be costed by the CPU client, which has no TPU
     time model; the step's time is dominated by the same matmuls the FLOPs count."""
-    from .loops import loop_corrected_cost
-
     costs: dict[str, dict] = {}
 
     def cost(text: str) -> dict:  # the whole module is costed once, for both figures

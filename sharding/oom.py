@@ -23,6 +23,11 @@ import math
 import re
 from typing import Optional
 
+import jax
+from flax import linen as nn
+
+from matrixmagic.model.build import abstract_variables
+
 from .chips import GiB
 from .mesh import axis_sizes
 from .rules import mesh_axes_of, rules_for
@@ -133,11 +138,6 @@ class StateLeaf:
 
 def state_leaves(config, devices: int) -> list[StateLeaf]:
     """Per-device params + grads + Adam bytes of each weight, with its logical axes and placement."""
-    import jax
-    from flax import linen as nn
-
-    from matrixmagic.model.build import abstract_variables
-
     params = abstract_variables(config.model)["params"]
     specs = nn.get_partition_spec(params)
     sizes = axis_sizes(config.mesh, devices)
