@@ -140,10 +140,12 @@ def test_hlo_loop_correction_on_a_tpu_topology_matches_the_calibration():
                           remat="full")
     outcome = aot.compile_step(config, devices)
     cal = [aot.compile_step(c, devices).cost for c in report.calibration_configs(config)]
-    new = report.hlo_loop_corrected(outcome.compiled, outcome.cost)
-    for key in ("flops", "optimal_seconds"):
+    new = report.hlo_loop_corrected(outcome.compiled, outcome.cost, chips.CHIPS["v5e"].peak_bf16_flops)
+    # seconds are a model (hlo_loop_corrected): -12% on this toy, whose step is mostly overhead; +6.9% on 175B
+    for key, tolerance in (("flops", 0.03), ("optimal_seconds", 0.15)):
         old = report.loop_corrected(outcome.cost[key], (cal[0][key], cal[1][key]), config)
-        assert new[key] == pytest.approx(old, rel=0.03), key
+        print(f"{key}: HLO-corrected {new[key]:.6g} vs calibration {old:.6g} ({new[key] / old - 1:+.2%})")
+        assert new[key] == pytest.approx(old, rel=tolerance), key
 
 
 CUT = """HloModule m, entry_computation_layout={()->s32[]}

@@ -20,7 +20,7 @@ import time
 from typing import Optional
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
+from matrixmagic.sharding.chips import Target, parse_target, peak_flops_for_device_kind, target_devices  # light import
 
 NOT_FIT = 3
 
@@ -63,7 +63,11 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
     if not outcome.fits:
         return outcome, None, None
     start = time.perf_counter()
-    fixed = report.hlo_loop_corrected(outcome.compiled, outcome.cost)
+    try:
+        peak = peak_flops_for_device_kind(outcome.devices[0].device_kind)
+    except KeyError:  # a CPU mesh: no time model to correct
+        peak = None
+    fixed = report.hlo_loop_corrected(outcome.compiled, outcome.cost, peak)
     if fixed is not None:
         log(f"  loop-corrected the cost from the HLO's loop trip counts in {time.perf_counter() - start:.1f} s")
         return outcome, fixed.get("flops"), fixed.get("optimal_seconds")
