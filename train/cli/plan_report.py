@@ -159,8 +159,10 @@ def search(args, target, devices: list, tokens, price, budget: Optional[float]) 
         print(f"runner-up: {_label(second[0])}, {plan.seconds_text(_compiled_seconds(second, target, devices))}/step "
               f"by the compiler ({_compiled_seconds(second, target, devices) / _compiled_seconds(best, target, devices):.2f}x "
               f"the winner's)")
-    print(f"\nfastest that fits: {_label(best[0])}  (magic plan ... --mesh fsdp=-1,tensor={best[0].mesh.tensor} "
-          f"--remat {best[0].model.remat_policy} --microbatches {best[0].microbatches})")
+    budget_text = f" of the {budget:,.0f}-byte budget" if budget else ""
+    print(f"\nfastest that fits: {_label(best[0])}, compiled: {best[1].memory.total:,} bytes per device{budget_text}"
+          f"\n  (magic plan ... --mesh fsdp=-1,tensor={best[0].mesh.tensor} --remat {best[0].model.remat_policy} "
+          f"--microbatches {best[0].microbatches})")
     print("\n".join(plan.header(best[0], target, n)))
     return report_one(best[0], best[1], best[2], best[3], target, devices, args.mfu, tokens, price, budget,
                       explicit_budget)
