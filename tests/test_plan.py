@@ -262,8 +262,8 @@ def test_gpu_targets_are_analytic_and_labelled(capsys):
     (["--topology", "h100x64", "--mesh", "fsdp=3,tensor=8"], "make the product"),
     (["--topology", "cpu-1", "--mesh", "fsdp=2"], "make the product"),
     (["--topology", "h100x64", "--tokens", "0"], "--tokens"),
-    (["--topology", "h100x64", "--tokens", "-3B"], "--tokens"),
-    (["--topology", "h100x64", "--price-per-chip-hour", "-1"], "--price-per-chip-hour"),
+    (["--topology", "h100x64", "--tokens=-3B"], "--tokens"),
+    (["--topology", "h100x64", "--price-per-chip-hour=-1"], "--price-per-chip-hour"),
     (["--topology", "cpu-1", "--hbm", "0"], "--hbm"),
 ])
 def test_bad_input_is_a_clear_error_without_traceback(args, words, capsys):
