@@ -288,3 +288,18 @@ def test_oom_classifier_names_tensors_from_shapes():
     assert [(a.bytes, a.shape) for a in tpu] == [(12 * 2**30, "bf16[96,8,2048,6144]{3,2,1,0}"),
                                                  (512 * 2**20, "f32[8,12,2048,2048]")]
     assert dataclasses.replace(tpu[0]).op_name == "jit(f)/layers/feed_forward/mul"
+
+
+@needs_libtpu
+def test_tpu_out_of_memory_is_explained_in_model_terms(capsys):
+    """libtpu's compile-only refusal is one line with no buffer list: the explanation falls back to
+    the analytic model's largest terms, labelled so, plus the optimizer state by weight."""
+    sets = [f"--set={a}" for a in ("model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.num_layers=2",
+                                   "model.vocab_size=32768", "model.max_len=1024", "data.seq_len=1024",
+                                   "model.attention_impl=matrices", "model.attention_dropout_rate=0")]
+    assert main(["plan", "--preset", "gpt-tiny", "--topology", "v5e-4", "--mesh", "fsdp=-1", "--batch", "4096",
+                 *sets]) == 3
+    out = capsys.readouterr().out
+    assert "the compiler refused" in out and "analytic model's largest terms" in out
+    assert "logits [batch, S, vocab=32768]" in out and "attention scores / weights" in out
+    assert "MLP activations" in out and "optimizer state (params + gradients + Adam moments)" in out

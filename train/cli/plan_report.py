@@ -49,6 +49,9 @@ def oom_explanation(outcome, config, devices: int, budget: Optional[float]) -> l
     if not outcome.fits:
         lines = plan.oom_lines(outcome.oom, config, est, budget, devices)
         allocations = oom.tpu_allocations(outcome.oom.details)
+        if not allocations:
+            lines.append("  (the compiler's refusal lists no buffers: below, the analytic model's largest terms)")
+            allocations = oom.analytic_allocations(config, devices)
     else:
         total = outcome.memory.total
         lines = ["memory per device: DOES NOT FIT",
