@@ -83,7 +83,8 @@ def main(args) -> int:
         outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
         from .plan_report import report_one
 
-        return report_one(config, outcome, flops, seconds, target, devices, args.mfu, tokens, price, budget)
+        return report_one(config, outcome, flops, seconds, target, devices, args.mfu, tokens, price, budget,
+                          explicit_budget=args.hbm is not None)
     from .plan_report import search
 
     return search(args, target, devices, tokens, price, budget)

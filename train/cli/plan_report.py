@@ -63,7 +63,9 @@ def oom_explanation(outcome, config, devices: int, budget: Optional[float]) -> l
 
 
 def report_one(config, outcome, flops, seconds, target, devices, mfu, tokens, price, budget,
-               explicit_budget: bool = True) -> int:
+               explicit_budget: bool) -> int:
+    """One configuration's plan. `explicit_budget`: --hbm was given, so the compiled total must be
+    under it; otherwise the compiler's acceptance is the verdict (on TPU its own HBM check)."""
     from matrixmagic.sharding import plan
 
     n = len(devices)
