@@ -11,7 +11,9 @@ compiled program here. Two things the compiler reports need care:
            the FLOPs of one layer). Layers are a scan and microbatches another,
            so `loop_corrected` extrapolates from two loop-free compiles of the
            same program with 1 and 2 unrolled layers and one microbatch of B/k
-           rows: total = k * (c1 + (L - 1) * (c2 - c1)).
+           rows: total = k * (c1 + (L - 1) * (c2 - c1)). That calibration is kept for
+           the rare loop without a static trip count; the default path reads trip
+           counts from the optimized HLO instead (sharding/loops.py, no extra compile).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from typing import Any, Optional
+
+from .loops import loop_corrected_cost
 
 # ----------------------------------------------------------------------------- memory
 
@@ -53,6 +57,7 @@ class OutOfMemory:
     message: str  # the compiler's first line
     required: Optional[float] = None  # bytes, when the message says
     available: Optional[float] = None
+    details: str = ""  # the whole message: TPU lists its largest allocations there (sharding/oom.py)
 
     @property
     def shortfall(self) -> Optional[float]:
@@ -85,10 +90,10 @@ def parse_out_of_memory(message: str) -> Optional[OutOfMemory]:
     for pattern, is_excess in patterns:
         m = re.search(pattern, message, flags=re.IGNORECASE | re.DOTALL)
         if m and is_excess:
-            return OutOfMemory(first, _bytes(*m.groups()), 0.0)
+            return OutOfMemory(first, _bytes(*m.groups()), 0.0, message)
         if m:
-            return OutOfMemory(first, _bytes(m[1], m[2]), _bytes(m[3], m[4]))
-    return OutOfMemory(first)
+            return OutOfMemory(first, _bytes(m[1], m[2]), _bytes(m[3], m[4]), message)
+    return OutOfMemory(first, details=message)
 
 
 # ----------------------------------------------------------------------------- compile
@@ -119,6 +124,59 @@ def cost_summary(compiled) -> dict:
     cost = cost or {}
     keys = ("flops", "optimal_seconds", "bytes accessed", "transcendentals")
     return {k: float(cost[k]) for k in keys if k in cost}
+
+
+def hlo_cost(module_text: str) -> dict:
+    """XLA's cost analysis (HloCostAnalysis, loops counted once) of an HLO module given as text.
+
+    Through jaxlib's own bindings (jax 0.10 exposes no public path): the module is parsed and
+    costed by the CPU client, whose per-op FLOP counts are XLA's generic ones, equal to the
+    TPU compiler's for the same module (checked: 51,019,772 vs 51,019,776 for a scanned MLP)."""
+    import jax
+    from jax._src.lib import _jax
+    from jaxlib import _hlo
+
+    module = _hlo.hlo_module_from_text(module_text)
+    return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+
+
+def hlo_loop_corrected(compiled, raw: dict, peak: Optional[float] = None) -> Optional[dict]:
+    """{flops, optimal_seconds?} for the whole step with every loop body counted as often as it
+    runs (sharding/loops.py), or None if a loop has no static trip count or jaxlib cannot parse
+    the module.
+
+    optimal_seconds (TPU only): the cut-out loop bodies can only be costed by the CPU client,
+    which has no TPU time model, so the step time is modelled as compute at the chip's `peak`
+    plus bytes at the rate the compiler's own raw estimate implies,
+        seconds = F / peak + B * (raw_seconds - F_raw / peak) / B_raw,
+    with F and B (FLOPs, bytes accessed) loop-corrected. On gpt3-175b / v5p-1024 (full remat,
+    4 microbatches) that gives 24.42 s where the 1- and 2-layer calibration compiles gave
+    22.84 s (+6.9%), and the FLOPs agree to 0.01%."""
+    costs: dict[str, dict] = {}
+
+    def cost(text: str) -> dict:  # the whole module is costed once, for both figures
+        if text not in costs:
+            costs[text] = hlo_cost(text)
+        return costs[text]
+
+    keys = ("flops", "bytes accessed")
+    try:
+        text = compiled.as_text()
+        counted = loop_corrected_cost(text, cost, keys=keys)
+        whole = cost(text) if counted else None
+    except (ValueError, RuntimeError):  # a dialect jaxlib's parser rejects: fall back to the calibration
+        return None
+    if not counted or not whole.get("flops"):
+        return None
+    ratio = counted["flops"] / float(whole["flops"])
+    out = {"flops": raw.get("flops", float(whole["flops"])) * ratio}
+    seconds = raw.get("optimal_seconds")
+    if seconds and peak:
+        memory = seconds - whole["flops"] / peak
+        per_byte = memory / whole["bytes accessed"] if memory > 0 and whole.get("bytes accessed") else 0.0
+        out["optimal_seconds"] = (counted["flops"] / peak + per_byte * counted["bytes accessed"]
+                                  if per_byte else seconds * ratio)
+    return out
 
 
 def calibration_configs(config) -> list:

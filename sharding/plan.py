@@ -214,10 +214,11 @@ def flops_lines(est: Estimate, devices: int, raw: Optional[float], corrected: Op
     if raw is not None:
         lines.append(row("compiler, cost_analysis() raw", raw, "counts each while-loop body once"))
     if corrected is not None:
-        lines.append(row("compiler, loop-corrected", corrected, f"= {corrected * devices:.4g} global (x layers and "
-                                                                 f"microbatches, from 1- and 2-layer unrolled compiles)"))
+        lines.append(row("compiler, loop-corrected", corrected, f"= {corrected * devices:.4g} global (each loop body "
+                                                                 f"x its trip count: layers, microbatches)"))
     elif raw is not None:
-        lines.append("  (no loop-corrected count: drop --no-calibrate to compile the 1- and 2-layer calibrations)")
+        lines.append("  (no loop-corrected count: a loop has no static trip count; drop --no-calibrate to compile "
+                     "the 1- and 2-layer calibrations)")
     lines.append(row("analytic 6N + 12LSh", est.model_flops / devices, f"= {est.model_flops:.4g} global"))
     if est.executed_flops != est.model_flops:
         lines.append(row(f"analytic + {remat} remat recompute", est.executed_flops / devices,

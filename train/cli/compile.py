@@ -17,9 +17,10 @@ its flags, and `magic --help` or `magic params` should not wait for jax.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.sharding.chips import Target, parse_target, target_devices  # light: no jax import
+from matrixmagic.sharding.chips import Target, parse_target, peak_flops_for_device_kind, target_devices  # light import
 
 from .paths import check_output_file
 
@@ -50,7 +51,10 @@ def _config(args, devices: int, platform: str, **flags):
 def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
     """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
 
-    Only a config that fits is calibrated (two more compiles, 1 and 2 unrolled layers)."""
+    cost_analysis() counts each loop body once. The correction reads every loop's trip count
+    from the optimized HLO and costs its body on its own (sharding/loops.py): no extra compile.
+    Only a loop without a static trip count falls back to the old calibration, two more
+    compiles with 1 and 2 unrolled layers (skipped when `calibrate` is False)."""
     from matrixmagic.sharding import compiled as report
 
     from .. import aot
@@ -58,11 +62,22 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
     outcome = aot.compile_step(config, devices)
     log(f"  compile  lowered in {outcome.lower_seconds:.1f} s, compiled in {outcome.compile_seconds:.1f} s"
         + ("" if outcome.fits else " (out of memory)"))
-    if not outcome.fits or (report.needs_calibration(config) and not calibrate):
+    if not outcome.fits:
+        return outcome, None, None
+    start = time.perf_counter()
+    try:
+        peak = peak_flops_for_device_kind(outcome.devices[0].device_kind)
+    except KeyError:  # a CPU mesh: no time model to correct
+        peak = None
+    fixed = report.hlo_loop_corrected(outcome.compiled, outcome.cost, peak)
+    if fixed is not None:
+        log(f"  loop-corrected the cost from the HLO's loop trip counts in {time.perf_counter() - start:.1f} s")
+        return outcome, fixed.get("flops"), fixed.get("optimal_seconds")
+    if report.needs_calibration(config) and not calibrate:
         return outcome, None, None
     calib = {}
     if report.needs_calibration(config):
-        log("  calibrating FLOPs (cost_analysis counts a loop body once): compiling 1 and 2 unrolled layers, "
+        log("  calibrating FLOPs (a loop without a static trip count): compiling 1 and 2 unrolled layers, "
             "one microbatch...")
         extra = [aot.compile_step(c, devices) for c in report.calibration_configs(config)]
         log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
@@ -184,9 +199,10 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
     return rows
 
 
-def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float) -> str:
-    hbm = target.chip.hbm_bytes if target.chip else None
-    peak = target.chip.peak_bf16_flops if target.chip else None
+def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float, hbm: Optional[float] = None,
+                peak: Optional[float] = None) -> str:
+    hbm = hbm or (target.chip.hbm_bytes if target.chip else None)
+    peak = peak or (target.chip.peak_bf16_flops if target.chip else None)
 
     def est_seconds(r):  # the compiler's optimal_seconds, else its FLOPs at peak
         if r["seconds"]:
@@ -241,7 +257,8 @@ def add_compile_arguments(p) -> None:
     p.add_argument("--mfu", type=float, default=0.5, help="model FLOP utilization for the throughput estimate")
     p.add_argument("--serialize", metavar="PATH", help="save the compiled executable for magic train --compiled")
     p.add_argument("--no-calibrate", action="store_true",
-                   help="skip the extra 2-layer compile that corrects cost_analysis for loops")
+                   help="for a loop without a static trip count (rare), skip the 1- and 2-layer compiles "
+                        "that would correct cost_analysis")
     p.add_argument("--sweep", action="store_true", help="search meshes x remat x microbatches; table of what fits")
     p.add_argument("--sweep-tensor", default="1,4,8,16", help="mesh.tensor sizes to try (fsdp fills the rest)")
     p.add_argument("--sweep-remat", default="none,save_dots,full", help="remat policies to try")

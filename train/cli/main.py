@@ -6,6 +6,7 @@
   magic explain --preset P [--text T] [--layer N] [--plot DIR]   one forward pass, matrix by matrix
   magic generate --workdir RUN --prompt T   sample / translate (--source) / fill [MASK]s
   magic compile --preset P --topology v5p-1024 [--mesh ...] [--sweep]   plan a pod run: memory, FLOPs, step time
+  magic plan --preset P --topology v5p-1024 [--tokens 300B] [--price-per-chip-hour X]   fit, time, cost; searches layouts
   magic schedule --preset P [--plot out.png]   learning rate and batch size against tokens
   magic hf import DIR --workdir RUN | magic hf export --workdir RUN --out DIR   Hugging Face GPT-2 / BERT
 Each subcommand imports its module lazily so `magic params` starts fast.
@@ -28,6 +29,7 @@ from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
+from .plan import add_plan_arguments  # light: argparse only, no jax
 from .schedule import add_schedule_arguments  # light: argparse only, no jax
 
 
@@ -74,6 +76,12 @@ def _cmd_compile(args) -> int:
     from .compile import main as compile_main
 
     return compile_main(args)
+
+
+def _cmd_plan(args) -> int:
+    from .plan import main as plan_main
+
+    return plan_main(args)
 
 
 def _cmd_schedule(args) -> int:
@@ -159,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(c)
     add_compile_arguments(c)
     c.set_defaults(func=_cmd_compile)
+
+    pl = sub.add_parser("plan", help="fit, step time, and a token target's FLOPs, days, chip-hours and cost; "
+                                     "searches mesh x remat x microbatches when no layout is given")
+    add_config_arguments(pl)
+    add_plan_arguments(pl)
+    pl.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("schedule", help="learning rate and batch size against tokens (text, and --plot FILE)")
     add_schedule_arguments(s)
