@@ -37,8 +37,7 @@ from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import closed_form_params
 
 from .chips import GiB
-from .mesh import axis_sizes
-from .plan import DTYPE_BYTES, estimate
+from .plan import DTYPE_BYTES, estimate, logit_bytes
 
 OVERRIDE_FLAG = "--no-memory-check"
 
@@ -93,9 +92,7 @@ def available_memory(devices: Sequence) -> Available | None:
 def training_parts(config: TrainConfig, devices: int) -> dict[str, float]:
     """Per-device bytes of one train step by part (`plan.estimate`, split for the message)."""
     est = estimate(config, devices)
-    sizes = axis_sizes(config.mesh, devices)
-    tokens = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches * config.data.seq_len
-    logits = 8 * tokens * config.model.vocab_size / sizes["tensor"]  # plan.estimate's logits term
+    logits = logit_bytes(config, devices)  # plan.estimate's logits term
     quarter = est.state_bytes / 4  # plan.estimate's state is 4 p N / shards: params, grads, 2 Adam moments
     return {"params": quarter, "gradients": quarter, "Adam moments": 2 * quarter,
             "activations": est.activation_bytes - logits, "logits (float32, and their gradient)": logits}

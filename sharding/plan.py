@@ -13,9 +13,10 @@ x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S)
     A (per token per layer), adapted from Korthikanti et al. 2022 ("Reducing
     Activation Recomputation in Large Transformer Models", sbh(34 + 5as/h) for
     16-bit activations) to this code's float32 scores and softmax:
-      none       h (10 + 24/t) + 11 a S / t
+      none       (c/2) h (10 + 24/t) + 11 a S / t
       save_dots  c (2h + 4h/t + d_ff/t) + 4 a S / t   (matmul outputs + layer input)
-      full       2 h, + one layer's `none` working set while it is recomputed
+      full       c h, + one layer's `none` working set while it is recomputed
+    (the paper's h-terms count 2-byte activations, hence c/2: float32 compute doubles them)
     With splash attention no [S, S] matrix exists: each head keeps one float32
     logsumexp per token instead of S scores, so S becomes 1 in the a S terms.
 FLOPs: 6N + 12 L S h per token (PaLM, model/accounting.py); full remat adds the
@@ -30,6 +31,7 @@ import math
 from typing import Optional
 
 from matrixmagic.configs import get_preset
+from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
 
@@ -65,12 +67,33 @@ def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
     """A in the module doc: bytes one token keeps per layer for the backward pass."""
     h, a, c = cfg.d_model, cfg.num_heads, DTYPE_BYTES[cfg.dtype]
     row = 1 if cfg.attention_impl == "splash" else seq_len  # per token and head: a score row, or a logsumexp
-    working = h * (10 + 24 / tensor) + 11 * a * row / tensor
+    # Korthikanti's h-terms count 16-bit activations: they scale with the compute dtype (float32
+    # on CPU keeps twice the bytes). The score terms are already float32 in this code.
+    working = c / 2 * h * (10 + 24 / tensor) + 11 * a * row / tensor
     if cfg.remat_policy == "save_dots":
         return c * (2 * h + 4 * h / tensor + cfg.d_ff / tensor) + 4 * a * row / tensor
     if cfg.remat_policy in ("full", "save_dots_no_batch"):
-        return 2 * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
+        return c * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
     return working
+
+
+def cross_attention_bytes_per_token(cfg, tensor: int, encoder_len: int) -> float:
+    """What a decoder token keeps for one cross-attention sublayer: Korthikanti's attention-block
+    h-terms (11 h, of which 2 h of input are not split by tensor parallelism) and its scores
+    over the encoder's keys (remat none; full remat keeps none of it)."""
+    if cfg.remat_policy in ("full", "save_dots_no_batch"):
+        return 0.0
+    row = 1 if cfg.attention_impl == "splash" else encoder_len
+    return DTYPE_BYTES[cfg.dtype] / 2 * cfg.d_model * (2 + 9 / tensor) + 11 * cfg.num_heads * row / tensor
+
+
+def logit_bytes(config: TrainConfig, devices: int) -> float:
+    """The float32 logits and their gradient, per device: 8 bytes per output token per vocab row / t
+    (the output side only: an encoder-decoder's decoder half)."""
+    sizes = axis_sizes(config.mesh, devices)
+    rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
+    out_len = list(side_lengths(config.model.family, config.data.seq_len).values())[-1]
+    return 8 * rows * out_len * config.model.vocab_size / sizes["tensor"]
 
 
 def estimate(config: TrainConfig, devices: int) -> Estimate:
@@ -81,10 +104,13 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     n = counts["model"] + counts["mlm_head"]
     seq = config.data.seq_len
     state = 4 * DTYPE_BYTES[cfg.param_dtype] * n / _state_shards(config.mesh.layout, sizes)
-    tokens = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches * seq
-    layers = attention_layers(cfg) if cfg.family == "encoder_decoder" else cfg.num_layers
-    acts = layers * tokens * activation_bytes_per_token_layer(cfg, sizes["tensor"], seq)
-    acts += 8 * tokens * cfg.vocab_size / sizes["tensor"]
+    rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
+    lengths = side_lengths(cfg.family, seq)  # an encoder-decoder's stacks each see half the window
+    t = sizes["tensor"]
+    acts = sum(cfg.num_layers * rows * n * activation_bytes_per_token_layer(cfg, t, n) for n in lengths.values())
+    if cfg.family == "encoder_decoder":  # each decoder layer's cross attention, over the encoder's keys
+        acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(cfg, t, lengths["encoder"])
+    acts += logit_bytes(config, devices)
     tokens_step = config.tokens_per_step
     model_flops = training_flops_per_token(cfg, n, seq) * tokens_step
     recompute = recompute_flops_per_token(cfg, seq) * tokens_step

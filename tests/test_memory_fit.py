@@ -2,10 +2,11 @@
 compiles for the same configs, and its message (numbers, largest parts, knobs, the override).
 
 Stated factors, measured on the 2-core CPU (XLA's CPU backend): the train step's analytic total
-is 0.19-1.31x the compiled executable's memory_analysis() total (XLA's CPU temp slab does not
+is 0.25-0.82x the compiled executable's memory_analysis() total (gpt-tiny 0.66, 4 microbatches
+0.76, bert-tiny 0.57, transformer-tiny 0.78, d_model 8192 0.82; XLA's CPU temp slab does not
 shrink with remat: gpt-tiny compiles to 309 MiB under none, save_dots and full alike, while the
-closed form drops from 137 to 57 MiB), so the check refuses only what the model already says is
-too big. The generation estimate is within 0.5-2x of the compiled decoding loop plus the scanned
+closed form drops from 205 to 78 MiB, hence 0.25), so the check refuses only what the model
+already says is too big. The generation estimate is within 0.5-2x of the compiled decoding loop plus the scanned
 params the process still holds beside it.
 """
 
@@ -34,7 +35,7 @@ def tiny_config(preset: str, *sets: str):
     ("gpt-tiny", ("microbatches=4",)),
     ("gpt-tiny", ("model.remat_policy=full",)),  # the closed form's floor: XLA CPU keeps the whole slab
     ("bert-tiny", ()),
-    ("transformer-tiny", ()),  # the one overestimate: enc-dec counts both stacks' scores in full
+    ("transformer-tiny", ()),  # each stack sees half the window; cross attention over the encoder
 ])
 def test_train_estimate_is_within_the_stated_factor_of_the_compiled_step(preset, sets):
     config = tiny_config(preset, *sets)
@@ -42,7 +43,7 @@ def test_train_estimate_is_within_the_stated_factor_of_the_compiled_step(preset,
     parts = fit.training_parts(config, 1)
     assert sum(parts.values()) == pytest.approx(plan.estimate(config, 1).total_bytes)  # a split, not a new model
     ratio = sum(parts.values()) / compiled
-    assert 1 / 6 <= ratio <= 1.5, f"estimate {sum(parts.values()) / 2**20:.1f} MiB vs compiled {compiled / 2**20:.1f}"
+    assert 1 / 5 <= ratio <= 1.0, f"estimate {sum(parts.values()) / 2**20:.1f} MiB vs compiled {compiled / 2**20:.1f}"
 
 
 @pytest.mark.parametrize("batch,prompt,new", [(1, 10, 100), (8, 10, 118)])

@@ -168,7 +168,7 @@ def test_readme_commands_run_in_order(user_home):
             argv[0] = MAGIC if argv[0].endswith("magic") else argv[0]
             run_env = {**env, **dict(p.split("=", 1) for p in prefix)}
             sub = argv[1] if len(argv) > 1 else ""
-            if sub == "compile" and "--topology" in argv:
+            if sub in ("compile", "plan") and "--topology" in argv:
                 topology = argv[argv.index("--topology") + 1]
                 tpu = topology.startswith("v")
                 if tpu and importlib.util.find_spec("libtpu") is None:
