@@ -22,7 +22,7 @@ from matrixmagic.train.integrity import flat_by_name
 from matrixmagic.train.runlock import LOCK_FILE
 from matrixmagic.train.samerun import run_changes
 
-NOISE = ("Traceback", "Event loop is closed", "tensorstore_spec")
+NOISE = ("Traceback", "Event loop is closed", "tensorstore_spec", "Task exception was never retrieved")
 
 
 @pytest.fixture(scope="module")

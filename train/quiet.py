@@ -7,6 +7,10 @@
   handled. Every other unraisable exception still reaches the previous hook.
 * tensorstore's error text carries its whole JSON spec (`[tensorstore_spec='{...}']`) and
   the paths of the chunk files; `describe_error` keeps the status, the array and the reason.
+* The same failed read leaves sibling tasks whose exceptions nobody awaits once orbax gave
+  up on the step; asyncio logs each as "Task exception was never retrieved" with its
+  traceback. Only those whose exception is a tensorstore status error (DATA_LOSS: ...,
+  NOT_FOUND: ...) are dropped: that read already failed and was handled.
 * orbax logs two warnings whenever a checkpoint is opened read-only (as every reader does);
   they say nothing a user can act on.
 * A full disk during an async save makes orbax log the same ENOSPC traceback from each of
@@ -43,9 +47,19 @@ def is_disk_full(err: BaseException | None) -> bool:
     return False
 
 
+_STATUS_ERROR = re.compile(r"[A-Z][A-Z_]+: ")  # tensorstore's absl status codes: 'DATA_LOSS: ...'
+
+
+def _unretrieved_read_error(record: logging.LogRecord) -> bool:
+    if record.name != "asyncio" or not str(record.msg).startswith("Task exception was never retrieved"):
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is not None and bool(_STATUS_ERROR.match(str(exc)))
+
+
 class _NoiseFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith(_READ_ONLY_NOISE):
+        if str(record.msg).startswith(_READ_ONLY_NOISE) or _unretrieved_read_error(record):
             return False
         exc = record.exc_info[1] if record.exc_info else None
         return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
@@ -63,7 +77,7 @@ def quiet_checkpoint_noise() -> None:
 
         quiet._matrixmagic_quiet = True
         sys.unraisablehook = quiet
-    for name in ("absl", "orbax"):
+    for name in ("absl", "orbax", "asyncio"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
