@@ -64,6 +64,20 @@ def magic(*args, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, check=False, timeout=timeout, cwd=REPO)
 
 
+def train_rows(workdir) -> list[dict]:
+    """The train rows of metrics.jsonl, skipping a last line cut by a kill."""
+    rows = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by the kill
+                continue
+            if row["split"] == "train":
+                rows.append(row)
+    return rows
+
+
 def metrics_rows(workdir) -> list:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -9,7 +9,6 @@ checks for a plain run). CPU, fp32; each subprocess pays ~10-20 s of start-up an
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import final_params, saved_fingerprint
+from run_helpers import REPO, final_params, saved_fingerprint, train_rows, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,6 @@ RAMP = [f"ramp.start_tokens={START_ROWS * SEQ}", f"ramp.tokens={RAMP_TOKENS}"]
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", f"data.seq_len={SEQ}",
         f"batch_size={BATCH}", "microbatches=2", f"steps={STEPS}", "checkpoint_every=5", "eval_every=1000",
         "sample_tokens=0", "log_every=1", *RAMP]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("loss", "accuracy", "grad_norm", "param_norm", "learning_rate", "batch_rows", "tokens", "tokens_seen")
 
 
@@ -44,10 +42,7 @@ def expected_rows(steps: int) -> list[int]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     src, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        (src / f"doc{i:02d}.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), int(rng.integers(50, 400)))))
-    return {"src": str(src), "data": str(data)}
+    return {"src": write_corpus(src), "data": str(data)}
 
 
 def assignments(corpus, *extra) -> list[str]:
@@ -65,19 +60,6 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
 def run(workdir, corpus, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(workdir, corpus, *extra), env=ENV, capture_output=True, text=True, timeout=300,
                           check=False, cwd=REPO)
-
-
-def train_rows(workdir) -> list[dict]:
-    rows = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut by the kill
-                continue
-            if row["split"] == "train":
-                rows.append(row)
-    return rows
 
 
 @pytest.fixture(scope="module")

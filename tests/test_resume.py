@@ -17,24 +17,20 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import final_params, saved_fingerprint
+from run_helpers import REPO, final_params, magic_env, saved_fingerprint, train_rows, write_corpus
 
 pytestmark = pytest.mark.slow
 
 STEPS = 40
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
         "batch_size=4", f"steps={STEPS}", "checkpoint_every=5", "eval_every=1000", "sample_tokens=0", "log_every=1"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("loss", "accuracy", "grad_norm", "param_norm", "learning_rate")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     src, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        (src / f"doc{i:02d}.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), int(rng.integers(50, 400)))))
-    return {"src": str(src), "data": str(data)}
+    return {"src": write_corpus(src), "data": str(data)}
 
 
 def command(workdir, corpus, *extra: str) -> list[str]:
@@ -43,12 +39,8 @@ def command(workdir, corpus, *extra: str) -> list[str]:
             *[a for s in sets for a in ("--set", s)]]
 
 
-def env(**extra) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
-
-
 def run(workdir, corpus, *extra: str, timeout=300, **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(workdir, corpus, *extra), env=env(**env_extra), capture_output=True, text=True,
+    return subprocess.run(command(workdir, corpus, *extra), env=magic_env(**env_extra), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 
@@ -56,7 +48,7 @@ _STARTED: list[subprocess.Popen] = []
 
 
 def start(workdir, corpus, *extra: str, **env_extra) -> subprocess.Popen:
-    proc = subprocess.Popen(command(workdir, corpus, *extra), env=env(**env_extra), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(workdir, corpus, *extra), env=magic_env(**env_extra), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=REPO)
     _STARTED.append(proc)
     return proc
@@ -71,19 +63,6 @@ def _no_leftover_runs():
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-
-
-def train_rows(workdir) -> list[dict]:
-    rows = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row["split"] == "train":
-                rows.append(row)
-    return rows
 
 
 def logged_step(workdir) -> int:
@@ -215,7 +194,7 @@ def test_incompatible_checkpoint_names_the_params_and_field(clean, corpus, tmp_p
 def test_init_from_starts_fresh_from_params_and_checks_shapes(clean, corpus, tmp_path):
     workdir = tmp_path / "run"
     cmd = command(workdir, corpus, "steps=3", "checkpoint_every=1000") + ["--init-from", str(clean)]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(cmd, env=magic_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = train_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3], "a new run: step 0, not the source's 40"
@@ -223,7 +202,7 @@ def test_init_from_starts_fresh_from_params_and_checks_shapes(clean, corpus, tmp
     assert steps_on_disk(workdir) == ["3"]
 
     bad = command(tmp_path / "other", corpus, "model.d_ff=128") + ["--init-from", str(clean)]
-    done = subprocess.run(bad, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(bad, env=magic_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2
     assert "params/decoder/layers/feed_forward/hidden/kernel: checkpoint (1, 32, 64)" in done.stderr
     assert "--init-from" in done.stderr
