@@ -268,20 +268,23 @@ def cpu_only_when_no_accelerator(env=os.environ, has_accelerator=machine_has_acc
     then prints its failed probes ("Failed to find host bounds", "unexpected worker hostname",
     "=== Source Location Trace ===") on every command. On a machine with no accelerator the only
     backend is the CPU, so say so (JAX_PLATFORMS=cpu) and libtpu never starts. `magic compile`
-    is left alone: it loads libtpu on purpose, to compile for a TPU topology. A JAX_PLATFORMS
+    and `magic plan` are left alone (TOPOLOGY_COMMANDS). A JAX_PLATFORMS
     you set yourself wins."""
     if "JAX_PLATFORMS" not in env and not has_accelerator():
         env["JAX_PLATFORMS"] = "cpu"
 
 
+TOPOLOGY_COMMANDS = ("compile", "plan")  # they load libtpu on purpose, to compile for a TPU slice
+
+
 def console_main(argv=None) -> int:
     """The `magic` command: main() with the compile cache on, and libtpu kept quiet where there
-    is no accelerator (both but for `magic compile`). Tests call main(), and the multi-process
+    is no accelerator (both but for TOPOLOGY_COMMANDS). Tests call main(), and the multi-process
     tests `python -m matrixmagic.train.cli`, without them."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "compile":
-        # `magic compile` reports compile times, which a cache hit would falsify, and a TPU
-        # topology's cached executable cannot be loaded without a TPU (jax warns on each).
+    if not argv or argv[0] not in TOPOLOGY_COMMANDS:
+        # `magic compile` and `magic plan` report compile times, which a cache hit would falsify,
+        # and a TPU topology's cached executable cannot be loaded without a TPU (jax warns on each).
         use_compile_cache()
         cpu_only_when_no_accelerator()
     return main(argv)
