@@ -53,6 +53,7 @@ import orbax.checkpoint as ocp
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import config_from_json, config_to_json
 
+from . import storage
 from .guards import human_bytes
 from .integrity import config_differences, incompatibility_message, shape_mismatches, state_fingerprint
 from .quiet import describe_error, is_disk_full, quiet_checkpoint_noise
@@ -136,8 +137,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3, keep_best: bool = False, async_save: bool = True,
                  read_only: bool = False):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = storage.normalize(workdir, "workdir")
+        self.directory = storage.join(self.workdir, "checkpoints")
         policies = [ocp.checkpoint_managers.LatestN(keep)]
         if keep_best:  # lowest eval loss among steps saved with metrics; LatestN keeps the rest
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
@@ -180,6 +181,12 @@ class Checkpointer:
         self._in_flight = step
         return started
 
+    def _last_committed(self):
+        try:
+            return self.manager.latest_step()
+        except Exception:  # noqa: BLE001 - the storage that failed the save may fail this too
+            return "unknown (the storage did not answer)"
+
     def wait(self) -> None:
         self._reporting_disk_full(self.manager.wait_until_finished)
 
@@ -192,10 +199,19 @@ class Checkpointer:
         self.manager.close()
 
     def _reporting_disk_full(self, fn: Callable, *args, **kwargs):
-        """fn(...), with a full disk (the previous async save's, surfacing here) as one DiskFullError."""
+        """fn(...), with a full disk (the previous async save's, surfacing here) as one DiskFullError,
+        and cloud storage that stopped answering (tensorstore and gcsfs gave up retrying) as one
+        StorageUnavailable (exit 75: rerun to resume; the unfinished step is never committed)."""
         try:
             return fn(*args, **kwargs)
         except Exception as err:
+            if not self._failed and storage.is_remote(self.directory) and storage.is_transient(err):
+                self._failed = True
+                raise storage.StorageUnavailable(
+                    f"saving checkpoint step {self._in_flight} to {self.directory} failed: the storage service did "
+                    f"not answer ({describe_error(err)}). The step was not committed; the last committed one is "
+                    f"step {self._last_committed()}. Rerun the same command when the storage is reachable to "
+                    f"resume from it.") from None
             if self._failed or not is_disk_full(err):
                 raise
             self._failed = True
@@ -284,18 +300,17 @@ class Checkpointer:
             return Restored(step, state, data, config)
         if skipped:
             raise CheckpointError(f"every checkpoint in {self.directory} (steps {sorted(skipped)}) is corrupt or "
-                                  f"partial; they were moved to {os.path.join(self.workdir, CORRUPT_DIR)}. Rerun to "
+                                  f"partial; they were moved to {storage.join(self.workdir, CORRUPT_DIR)}. Rerun to "
                                   f"start this run over from step 0, or use another --workdir.")
         return None
 
     def _skip_corrupt(self, step: int, err: Exception) -> None:
         """Warn, move the step directory to checkpoints.corrupt/ (primary process), reload."""
-        target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+        target = storage.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
         warnings.warn(f"checkpoint step {step} in {self.directory} is corrupt or partial ({describe_error(err)}); "
                       f"moved it to {target} and trying the previous one.", CheckpointWarning, stacklevel=3)
         if not self._read_only and jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            storage.move(storage.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -309,12 +324,12 @@ class Checkpointer:
 
 def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
     """(run workdir, step or None for the latest) from a run dir, its checkpoints/ dir or a step dir."""
-    path = os.path.abspath(path)
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(path)), int(base)
+    path = storage.normalize(path, "workdir")
+    base = storage.basename(path)
+    if base.isdigit() and storage.basename(storage.parent(path)) == "checkpoints":
+        return storage.parent(storage.parent(path)), int(base)
     if base == "checkpoints":
-        return os.path.dirname(path), None
+        return storage.parent(path), None
     return path, None
 
 
@@ -332,7 +347,7 @@ def _verified_params(ckpt: Checkpointer, step: int, abstract_params: Any, config
     item = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(ckpt.directory, str(step), "state"),
+        storage.join(ckpt.directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     expected = ckpt.manager.restore(step, args=ocp.args.Composite(
         integrity=ocp.args.JsonRestore()))["integrity"]["fingerprint"]

@@ -89,7 +89,10 @@ def free_bytes(path: str) -> int:
 
 def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     """ConfigError when `workdir` cannot hold one checkpoint of `checkpoint_bytes`;
-    a warning when it cannot hold keep + 1 (orbax writes the new one before deleting)."""
+    a warning when it cannot hold keep + 1 (orbax writes the new one before deleting).
+    A bucket has no free-space figure to check (its quota errors surface at the save)."""
+    if workdir.startswith("gs://"):
+        return
     free = free_bytes(workdir)
     if free < checkpoint_bytes:
         raise ConfigError(f"workdir={workdir!r} has {human_bytes(free)} free but one checkpoint of this state needs "

@@ -29,6 +29,7 @@ from matrixmagic.sharding.fit import check_training_fits
 from matrixmagic.sharding.memory import tree_bytes
 
 from . import metrics as metrics_lib
+from . import storage
 from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
@@ -38,13 +39,23 @@ from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
 from .rundir import finished_line, record_start
-from .runlock import RunInUseError, RunLock
+from .runlock import RunInUseError, run_lock
 from .samerun import check_allowed
 from .step import summarize_eval
 
 
 def check_workdir(workdir: str) -> None:
-    """Fail before any expensive work if the run directory can't be written."""
+    """Fail before any expensive work if the run directory can't be written: on GCS the
+    bucket, the credentials and a write of a small object are checked."""
+    if storage.is_remote(workdir):
+        storage.check_bucket(workdir, "workdir")
+        probe = storage.join(workdir, f".write-test-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"\0" * 4096)
+            storage.path(probe).unlink()
+        except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
+            raise storage.classify(err, workdir, "workdir") from None
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -114,13 +125,13 @@ def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
     return summarize_eval(sums)
 
 
-def lock_run(workdir: str) -> RunLock | None:
+def lock_run(workdir: str):
     """Process 0 locks the run directory (train/runlock.py); every process learns the outcome,
     so a refused multi-host run stops everywhere instead of hanging at its first barrier."""
     lock, refused = None, None
     if jax.process_index() == 0:
         try:
-            lock = RunLock(workdir).acquire()
+            lock = run_lock(workdir).acquire()
         except RunInUseError as err:
             refused = err
     if jax.process_count() > 1:
@@ -143,7 +154,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
     lock = lock_run(config.workdir)
     try:
-        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory)
+        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory, lock=lock)
     except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
         if not is_disk_full(err):
             raise
@@ -156,7 +167,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
 
 
 def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset,
-           check_memory: bool) -> dict:
+           check_memory: bool, lock=None) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
     if check_memory:
@@ -247,6 +258,9 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked
+                if lock is not None:
+                    lock.check()  # a lapsed GCS lease: another run may be writing here (train/lease.py)
+                writer.flush()  # on GCS the rows up to this step are in the bucket before the step is
                 ckpt.save(done, state, data_state(train_data, done, monitor.skipped), config, metrics=eval_metrics)
             bar.update(1)
             if stop:
@@ -269,7 +283,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
     if is_main:
         history = metrics_lib.read_history(config.workdir)
         summary["loss_curve"] = metrics_lib.plot_loss_curve(
-            history, os.path.join(config.workdir, "loss_curve.png"), title=f"{config.preset} on {config.data.source}")
+            history, storage.join(config.workdir, "loss_curve.png"), title=f"{config.preset} on {config.data.source}")
         log(f"loss curve: {summary['loss_curve']}")
         if sampling:
             summary["sample"] = sample_text(config, params_on_host, tokenizer)

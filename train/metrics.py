@@ -6,6 +6,7 @@ produces one log, not one per host.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from matrixmagic.sharding.chips import peak_flops_for_device_kind
 
+from . import storage
 from .quiet import is_disk_full
 
 PEAK_CACHE = "~/.cache/matrixmagic/cpu_matmul_peak.json"
@@ -92,29 +94,59 @@ def peak_flops_per_device(devices) -> float:
 
 
 class MetricsWriter:
+    """metrics.jsonl (one JSON row per log step) and TensorBoard events in the run directory.
+
+    On disk the JSONL file is appended to and flushed row by row. GCS has no append: there the
+    rows are kept in memory and the object rewritten whole (it appears atomically), at most every
+    FLUSH_SECONDS and at each checkpoint (`flush`) and at close, so the rows up to a committed
+    step are in the bucket with it; rows after it are redone by a resume anyway."""
+
+    FLUSH_SECONDS = 30.0
+
     def __init__(self, workdir: str, enabled: bool = True):
         self.workdir = workdir
         self.enabled = enabled
         self.history: list[dict] = []
         self._jsonl = None
         self._tb = None
+        self._remote = storage.is_remote(workdir)
+        self._path = storage.join(workdir, "metrics.jsonl")
+        self._text, self._flushed = "", time.monotonic()
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            if self._remote:
+                self._text = storage.read_text(self._path) if storage.exists(self._path) else ""
+            else:
+                os.makedirs(workdir, exist_ok=True)
+                self._jsonl = open(self._path, "a", encoding="utf-8")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))  # gs://: its own GCS writer
             except ImportError:  # tensorboardX is a dependency; tolerate its absence in minimal installs
                 self._tb = None
+
+    def _row(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if not self._remote:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+            return
+        self._text += line
+        if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """The rows written so far are in the run directory (a no-op on disk, where each row is)."""
+        if self.enabled and self._remote:
+            storage.write_text(self._path, self._text)
+            self._flushed = time.monotonic()
 
     def write(self, step: int, split: str, values: dict) -> None:
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
         self.history.append(record)
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._row(record)
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
@@ -122,12 +154,12 @@ class MetricsWriter:
     def record(self, step: int, split: str, fields: dict) -> None:
         """A row of facts rather than numbers (a resume's allowed changes): JSONL only."""
         if self.enabled:
-            self._jsonl.write(json.dumps({"step": int(step), "split": split, **fields}) + "\n")
-            self._jsonl.flush()
+            self._row({"step": int(step), "split": split, **fields})
 
     def close(self) -> None:
         """Best effort on a full disk: the JSONL rows were flushed as written, and the full disk
         is reported once, by whoever hit it first (train/loop.py)."""
+        self.flush()
         for handle in (self._jsonl, self._tb):
             if handle is None:
                 continue
@@ -139,11 +171,10 @@ class MetricsWriter:
 
 
 def read_history(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def plot_loss_curve(history: list[dict], path: str, title: Optional[str] = None) -> str:
@@ -165,6 +196,8 @@ def plot_loss_curve(history: list[dict], path: str, title: Optional[str] = None)
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
     return path

@@ -14,7 +14,6 @@ Before a checkpoint's arrays are read, the command must describe the same run
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -22,6 +21,7 @@ import jax
 
 from matrixmagic.configs.train_config import config_to_json
 
+from . import storage
 from .checkpoint import Checkpointer, restore_params
 from .samerun import check_same_run, iterator_state_to_check
 
@@ -41,26 +41,22 @@ def truncate_metrics(workdir: str, step: int) -> int:
     """Drop metrics.jsonl rows with step > `step`, and 'resume' rows at `step` (this resume
     writes its own), and a half-written last line from a killed process; the file is
     replaced atomically. Returns how many lines were dropped."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.exists(path):
         return 0
     kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a partial line: the writer died mid-write
-                dropped += line.strip() != ""
-                continue
-            if int(row.get("step", 0)) < step or (int(row.get("step", 0)) == step and row.get("split") != "resume"):
-                kept.append(json.dumps(row) + "\n")
-            else:
-                dropped += 1
+    for line in storage.read_text(path).splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a partial line: the writer died mid-write
+            dropped += line.strip() != ""
+            continue
+        if int(row.get("step", 0)) < step or (int(row.get("step", 0)) == step and row.get("split") != "resume"):
+            kept.append(json.dumps(row) + "\n")
+        else:
+            dropped += 1
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        storage.write_text(path, "".join(kept))
     return dropped
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,6 +36,7 @@ from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, 
 from matrixmagic.sharding.rules import BATCH_AXES, rules_for
 from matrixmagic.sharding.validate import validate_mesh
 
+from . import storage
 from .checkpoint import load_params, resolve_checkpoint, saved_run_config
 from .data.pipeline import open_tokenizer
 from .data.tokenizers import round_up
@@ -119,7 +119,7 @@ def init_from_assignments(path: str) -> tuple[str, list[str]]:
     lives beside a dataset ('sentencepiece' is then named by its file). A run imported with
     `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`."""
     workdir, _ = resolve_checkpoint(path)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not storage.is_dir(storage.join(workdir, "checkpoints")):
         raise ConfigError(f"--init-from {path!r}: no checkpoint found there; give a run directory (its checkpoints/ "
                           f"holds numbered steps) or a step directory like RUN/checkpoints/500.")
     source = saved_run_config(workdir)
@@ -185,7 +185,24 @@ def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, de
         config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
     if not _set(assignments, "workdir"):  # runs/<preset>-<hash>: same flags, same run (train/rundir.py)
         config = dataclasses.replace(config, workdir=default_workdir(config))
-    return config  # the mesh is checked against the model once the table is sized (`sized_for_data`)
+    return run_paths(config)
+
+
+def run_paths(config: TrainConfig) -> TrainConfig:
+    """The config's run paths through their one gate (train/storage.py): `~` expanded, a gs://
+    URL checked, any other scheme refused naming the field. A relative local path stays as
+    written (it is what the run header and the README show)."""
+    def gate(value, field):
+        if not value or not (storage.is_url(value) or value.startswith("~")):
+            return value
+        return storage.normalize(value, field)
+
+    data = config.data
+    data = dataclasses.replace(data, source=gate(data.source, "data.source"),
+                               data_dir=gate(data.data_dir, "data.data_dir"),
+                               tokenizer=gate(data.tokenizer, "data.tokenizer"))
+    return dataclasses.replace(config, workdir=gate(config.workdir, "workdir"), data=data,
+                               init_from=gate(config.init_from, "init_from"))  # the mesh is checked against the model once the table is sized (`sized_for_data`)
 
 
 def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 from matrixmagic.configs.train_config import TrainConfig, config_to_json
 
+from . import storage
+
 RUNS_DIR = "runs"
 COMMAND_FILE = "command.txt"
 CONFIG_FILE = "config.json"
@@ -60,15 +62,12 @@ def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence
     line = command_line(argv)
     if resumed_from:
         line += f"   # resumed at step {resumed_from}"
-    with open(os.path.join(config.workdir, COMMAND_FILE), "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-    path = os.path.join(config.workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config_to_json(config), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+    commands = storage.join(config.workdir, COMMAND_FILE)
+    before = storage.read_text(commands) if storage.exists(commands) else ""  # no append on GCS: rewritten
+    storage.write_text(commands, before + line + "\n")
+    path = storage.join(config.workdir, CONFIG_FILE)
+    if not storage.exists(path):
+        storage.write_text(path, json.dumps(config_to_json(config), indent=2) + "\n")
 
 
 def finished_line(step: int, workdir: str) -> str:

@@ -92,6 +92,9 @@ class RunLock:
         self._fd = fd
         return self
 
+    def check(self) -> None:
+        """A kernel lock cannot lapse while its process lives (the GCS lease can: train/lease.py)."""
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -107,3 +110,13 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_lock(workdir: str, command: str | None = None):
+    """The writer's lock of a run directory: this flock on a disk, a lease object on GCS
+    (train/lease.py), where no filesystem is shared between the hosts of a pod."""
+    if workdir.startswith("gs://"):
+        from .lease import GcsLease  # it imports this module's records and errors
+
+        return GcsLease(workdir, command)
+    return RunLock(workdir, command)

@@ -26,6 +26,8 @@ from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
 
+from ..preemption import EXIT_PREEMPTED  # light: no jax
+from ..storage import StorageUnavailable  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .flags import add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
@@ -308,6 +310,11 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():  # restores the caller's showwarning afterwards
             warnings.showwarning = show_warning
             return args.func(args)
+    except StorageUnavailable as err:  # the bucket stopped answering mid-run: rerunning is the fix
+        if os.environ.get("MAGIC_DEBUG"):
+            raise
+        print(f"magic {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ConfigError, ValueError, FileNotFoundError) as err:
         if os.environ.get("MAGIC_DEBUG"):
             raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation,
 from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
 from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
+from .. import storage
 from ..checkpoint import saved_run_config
 from ..data.tokenizers import ByteTokenizer
 from ..run import load_run, reading_model, resolve_config, run_tokenizer
@@ -46,9 +46,9 @@ def trained_run(preset: str | None, sets: Sequence[str], workdir: str | None) ->
     `magic train` with the same --preset and --set flags made (runs/<preset>-<hash>), if it
     has a checkpoint."""
     if workdir:
-        return workdir, workdir
+        return storage.normalize(workdir, "--workdir"), workdir
     default = resolve_config(preset, list(sets)).workdir
-    return (default if os.path.isdir(os.path.join(default, "checkpoints")) else None), default
+    return (default if storage.is_dir(storage.join(default, "checkpoints")) else None), default
 
 
 def open_model(preset: str | None, workdir: str | None, sets: Sequence[str] = ()):

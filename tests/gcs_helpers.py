@@ -1,0 +1,79 @@
+"""Starting the test GCS server (tests/gcs_server.py) and pointing `magic` at it.
+
+Each server is a process of its own on a free port of 127.0.0.1 with one bucket, so a test
+can stop it mid-save and start it again. In memory by default; `data_dir` keeps the objects
+on disk so they survive a restart (the stop-mid-save test)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GcsServer:
+    def __init__(self, bucket: str = "bkt", data_dir: str | None = None, log: str | None = None):
+        self.bucket, self.data_dir, self.port = bucket, data_dir, free_port()
+        self.log = log or os.devnull
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict:
+        """What a `magic` process needs: the one variable of the emulator convention."""
+        return {"STORAGE_EMULATOR_HOST": self.url}
+
+    def start(self) -> GcsServer:
+        args = [sys.executable, os.path.join(HERE, "gcs_server.py"), str(self.port), self.bucket]
+        if self.data_dir:
+            args.append(self.data_dir)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/", timeout=1).read()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the test GCS server exited with {self.proc.returncode}")
+                time.sleep(0.1)
+        raise RuntimeError("the test GCS server did not start in 30 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def objects(self, prefix: str = "") -> list[str]:
+        """Names of the bucket's objects under `prefix` (the JSON API's listing, all pages)."""
+        import json
+        import urllib.parse
+
+        names, token = [], None
+        while True:
+            query = {"prefix": prefix, **({"pageToken": token} if token else {})}
+            url = f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(query)}"
+            page = json.load(urllib.request.urlopen(url, timeout=10))
+            names += [item["name"] for item in page.get("items", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return sorted(names)
+
+    def __enter__(self) -> GcsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
