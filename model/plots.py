@@ -2,13 +2,22 @@
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no
 display), so plotting works on headless machines and in tests.
+
+A picture is rendered to PNG bytes in memory and then written, so the destination may be
+a local path or a `gs://` URL (`magic explain --plot gs://bucket/plots` on a pod with no
+shared disk): `write(path, data)` is the caller's writer (the CLI's storage layer), and by
+default a URL goes through etils epath, the path library orbax and TFDS use, because
+model/ does not import train/. A URL is never handed to pathlib, which would turn it into
+a local folder named `gs:`.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,13 +26,36 @@ from matplotlib.figure import Figure
 from .positional import sinusoidal_encoding
 
 MAX_LABELED_TOKENS = 48  # beyond this, tick labels overlap: show every k-th
+Writer = Callable[[str, bytes], None]
+Where = Union[str, Path]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _is_url(path: Where) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)))
+
+
+def _child(folder: Where, name: str) -> Where:
+    return f"{str(folder).rstrip('/')}/{name}" if _is_url(folder) else Path(folder) / name
+
+
+def write_file(path: Where, data: bytes) -> None:
+    """The default writer: a local file (its folder made), or a URL through etils epath."""
+    if _is_url(path):
+        from etils import epath
+
+        epath.Path(str(path)).write_bytes(data)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _save(fig: Figure, path: Where, write: Optional[Writer] = None) -> Where:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    (write or write_file)(str(path), buffer.getvalue())
+    return path if _is_url(path) else Path(path)
 
 
 def _label_axes(ax, labels: Optional[Sequence[str]], rows: int, cols: int, col_labels=None):
@@ -39,7 +71,7 @@ def _label_axes(ax, labels: Optional[Sequence[str]], rows: int, cols: int, col_l
 
 
 def plot_attention(weights: np.ndarray, labels: Optional[Sequence[str]], path, title: str = "",
-                   key_labels: Optional[Sequence[str]] = None) -> Path:
+                   key_labels: Optional[Sequence[str]] = None, write: Optional[Writer] = None) -> Where:
     """weights [H, Tq, Tk] (one layer, one sequence): one heat map per head, queries down, keys across."""
     weights = np.asarray(weights, np.float32)
     heads, tq, tk = weights.shape
@@ -59,7 +91,7 @@ def plot_attention(weights: np.ndarray, labels: Optional[Sequence[str]], path, t
         ax.set_ylabel("query (attending)", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="softmax weight")
     fig.suptitle(title or "attention weights A = softmax(Q K^T / sqrt(d_k))", fontsize=11)
-    return _save(fig, Path(path))
+    return _save(fig, path, write)
 
 
 def positional_picture(explanation, positions: int = 256, dims: int = 512):
@@ -80,7 +112,8 @@ def positional_picture(explanation, positions: int = 256, dims: int = 512):
             f"d_model={cfg.d_model}")
 
 
-def plot_positional_encoding(table: np.ndarray, xlabel: str, title: str, path) -> Path:
+def plot_positional_encoding(table: np.ndarray, xlabel: str, title: str, path,
+                             write: Optional[Writer] = None) -> Where:
     table = np.asarray(table, np.float32)
     limit = float(np.abs(table).max()) or 1.0  # sinusoids fill [-1, 1]; a learned table is ~init_std wide
     fig = Figure(figsize=(9, 5))
@@ -90,10 +123,11 @@ def plot_positional_encoding(table: np.ndarray, xlabel: str, title: str, path) -
     ax.set_ylabel("position")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
-    return _save(fig, Path(path))
+    return _save(fig, path, write)
 
 
-def plot_mask(mask: np.ndarray, labels: Optional[Sequence[str]], path, title: str = "") -> Path:
+def plot_mask(mask: np.ndarray, labels: Optional[Sequence[str]], path, title: str = "",
+              write: Optional[Writer] = None) -> Where:
     """mask [Tq, Tk] bool: white where a query may attend a key."""
     mask = np.asarray(mask, bool)
     side = max(3.5, min(8.0, 0.16 * mask.shape[0] + 2))
@@ -104,26 +138,27 @@ def plot_mask(mask: np.ndarray, labels: Optional[Sequence[str]], path, title: st
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title or "attention mask (white = may attend)")
-    return _save(fig, Path(path))
+    return _save(fig, path, write)
 
 
-def plot_explanation(explanation, out_dir, labels: Optional[Sequence[str]] = None) -> list[Path]:
+def plot_explanation(explanation, out_dir, labels: Optional[Sequence[str]] = None,
+                     write: Optional[Writer] = None) -> list[Where]:
     """The three pictures of a `model.explain.Explanation`: attention per head for its layer
     (first sequence), the model's positional encodings (`positional_picture`), and the
-    self-attention mask."""
-    out_dir = Path(out_dir)
+    self-attention mask. `out_dir`: a local folder or a URL; `write`: see the module docstring."""
     cfg, layer = explanation.config, explanation.layer
     picture = positional_picture(explanation)
-    written = [plot_positional_encoding(*picture, out_dir / "positional_encoding.png")] if picture else []
+    written = [plot_positional_encoding(*picture, _child(out_dir, "positional_encoding.png"), write)] \
+        if picture else []
     if explanation.shapes_only:
         return written  # no values to draw
     labels = labels or explanation.labels
     weights = explanation.stage("attention weights").value[0]
-    written.append(plot_attention(weights, labels, out_dir / f"attention_layer{layer}.png",
-                                  f"layer {layer} self-attention weights, {weights.shape[0]} heads"))
+    written.append(plot_attention(weights, labels, _child(out_dir, f"attention_layer{layer}.png"),
+                                  f"layer {layer} self-attention weights, {weights.shape[0]} heads", write=write))
     mask = explanation.stage("mask").value[0, 0]
     name = "causal_mask.png" if cfg.family != "encoder" else "attention_mask.png"
-    written.append(plot_mask(mask, labels, out_dir / name,
+    written.append(plot_mask(mask, labels, _child(out_dir, name),
                              "causal mask: query t sees keys <= t" if cfg.family != "encoder"
-                             else "bidirectional: every query sees every key"))
+                             else "bidirectional: every query sees every key", write))
     return written

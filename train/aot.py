@@ -10,6 +10,10 @@ memory) is read by sharding/compiled.py.
 `save_executable` / `load_train_step`: `magic compile --serialize X` writes the
 executable; `magic train --compiled X` uses it only if this run's config,
 devices, trees and shapes match it exactly, and otherwise compiles, saying why.
+X may be a local path or a `gs://` URL (train/storage.py): a pod's hosts share no disk,
+so the file compiled on a laptop reaches them through the bucket. It is read and written
+whole, as bytes (an object appears whole when written; a local file through a temporary
+name), so a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 from matrixmagic.sharding.compiled import CompileOutcome, cost_summary, memory_breakdown, parse_out_of_memory
 from matrixmagic.sharding.mesh import axis_sizes
 
+from . import storage
 from .run import abstract_batch, train_run
 
 
@@ -93,8 +98,7 @@ def save_executable(path: str, outcome: "CompileOutcome") -> int:
                "signature": step_signature(outcome.config, len(outcome.devices)),
                "in_tree": str(in_tree), "out_tree": str(out_tree), "executable": blob}
     data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    with open(path, "wb") as f:
-        f.write(data)
+    storage.write_bytes(path, data)
     return len(data)
 
 
@@ -117,15 +121,21 @@ def load_train_step(path: str, run, config, warn: Callable[[str], None] = None,
     """The serialized step if it matches this run exactly, else `run.train_step` (jit
     compiles it on the first call) after a warning that says what differed."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    if storage.is_url(path):  # another scheme is refused naming the flag; gs:// needs credentials
+        path = storage.normalize(path, "--compiled")
+        storage.check_credentials(path, "--compiled")
 
     def fall_back(reason: str) -> Callable:
         warn(f"--compiled {path}: not used ({reason}); compiling the train step instead.")
         return run.train_step
 
     try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        data = storage.read_bytes(path)
+    except Exception as err:  # noqa: BLE001 - missing, unreadable, or storage not answering: compile instead
+        return fall_back(f"cannot read it: {storage.short(err)}")
+    try:
+        payload = pickle.loads(data)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         return fall_back(f"cannot read it: {err}")
     if problems := _load_problems(payload, run, config):
         return fall_back("; ".join(problems[:6]))

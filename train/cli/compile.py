@@ -22,6 +22,7 @@ from typing import Optional
 from matrixmagic.configs import ConfigError
 from matrixmagic.sharding.chips import Target, parse_target, peak_flops_for_device_kind, target_devices  # light import
 
+from .. import storage
 from .paths import check_output_file
 
 NOT_FIT = 3
@@ -129,7 +130,11 @@ def report_compile(args, target: Target, devices: list) -> int:
 
         try:
             size = save_executable(args.serialize, outcome)
-        except OSError as err:  # past the up-front check: a full disk, or a filesystem that lied to os.access
+        except Exception as err:  # past the up-front check: a full disk, a lying filesystem, a refused upload
+            if storage.is_remote(args.serialize):
+                raise storage.classify(err, args.serialize, "--serialize") from None
+            if not isinstance(err, OSError):
+                raise
             raise ConfigError(f"--serialize {args.serialize!r} could not be written ({err.strerror or err}): give "
                               f"a path with room that you can write.") from None
         lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
@@ -236,8 +241,8 @@ def main(args) -> int:
     if args.sweep and args.serialize:
         raise ConfigError("--sweep and --serialize do not combine: sweep first, then compile the chosen "
                           "configuration alone with --serialize PATH.")
-    if args.serialize:
-        check_output_file(args.serialize, "--serialize")
+    if args.serialize:  # local or gs:// (a pod's hosts share only the bucket): checked by a real write
+        args.serialize = check_output_file(args.serialize, "--serialize")
     target = parse_target(args.topology)
     if target.kind == "gpu":
         return report_gpu(args, target)

@@ -1,6 +1,7 @@
 """`magic hf import DIR --workdir RUN` and `magic hf export --workdir RUN --out DIR`.
 
 The work is train/hf/api.py (also the Python API); this file is the flags and the printing.
+Every directory flag takes a local path or a gs:// URL (train/storage.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ ARCHITECTURE_CHOICES = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "Bert
 def add_hf_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="hf_command", required=True)
     i = sub.add_parser("import", help="a Hugging Face GPT-2 or BERT directory -> a run directory")
-    i.add_argument("source", metavar="DIR", help="the model folder: config.json, model.safetensors (or "
-                                                 "model.safetensors.index.json and its shards), tokenizer files")
-    i.add_argument("--workdir", required=True, metavar="RUN", help="the run directory to create (must not exist "
-                                                                   "or be empty)")
+    i.add_argument("source", metavar="DIR", help="the model folder (local or gs://): config.json, "
+                                                 "model.safetensors (or model.safetensors.index.json and its "
+                                                 "shards), tokenizer files")
+    i.add_argument("--workdir", required=True, metavar="RUN", help="the run directory to create, local or gs:// "
+                                                                   "(must not exist or be empty)")
     i.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer files from this folder instead")
     i.add_argument("--param-dtype", default="float32", choices=DTYPES,
                    help="dtype of the imported params (float16/bfloat16 checkpoints are cast to it)")
@@ -25,7 +27,8 @@ def add_hf_arguments(parser) -> None:
     i.set_defaults(hf_func=_import)
     e = sub.add_parser("export", help="a run directory -> a Hugging Face directory transformers loads")
     e.add_argument("--workdir", required=True, metavar="RUN", help="a trained or imported run directory")
-    e.add_argument("--out", required=True, metavar="DIR", help="the folder to create (must not exist or be empty)")
+    e.add_argument("--out", required=True, metavar="DIR", help="the folder to create, local or gs:// (must not "
+                                                       "exist or be empty)")
     e.add_argument("--architecture", choices=ARCHITECTURE_CHOICES,
                    help="default GPT2LMHeadModel for GPT runs, BertForMaskedLM for BERT runs")
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the written tensors")

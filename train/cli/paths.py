@@ -2,6 +2,11 @@
 
 Why a real write and not os.access: root passes os.access on folders it still cannot write
 (read-only mounts, /sys), and a refusal found after a minutes-long compile costs the compile.
+
+A `gs://` URL is checked the same way, through train/storage.py: its scheme and bucket
+(any other scheme is refused naming the flag, instead of becoming a local folder named
+`s3:`), credentials, then a small probe object written and deleted beside the target.
+Cloud Storage has no directories to create or test with os.path: a folder is a prefix.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import os
 
 from matrixmagic.configs import ConfigError
 
+from .. import storage
+
 
 def _probe(folder: str) -> None:
     probe = os.path.join(folder, f".write-test-{os.getpid()}")
@@ -17,8 +24,39 @@ def _probe(folder: str) -> None:
     os.remove(probe)
 
 
+def _probe_remote(folder: str, target: str, flag: str) -> None:
+    """A small object written and removed in `folder`: the bucket takes writes."""
+    probe = storage.join(folder, f".write-test-{os.getpid()}")
+    try:
+        storage.retrying(lambda: storage.write_bytes(probe, b""), f"{flag} {target!r}")
+        storage.retrying(lambda: storage.path(probe).unlink(), f"{flag} {target!r}")
+    except storage.StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - gcsfs raises OSError/HttpError/ValueError for the same refusals
+        raise storage.classify(err, target, flag) from None
+
+
+def is_dir(path: str) -> bool:
+    """A local directory, or a gs:// prefix that holds objects."""
+    return storage.is_dir(path) if storage.is_remote(path) else os.path.isdir(path)
+
+
+def output_path(path: str, flag: str) -> str:
+    """A gs:// URL normalized (another scheme refused, naming `flag`); a local path as given."""
+    return storage.normalize(path, flag) if storage.is_url(path) else path
+
+
 def check_output_file(path: str, flag: str) -> str:
-    """`path` can be written as a file: its folder exists and takes a write; nothing is left behind."""
+    """`path` can be written as a file: its folder exists and takes a write; nothing is left behind.
+    Returns the path to write (a gs:// URL normalized)."""
+    path = output_path(path, flag)
+    if storage.is_remote(path):
+        storage.check_bucket(path, flag)  # credentials and bucket, before asking anything of it
+        if is_dir(path):
+            raise ConfigError(f"{flag} {path!r} is a folder (objects are stored under it): give a file name in it, "
+                              f"e.g. {flag} {storage.join(path, 'out')}.")
+        _probe_remote(storage.parent(path), path, flag)
+        return path
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path!r} is a directory: give a file name in it, e.g. "
@@ -35,7 +73,16 @@ def check_output_file(path: str, flag: str) -> str:
 
 
 def check_output_dir(path: str, flag: str) -> str:
-    """`path` is (made now) a directory that takes a write."""
+    """`path` is (made now) a directory that takes a write. Returns the path to write (a gs://
+    URL normalized; on GCS nothing is made: a folder is the prefix of its objects)."""
+    path = output_path(path, flag)
+    if storage.is_remote(path):
+        storage.check_bucket(path, flag)
+        if storage.exists(path) and not is_dir(path):
+            raise ConfigError(f"{flag} {path!r} is an object (a file): give a folder, e.g. {flag} "
+                              f"{storage.join(storage.parent(path), 'plots')}.")
+        _probe_remote(path, path, flag)
+        return path
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag} {path!r} is a file: give a directory, e.g. {flag} plots/.")
     try:

@@ -8,9 +8,13 @@ read it as they read any run; resuming it in place is refused (there is no optim
 state to resume), with the --init-from command to use instead.
 
 Both directions check everything cheap first (config, tensor names and shapes from the
-safetensors headers, the tokenizer, the target directory) and write into a temporary
-directory beside the target, renamed into place only at the end: a failed import or
-export leaves nothing behind.
+safetensors headers, the tokenizer, the target directory), then write all or nothing
+(train/hf/staging.py: a temporary sibling renamed into place on a local disk; on Cloud
+Storage, which has no rename, the target itself with the part that makes it usable
+written last): a failed import or export leaves nothing behind.
+
+Every directory may be a local path or a `gs://` URL (train/storage.py); any other scheme
+is refused naming its flag before any work.
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import shutil
 import time
 from typing import Optional
 
@@ -36,12 +38,14 @@ from matrixmagic.sharding.partition import param_shardings, with_shardings
 from matrixmagic.sharding.rules import rules_for
 from matrixmagic.sharding.validate import validate_mesh
 
+from .. import storage
 from ..checkpoint import Checkpointer, load_params, saved_run_config
 from ..data.tokenizers import HFTokenizer, round_up
 from ..run import VOCAB_MULTIPLE, model_assignments, resolve_config, run_tokenizer
 from .checkpoint import export_tensors, place_params, plan_import
 from .config import ARCHITECTURES, exportable, hf_config_from_model, model_config_from_hf
 from .errors import HFError
+from .staging import check_fresh, staged
 from .tensorfile import read_checkpoint, write_checkpoint
 from .tokenizer import check_vocabulary, copy_tokenizer, find_tokenizer, write_tokenizer
 
@@ -69,30 +73,19 @@ class Report:
 
 def _load_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except ValueError as err:
         raise HFError(f"{path} is not valid JSON ({err}).") from None
 
 
-def _fresh_target(path: str, flag: str) -> None:
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise HFError(f"{flag} {path} already exists and is not empty: nothing is ever overwritten; choose a new "
-                      f"directory or remove that one.")
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise HFError(f"{flag} {path}: its parent directory is not writable.")
-
-
-def _finish(tmp: str, target: str) -> None:
-    try:
-        if os.path.isdir(target):
-            os.rmdir(target)  # empty (checked first): the rename needs the name free
-        os.rename(tmp, target)
-    except OSError as err:  # e.g. a `magic train` started writing there meanwhile (train/runlock.py)
-        raise HFError(f"{target} was created or written by another process while this one wrote "
-                      f"({err.strerror}); nothing was overwritten: choose a new directory.") from None
+def _source(path: str, field: str) -> str:
+    """A model directory to read: normalized, its bucket checked, and there."""
+    path = storage.normalize(path, field)
+    storage.check_bucket(path, field)
+    if not storage.is_dir(path):
+        raise HFError(f"{path} is not a directory: give the folder of a Hugging Face model (config.json, "
+                      f"model.safetensors, tokenizer files), as save_pretrained writes it.")
+    return path
 
 
 def preset_for(model_type: str, model: ModelConfig) -> str:
@@ -119,12 +112,11 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
     `magic train --mesh`; by default split over every device). `seed` initializes heads the
     checkpoint lacks (BertForMaskedLM's pooler)."""
     start = time.perf_counter()
-    source, workdir = os.path.abspath(source), os.path.abspath(workdir)
-    if not os.path.isdir(source):
-        raise HFError(f"{source} is not a directory: give the folder of a Hugging Face model (config.json, "
-                      f"model.safetensors, tokenizer files), as save_pretrained writes it.")
-    config_path = os.path.join(source, "config.json")
-    if not os.path.isfile(config_path):
+    workdir = storage.normalize(workdir, "--workdir")
+    source = _source(source, "source")
+    tokenizer = _source(tokenizer, "--tokenizer") if tokenizer else None
+    config_path = storage.join(source, "config.json")
+    if not storage.path(config_path).is_file():
         raise HFError(f"{source} has no config.json, so it is not a Hugging Face model directory; give the folder "
                       f"save_pretrained (or a hub download) wrote.")
     if param_dtype not in DTYPES:
@@ -132,17 +124,14 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
     translation = model_config_from_hf(_load_json(config_path), param_dtype)
     model_type, vocab = translation.model_type, translation.model.vocab_size
     infos = read_checkpoint(source)
-    tok, tok_config = find_tokenizer(os.path.abspath(tokenizer) if tokenizer else source, model_type)
+    tok, tok_config = find_tokenizer(tokenizer or source, model_type)
     notes = [n for n in (check_vocabulary(tok, vocab, tokenizer or source),) if n] + list(translation.notes)
-    _fresh_target(workdir, "--workdir")
+    check_fresh(workdir, "--workdir", "importing")
 
-    tmp = f"{workdir}.importing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        run_tokenizer_path = os.path.join(workdir, os.path.basename(write_tokenizer(
-            tok, tok_config, tmp, translation.model.max_len)))
-        roles = HFTokenizer(os.path.join(tmp, os.path.basename(run_tokenizer_path)))  # the roles, checked
+    with staged(workdir, "importing") as tmp:
+        written = write_tokenizer(tok, tok_config, tmp, translation.model.max_len)
+        run_tokenizer_path = storage.join(workdir, storage.basename(written))
+        roles = HFTokenizer(written)  # the roles, checked
         table = max(round_up(vocab, VOCAB_MULTIPLE), roles.padded_vocab_size(VOCAB_MULTIPLE))
         model = translation.model.replace(vocab_size=table, num_valid_tokens=vocab)
         plan = plan_import(model_type, translation.architecture, model, vocab, infos)  # headers only
@@ -159,13 +148,10 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
         ckpt.save(0, {"params": params}, {"params_only": True, "imported_from": source, "model_type": model_type,
                                           "architecture": translation.architecture, "notes": notes + list(plan.notes)},
                   config)
-        ckpt.close()
-        _finish(tmp, workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ckpt.close()  # on GCS the commit of step 0 is what makes the run usable (staging.py)
+    files = sorted([storage.basename(written), "tokenizer_config.json", "checkpoints"])
     return Report(workdir, model_type, translation.architecture, _count(params), time.perf_counter() - start,
-                  tuple(sorted(os.listdir(workdir))), tuple(notes) + plan.notes)
+                  tuple(files), tuple(notes) + plan.notes)
 
 
 def _mesh_assignments(mesh: str) -> list[str]:
@@ -194,7 +180,8 @@ def export_hf(workdir: str, out: str, *, architecture: Optional[str] = None, dty
     has a Hugging Face one. `architecture`: GPT2LMHeadModel (default) or GPT2Model;
     BertForMaskedLM (default) or BertModel. `dtype`: of the written tensors."""
     start = time.perf_counter()
-    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    workdir, out = storage.normalize(workdir, "--workdir"), storage.normalize(out, "--out")
+    storage.check_bucket(workdir, "--workdir")
     config = saved_run_config(workdir)  # the config alone: nothing is loaded if it cannot be exported
     model = config.model
     model_type = exportable(model)
@@ -207,27 +194,22 @@ def export_hf(workdir: str, out: str, *, architecture: Optional[str] = None, dty
     hf_config = hf_config_from_model(model, architecture, vocab, dtype,
                                      {k: v for k, v in specials.items() if v < vocab})
     shard_bytes = parse_size(max_shard_size)
-    _fresh_target(out, "--out")
+    check_fresh(out, "--out", "exporting")
     notes = []
     if architecture in ("GPT2Model", "BertModel"):
         notes.append(f"{architecture} has no language-model head: the masked-LM/LM head weights were not written")
     if not isinstance(tokenizer, HFTokenizer):
         notes.append(f"tokenizer {config.data.tokenizer!r} has no Hugging Face form: only the model was written")
 
-    tmp = f"{out}.exporting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged(out, "exporting") as tmp:
+        files = ["config.json"]
         if isinstance(tokenizer, HFTokenizer):
             copy_tokenizer(str(tokenizer.path), tmp, model_type, model.max_len)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+            files += ["tokenizer.json", "tokenizer_config.json"]
         params, _ = load_params(workdir)
         planned, produce = export_tensors(model_type, architecture, model, vocab, params, jax.numpy.dtype(dtype))
-        write_checkpoint(tmp, planned, produce, shard_bytes)
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files += write_checkpoint(tmp, planned, produce, shard_bytes)
+        # last: transformers reads config.json first, so a directory without it is not a model yet
+        storage.write_text(storage.join(tmp, "config.json"), json.dumps(hf_config, indent=2))
     return Report(out, model_type, architecture, sum(math.prod(t.shape) for t in planned),
-                  time.perf_counter() - start, tuple(sorted(os.listdir(out))), tuple(notes))
+                  time.perf_counter() - start, tuple(sorted(files)), tuple(notes))

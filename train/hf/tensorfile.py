@@ -13,6 +13,10 @@ bfloat16 comes from ml_dtypes (a jax dependency).
 Sharded checkpoints (`model.safetensors.index.json`: {"weight_map": {name: file}}) are
 read as one table; `write_checkpoint` writes one file or shards of at most
 `max_shard_bytes` plus that index, as `transformers.save_pretrained` does.
+
+Paths are local or `gs://` (train/storage.py): every file is opened through epath, so a
+tensor in Cloud Storage is one ranged read of its bytes (never a download of the file),
+and a written file is streamed to its object, which appears whole when it is closed.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import struct
 from typing import Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
 
+from .. import storage
 from .errors import HFError
 
 SINGLE_FILE = "model.safetensors"
@@ -54,9 +58,17 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _size(path: str) -> int:
+    return storage.path(path).stat().length
+
+
+def _is_file(path: str) -> bool:
+    return storage.path(path).is_file()
+
+
 def _header(path: str) -> tuple[dict, int]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = _size(path)
+    with storage.path(path).open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise HFError(f"{path} is {size} bytes: too short for a safetensors file (truncated download?).")
@@ -77,7 +89,7 @@ def _header(path: str) -> tuple[dict, int]:
 def read_header(path: str) -> dict[str, TensorInfo]:
     """{name: TensorInfo} of one file, every entry checked against the file's size."""
     header, data_start = _header(path)
-    size = os.path.getsize(path)
+    size = _size(path)
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -101,17 +113,16 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 
 def read_checkpoint(directory: str) -> dict[str, TensorInfo]:
     """Every tensor of a model directory: `model.safetensors`, or the shards its index names."""
-    single, index = os.path.join(directory, SINGLE_FILE), os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index):
+    single, index = storage.join(directory, SINGLE_FILE), storage.join(directory, INDEX_FILE)
+    if _is_file(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(storage.read_text(index))["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise HFError(f"{index} is not a safetensors index (no 'weight_map'); download it again.") from None
         tables = {}
         for file in sorted(set(weight_map.values())):
-            path = os.path.join(directory, file)
-            if not os.path.isfile(path):
+            path = storage.join(directory, file)
+            if not _is_file(path):
                 names = sorted(n for n, f in weight_map.items() if f == file)
                 raise HFError(f"{index} puts {len(names)} tensors (e.g. {names[0]!r}) in {file}, which is missing; "
                               f"download every shard.")
@@ -120,10 +131,10 @@ def read_checkpoint(directory: str) -> dict[str, TensorInfo]:
             if name not in tables[file]:
                 raise HFError(f"{index} lists tensor {name!r} in {file}, but that shard does not hold it.")
         return {name: tables[file][name] for name, file in weight_map.items()}
-    if os.path.isfile(single):
+    if _is_file(single):
         return read_header(single)
     others = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if
-              os.path.exists(os.path.join(directory, n))]
+              storage.exists(storage.join(directory, n))]
     hint = (f" It holds {others[0]}: convert it once with transformers (`AutoModel.from_pretrained(dir)"
             f".save_pretrained(dir)` writes safetensors).") if others else ""
     raise HFError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
@@ -133,7 +144,7 @@ def read(info: TensorInfo) -> np.ndarray:
     """The tensor's values (one positioned read; nothing else of the file is touched)."""
     out = np.empty(info.shape, DTYPES[info.dtype])
     view = memoryview(out.reshape(-1).view(np.uint8))
-    with open(info.path, "rb") as f:
+    with storage.path(info.path).open("rb") as f:
         f.seek(info.begin)
         got = f.readinto(view)
     if got != info.nbytes:
@@ -181,7 +192,7 @@ def write_file(path: str, tensors: list[Planned], produce: Callable[[Planned], n
         offset += nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
-    with open(path, "wb") as f:
+    with storage.path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for t in tensors:
@@ -200,11 +211,10 @@ def write_checkpoint(directory: str, tensors: Iterable[Planned], produce: Callab
     shards = _shards(list(tensors), max_shard_bytes)
     metadata = {"format": "pt"}  # transformers refuses files whose metadata names no known framework
     if len(shards) == 1:
-        write_file(os.path.join(directory, SINGLE_FILE), shards[0], produce, metadata)
+        write_file(storage.join(directory, SINGLE_FILE), shards[0], produce, metadata)
         return [SINGLE_FILE]
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    total = sum(write_file(os.path.join(directory, n), s, produce, metadata) for n, s in zip(names, shards))
+    total = sum(write_file(storage.join(directory, n), s, produce, metadata) for n, s in zip(names, shards))
     index = {"metadata": {"total_size": total}, "weight_map": {t.name: n for n, s in zip(names, shards) for t in s}}
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2)
+    storage.write_text(storage.join(directory, INDEX_FILE), json.dumps(index, indent=2))
     return names + [INDEX_FILE]

@@ -6,15 +6,23 @@ or the older `vocab.json` + `merges.txt` (GPT-2's byte-level BPE) or `vocab.txt`
 WordPiece). The import turns any of them into a tokenizer.json beside the checkpoint, so
 a run has exactly one tokenizer file to load (`HFTokenizer`, train/data/tokenizers.py),
 and keeps `tokenizer_config.json`, which names the special tokens' roles.
+
+Directories may be local or `gs://` (train/storage.py): files are read and written as
+bytes through the storage layer, because the `tokenizers` library opens only local
+paths. The legacy files of a `gs://` model are the one exception: they are copied into a
+local temporary folder first, since their readers (`ByteLevelBPETokenizer`,
+`BertWordPieceTokenizer`) take file names and parse them in Rust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import tempfile
 from typing import Optional
 
+from .. import storage
 from .errors import HFError
 
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
@@ -28,21 +36,42 @@ DEFAULT_CONFIG = {
 
 
 def _read_config(directory: str, model_type: str) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.path(path).is_file():
         return dict(DEFAULT_CONFIG[model_type])
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except ValueError as err:
         raise HFError(f"{path} is not valid JSON ({err}).") from None
 
 
+LEGACY_FILES = ("vocab.json", "merges.txt", "vocab.txt")
+
+
+@contextlib.contextmanager
+def _local_legacy_files(directory: str):
+    """`directory` itself when local; else a temporary local copy of its legacy tokenizer files."""
+    if not storage.is_remote(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="matrixmagic-tokenizer-") as local:
+        for name in LEGACY_FILES:
+            remote = storage.join(directory, name)
+            if storage.path(remote).is_file():
+                storage.write_bytes(os.path.join(local, name), storage.read_bytes(remote))
+        yield local
+
+
 def _from_legacy(directory: str, model_type: str, config: dict):
     """A `tokenizers.Tokenizer` from vocab.json + merges.txt or vocab.txt, or None."""
+    with _local_legacy_files(directory) as local:
+        return _from_local_legacy(local, model_type, config)
+
+
+def _from_local_legacy(directory: str, model_type: str, config: dict):
     from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
-    vocab_json, merges, vocab_txt = (os.path.join(directory, n) for n in ("vocab.json", "merges.txt", "vocab.txt"))
+    vocab_json, merges, vocab_txt = (os.path.join(directory, n) for n in LEGACY_FILES)
     if model_type == "gpt2" and os.path.isfile(vocab_json) and os.path.isfile(merges):
         tok = ByteLevelBPETokenizer(vocab_json, merges, add_prefix_space=bool(config.get("add_prefix_space", False)))
         specials = sorted({config[k] for k in ("bos_token", "eos_token", "unk_token") if isinstance(config.get(k), str)})
@@ -64,10 +93,10 @@ def find_tokenizer(directory: str, model_type: str):
     from tokenizers import Tokenizer
 
     config = _read_config(directory, model_type)
-    path = os.path.join(directory, TOKENIZER_FILE)
-    if os.path.isfile(path):
+    path = storage.join(directory, TOKENIZER_FILE)
+    if storage.path(path).is_file():
         try:
-            return Tokenizer.from_file(path), config
+            return Tokenizer.from_str(storage.read_text(path)), config
         except Exception as err:  # the Rust library's own exception type
             raise HFError(f"{path} cannot be read by the tokenizers library ({err}).") from None
     tok = _from_legacy(directory, model_type, config)
@@ -90,20 +119,23 @@ def check_vocabulary(tok, rows: int, where: str) -> Optional[str]:
     return None
 
 
+def _write_config(directory: str, config: dict) -> None:
+    storage.write_text(storage.join(directory, CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def write_tokenizer(tok, config: dict, directory: str, max_len: int) -> str:
-    """tokenizer.json + tokenizer_config.json into `directory`; returns the tokenizer.json path."""
-    path = os.path.join(directory, TOKENIZER_FILE)
-    tok.save(path)
-    config = {**config, "model_max_length": max_len}  # transformers' default is "unbounded" (1e30)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+    """tokenizer.json + tokenizer_config.json into `directory`; returns the tokenizer.json path.
+    `to_str(pretty=True)` is the text `Tokenizer.save` writes, so a local and a gs:// run hold
+    the same bytes."""
+    path = storage.join(directory, TOKENIZER_FILE)
+    storage.write_text(path, tok.to_str(pretty=True))
+    _write_config(directory, {**config, "model_max_length": max_len})  # transformers' default is "unbounded" (1e30)
     return path
 
 
 def copy_tokenizer(source_json: str, directory: str, model_type: str, max_len: int) -> None:
     """A run's tokenizer.json (and its tokenizer_config.json) into an export directory."""
-    shutil.copyfile(source_json, os.path.join(directory, TOKENIZER_FILE))
-    config = _read_config(os.path.dirname(source_json), model_type)
+    storage.write_bytes(storage.join(directory, TOKENIZER_FILE), storage.read_bytes(source_json))
+    config = _read_config(storage.parent(source_json), model_type)
     config.setdefault("tokenizer_class", DEFAULT_CONFIG[model_type]["tokenizer_class"])
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({**config, "model_max_length": max_len}, f, indent=2, ensure_ascii=False)
+    _write_config(directory, {**config, "model_max_length": max_len})
