@@ -34,12 +34,16 @@ class GcsServer:
         """What a `magic` process needs: the one variable of the emulator convention."""
         return {"STORAGE_EMULATOR_HOST": self.url}
 
-    def start(self) -> GcsServer:
+    def command(self) -> list[str]:
+        """The server's command line: tests/gcs_server.py PORT BUCKET [DATA_DIR] (a subclass may wrap it)."""
         args = [sys.executable, os.path.join(HERE, "gcs_server.py"), str(self.port), self.bucket]
         if self.data_dir:
             args.append(self.data_dir)
+        return args
+
+    def start(self) -> GcsServer:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -77,3 +81,23 @@ class GcsServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def read_object(server: GcsServer, name: str) -> bytes:
+    """One object's bytes through the JSON API's media download."""
+    import urllib.parse
+
+    quoted = urllib.parse.quote(name, safe="")
+    return urllib.request.urlopen(f"{server.url}/download/storage/v1/b/{server.bucket}/o/{quoted}?alt=media",
+                                  timeout=30).read()
+
+
+def gs_dirs(*roots) -> list[str]:
+    """Local folders whose name starts with `gs:` below `roots` (what a cloud URL taken for a
+    local path creates): every gs:// test asserts there are none."""
+    found = []
+    for root in roots:
+        for here, dirs, _ in os.walk(root):
+            found += [os.path.join(here, d) for d in dirs if d.startswith("gs:")]
+            dirs[:] = [d for d in dirs if not d.startswith((".", "gs:"))]  # not .venv, .git
+    return found

@@ -1,11 +1,18 @@
 """A Google Cloud Storage server on 127.0.0.1 for the tests: gcp-storage-emulator (PyPI), run
-as its own process, with GCS's generation preconditions added.
+as its own process, with GCS's object generations added where the emulator leaves them out.
 
-Real GCS refuses an upload or delete whose `ifGenerationMatch` does not hold with HTTP 412
-(`ifGenerationMatch=0`: the object must not exist yet). The emulator ignores the parameter,
-which would let the one-writer lease (train/lease.py) pass its tests without being right, so
-this launcher wraps the emulator's insert and delete handlers with exactly that rule. The
-rest of the server (JSON API, resumable uploads, listing, downloads) is the emulator's own.
+Real GCS (https://cloud.google.com/storage/docs/request-preconditions):
+* refuses an upload or delete whose `ifGenerationMatch` does not hold with HTTP 412
+  (`ifGenerationMatch=0`: the object must not exist yet);
+* answers a media download with the object's generation in `x-goog-generation`, refuses one
+  whose `ifGenerationMatch` fails with 412, and answers one whose `ifGenerationNotMatch`
+  names the current generation with 304 Not Modified.
+The emulator does none of this. Without it the one-writer lease (train/lease.py) would pass
+its tests without being right, and tensorstore's OCDBT manifest updates (orbax's checkpoint
+format), which read the generation and write conditionally, fail with "Malformed
+StorageGeneration". So this launcher wraps the emulator's insert, delete and download
+handlers with exactly those rules. The rest (JSON API, resumable uploads, listing, object
+bytes) is the emulator's own.
 
 usage: python tests/gcs_server.py PORT BUCKET [DATA_DIR]   (no DATA_DIR: in memory)
 """
@@ -44,6 +51,26 @@ def _precondition(handler, object_name):
     return wrapped
 
 
+def _download(handler):
+    def wrapped(request, response, storage, *args, **kwargs):
+        bucket, name = request.params["bucket_name"], request.params["object_id"]
+        current = _generation(storage, bucket, name)
+        match, not_match = request.query.get("ifGenerationMatch"), request.query.get("ifGenerationNotMatch")
+        if current != "0":
+            if match and match[0] != current:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+            if not_match and not_match[0] == current:
+                response.status = HTTPStatus.NOT_MODIFIED
+                response["x-goog-generation"] = current
+                return None
+            response["x-goog-generation"] = current
+            response["x-goog-metageneration"] = "1"
+        return handler(request, response, storage, *args, **kwargs)
+
+    return wrapped
+
+
 def _upload_name(request):
     if "upload_id" in request.query:  # a later chunk of a resumable upload: checked when it was started
         return None
@@ -56,13 +83,13 @@ def _upload_name(request):
 def _install() -> None:
     insert = _precondition(objects.insert, _upload_name)
     delete = _precondition(objects.delete, lambda r: r.params["object_id"])
+    download = _download(objects.download)
+    replaced = {objects.insert: insert, objects.delete: delete, objects.download: download}
     for _, handlers in server.HANDLERS:
         for method, handler in list(handlers.items()):
-            if handler is objects.insert:
-                handlers[method] = insert
-            elif handler is objects.delete:
-                handlers[method] = delete
+            handlers[method] = replaced.get(handler, handler)
     objects.insert = insert  # the router's fallback for uploads posted without the /upload prefix
+    objects.download = download  # objects.get's alt=media path calls it by this name
 
 
 def main(argv: list[str]) -> None:
