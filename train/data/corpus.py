@@ -2,9 +2,10 @@
 
 `open_corpus(source, data_dir)` gives one `Corpus` object, whatever the source:
 
-* a directory of text files: a `TextFiles` TFDS builder writes it once as an
-  `array_record` dataset into `data_dir` (default `~/.cache/matrixmagic/tfds`, or
-  $MATRIXMAGIC_DATA_DIR). Later calls find it prepared and read it directly.
+* a directory of text files, or a `gs://` prefix of them (sources.py: the same files give
+  the same dataset): a `TextFiles` TFDS builder writes it once as an `array_record`
+  dataset into `data_dir` (default `~/.cache/matrixmagic/tfds`, or $MATRIXMAGIC_DATA_DIR;
+  either may be a `gs://` URL: remote.py). Later calls find it prepared and read it directly.
 * `stdlib`: the same, over this Python's standard library `.py` files
   (`default_corpus_dir()`, located at run time; nothing is copied into the repo).
 * `tfds:<catalog name>` (`tfds:lm1b`, `tfds:wmt14_translate/de-en`, `tfds:c4/en`): a
@@ -17,7 +18,8 @@ Decisions worth knowing:
   (`validation_fraction`) for `validation`, with at least one validation and one train
   document. Adding a file never moves another file between splits.
 * The builder config name is `<dir name>_<hash>`; the hash covers the absolute source
-  path, the pattern, the fraction and every file's (path, size, mtime). Different
+  path (or URL), the pattern, the fraction and every file's (path, size, mtime or object
+  generation). Different
   sources never collide, and an edited corpus is rebuilt into a new config instead of
   silently reusing a stale one. A prepared dataset is never modified: TFDS writes into
   an `incomplete.*` folder and renames it only on success.
@@ -33,12 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
 import io
 import logging
 import os
-import re
 import sysconfig
 import time
 import warnings
@@ -47,21 +47,24 @@ from typing import Any, Iterator, Mapping
 
 import tensorflow_datasets as tfds
 
+from .. import storage
+from . import remote, sources
+from .sources import SKIPPED_DIRS, CorpusError, is_readable, list_files  # noqa: F401 - this module's API
+
 DATA_DIR_ENV = "MATRIXMAGIC_DATA_DIR"
-SKIPPED_DIRS = ("__pycache__", "site-packages")
 VALIDATION_NAMES = ("validation", "test")  # catalog datasets: the first present is used
-
-
-class CorpusError(ValueError):
-    """A corpus argument is bad or its data is missing. The message names the fix."""
 
 
 class CorpusWarning(UserWarning):
     """Something in the corpus was skipped or repaired; training can go on."""
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/matrixmagic/tfds").expanduser()
+def default_data_dir() -> Path | str:
+    """$MATRIXMAGIC_DATA_DIR (a directory or a gs:// URL), else ~/.cache/matrixmagic/tfds."""
+    value = os.environ.get(DATA_DIR_ENV)
+    if value and storage.is_url(value):
+        return storage.normalize(value, DATA_DIR_ENV)
+    return Path(value or "~/.cache/matrixmagic/tfds").expanduser()
 
 
 def default_corpus_dir() -> Path:
@@ -70,36 +73,6 @@ def default_corpus_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _check_pattern(pattern: str) -> str:
-    name = pattern[3:] if pattern.startswith("**/") else pattern
-    if not name or "/" in name or os.sep in name:
-        raise CorpusError(
-            f"pattern={pattern!r} is invalid: give a file-name glob such as '*.py' or '*.txt' "
-            "(it is matched in every subdirectory)."
-        )
-    return name
-
-
-def list_files(source_dir: Path, pattern: str) -> list[str]:
-    """Sorted relative POSIX paths of the files under `source_dir` matching `pattern`."""
-    pattern = _check_pattern(pattern)
-    found = []
-    for root, dirs, files in os.walk(source_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
-        for name in files:
-            if not name.startswith(".") and fnmatch.fnmatch(name, pattern):
-                found.append(Path(root, name).relative_to(source_dir).as_posix())
-    return sorted(found)
-
-
-def is_readable(path: Path) -> bool:
-    try:
-        with open(path, "rb"):
-            return True
-    except OSError:
-        return False
 
 
 def path_hash(relpath: str) -> int:
@@ -122,30 +95,6 @@ def assign_splits(relpaths: list[str], validation_fraction: float) -> dict[str, 
         validation.discard(max(relpaths, key=hashes.__getitem__))
     train = tuple(sorted(p for p in relpaths if p not in validation))
     return {"train": train, "validation": tuple(sorted(validation))}
-
-
-def source_fingerprint(source_dir: Path, pattern: str, fraction: float, relpaths: list[str]) -> str:
-    digest = hashlib.sha256(f"{source_dir.resolve()}\0{pattern}\0{fraction}".encode())
-    for p in relpaths:
-        st = os.stat(source_dir / p)
-        digest.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def files_summary(source_dir: Path, relpaths: list[str]) -> str:
-    """'30 files, 6,543 bytes, list 1f2e3d4c5b6a': the file list and sizes (not mtimes: a copy
-    or a `touch` is the same data; not contents: that would read the corpus at every start)."""
-    digest, total = hashlib.sha256(), 0
-    for p in sorted(relpaths):
-        size = os.stat(source_dir / p).st_size
-        total += size
-        digest.update(f"{p}\0{size}\0".encode())
-    return f"{len(relpaths)} files, {total:,} bytes, list {digest.hexdigest()[:12]}"
-
-
-def config_name(source_dir: Path, fingerprint: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", source_dir.resolve().name.lower()).strip("_") or "root"
-    return f"{slug[:40]}_{fingerprint}"
 
 
 # ----------------------------------------------------------------------------- builder
@@ -182,10 +131,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, paths):
-        root = Path(self.builder_config.source_dir)
+        root = self.builder_config.source_dir
         repaired = []
-        for relpath in paths:
-            raw = (root / relpath).read_bytes()
+        for relpath, raw in sources.read_files(root, paths):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -213,12 +161,12 @@ def _sample(items: list[str], n: int = 5) -> str:
 class Corpus:
     """Random-access documents of a prepared dataset, split into train and validation.
 
-    `directory` is the prepared dataset's folder: token caches and tokenizer models are
-    written beside the data there.
+    `directory` is the prepared dataset's folder (an epath.Path when it is in a bucket):
+    token caches and tokenizer models are written beside the data there.
     """
 
     name: str
-    directory: Path
+    directory: Any  # Path, or epath.Path for gs://
     sources: Mapping[str, Any]  # "train" / "validation" -> TFDS array_record data source
     text_field: str = "text"
     max_documents: int | None = None
@@ -253,18 +201,64 @@ def prepare_text_dir(
     validation_fraction: float = 0.015,
     name: str | None = None,
 ) -> Corpus:
-    """Build (once) and open the array_record dataset of a directory of text files."""
-    source = Path(source_dir).expanduser()
+    """Build (once) and open the array_record dataset of a directory (or gs:// prefix) of text files."""
     root = checked_data_dir(data_dir)
-    if not source.is_dir():
-        raise CorpusError(
-            f"source={str(source_dir)!r} is not a directory: pass a directory of text files, "
-            "'stdlib', or 'tfds:<catalog name>'."
-        )
+    source = _source_root(source_dir)
     if not 0.0 < validation_fraction < 0.5:
         raise CorpusError(
             f"validation_fraction={validation_fraction} is invalid: use a value in (0, 0.5), e.g. 0.015."
         )
+    stats = _scan(source, pattern)
+    relpaths = sorted(stats)
+    splits = assign_splits(relpaths, validation_fraction)
+    resolved = source if storage.is_remote(source) else str(source.resolve())
+    fingerprint = sources.fingerprint(resolved, pattern, validation_fraction, stats)
+    config = TextFilesConfig(
+        name=sources.config_name(resolved, fingerprint),
+        description=f"{resolved} ({pattern})",
+        source_dir=resolved,
+        splits=splits,
+    )
+    what = f"building the {name or storage.basename(resolved)} dataset from {len(relpaths):,} files"
+    with quiet_tfds():
+        builder = TextFiles(config=config, data_dir=str(root))
+        if not builder.is_prepared():
+            _build_text_files(builder, config, root, source, what)
+            if storage.is_remote(root):  # built elsewhere: a new builder reads the uploaded dataset_info.json
+                builder = TextFiles(config=config, data_dir=str(root))
+        data = builder.as_data_source()
+    corpus_name = name or (resolved if storage.is_remote(resolved) else f"dir:{resolved}")
+    return Corpus(name=corpus_name, directory=_directory(builder), sources=data,
+                  fingerprint={"source": corpus_name, "files": sources.summary(stats)})
+
+
+def _source_root(source_dir) -> Path | str:
+    """A local source directory (checked to be one), or a gs:// prefix whose bucket is checked."""
+    if storage.is_url(source_dir):
+        url = storage.normalize(str(source_dir), "data.source")
+        remote.use_emulator()
+        storage.check_bucket(url, "data.source")
+        return url
+    source = Path(source_dir).expanduser()
+    if not source.is_dir():
+        raise CorpusError(
+            f"source={str(source_dir)!r} is not a directory: pass a directory of text files, a gs://BUCKET/PREFIX "
+            "of them, 'stdlib', or 'tfds:<catalog name>'."
+        )
+    return source
+
+
+def _scan(source, pattern: str) -> dict[str, tuple]:
+    """{relpath: (size, version)} of the source's readable files matching `pattern` (sources.py)."""
+    if storage.is_remote(source):
+        stats = sources.remote_files(source, pattern)
+        if not stats:
+            raise CorpusError(
+                f"data.source={source!r} has no files matching pattern={pattern!r} (no object below "
+                f"{source}/ has such a name): upload text files there (`gcloud storage cp -r DIR {source}`) "
+                "or pass a pattern that matches them (e.g. pattern='*.txt')."
+            )
+        return stats
     relpaths = list_files(source, pattern)
     if not relpaths:
         raise CorpusError(
@@ -277,36 +271,37 @@ def prepare_text_dir(
             f"skipping {len(unreadable)} unreadable file(s) under {source} (fix their "
             f"permissions to include them): {_sample(unreadable)}",
             CorpusWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of prepare_text_dir
         )
         relpaths = [p for p in relpaths if p not in set(unreadable)]
     if not relpaths:
         raise CorpusError(f"source={str(source)!r}: none of its files is readable; fix their permissions.")
-    splits = assign_splits(relpaths, validation_fraction)
-    fingerprint = source_fingerprint(source, pattern, validation_fraction, relpaths)
-    config = TextFilesConfig(
-        name=config_name(source, fingerprint),
-        description=f"{source.resolve()} ({pattern})",
-        source_dir=str(source.resolve()),
-        splits=splits,
-    )
-    with quiet_tfds():
-        builder = TextFiles(config=config, data_dir=str(root))
-        if not builder.is_prepared():
-            try:
-                writable_data_dir(root)
-            except OSError as err:
-                raise _unwritable(root, err) from None
-            try:  # TFDS writes an incomplete.* folder under data_dir and renames it only on success
-                build(builder, f"building the {name or source.name} dataset from {len(relpaths):,} files")
-            except OSError as err:  # a source file vanished, a full disk: the files and the dir are named
-                print(flush=True)  # end our "building ..." line before the error
-                raise CorpusError(f"building the dataset of source={str(source)!r} into data.data_dir={str(root)!r} "
-                                  f"failed: {err}. Nothing was kept; fix it and rerun.") from None
-        sources = builder.as_data_source()
-    corpus_name = name or f"dir:{source.resolve()}"
-    return Corpus(name=corpus_name, directory=Path(builder.data_dir), sources=sources,
-                  fingerprint={"source": corpus_name, "files": files_summary(source, relpaths)})
+    return sources.file_stats(source, relpaths)
+
+
+def _build_text_files(builder, config, root, source, what: str) -> None:
+    """Write the dataset into `root`: TFDS writes an incomplete.* folder there and renames it only
+    on success; into a bucket, remote.py builds it locally and uploads it, its marker files last."""
+    try:
+        writable_data_dir(root)
+    except OSError as err:
+        raise _unwritable(root, err) from None
+    try:
+        if storage.is_remote(root):
+            remote.build_and_upload(lambda stage: TextFiles(config=config, data_dir=stage), root,
+                                    lambda local, target: build(local, what, target))
+        else:
+            build(builder, what)
+    except OSError as err:  # a source file vanished, a full disk: the files and the dir are named
+        print(flush=True)  # end our "building ..." line before the error
+        raise CorpusError(f"building the dataset of source={str(source)!r} into data.data_dir={str(root)!r} "
+                          f"failed: {err}. Nothing was kept; fix it and rerun.") from None
+
+
+def _directory(builder):
+    """The prepared dataset's folder: a Path on disk, an epath.Path in a bucket."""
+    where = str(builder.data_dir)
+    return storage.path(where) if storage.is_remote(where) else Path(where)
 
 
 @contextlib.contextmanager
@@ -325,10 +320,11 @@ def quiet_tfds():
         tfds.display_progress_bar(bars)
 
 
-def build(builder, what: str) -> None:
+def build(builder, what: str, target: str | None = None) -> None:
     """Prepare the dataset under one line of ours ("building ... done in 20 s"), in place of TFDS's
-    "Downloading and preparing dataset" (nothing is downloaded) printed to stdout."""
-    print(f"{what} into {builder.data_dir} ...", end="", flush=True)
+    "Downloading and preparing dataset" (nothing is downloaded) printed to stdout. `target`: where
+    the line says it goes, when that is not where the builder writes (a bucket, remote.py)."""
+    print(f"{what} into {target or builder.data_dir} ...", end="", flush=True)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
         builder.download_and_prepare(file_format="array_record")
@@ -345,9 +341,13 @@ def _unwritable(root: Path, err: OSError) -> CorpusError:
     )
 
 
-def checked_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The TFDS data dir (default_data_dir() for None); a path that is a file fails here, naming the field."""
-    root = Path(data_dir or default_data_dir()).expanduser()
+def checked_data_dir(data_dir: str | os.PathLike | None) -> Path | str:
+    """The TFDS data dir (default_data_dir() for None); a path that is a file fails here, naming the field.
+    A gs:// URL comes back as a string, its bucket and credentials checked (remote.py)."""
+    given = data_dir or default_data_dir()
+    if storage.is_url(given):
+        return remote.checked_root(str(given), "data.data_dir" if data_dir else DATA_DIR_ENV)
+    root = Path(given).expanduser()
     for parent in (root, *root.parents):
         if parent.exists():
             if not parent.is_dir():
@@ -359,8 +359,11 @@ def checked_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return root
 
 
-def writable_data_dir(root: Path) -> None:
+def writable_data_dir(root: Path | str) -> None:
     """Create `root` and probe a write, so a read-only data dir fails before TFDS starts building."""
+    if storage.is_remote(root):
+        remote.probe_write(root, "data.data_dir")
+        return
     root.mkdir(parents=True, exist_ok=True)
     if not os.access(root, os.W_OK):
         raise PermissionError(13, "Permission denied")
@@ -430,7 +433,7 @@ def open_catalog(
     counts = f"{splits['train'].num_examples:,} train / {splits[validation].num_examples:,} {validation} examples"
     return Corpus(
         name=f"tfds:{name}",
-        directory=Path(builder.data_dir),
+        directory=_directory(builder),
         sources={"train": sources["train"], "validation": sources[validation]},
         text_field=field,
         max_documents=max_documents,

@@ -7,7 +7,10 @@ on any number of hosts. So nothing here is an iterator with hidden state:
    documents are concatenated in the corpus's stored order and cut into rows of
    `row_len` tokens. A document longer than a row simply continues in the next row;
    only the very last row is padded (`pad_id`). The rows are saved as
-   `<dataset dir>/packed/<split>.<tokenizer>.L<row_len>.v1.npy` and memory-mapped.
+   `<dataset dir>/packed/<split>.<tokenizer>.L<row_len>.v1.npy` and memory-mapped. When
+   the dataset is in a bucket (data_dir=gs://...) so are the rows: the process that packs
+   them (process 0 in a pod) uploads them as one object, the others read it into memory;
+   no host writes another's disk (remote.py).
 2. Order. A grain `MapDataset` over row ids is shuffled (a new permutation each
    epoch, all derived from `seed`) and repeated forever; stream position i holds one row.
    Global batch s is stream positions [s*B, (s+1)*B); process p computes only its rows
@@ -29,6 +32,7 @@ encoder, and both halves for the encoder-decoder (`Family.lengths`).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import warnings
@@ -41,6 +45,7 @@ from matrixmagic.configs.model_config import FAMILIES
 from matrixmagic.configs.ramp import BatchRamp
 from matrixmagic.model.families import Family, family_of
 
+from .. import storage
 from .corpus import Corpus, open_corpus
 from .tokenizers import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer, train_sentencepiece
 
@@ -94,11 +99,13 @@ def packed_rows(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int) 
     """The split packed into rows of `row_len`, cached as .npy beside the dataset."""
     limit = "" if corpus.max_documents is None else f".max{corpus.max_documents}"
     name = f"{split}.{tokenizer.cache_key}.L{row_len}.{PACK_FORMAT}{limit}.npy"
+    if storage.is_remote(str(corpus.directory)):
+        return _bucket_rows(storage.join(str(corpus.directory), "packed", name),
+                            lambda: _pack(corpus, split, tokenizer, row_len))
     path = corpus.directory / "packed" / name
     if path.is_file():
         return np.load(path, mmap_mode="r")
-    docs = _encode_all(tokenizer, corpus.documents(split))
-    rows = pack_documents(docs, row_len, tokenizer.eot_id, tokenizer.pad_id, storage_dtype(tokenizer))
+    rows = _pack(corpus, split, tokenizer, row_len)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
@@ -107,6 +114,32 @@ def packed_rows(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int) 
         os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"could not cache packed rows at {path} ({e}); keeping them in memory.")
+    return rows
+
+
+def _pack(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int) -> np.ndarray:
+    docs = _encode_all(tokenizer, corpus.documents(split))
+    return pack_documents(docs, row_len, tokenizer.eot_id, tokenizer.pad_id, storage_dtype(tokenizer))
+
+
+def _bucket_rows(url: str, pack) -> np.ndarray:
+    """The rows cached as one object at `url`: read into memory if it exists (np.load cannot
+    memory-map an object), else packed and uploaded (it appears whole or not at all)."""
+    where = f"the packed rows at {url}"
+    try:
+        if storage.retrying(lambda: storage.exists(url), where):
+            return np.load(io.BytesIO(storage.retrying(lambda: storage.read_bytes(url), where)))
+    except storage.StorageUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
+        raise storage.classify(err, url, "data.data_dir") from None
+    rows = pack()
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    try:
+        storage.retrying(lambda: storage.write_bytes(url, buffer.getvalue()), where)
+    except Exception as err:  # noqa: BLE001 - a refused upload costs a repack next time, not this run
+        warnings.warn(f"could not cache packed rows at {url} ({storage.short(err)}); keeping them in memory.")
     return rows
 
 

@@ -16,6 +16,9 @@ Specials are never produced by `encode(text)`: the byte tokenizer keeps them abo
 and SentencePiece declares them as *control* symbols. The packer relies on this: an
 `eot_id` in the stream always means "a document starts here".
 
+Model files are run paths (train/storage.py): a local path or a `gs://` URL, read and
+written through epath, so a pod reads one tokenizer from the bucket instead of a copy per host.
+
 `padded_vocab_size(multiple)` is the embedding-table size. It rounds `vocab_size` up
 so the vocab matmul has friendly shapes; rows >= `vocab_size` are never real tokens
 and the model masks their logits (ModelConfig.num_valid_tokens = vocab_size).
@@ -32,6 +35,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from matrixmagic.configs.train_config import TOKENIZER_NAMES
+
+from .. import storage
 
 SPECIAL_PIECES = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
 SENTENCEPIECE_FILE = "sentencepiece.model"
@@ -127,13 +132,13 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | os.PathLike):
         import sentencepiece as spm
 
-        path = Path(model_path)
-        if not path.is_file():
+        path = _model_path(model_path)
+        if not _is_file(path):
             raise TokenizerError(
                 f"model_path={str(path)!r} does not exist: train one with "
                 "`train_sentencepiece(...)` or run `magic data --tokenizer sentencepiece` first."
             )
-        proto = path.read_bytes()
+        proto = _read(path)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError:  # sentencepiece's C++ parse error: a truncated, corrupt or foreign file
@@ -322,12 +327,31 @@ def train_sentencepiece(
             f"vocab_size={vocab_size}: SentencePiece could not train on this corpus ({reason}): use a larger "
             "--vocab-size."
         ) from None
-    path = Path(model_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
+    path = str(model_path)
+    storage.retrying(lambda: storage.write_bytes(path, model.getvalue()), f"writing {path}")  # whole or not at all
     return SentencePieceTokenizer(path)
+
+
+def _model_path(path):
+    """An epath.Path for a model file (local or gs://), a URL's bucket and credentials checked first."""
+    text = str(path)
+    if storage.is_url(text):
+        text = storage.normalize(text, "data.tokenizer")
+        storage.check_bucket(text, "data.tokenizer")
+    return storage.path(text)
+
+
+def _is_file(path) -> bool:
+    try:
+        return storage.retrying(path.is_file, f"data.tokenizer={str(path)!r}")
+    except storage.StorageUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
+        raise storage.classify(err, str(path), "data.tokenizer") from None
+
+
+def _read(path) -> bytes:
+    return storage.retrying(path.read_bytes, f"data.tokenizer={str(path)!r}")
 
 
 def _train(spm, texts, model, vocab_size, model_type, max_chunks) -> None:
@@ -371,8 +395,8 @@ def load_tokenizer(name_or_path: str | Tokenizer, data_dir: str | os.PathLike | 
                 "tokenizer='sentencepiece' needs data_dir= (the prepared dataset's directory) "
                 "to find its model."
             )
-        path = Path(data_dir) / SENTENCEPIECE_FILE
-        if not path.is_file():
+        path = storage.path(str(data_dir)) / SENTENCEPIECE_FILE
+        if not _is_file(path):
             raise TokenizerError(
                 f"tokenizer='sentencepiece': no model at {path}. "
                 "Run `magic data --tokenizer sentencepiece` first (or call "
