@@ -20,7 +20,12 @@ libraries allow decided the shape:
   calls a version folder prepared only when both JSON files exist, so a reader never sees a
   half-uploaded dataset as ready (GCS has no rename, and TFDS's own rename of its
   `incomplete.*` prefix on GCS is a copy of each object then a delete: not atomic); an upload
-  cut short is rebuilt and uploaded again by the next run.
+  cut short is rebuilt and uploaded again by the next run. The staging folder is the
+  building host's own temporary directory ($TMPDIR), removed when the upload ends.
+* A gs:// source lists the same (name, size, generation) on every host, so all hosts name
+  the same dataset. A local source on each host's own disk has that host's mtimes in its
+  fingerprint: each host then builds (into the bucket) its own copy; put a pod's corpus in
+  the bucket.
 * Derived files (packed rows, `sentencepiece.model`) are single objects: an object appears
   whole when its upload ends (train/storage.py `write_bytes`), the atomicity `os.replace`
   gives on disk. The packed rows are read into memory (`np.load` cannot memory-map an
