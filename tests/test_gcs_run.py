@@ -181,6 +181,26 @@ def test_second_writer_is_refused_and_a_killed_holder_is_taken_over(corpus, gcs)
     assert "run/run.lock" not in gcs.objects("run/")
 
 
+def test_storage_gone_for_seconds_mid_save_is_ridden_out(local, corpus, tmp_path):
+    """The server stops while a step is being written and comes back 3 s later on the same
+    port with the same objects: the retries carry the save through, the run ends as the local
+    one does."""
+    server = GcsServer(data_dir=str(tmp_path / "objects"), log=str(tmp_path / "gcs.log")).start()
+    try:
+        proc = start(RUN, corpus, server, MATRIXMAGIC_TEST_SAVE_DELAY="1.0")
+        assert wait_for(lambda: committed(server) and len(started(server)) > len(committed(server)), proc)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert_same_log(gcs_rows(server), train_rows(local))
+        assert committed(server)[-1] == STEPS
+    finally:
+        server.stop()
+    assert not gs_dirs(REPO, tmp_path)
+
+
 def test_storage_stopped_mid_save_exits_75_and_resumes(local, corpus, tmp_path):
     """The server dies while a step is being written: one clear line, exit 75, the last
     committed step intact; with the server back, the same command finishes the run exactly."""

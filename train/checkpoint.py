@@ -146,6 +146,7 @@ class Checkpointer:
         self._read_only = read_only
         self._keep, self._in_flight, self._state_bytes, self._failed = keep, None, 0, False
         quiet_checkpoint_noise()  # a damaged step's failed reads print nothing but our warning
+        storage.bound_tensorstore_retries()
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,

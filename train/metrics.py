@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from typing import Optional
 
 import jax
@@ -93,6 +94,42 @@ def peak_flops_per_device(devices) -> float:
         return 0.0
 
 
+class _BucketEvents:
+    """A TensorBoard events file in a bucket, for tensorboardX: rewritten whole at each flush
+    (GCS has no append) through train/storage.py. tensorboardX's own gs:// writer waits 120 s
+    per flush on a dead server and flushes again from `__del__` at interpreter exit."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.closed, self.failed = path, io.BytesIO(), False, False
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        """Best effort: events are a view of metrics.jsonl, so a bucket that stopped answering
+        costs this run's later events, said once, and never a traceback at exit."""
+        if self.failed:
+            return
+        try:
+            storage.retrying(lambda: storage.write_bytes(self.path, self.buffer.getvalue()), self.path)
+        except storage.StorageUnavailable as err:
+            self.failed = True
+            warnings.warn(f"TensorBoard events not written: {err}", RuntimeWarning, stacklevel=2)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.flush()
+
+
+class _BucketEventsFactory:
+    def open(self, path: str) -> _BucketEvents:
+        return _BucketEvents(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no directories to make
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON row per log step) and TensorBoard events in the run directory.
 
@@ -120,8 +157,10 @@ class MetricsWriter:
                 self._jsonl = open(self._path, "a", encoding="utf-8")
             try:
                 from tensorboardX import SummaryWriter
+                from tensorboardX.record_writer import register_writer_factory
 
-                self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))  # gs://: its own GCS writer
+                register_writer_factory("gs", _BucketEventsFactory())
+                self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is a dependency; tolerate its absence in minimal installs
                 self._tb = None
 
@@ -138,7 +177,7 @@ class MetricsWriter:
     def flush(self) -> None:
         """The rows written so far are in the run directory (a no-op on disk, where each row is)."""
         if self.enabled and self._remote:
-            storage.write_text(self._path, self._text)
+            storage.retrying(lambda: storage.write_text(self._path, self._text), f"workdir={self.workdir!r}")
             self._flushed = time.monotonic()
 
     def write(self, step: int, split: str, values: dict) -> None:
@@ -157,14 +196,14 @@ class MetricsWriter:
             self._row({"step": int(step), "split": split, **fields})
 
     def close(self) -> None:
-        """Best effort on a full disk: the JSONL rows were flushed as written, and the full disk
-        is reported once, by whoever hit it first (train/loop.py)."""
-        self.flush()
-        for handle in (self._jsonl, self._tb):
-            if handle is None:
-                continue
+        """Best effort on a full disk or a bucket that stopped answering: the rows up to the last
+        checkpoint are already written (a resume redoes the rest), and the failure is reported
+        once, by whoever hit it first (train/loop.py, train/checkpoint.py)."""
+        for close in (self.flush, *(h.close for h in (self._jsonl, self._tb) if h is not None)):
             try:
-                handle.close()
+                close()
+            except storage.StorageUnavailable:
+                pass
             except OSError as err:
                 if not is_disk_full(err):
                     raise

@@ -65,9 +65,27 @@ def use_emulator(env: MutableMapping[str, str] = os.environ) -> None:
     env[EMULATOR_ENV] = url
     env.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
     env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore's token for a test server
+    env.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader (Google's C++ client)
 
 
 use_emulator()  # before gcsfs or tensorstore is first imported: both read their settings once
+
+
+def bound_tensorstore_retries(env: Mapping[str, str] = os.environ) -> None:
+    """tensorstore retries a failed GCS request 32 times with backoff up to 32 s (about 15
+    minutes) before an orbax save fails: right for a pod run riding out a blip, long for a
+    test of a dead server. With MATRIXMAGIC_STORAGE_RETRIES=N its checkpoint reads and writes
+    give up after N tries, like ours. orbax builds every tensorstore context from the two
+    dicts below (orbax/checkpoint/_src/serialization/tensorstore_utils.py) and has no option
+    for it, hence the update in place; unset, nothing changes."""
+    attempts = env.get("MATRIXMAGIC_STORAGE_RETRIES")
+    if not attempts:
+        return
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    retries = {"max_retries": int(attempts), "initial_delay": "0.5s", "max_delay": "4s"}
+    for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        context["gcs_request_retries"] = retries
 
 
 def is_url(path: object) -> bool:
@@ -284,10 +302,3 @@ def remove_tree(p: str) -> None:
     target = path(p)
     if target.exists():
         target.rmtree() if target.is_dir() else target.unlink()
-
-
-def environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The storage variables a child process (or another host) needs to reach the same storage."""
-    keys = (EMULATOR_ENV, "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_APPLICATION_CREDENTIALS")
-    return {k: env[k] for k in keys if k in env}

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import logging
 import os
 import sys
 import warnings
@@ -314,6 +315,10 @@ def main(argv=None) -> int:
         if os.environ.get("MAGIC_DEBUG"):
             raise
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
+        # The failed save's coroutines are collected at exit, and orbax's other save threads time out
+        # waiting for the step directory it could not create: each would print after our line.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
         return EXIT_PREEMPTED
     except (ConfigError, ValueError, FileNotFoundError) as err:
         if os.environ.get("MAGIC_DEBUG"):
