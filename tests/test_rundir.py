@@ -113,3 +113,17 @@ def test_the_hash_leaves_out_only_fields_a_resume_may_change():
     from matrixmagic.train.samerun import HARMLESS
 
     assert set(BOOKKEEPING_FIELDS) <= set(HARMLESS)
+
+
+def test_the_runs_parent_may_be_a_bucket(monkeypatch):
+    """MATRIXMAGIC_RUNS_DIR=gs://bucket/runs: every host of a pod names the same run in the bucket;
+    another scheme is refused naming the variable."""
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.train.rundir import config_digest, default_workdir
+
+    config = resolve_config("gpt-tiny", [], devices=1, platform="cpu")
+    monkeypatch.setenv("MATRIXMAGIC_RUNS_DIR", "gs://bkt/runs/")
+    assert default_workdir(config) == f"gs://bkt/runs/gpt-tiny-{config_digest(config)}"
+    monkeypatch.setenv("MATRIXMAGIC_RUNS_DIR", "s3://bkt/runs")
+    with pytest.raises(ConfigError, match="MATRIXMAGIC_RUNS_DIR='s3://bkt/runs': the s3:// scheme is not supported"):
+        default_workdir(config)

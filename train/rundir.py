@@ -3,7 +3,9 @@
 The default workdir is `runs/<preset>-<6 hex>`, the hex a hash of the resolved config, so
 the same command always lands in the same directory (and resumes there) while a changed
 config gets a directory of its own instead of tripping over another run's checkpoints.
-`--workdir` (or `--set workdir=`) still names one explicitly.
+`--workdir` (or `--set workdir=`) still names one explicitly. MATRIXMAGIC_RUNS_DIR moves the
+`runs/` parent, e.g. to `gs://bucket/runs` on a pod, whose hosts share no disk: the same rule
+then names the same directory in the bucket on every host.
 
 At its top a run directory holds `command.txt` (the command line of the first start, then
 one line per resume) and `config.json` (the resolved config, written once at the start and
@@ -24,6 +26,7 @@ from matrixmagic.configs.train_config import TrainConfig, config_to_json
 from . import storage
 
 RUNS_DIR = "runs"
+RUNS_DIR_ENV = "MATRIXMAGIC_RUNS_DIR"
 COMMAND_FILE = "command.txt"
 CONFIG_FILE = "config.json"
 
@@ -45,7 +48,10 @@ def config_digest(config: TrainConfig, length: int = 6) -> str:
 
 def default_workdir(config: TrainConfig) -> str:
     """`runs/<preset>-<digest>`: what every command that defaults a workdir uses."""
-    return os.path.join(RUNS_DIR, f"{config.preset}-{config_digest(config)}")
+    parent = os.environ.get(RUNS_DIR_ENV) or RUNS_DIR
+    if storage.is_url(parent) or parent.startswith("~"):
+        parent = storage.normalize(parent, RUNS_DIR_ENV)
+    return storage.join(parent, f"{config.preset}-{config_digest(config)}")
 
 
 def command_line(argv: Optional[Sequence[str]] = None) -> str:
