@@ -25,11 +25,10 @@ from matrixmagic.configs import ConfigError
 from matrixmagic.train import storage
 from matrixmagic.train.data import corpus as C
 from matrixmagic.train.data import pipeline as P
-from matrixmagic.train.data import remote
 from matrixmagic.train.data.tokenizers import TokenizerError, load_tokenizer
 
 NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
-STORAGE_VARS = (storage.EMULATOR_ENV, remote.EMULATOR_ENDPOINT_ENV, "TENSORSTORE_GCS_HTTP_URL",
+STORAGE_VARS = (storage.EMULATOR_ENV, "CLOUD_STORAGE_EMULATOR_ENDPOINT", "TENSORSTORE_GCS_HTTP_URL",
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_APPLICATION_CREDENTIALS", C.DATA_DIR_ENV)
 
 
@@ -41,7 +40,7 @@ def gcs(tmp_path_factory):
         for key in STORAGE_VARS:
             mp.delenv(key, raising=False)
         mp.setenv(storage.EMULATOR_ENV, server.url)
-        remote.use_emulator()  # what importing train/data does in a fresh process
+        storage.use_emulator()  # what importing train/storage.py does in a fresh process
         yield server
         mp.undo()
     assert not gs_dirs(REPO, tmp_path_factory.getbasetemp(), os.getcwd()), "a gs:// URL was taken for a local folder"

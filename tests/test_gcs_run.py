@@ -213,7 +213,7 @@ def test_storage_stopped_mid_save_exits_75_and_resumes(local, corpus, tmp_path):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 75, err[-3000:]
         message = err.strip().splitlines()[-1]
-        assert message.startswith("magic train: error:") and "rerun" in message, err[-3000:]
+        assert message.startswith("magic train: error:") and "rerun" in message.lower(), err[-3000:]
         assert "Traceback" not in err
 
         server.start()

@@ -16,6 +16,8 @@
 * A full disk during an async save makes orbax log the same ENOSPC traceback from each of
   its threads (51 for one failed save of the default run). The checkpointer reports it
   once, with the space needed (train/checkpoint.py `DiskFullError`), so those are dropped.
+  So are the tracebacks of a save to a bucket that stopped answering (connection refused,
+  timeouts: train/storage.py `is_transient`), reported once as StorageUnavailable.
 """
 
 from __future__ import annotations
@@ -57,11 +59,22 @@ def _unretrieved_read_error(record: logging.LogRecord) -> bool:
     return exc is not None and bool(_STATUS_ERROR.match(str(exc)))
 
 
+def _storage_gone(record: logging.LogRecord, exc: BaseException | None) -> bool:
+    """A save to a bucket that stopped answering: orbax logs it from each of its threads, gcsfs
+    once more per request ('_request out of retries'); the checkpointer reports it in one line."""
+    from .storage import is_transient  # light: no jax
+
+    return record.levelno >= logging.ERROR and (is_transient(exc) or record.getMessage().startswith(
+        "_request out of retries") or "Cannot connect to host" in record.getMessage())
+
+
 class _NoiseFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith(_READ_ONLY_NOISE) or _unretrieved_read_error(record):
             return False
         exc = record.exc_info[1] if record.exc_info else None
+        if _storage_gone(record, exc):
+            return False
         return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
 
 
@@ -77,7 +90,7 @@ def quiet_checkpoint_noise() -> None:
 
         quiet._matrixmagic_quiet = True
         sys.unraisablehook = quiet
-    for name in ("absl", "orbax", "asyncio"):
+    for name in ("absl", "orbax", "asyncio", "gcsfs"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)

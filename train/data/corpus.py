@@ -236,7 +236,7 @@ def _source_root(source_dir) -> Path | str:
     """A local source directory (checked to be one), or a gs:// prefix whose bucket is checked."""
     if storage.is_url(source_dir):
         url = storage.normalize(str(source_dir), "data.source")
-        remote.use_emulator()
+        storage.use_emulator()
         storage.check_bucket(url, "data.source")
         return url
     source = Path(source_dir).expanduser()

@@ -9,9 +9,9 @@ libraries allow decided the shape:
   through the Google Cloud C++ client, so TFDS's `as_data_source()` reads the dataset from the
   bucket with random access and no local copy (a copy would be a second cache per host, to
   fill and to keep coherent; a pod host's disk may not hold the corpus). That client finds
-  an emulator through its own variable, `CLOUD_STORAGE_EMULATOR_ENDPOINT`, so `use_emulator`
-  derives it from `STORAGE_EMULATOR_HOST` like train/storage.py derives tensorstore's; without
-  it the reader would ask the real GCS and, with no network, hang.
+  an emulator through its own variable, `CLOUD_STORAGE_EMULATOR_ENDPOINT`, which
+  train/storage.py `use_emulator` derives from `STORAGE_EMULATOR_HOST` with tensorstore's;
+  without it the reader would ask the real GCS and, with no network, hang.
 * Writing: array_record's writer opens local files only (riegeli's FdWriter: google/array_record
   #120, tensorflow/datasets #10981), so TFDS cannot write an array_record dataset into a bucket.
   `build_and_upload` builds it in a local temporary folder on the building host (TFDS's own
@@ -39,26 +39,13 @@ import tempfile
 
 from .. import storage
 
-EMULATOR_ENDPOINT_ENV = "CLOUD_STORAGE_EMULATOR_ENDPOINT"  # google-cloud-cpp's, read by array_record's reader
 LAST = ("features.json", "dataset_info.json")  # TFDS: a version folder with both is prepared
-
-
-def use_emulator(env=os.environ) -> None:
-    """Point array_record's GCS reader at the emulator STORAGE_EMULATOR_HOST names, if any.
-    Idempotent; an explicit setting wins. Called before any gs:// dataset is opened."""
-    storage.use_emulator(env)
-    host = env.get(storage.EMULATOR_ENV, "").strip()
-    if host:
-        env.setdefault(EMULATOR_ENDPOINT_ENV, host)
-
-
-use_emulator()
 
 
 def checked_root(data_dir: str, field: str) -> str:
     """A gs:// data dir, normalized, its bucket and credentials checked: StorageError naming `field`."""
     url = storage.normalize(data_dir, field)
-    use_emulator()
+    storage.use_emulator()  # a variable set after import (tests, notebooks) still counts
     storage.check_bucket(url, field)
     return url
 
