@@ -92,6 +92,15 @@ def read_object(server: GcsServer, name: str) -> bytes:
                                   timeout=30).read()
 
 
+def put_object(server: GcsServer, name: str, data: bytes) -> None:
+    """Upload one object through the JSON API's media upload."""
+    import urllib.parse
+
+    url = (f"{server.url}/upload/storage/v1/b/{server.bucket}/o?uploadType=media&"
+           f"name={urllib.parse.quote(name, safe='')}")
+    urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=30).read()
+
+
 def gs_dirs(*roots) -> list[str]:
     """Local folders whose name starts with `gs:` below `roots` (what a cloud URL taken for a
     local path creates): every gs:// test asserts there are none."""

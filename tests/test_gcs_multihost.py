@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from gcs_helpers import GcsServer, gs_dirs, read_object
+from gcs_helpers import GcsServer, gs_dirs, put_object, read_object
 from run_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -24,13 +24,11 @@ NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_ME
 
 def upload_corpus(server: GcsServer) -> None:
     import random
-    import urllib.request
 
     rng = random.Random(0)
     for i in range(40):
         text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(30)) + "\n"
-        url = f"{server.url}/upload/storage/v1/b/{server.bucket}/o?uploadType=media&name=texts/doc{i}.txt"
-        urllib.request.urlopen(urllib.request.Request(url, data=text.encode(), method="POST"), timeout=10).read()
+        put_object(server, f"texts/doc{i}.txt", text.encode())
 
 
 def magic_train(args: list[str], devices: int, home, server: GcsServer) -> subprocess.Popen:

@@ -15,6 +15,8 @@ it applies:
   (parsed, and the config resolved for the slice's chip count); TPU topologies need libtpu, and
   without it those commands are skipped with that reason.
 * Pod, Multislice, SLURM and hand-started multi-host commands cannot run here: skipped, with why.
+* `gs://my-bucket/...` is a bucket on the test GCS server (tests/gcs_server.py), reached through
+  STORAGE_EMULATOR_HOST, with `gs://my-bucket/texts` holding the same files as `~/my_texts`.
 """
 
 from __future__ import annotations
@@ -115,9 +117,20 @@ def argument_check(argv: list[str]) -> None:
 
 
 @pytest.fixture
-def user_home(tmp_path):
-    """A temporary HOME holding the stand-in model directories and texts; the data and compile
-    caches stay where they were, so the stdlib dataset is built once per machine."""
+def bucket(tmp_path):
+    from gcs_helpers import GcsServer
+
+    with GcsServer(bucket="my-bucket", log=str(tmp_path / "gcs.log")) as server:
+        yield server
+
+
+@pytest.fixture
+def user_home(tmp_path, bucket):
+    """A temporary HOME holding the stand-in model directories and texts (also in the test
+    bucket); the data and compile caches stay where they were, so the stdlib dataset is built
+    once per machine."""
+    from gcs_helpers import put_object
+
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     shutil.copytree(FIXTURES / "gpt2", home / "models" / "gpt2")
@@ -126,8 +139,9 @@ def user_home(tmp_path):
     texts.mkdir()
     for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py"):
         shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), texts / f"{name}.txt")
+        put_object(bucket, f"texts/{name}.txt", (texts / f"{name}.txt").read_bytes())
     real = Path.home()
-    env = {**os.environ, "HOME": str(home),
+    env = {**os.environ, "HOME": str(home), **bucket.env,
            "MATRIXMAGIC_DATA_DIR": os.environ.get("MATRIXMAGIC_DATA_DIR", str(real / ".cache/matrixmagic/tfds")),
            "MAGIC_COMPILE_CACHE": os.environ.get("MAGIC_COMPILE_CACHE", str(real / ".cache/matrixmagic/jax"))}
     env.pop("JAX_PLATFORMS", None)  # as a user's shell has it
