@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -93,3 +94,24 @@ def tree_snapshot(directory) -> dict:
             st = os.stat(path)
             out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def wait_for(predicate, proc, timeout=240.0, poll=0.02) -> bool:
+    """True once predicate() holds while proc still runs; False if proc ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if predicate():
+            return True
+        time.sleep(poll)
+    raise TimeoutError("the run made no progress")
+
+
+def assert_same_log(rows, reference, steps: int,
+                    keys=("loss", "accuracy", "grad_norm", "param_norm", "learning_rate")) -> None:
+    """Every step 1..steps logged exactly once, each value bit-identical (json keeps float64 repr)."""
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "every step logged exactly once"
+    for got, want in zip(rows, reference):
+        for key in keys:
+            assert got[key] == want[key], (got["step"], key, got[key], want[key])

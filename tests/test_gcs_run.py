@@ -18,14 +18,13 @@ import time
 
 import pytest
 from gcs_helpers import GcsServer, gs_dirs, read_object
-from run_helpers import REPO, magic_env, train_rows, write_corpus
+from run_helpers import REPO, assert_same_log, magic_env, train_rows, wait_for, write_corpus
 
 pytestmark = pytest.mark.slow
 
 STEPS = 30
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
         "batch_size=4", f"steps={STEPS}", "checkpoint_every=5", "eval_every=15", "sample_tokens=0", "log_every=1"]
-COMPARED = ("loss", "accuracy", "grad_norm", "param_norm", "learning_rate")
 RUN = "gs://bkt/run"
 NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
 
@@ -80,22 +79,6 @@ def gcs_rows(server, run_name="run") -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip() and json.loads(line)["split"] == "train"]
 
 
-def wait_for(predicate, proc, timeout=240.0, poll=0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if predicate():
-            return True
-        time.sleep(poll)
-    raise TimeoutError("the run made no progress")
-
-
-def assert_same_log(rows, reference) -> None:
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "every step logged exactly once"
-    for got, want in zip(rows, reference):
-        for key in COMPARED:
-            assert got[key] == want[key], (got["step"], key, got[key], want[key])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +94,7 @@ def test_killed_mid_save_and_mid_run_then_resumed_equals_local(local, corpus, gc
     """SIGKILL inside a save (held open 1 s by the test hook), then after a later step; the
     rerun resumes from the last committed step and every logged loss equals the local run's."""
     proc = start(RUN, corpus, gcs, MATRIXMAGIC_TEST_SAVE_DELAY="1.0")
-    assert wait_for(lambda: len(started(gcs)) > len(committed(gcs)) and committed(gcs), proc)
+    assert wait_for(lambda: len(started(gcs)) > len(committed(gcs)) and committed(gcs), proc, poll=0.1)
     in_flight = sorted(set(started(gcs)) - set(committed(gcs)))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL
@@ -120,14 +103,14 @@ def test_killed_mid_save_and_mid_run_then_resumed_equals_local(local, corpus, gc
     assert in_flight[-1] > last, "the step being written was not committed"
 
     proc = start(RUN, corpus, gcs)
-    assert wait_for(lambda: committed(gcs) and committed(gcs)[-1] >= 20, proc)
+    assert wait_for(lambda: committed(gcs) and committed(gcs)[-1] >= 20, proc, poll=0.1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL
 
     done = run(RUN, corpus, gcs)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting from checkpoint step" in done.stdout
-    assert_same_log(gcs_rows(gcs), train_rows(local))
+    assert_same_log(gcs_rows(gcs), train_rows(local), STEPS)
     with open(os.path.join(local, "checkpoints", str(STEPS), "integrity", "metadata")) as f:
         want = json.load(f)["fingerprint"]
     got = json.loads(read_object(gcs, f"run/checkpoints/{STEPS}/integrity/metadata"))["fingerprint"]
@@ -164,7 +147,7 @@ def test_readers_and_init_from_a_gcs_run(corpus, gcs, tmp_path):
 
 def test_second_writer_is_refused_and_a_killed_holder_is_taken_over(corpus, gcs):
     first = start(RUN, corpus, gcs, "steps=100000", "checkpoint_every=1000", MATRIXMAGIC_LEASE_SECONDS="6")
-    assert wait_for(lambda: "run/run.lock" in gcs.objects("run/"), first)
+    assert wait_for(lambda: "run/run.lock" in gcs.objects("run/"), first, poll=0.1)
     t0 = time.monotonic()
     second = run(RUN, corpus, gcs, "steps=100000", MATRIXMAGIC_LEASE_SECONDS="6")
     assert second.returncode == 2, second.stderr[-3000:]
@@ -188,13 +171,13 @@ def test_storage_gone_for_seconds_mid_save_is_ridden_out(local, corpus, tmp_path
     server = GcsServer(data_dir=str(tmp_path / "objects"), log=str(tmp_path / "gcs.log")).start()
     try:
         proc = start(RUN, corpus, server, MATRIXMAGIC_TEST_SAVE_DELAY="1.0")
-        assert wait_for(lambda: committed(server) and len(started(server)) > len(committed(server)), proc)
+        assert wait_for(lambda: committed(server) and len(started(server)) > len(committed(server)), proc, poll=0.1)
         server.stop()
         time.sleep(3)
         server.start()
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-        assert_same_log(gcs_rows(server), train_rows(local))
+        assert_same_log(gcs_rows(server), train_rows(local), STEPS)
         assert committed(server)[-1] == STEPS
     finally:
         server.stop()
@@ -207,7 +190,7 @@ def test_storage_stopped_mid_save_exits_75_and_resumes(local, corpus, tmp_path):
     server = GcsServer(data_dir=str(tmp_path / "objects"), log=str(tmp_path / "gcs.log")).start()
     try:
         proc = start(RUN, corpus, server, MATRIXMAGIC_TEST_SAVE_DELAY="1.0", MATRIXMAGIC_STORAGE_RETRIES="2")
-        assert wait_for(lambda: committed(server) and len(started(server)) > len(committed(server)), proc)
+        assert wait_for(lambda: committed(server) and len(started(server)) > len(committed(server)), proc, poll=0.1)
         last = committed(server)[-1]
         server.stop()
         _, err = proc.communicate(timeout=600)
@@ -220,7 +203,7 @@ def test_storage_stopped_mid_save_exits_75_and_resumes(local, corpus, tmp_path):
         assert committed(server)[-1] >= last
         done = run(RUN, corpus, server)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert_same_log(gcs_rows(server), train_rows(local))
+        assert_same_log(gcs_rows(server), train_rows(local), STEPS)
     finally:
         server.stop()
     assert not gs_dirs(REPO, tmp_path)

@@ -17,14 +17,22 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import REPO, final_params, magic_env, saved_fingerprint, train_rows, write_corpus
+from run_helpers import (
+    REPO,
+    assert_same_log,
+    final_params,
+    magic_env,
+    saved_fingerprint,
+    train_rows,
+    wait_for,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.slow
 
 STEPS = 40
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
         "batch_size=4", f"steps={STEPS}", "checkpoint_every=5", "eval_every=1000", "sample_tokens=0", "log_every=1"]
-COMPARED = ("loss", "accuracy", "grad_norm", "param_norm", "learning_rate")
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +86,6 @@ def steps_on_disk(workdir) -> list[str]:
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
-def wait_for(predicate, proc, timeout=240.0, poll=0.02) -> bool:
-    """True once predicate() holds while proc still runs; False if proc ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if predicate():
-            return True
-        time.sleep(poll)
-    raise TimeoutError("the run made no progress")
-
-
-def assert_same_log(rows, reference) -> None:
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "every step logged exactly once"
-    for got, want in zip(rows, reference):
-        for key in COMPARED:  # bit-identical: json keeps float64 repr exactly
-            assert got[key] == want[key], (got["step"], key, got[key], want[key])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +132,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(clean, corpus, tmp
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].tobytes() == want[name].tobytes(), name
-    assert_same_log(train_rows(workdir), train_rows(clean))
+    assert_same_log(train_rows(workdir), train_rows(clean), STEPS)
     assert not any("tmp" in n for n in steps_on_disk(workdir)), "partial saves are cleaned up"
 
 
@@ -160,7 +151,7 @@ def test_sigterm_saves_that_step_exits_75_and_resumes(clean, corpus, tmp_path):
     done = run(workdir, corpus, "checkpoint_every=1000")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"starting from checkpoint step {stopped}" in done.stdout
-    assert_same_log(train_rows(workdir), train_rows(clean))
+    assert_same_log(train_rows(workdir), train_rows(clean), STEPS)
     assert saved_fingerprint(workdir, STEPS) == saved_fingerprint(clean, STEPS)
 
 
