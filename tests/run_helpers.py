@@ -48,8 +48,15 @@ def write_corpus(directory, n: int = 30, seed: int = 0) -> str:
     return str(directory)
 
 
+# Storage variables an in-process gs:// test may have left in os.environ (train/storage.py
+# `use_emulator` writes them): a subprocess gets only the emulator its test names in `extra`.
+STORAGE_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
 def magic_env(**extra) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+    base = {k: v for k, v in os.environ.items() if k not in STORAGE_VARS}
+    return {**base, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
 
 
 def train_command(workdir, source, data_dir, *sets: str, flags=()) -> list:

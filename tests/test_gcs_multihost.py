@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from gcs_helpers import GcsServer, gs_dirs, put_object, read_object
-from run_helpers import REPO
+from run_helpers import REPO, STORAGE_VARS
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ def upload_corpus(server: GcsServer) -> None:
 
 def magic_train(args: list[str], devices: int, home, server: GcsServer) -> subprocess.Popen:
     os.makedirs(home, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("MATRIXMAGIC_DATA_DIR", "JAX_COMPILATION_CACHE_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MATRIXMAGIC_DATA_DIR", "JAX_COMPILATION_CACHE_DIR", *STORAGE_VARS)}
     env.update({"JAX_PLATFORMS": "cpu", "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                 **NO_GOOGLE, **server.env})
@@ -42,7 +43,12 @@ def magic_train(args: list[str], devices: int, home, server: GcsServer) -> subpr
 
 
 def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # a failed peer leaves the other waiting at a barrier: not left behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, out[-6000:]
     return out
 
@@ -68,7 +74,12 @@ def test_two_hosts_sharing_only_a_bucket_train_like_one(tmp_path):
         procs = [magic_train(common + ["--set", "data.data_dir=gs://bkt/tfds-two", "--workdir", "gs://bkt/two",
                                        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                        "--process-id", str(i)], 4, tmp_path / f"host{i}", server) for i in range(2)]
-        outputs = [finish(p) for p in procs]
+        try:
+            outputs = [finish(p) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         assert "8 device(s)" in outputs[0] and "building the texts dataset" in outputs[0]
         assert "building" not in outputs[1], "process 1 read what process 0 prepared in the bucket"
         finish(magic_train(common + ["--set", "data.data_dir=gs://bkt/tfds-one", "--workdir", "gs://bkt/one"], 8,

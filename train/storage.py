@@ -39,6 +39,8 @@ from typing import TypeVar
 from matrixmagic.configs import ConfigError
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# tensorstore's GCS endpoint (orbax's arrays) and array_record's reader's (Google's C++ client)
+DERIVED_ENV = ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 SCHEMES = ("gs",)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")  # GCS bucket naming rules (3-222 characters)
@@ -63,9 +65,12 @@ def use_emulator(env: MutableMapping[str, str] = os.environ) -> None:
         return
     url = host if "://" in host else f"http://{host}"
     env[EMULATOR_ENV] = url
-    env.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    # The derived variables follow STORAGE_EMULATOR_HOST, also when set before: a value left by
+    # an earlier emulator (another test, a notebook cell) would send tensorstore or array_record
+    # to a server that is gone while gcsfs talks to the new one.
+    for name in DERIVED_ENV:
+        env[name] = url
     env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore's token for a test server
-    env.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader (Google's C++ client)
 
 
 use_emulator()  # before gcsfs or tensorstore is first imported: both read their settings once
