@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 from gcs_helpers import GcsServer, read_object
 
-from matrixmagic.train.lease import GcsLease, LeaseLostError
-from matrixmagic.train.runlock import RunInUseError, run_lock
+from matrixmagic.train.lease import GcsLease, LeaseLostError, run_lock
+from matrixmagic.train.runlock import RunInUseError
 
 RUN = "gs://bkt/run"
 

@@ -35,7 +35,7 @@ import urllib.parse
 from typing import Optional
 
 from . import storage
-from .runlock import LOCK_FILE, RunInUseError, describe_holder, holder_record
+from .runlock import LOCK_FILE, RunInUseError, RunLock, describe_holder, holder_record
 
 LEASE_ENV = "MATRIXMAGIC_LEASE_SECONDS"
 DEFAULT_TTL = 60.0
@@ -222,3 +222,11 @@ class GcsLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_lock(workdir: str, command: Optional[str] = None):
+    """The writer's lock of a run directory: flock on a disk (train/runlock.py), this lease on
+    GCS, where the hosts of a pod share no filesystem."""
+    if storage.is_remote(workdir):
+        return GcsLease(workdir, command)
+    return RunLock(workdir, command)

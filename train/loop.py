@@ -34,12 +34,13 @@ from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .guards import NonFiniteMonitor, check_free_space
+from .lease import run_lock
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
 from .rundir import finished_line, record_start
-from .runlock import RunInUseError, run_lock
+from .runlock import RunInUseError
 from .samerun import check_allowed
 from .step import summarize_eval
 

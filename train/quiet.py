@@ -27,6 +27,8 @@ import logging
 import re
 import sys
 
+from .storage import is_transient
+
 _CLOSED_LOOP = "Event loop is closed"
 _READ_ONLY_NOISE = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
@@ -62,8 +64,6 @@ def _unretrieved_read_error(record: logging.LogRecord) -> bool:
 def _storage_gone(record: logging.LogRecord, exc: BaseException | None) -> bool:
     """A save to a bucket that stopped answering: orbax logs it from each of its threads, gcsfs
     once more per request ('_request out of retries'); the checkpointer reports it in one line."""
-    from .storage import is_transient  # light: no jax
-
     return record.levelno >= logging.ERROR and (is_transient(exc) or record.getMessage().startswith(
         "_request out of retries") or "Cannot connect to host" in record.getMessage())
 

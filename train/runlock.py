@@ -110,13 +110,3 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def run_lock(workdir: str, command: str | None = None):
-    """The writer's lock of a run directory: this flock on a disk, a lease object on GCS
-    (train/lease.py), where no filesystem is shared between the hosts of a pod."""
-    if workdir.startswith("gs://"):
-        from .lease import GcsLease  # it imports this module's records and errors
-
-        return GcsLease(workdir, command)
-    return RunLock(workdir, command)

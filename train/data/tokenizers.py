@@ -211,9 +211,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer as _Tokenizer
 
-        from .. import storage  # a gs:// run's tokenizer.json (`magic hf import --workdir gs://...`)
-
-        path = storage.path(path)
+        path = storage.path(path)  # a gs:// run's tokenizer.json (`magic hf import --workdir gs://...`)
         if not path.is_file():
             raise TokenizerError(f"tokenizer={str(path)!r} does not exist: give the tokenizer.json of a Hugging "
                                  f"Face model (`magic hf import` puts one in the run directory).")
