@@ -279,12 +279,6 @@ def write_text(p: str, text: str) -> None:
     write_bytes(p, text.encode("utf-8"))
 
 
-def makedirs(p: str) -> None:
-    """A local directory is created; on GCS directories are implied by object names (nothing to do)."""
-    if not is_remote(p):
-        os.makedirs(p, exist_ok=True)
-
-
 def listdir(p: str) -> list[str]:
     return sorted(c.name for c in path(p).iterdir())
 
