@@ -36,6 +36,29 @@ LAYOUTS = get_args(Layout)
 MESH_AXES = ("data", "fsdp", "tensor")
 MESH_FLAG_KEYS = MESH_AXES + ("dcn_data",)  # what --mesh accepts
 
+def parse_mixture(text: str) -> tuple[tuple[str, float], ...]:
+    """'code:0.7,prose:0.3' -> (('code', 0.7), ('prose', 0.3)); errors name data.mixture."""
+    pairs = []
+    for part in text.split(","):
+        name, sep, weight = part.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None:
+            fail("data.mixture", text, f"write NAME:WEIGHT pairs separated by commas, e.g. code:0.7,prose:0.3 "
+                                       f"({part.strip()!r} is not one).")
+        if not finite(value) or value < 0:
+            fail("data.mixture", text, f"weights must be finite and >= 0 ({name}:{weight} is not).")
+        pairs.append((name, value))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        fail("data.mixture", text, "name each source once.")
+    if sum(w for _, w in pairs) <= 0:
+        fail("data.mixture", text, "the weights sum to 0: give at least one source a positive weight.")
+    return tuple(pairs)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # 'stdlib' (the Python standard library's own .py files), a directory of text
@@ -46,8 +69,16 @@ class DataConfig:
     tokenizer: str = "bytes"
     data_dir: Optional[str] = None  # TFDS data dir; None: ~/.cache/matrixmagic/tfds
     seq_len: int = 128  # decoder/encoder length; enc-dec: encoder and decoder each get half
+    # 'NAME:WEIGHT,...' over sources prepared with `magic data prepare --name NAME` (in data_dir/prepared):
+    # each row is drawn from a source with probability weight / sum (train/data/mixture.py); replaces source.
+    mixture: Optional[str] = None
 
     def __post_init__(self):
+        if self.mixture is not None:
+            parse_mixture(self.mixture)
+            if self.source != "stdlib":
+                fail("data.mixture", self.mixture, f"a mixture names its sources itself: drop data.source "
+                                                   f"(now {self.source!r}), or drop data.mixture.")
         if self.seq_len <= 1:
             fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
         if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith((".model", ".json")):

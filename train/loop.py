@@ -69,17 +69,17 @@ def check_workdir(workdir: str) -> None:
 
 
 def open_data(config: TrainConfig, tokenizer):
-    """(train pipeline, eval batches) for this process. The family record splits
+    """(train pipeline, {source: eval batches}) for this process. The family record splits
     data.seq_len between encoder and decoder, as it does for `magic compile`'s batch."""
     data = config.data
     kwargs = dict(family=config.model.family, source=data.source, tokenizer=tokenizer, seq_len=data.seq_len,
-                  data_dir=data.data_dir,
+                  data_dir=data.data_dir, mixture=data.mixture,
                   process_index=jax.process_index(), process_count=jax.process_count())  # this host's rows only
     train_data = pipeline.make_pipeline(batch_size=config.batch_size, seed=config.seed, ramp=config.batch_ramp,
                                         microbatches=config.microbatches, **kwargs)
-    eval_batches = pipeline.make_eval_batches(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
-                                              **kwargs) if config.eval_batches else []
-    return train_data, eval_batches
+    eval_sets = pipeline.make_eval_sets(batch_size=config.batch_size, num_eval_batches=config.eval_batches,
+                                        **kwargs) if config.eval_batches else {}
+    return train_data, eval_sets
 
 
 def process_zero_first(fn):
@@ -116,14 +116,22 @@ def schedule_line(config: TrainConfig) -> str:
     return line
 
 
-def evaluate(eval_fn, params, batches, put_batch) -> Optional[dict]:
-    if not batches:
+def evaluate(eval_fn, params, sets: dict, put_batch) -> Optional[dict]:
+    """Loss, perplexity and accuracy over every set's batches; a mixture's sources (named sets)
+    also get their own loss and accuracy, as 'NAME/loss' and 'NAME/accuracy'."""
+    if not any(sets.values()):
         return None
-    sums = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
-    for batch in batches:
-        out = eval_fn(params, put_batch(batch))
-        sums = {k: sums[k] + float(out[k]) for k in sums}
-    return summarize_eval(sums)
+    total, per_source = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}, {}
+    for name, batches in sets.items():
+        sums = dict.fromkeys(total, 0.0)
+        for batch in batches:
+            out = eval_fn(params, put_batch(batch))
+            sums = {k: sums[k] + float(out[k]) for k in sums}
+        total = {k: total[k] + sums[k] for k in total}
+        if name:
+            summary = summarize_eval(sums)
+            per_source.update({f"{name}/loss": summary["loss"], f"{name}/accuracy": summary["accuracy"]})
+    return {**summarize_eval(total), **per_source}
 
 
 def lock_run(workdir: str):
@@ -173,7 +181,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
     if check_memory:
         check_training_fits(config, jax.device_count(), jax.local_devices())
-    train_data, eval_batches = process_zero_first(lambda: open_data(config, tokenizer))
+    train_data, eval_sets = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
 
@@ -231,6 +239,9 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 elapsed = time.perf_counter() - window_start
                 window_tokens = ramp.tokens_before(done) - ramp.tokens_before(done - window_steps)
                 values["tokens_seen"] = ramp.tokens_before(done)  # exact: every step's rows x seq_len
+                if train_data.mixture is not None:  # each source's share of those tokens
+                    values.update({f"tokens_seen/{name}": rows * config.data.seq_len
+                                   for name, rows in train_data.rows_by_source(done).items()})
                 values["step_time"] = elapsed / window_steps
                 values["tokens_per_second"] = window_tokens / elapsed
                 if peak:  # unknown peak: no MFU recorded, and the bar says n/a
@@ -240,10 +251,10 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",
                                 mfu=f"{values['mfu']:.0%}" if peak else "n/a")
                 window_start, window_steps = time.perf_counter(), 0
-            if eval_batches and (done % config.eval_every == 0 or done == config.steps):
+            if eval_sets and (done % config.eval_every == 0 or done == config.steps):
                 jax.block_until_ready(state)  # the steps dispatched before the eval are train time
                 eval_start = time.perf_counter()
-                last_eval = evaluate(run.eval_step, state.params, eval_batches, run.put_batch)
+                last_eval = evaluate(run.eval_step, state.params, eval_sets, run.put_batch)
                 if config.data.tokenizer == "bytes" and config.model.family == "decoder":
                     last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
                 writer.write(done, "eval", last_eval)

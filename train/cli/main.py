@@ -3,6 +3,7 @@
   magic params [PRESET ...]   parameter counts, FLOPs and memory of presets
   magic train [--preset P] [--set field=value ...]   train (default: a tiny GPT on the stdlib corpus)
   magic data [--source S] [--tokenizer sentencepiece]  build a dataset (and train a tokenizer)
+  magic data prepare SOURCE --name NAME       tokenize a corpus of any size into shards, in parallel
   magic explain --preset P [--text T] [--layer N] [--plot DIR]   one forward pass, matrix by matrix
   magic generate --workdir RUN --prompt T   sample / translate (--source) / fill [MASK]s
   magic compile --preset P --topology v5p-1024 [--mesh ...] [--sweep]   plan a pod run: memory, FLOPs, step time
@@ -25,11 +26,12 @@ import warnings
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
-from matrixmagic.configs.train_config import TOKENIZER_NAMES, train_config_for
+from matrixmagic.configs.train_config import train_config_for
 
 from ..preemption import EXIT_PREEMPTED  # light: no jax
 from ..storage import StorageUnavailable  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
+from .data import add_parsers as add_data_parsers  # light: argparse only, no jax
 from .flags import add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
 from .plan import add_plan_arguments  # light: argparse only, no jax
@@ -93,22 +95,6 @@ def _cmd_schedule(args) -> int:
     return schedule_main(args)
 
 
-def _cmd_data(args) -> int:
-    from ..data.corpus import open_corpus
-    from ..data.pipeline import prepare_tokenizer
-    from ..run import VOCAB_MULTIPLE
-
-    if args.vocab_size is not None and args.vocab_size < 1:
-        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use a positive size, e.g. 8000.")
-    corpus = open_corpus(args.source, args.data_dir)
-    tokenizer = prepare_tokenizer(corpus, args.tokenizer, vocab_size=args.vocab_size, force=args.force)
-    print(f"dataset {corpus.name}: {corpus.num_documents('train'):,} train / "
-          f"{corpus.num_documents('validation'):,} validation documents in {corpus.directory}")
-    print(f"tokenizer {tokenizer!r}: {tokenizer.vocab_size:,} ids (a model's embedding table holds at least "
-          f"{tokenizer.padded_vocab_size(VOCAB_MULTIPLE):,} rows: padded to a multiple of {VOCAB_MULTIPLE})")
-    return 0
-
-
 def _cmd_explain(args) -> int:
     from .runs import cli_explain
 
@@ -135,14 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_params)
 
-    d = sub.add_parser("data", help="build a dataset from text files and optionally train a tokenizer")
-    d.add_argument("--source", default="stdlib", help="'stdlib', a directory of text files, or tfds:<name>")
-    d.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
-    d.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 8000 for a new model; "
-                                                  "an existing model keeps its own)")
-    d.add_argument("--force", action="store_true", help="retrain the sentencepiece model even if one exists")
-    d.add_argument("--data-dir", help="TFDS data dir (default ~/.cache/matrixmagic/tfds)")
-    d.set_defaults(func=_cmd_data)
+    add_data_parsers(sub)
 
     t = sub.add_parser("train", help="train a model (default: gpt-tiny on the Python stdlib corpus)")
     add_config_arguments(t)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -49,7 +48,7 @@ import tensorflow_datasets as tfds
 
 from .. import storage
 from . import remote, sources
-from .sources import SKIPPED_DIRS, CorpusError, is_readable, list_files  # noqa: F401 - this module's API
+from .sources import SKIPPED_DIRS, CorpusError, is_readable, list_files, path_hash  # noqa: F401 - this module's API
 
 DATA_DIR_ENV = "MATRIXMAGIC_DATA_DIR"
 VALIDATION_NAMES = ("validation", "test")  # catalog datasets: the first present is used
@@ -73,10 +72,6 @@ def default_corpus_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def path_hash(relpath: str) -> int:
-    return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
 
 
 def assign_splits(relpaths: list[str], validation_fraction: float) -> dict[str, tuple[str, ...]]:
@@ -177,11 +172,12 @@ class Corpus:
         n = len(self._source(split))
         return n if self.max_documents is None else min(n, self.max_documents)
 
-    def documents(self, split: str, chunk: int = 256) -> Iterator[str]:
-        """The split's texts in stored order (fixed when the dataset was prepared)."""
+    def documents(self, split: str, chunk: int = 256, start: int = 0, stop: int | None = None) -> Iterator[str]:
+        """The split's texts [start, stop) in stored order (fixed when the dataset was prepared)."""
         source, n = self._source(split), self.num_documents(split)
-        for start in range(0, n, chunk):
-            for record in source.__getitems__(list(range(start, min(start + chunk, n)))):
+        n = n if stop is None else min(n, stop)
+        for first in range(start, n, chunk):
+            for record in source.__getitems__(list(range(first, min(first + chunk, n)))):
                 yield _as_text(record[self.text_field])
 
     def _source(self, split: str):

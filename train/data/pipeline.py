@@ -4,13 +4,13 @@ Why this shape: a resumed run must see exactly the batches an uninterrupted run 
 on any number of hosts. So nothing here is an iterator with hidden state:
 
 1. Pack (once, cached). Every document is encoded and prefixed with `eot`; the
-   documents are concatenated in the corpus's stored order and cut into rows of
-   `row_len` tokens. A document longer than a row simply continues in the next row;
-   only the very last row is padded (`pad_id`). The rows are saved as
-   `<dataset dir>/packed/<split>.<tokenizer>.L<row_len>.v1.npy` and memory-mapped. When
-   the dataset is in a bucket (data_dir=gs://...) so are the rows: the process that packs
-   them (process 0 in a pod) uploads them as one object, the others read it into memory;
-   no host writes another's disk (remote.py).
+   documents are concatenated in the corpus's stored order into one token stream per
+   split, written as shards (shards.py) by `magic data prepare` (prepare.py) or, for a
+   source never prepared, on first use beside its dataset (`prepared_corpus`). Rows are
+   cut from the stream at read time: row r is tokens [r * L, (r + 1) * L), a document
+   longer than a row simply continues in the next row, and only the very last row is
+   padded (`pad_id`). Rows are read by id (memory-mapped shards, or byte ranges in a
+   bucket), so start-up and memory do not grow with the corpus.
 2. Order. A grain `MapDataset` over row ids is shuffled (a new permutation each
    epoch, all derived from `seed`) and repeated forever; stream position i holds one row.
    Global batch s is stream positions [s*B, (s+1)*B); process p computes only its rows
@@ -19,6 +19,8 @@ on any number of hosts. So nothing here is an iterator with hidden state:
    [rows_before(s), rows_before(s) + b_s), into the active slots of the same [B] batch;
    the other slots are padding rows (loss_mask 0). Active slots fill microbatch by
    microbatch (`ramp_slots`), so the step skips whole microbatches that have none.
+   A mixture (data.mixture, mixture.py) draws each position's source from (seed, position);
+   each source has its own shuffled stream, read at that position.
 3. Features, vectorized per batch: the family's objective (model/objectives.py) turns
    packed rows into its batch, whose keys, sides and dtypes its record in
    model/families.py lists. Segment ids count documents within a row, and positions
@@ -31,12 +33,10 @@ encoder, and both halves for the encoder-decoder (`Family.lengths`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import math
-import os
-import warnings
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import grain
 import numpy as np
@@ -47,9 +47,13 @@ from matrixmagic.model.families import Family, family_of
 
 from .. import storage
 from .corpus import Corpus, open_corpus
+from .mixture import Mixture
+from .prepare import prepared_corpus
+from .shards import Prepared, is_prepared, open_prepared
+from .sources import CorpusError
 from .tokenizers import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer, train_sentencepiece
 
-PACK_FORMAT = "v1"
+PREPARED_DIR = "prepared"  # under data_dir: where `magic data prepare --name NAME` puts NAME
 EVAL_SALT, TRAIN_SALT = 1, 0
 STREAM_ROWS = 2**48  # rows in the repeated stream; far beyond any run
 
@@ -76,80 +80,20 @@ def pack_documents(docs: Iterable[np.ndarray], row_len: int, eot_id: int, pad_id
     return padded.reshape(num_rows, row_len)
 
 
-def _encode_all(tokenizer: Tokenizer, texts: Iterable[str], chunk: int = 256) -> Iterator[np.ndarray]:
-    batch_encode = getattr(tokenizer, "encode_batch", None)
-    if batch_encode is None:
-        yield from (tokenizer.encode(t) for t in texts)
-        return
-    buffer = []
-    for text in texts:
-        buffer.append(text)
-        if len(buffer) == chunk:
-            yield from batch_encode(buffer)
-            buffer = []
-    if buffer:
-        yield from batch_encode(buffer)
-
-
-def storage_dtype(tokenizer: Tokenizer):
-    return np.uint16 if tokenizer.padded_vocab_size() <= 2**16 else np.int32
-
-
-def packed_rows(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int) -> np.ndarray:
-    """The split packed into rows of `row_len`, cached as .npy beside the dataset."""
-    limit = "" if corpus.max_documents is None else f".max{corpus.max_documents}"
-    name = f"{split}.{tokenizer.cache_key}.L{row_len}.{PACK_FORMAT}{limit}.npy"
-    if storage.is_remote(str(corpus.directory)):
-        return _bucket_rows(storage.join(str(corpus.directory), "packed", name),
-                            lambda: _pack(corpus, split, tokenizer, row_len))
-    path = corpus.directory / "packed" / name
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    rows = _pack(corpus, split, tokenizer, row_len)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"could not cache packed rows at {path} ({e}); keeping them in memory.")
-    return rows
-
-
-def _pack(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int) -> np.ndarray:
-    docs = _encode_all(tokenizer, corpus.documents(split))
-    return pack_documents(docs, row_len, tokenizer.eot_id, tokenizer.pad_id, storage_dtype(tokenizer))
-
-
-def _bucket_rows(url: str, pack) -> np.ndarray:
-    """The rows cached as one object at `url`: read into memory if it exists (np.load cannot
-    memory-map an object), else packed and uploaded (it appears whole or not at all)."""
-    where = f"the packed rows at {url}"
-    try:
-        if storage.retrying(lambda: storage.exists(url), where):
-            return np.load(io.BytesIO(storage.retrying(lambda: storage.read_bytes(url), where)))
-    except storage.StorageUnavailable:
-        raise
-    except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
-        raise storage.classify(err, url, "data.data_dir") from None
-    rows = pack()
-    buffer = io.BytesIO()
-    np.save(buffer, rows)
-    try:
-        storage.retrying(lambda: storage.write_bytes(url, buffer.getvalue()), where)
-    except Exception as err:  # noqa: BLE001 - a refused upload costs a repack next time, not this run
-        warnings.warn(f"could not cache packed rows at {url} ({storage.short(err)}); keeping them in memory.")
-    return rows
+def packed_rows(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int):
+    """The split's rows of `row_len` (shards.PackedRows), prepared beside the dataset on first use."""
+    return prepared_corpus(corpus, tokenizer).rows(split, row_len)
 
 
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _grain_seed(seed: int) -> int:
+def _grain_seed(seed: int, source: str | None = None) -> int:
     """Any int seed -> grain's 32-bit shuffle seed. Hashed, because grain reshuffles
-    epoch e with seed+e, which would make seed s+1 replay seed s one epoch late."""
-    return int.from_bytes(hashlib.sha256(f"shuffle:{seed}".encode()).digest()[:4], "big")
+    epoch e with seed+e, which would make seed s+1 replay seed s one epoch late. A
+    mixture's sources each get their own (`source`: its name)."""
+    salt = f"shuffle:{seed}" if source is None else f"shuffle:{seed}:{source}"
+    return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "big")
 
 
 def _check_positive(name: str, value) -> int:
@@ -188,11 +132,15 @@ class LMPipeline:
     """Random-access batches: `batch(step)` is this process's slice of global batch `step`.
     `seq_len` is the run's data.seq_len; the family record splits it between its sides.
     `ramp`: the run's BatchRamp (None: batch_size rows every step); `microbatches`: the
-    step's, which decide where a ramp step's active rows go."""
+    step's, which decide where a ramp step's active rows go. `rows`: an array of rows (or
+    shards.PackedRows), or {name: rows} with `weights` {name: weight} for a mixture."""
 
-    def __init__(self, rows: np.ndarray, family: str, seq_len: int, batch_size: int, seed: int,
+    def __init__(self, rows, family: str, seq_len: int, batch_size: int, seed: int,
                  tokenizer: Tokenizer, process_index: int, process_count: int, mask_rate: float = 0.15,
-                 ramp: BatchRamp | None = None, microbatches: int = 1, fingerprint: dict | None = None):
+                 ramp: BatchRamp | None = None, microbatches: int = 1, fingerprint: dict | None = None,
+                 weights: dict[str, float] | None = None):
+        self.sources = dict(rows) if isinstance(rows, dict) else {"": rows}
+        rows = next(iter(self.sources.values()))
         self.rows, self.family, self.seq_len, self.batch_size = rows, family, seq_len, batch_size
         self.seed, self.tokenizer, self.mask_rate = int(seed), tokenizer, mask_rate
         # What the rows came from (the corpus's fingerprint and the tokenizer): a resume compares it.
@@ -212,8 +160,15 @@ class LMPipeline:
         if batch_size % _check_positive("microbatches", microbatches):
             raise PipelineError(f"microbatches={microbatches} must divide batch_size={batch_size}.")
         self.slot_ranks = ramp_slots(batch_size, microbatches)
-        epochs = max(1, STREAM_ROWS // len(rows))  # finite: grain's infinite lengths overflow
-        self.stream = grain.MapDataset.range(len(rows)).shuffle(seed=_grain_seed(self.seed)).repeat(epochs)
+        self.mixture = None if weights is None else Mixture(list(self.sources), [weights[n] for n in self.sources],
+                                                               self.seed)
+        self.streams = [self._stream(len(r), None if self.mixture is None else name)
+                        for name, r in self.sources.items()]
+        self.stream = self.streams[0]
+
+    def _stream(self, num_rows: int, name: str | None):
+        epochs = max(1, STREAM_ROWS // num_rows)  # finite: grain's infinite lengths overflow
+        return grain.MapDataset.range(num_rows).shuffle(seed=_grain_seed(self.seed, name)).repeat(epochs)
 
     def positions(self, step: int) -> np.ndarray:
         """Stream positions of this process's slots of global batch `step`; -1 marks a padding
@@ -236,10 +191,22 @@ class LMPipeline:
         positions = self.positions(int(step))
         live = positions >= 0
         rows = np.full((len(positions), self.rows.shape[1]), self.tokenizer.pad_id, self.rows.dtype)
-        rows[live] = self.rows[[self.stream[int(p)] for p in positions[live]]]
+        source = np.zeros(len(positions), np.int64) if self.mixture is None else self.mixture.source_of(
+            np.maximum(positions, 0))
+        for j, (stream, source_rows) in enumerate(zip(self.streams, self.sources.values())):
+            take = live & (source == j)
+            if take.any():
+                rows[take] = source_rows[[stream[int(p)] for p in positions[take]]]
         # A padding row gets every loss_mask 0 from its objective and draws no masking randomness
         # (it has no eligible token), so its stream position is a placeholder.
         return self.features(rows, np.where(live, positions, 0), TRAIN_SALT)
+
+    def rows_by_source(self, step: int) -> dict[str, int]:
+        """Global rows each source supplied to steps [0, step): a mixture's per-source count."""
+        before = self.ramp.rows_before(int(step))
+        if self.mixture is None:
+            return {name: before for name in self.sources}
+        return dict(zip(self.sources, map(int, self.mixture.rows_before(before))))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -276,7 +243,8 @@ class BatchIterator:
         return {"step": self.step, "seed": p.seed, "batch_size": p.batch_size,
                 "seq_len": p.seq_len, "family": p.family,
                 "ramp.start_tokens": p.ramp.start_rows * p.seq_len if p.ramp.on else 0,
-                "ramp.tokens": p.ramp.ramp_tokens}
+                "ramp.tokens": p.ramp.ramp_tokens,
+                **({"mixture": p.mixture.describe()} if p.mixture is not None else {})}
 
     def set_state(self, state: dict) -> None:
         for key, mine in self.get_state().items():
@@ -305,11 +273,84 @@ def _resolve(source, tokenizer, data_dir, corpus_kwargs) -> tuple[Corpus, Tokeni
     return corpus, load_tokenizer(tokenizer, data_dir=corpus.directory)
 
 
+def prepared_root(name: str, data_dir=None) -> str:
+    """Where `magic data prepare --name NAME` puts NAME: <data_dir>/prepared/NAME."""
+    from .corpus import checked_data_dir
+
+    return storage.join(str(checked_data_dir(data_dir)), PREPARED_DIR, name)
+
+
+def _prepared_names(data_dir) -> list[str]:
+    root = prepared_root("", data_dir).rstrip("/")
+    try:
+        return sorted(n for n in storage.listdir(root) if is_prepared(storage.join(root, n)))
+    except (OSError, ValueError):
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """Train/validation rows of one or more named sources that share a tokenizer."""
+
+    sources: dict[str, Prepared]
+    tokenizer: Tokenizer
+    weights: dict[str, float] | None  # a mixture's, else None
+    fingerprint: dict
+    label: str
+
+
+def _check_tokenizer(prepared: Prepared, tokenizer: Tokenizer, field: str) -> None:
+    if prepared.tokenizer_key != tokenizer.cache_key:
+        ref = prepared.index.get("tokenizer_ref", prepared.tokenizer_key)
+        raise CorpusError(
+            f"{field}={prepared.root!r} was prepared with tokenizer {prepared.tokenizer_key!r}, but data.tokenizer "
+            f"gives {tokenizer.cache_key!r}: train with --set data.tokenizer={ref} (or prepare the source again "
+            f"with this tokenizer).")
+
+
+def open_sources(source="stdlib", tokenizer="bytes", data_dir=None, mixture: str | None = None,
+                 **corpus_kwargs) -> Opened:
+    """A source (a Corpus, a corpus name or directory, a prepared folder, prepared:NAME) or a
+    mixture of prepared names, opened: shards prepared on first use for a corpus."""
+    if mixture is not None:
+        from matrixmagic.configs.train_config import parse_mixture
+
+        pairs = parse_mixture(mixture)
+        known = _prepared_names(data_dir)
+        unknown = [n for n, _ in pairs if n not in known]
+        if unknown:
+            raise CorpusError(
+                f"data.mixture={mixture!r} names {unknown}, not prepared under {prepared_root('', data_dir)} "
+                f"(prepared there: {known or 'nothing'}): prepare each with `magic data prepare SOURCE --name NAME` "
+                f"(same data.data_dir), or fix the name.")
+        tok = load_tokenizer(tokenizer)
+        opened = {n: open_prepared(prepared_root(n, data_dir), "data.mixture") for n, _ in pairs}
+        for prep in opened.values():
+            _check_tokenizer(prep, tok, "data.mixture")
+        files = "; ".join(f"{n}: {p.fingerprint.get('files', '?')}" for n, p in opened.items())
+        return Opened(opened, tok, dict(pairs), {"source": f"mixture {mixture}", "files": files}, mixture)
+    text = None if isinstance(source, Corpus) else str(source)
+    if text is not None and text.startswith("prepared:"):
+        text = prepared_root(text[len("prepared:"):], data_dir)
+        if not is_prepared(text):
+            raise CorpusError(f"data.source={source!r}: nothing is prepared at {text} (prepared there: "
+                              f"{_prepared_names(data_dir) or 'nothing'}): run `magic data prepare SOURCE --name "
+                              f"{source[len('prepared:'):]}` first.")
+    if text is not None and not text.startswith("tfds:") and text != "stdlib" and is_prepared(text):
+        prep = open_prepared(text, "data.source")
+        tok = load_tokenizer(tokenizer)
+        _check_tokenizer(prep, tok, "data.source")
+        return Opened({"": prep}, tok, None, dict(prep.fingerprint), text)
+    corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
+    return Opened({"": prepared_corpus(corpus, tok)}, tok, None, dict(corpus.fingerprint), corpus.name)
+
+
 def open_tokenizer(tokenizer="bytes", source="stdlib", data_dir=None, **corpus_kwargs) -> Tokenizer:
     """The tokenizer for `source`: 'sentencepiece' lives beside that source's dataset, so
     resolve it here rather than with `load_tokenizer(name, data_dir=<TFDS root>)`. Bytes
     and a .model path need no dataset, so none is opened (or built) for them."""
-    if tokenizer != "sentencepiece":
+    if tokenizer != "sentencepiece" or (isinstance(source, str) and (source.startswith("prepared:")
+                                                                     or is_prepared(source))):
         return load_tokenizer(tokenizer)
     return _resolve(source, tokenizer, data_dir, corpus_kwargs)[1]
 
@@ -342,18 +383,16 @@ def prepare_tokenizer(corpus: Corpus, name: str = "sentencepiece", vocab_size: i
     return train_sentencepiece(corpus.documents("train"), path, vocab_size or DEFAULT_VOCAB_SIZE, model_type)
 
 
-def check_enough_rows(rows: np.ndarray, source: str, pad_id: int, seq_len: int, batch_size: int,
-                      process_count: int | None) -> None:
+def check_enough_rows(rows, source: str, seq_len: int, batch_size: int, process_count: int | None) -> None:
     """A train split must fill one process's rows of a batch with distinct full rows: smaller, every
     batch repeats the same few rows (a one-sequence corpus trained to loss 0.004 on copies of itself)."""
     processes = process_count if process_count is not None else _process_layout(batch_size, None, None)[1]
     need = batch_size // processes
-    full = len(rows) - int(len(rows) > 0 and rows[-1, -1] == pad_id)  # only the last row is ever padded
+    full = rows.full_rows
     if full < need:
-        tokens = int(np.count_nonzero(np.asarray(rows) != pad_id))
         per_process = f" per process ({processes} processes)" if processes > 1 else ""
         raise PipelineError(
-            f"data.source is too small: the train split of {source} has {tokens:,} tokens, {full} full row(s) of "
+            f"data.source is too small: the train split of {source} has {rows.tokens:,} tokens, {full} full row(s) of "
             f"{rows.shape[1]} (data.seq_len={seq_len}), and one batch needs {need} distinct rows{per_process} "
             f"(batch_size={batch_size}), so every batch would repeat the same text. Add text to the source, or "
             f"lower batch_size (--batch{f' {max(full, 1) * processes}' if full else ''}) or data.seq_len."
@@ -363,38 +402,62 @@ def check_enough_rows(rows: np.ndarray, source: str, pad_id: int, seq_len: int, 
 def make_pipeline(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
                   batch_size: int = 16, seed: int = 0, data_dir=None, process_index: int | None = None,
                   process_count: int | None = None, *, mask_rate: float = 0.15, ramp: BatchRamp | None = None,
-                  microbatches: int = 1, **corpus_kwargs) -> LMPipeline:
-    """Training batches. `source`: a directory, 'stdlib', 'tfds:<name>' or a Corpus.
+                  microbatches: int = 1, mixture: str | None = None, **corpus_kwargs) -> LMPipeline:
+    """Training batches. `source`: a directory, 'stdlib', 'tfds:<name>', a prepared folder,
+    'prepared:<name>' or a Corpus; `mixture`: 'name:weight,...' over prepared names instead.
     `ramp`, `microbatches`: the run's batch ramp and the step's microbatches (LMPipeline).
     `corpus_kwargs` go to `open_corpus` (pattern, validation_fraction, text_field, max_documents)."""
     seq_len, batch_size = _check_shape(family, seq_len, batch_size)
     _process_layout(batch_size, process_index, process_count)  # fail before reading data
-    corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
-    rows = packed_rows(corpus, "train", tok, family_of(family).row_len(seq_len))
-    check_enough_rows(rows, corpus.name, tok.pad_id, seq_len, batch_size, process_count)
-    return LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate,
-                      ramp, microbatches, corpus.fingerprint)
+    opened = open_sources(source, tokenizer, data_dir, mixture, **corpus_kwargs)
+    row_len = family_of(family).row_len(seq_len)
+    rows = {name: prep.rows("train", row_len) for name, prep in opened.sources.items()}
+    for name, split in rows.items():
+        label = f"{opened.label}" if not name else f"mixture source {name!r}"
+        if opened.weights is None:
+            check_enough_rows(split, label, seq_len, batch_size, process_count)
+        elif split.tokens == 0:
+            raise CorpusError(f"data.mixture: {label} has no train tokens: prepare it from a non-empty source.")
+    return LMPipeline(rows if opened.weights else rows[""], family, seq_len, batch_size, seed, opened.tokenizer,
+                      process_index, process_count, mask_rate, ramp, microbatches, opened.fingerprint,
+                      opened.weights)
 
 
-def make_eval_batches(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
-                      batch_size: int = 16, seed: int = 0, data_dir=None, process_index: int | None = None,
-                      process_count: int | None = None, *, num_eval_batches: int = 8,
-                      mask_rate: float = 0.15, **corpus_kwargs) -> list[dict[str, np.ndarray]]:
-    """The validation split, unshuffled: min(num_eval_batches, ceil(rows / batch_size))
-    batches of rows taken at even strides across the whole split (all rows if they fit),
-    this process's slice of each. The last batch is filled with all-padding rows, whose
-    loss_mask is 0."""
+def make_eval_sets(family: str = "decoder", source="stdlib", tokenizer="bytes", seq_len: int = 256,
+                   batch_size: int = 16, seed: int = 0, data_dir=None, process_index: int | None = None,
+                   process_count: int | None = None, *, num_eval_batches: int = 8, mask_rate: float = 0.15,
+                   mixture: str | None = None, **corpus_kwargs) -> dict[str, list[dict[str, np.ndarray]]]:
+    """{source name: its validation batches} ({'': batches} without a mixture): each source's
+    validation split, unshuffled: min(num_eval_batches, ceil(rows / batch_size)) batches of rows
+    taken at even strides across the whole split (all rows if they fit), this process's slice of
+    each. The last batch is filled with all-padding rows, whose loss_mask is 0."""
     seq_len, batch_size = _check_shape(family, seq_len, batch_size)
     num_eval_batches = _check_positive("num_eval_batches", num_eval_batches)
-    corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
-    rows = np.asarray(packed_rows(corpus, "validation", tok, family_of(family).row_len(seq_len)))
-    pipe = LMPipeline(rows, family, seq_len, batch_size, seed, tok, process_index, process_count, mask_rate)
-    total = min(num_eval_batches, math.ceil(len(rows) / batch_size)) * batch_size
-    if len(rows) > total:  # rows spread evenly over the split, so every document is sampled, not the first few
-        rows = rows[np.linspace(0, len(rows) - 1, total).astype(np.int64)]
-    filler = np.full((max(0, total - len(rows)), rows.shape[1]), tok.pad_id, rows.dtype)
-    rows = np.concatenate([rows[:total], filler])
-    first = pipe.process_index * pipe.local_batch_size  # this process's rows of each batch
-    starts = range(first, total, batch_size)
-    return [pipe.features(rows[i : i + pipe.local_batch_size], np.arange(i, i + pipe.local_batch_size), EVAL_SALT)
-            for i in starts]
+    opened = open_sources(source, tokenizer, data_dir, mixture, **corpus_kwargs)
+    row_len = family_of(family).row_len(seq_len)
+    tok = opened.tokenizer
+    pipe = LMPipeline(np.zeros((1, row_len), np.int32), family, seq_len, batch_size, seed, tok, process_index,
+                      process_count, mask_rate)
+    sets = {}
+    for name, prep in opened.sources.items():
+        rows = prep.rows("validation", row_len)
+        if rows.tokens == 0:
+            what = f"mixture source {name!r}" if name else f"data.source={opened.label!r}"
+            raise CorpusError(f"{what} has no validation documents: prepare it again with a larger "
+                              f"--validation-fraction, or set eval_batches=0.")
+        total = min(num_eval_batches, math.ceil(len(rows) / batch_size)) * batch_size
+        # rows spread evenly over the split, so every document is sampled, not the first few
+        ids = np.linspace(0, len(rows) - 1, total).astype(np.int64) if len(rows) > total else np.arange(len(rows))
+        taken = rows[ids]
+        filler = np.full((max(0, total - len(taken)), row_len), tok.pad_id, taken.dtype)
+        taken = np.concatenate([taken, filler])
+        first = pipe.process_index * pipe.local_batch_size  # this process's rows of each batch
+        sets[name] = [pipe.features(taken[i : i + pipe.local_batch_size],
+                                    np.arange(i, i + pipe.local_batch_size), EVAL_SALT)
+                      for i in range(first, total, batch_size)]
+    return sets
+
+
+def make_eval_batches(*args, **kwargs) -> list[dict[str, np.ndarray]]:
+    """One source's validation batches (make_eval_sets without a mixture)."""
+    return make_eval_sets(*args, **kwargs)[""]

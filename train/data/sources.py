@@ -35,6 +35,11 @@ class CorpusError(ConfigError):
     """A corpus argument is bad or its data is missing. The message names the fix."""
 
 
+def path_hash(relpath: str) -> int:
+    """64 bits of sha256: what decides a file's (or a record's) split."""
+    return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+
+
 def check_pattern(pattern: str) -> str:
     name = pattern.removeprefix("**/")
     if not name or "/" in name or os.sep in name:
