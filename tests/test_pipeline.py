@@ -12,6 +12,8 @@ from matrixmagic.model import objectives
 from matrixmagic.model.families import family_of
 from matrixmagic.train.data import corpus as C
 from matrixmagic.train.data import pipeline as P
+from matrixmagic.train.data import prepare
+from matrixmagic.train.data import shards as S
 from matrixmagic.train.data.tokenizers import ByteTokenizer, TokenizerError
 
 SEQ, B = 16, 8
@@ -47,16 +49,37 @@ def assert_batches_equal(a, b):
 # ----------------------------------------------------------------------------- packing
 
 
-def test_pack_documents_keeps_every_token():
-    docs = [np.arange(3), np.arange(0), np.arange(40) % 250, np.array([7])]
-    rows = P.pack_documents(docs, 8, EOT, PAD)
-    expected = np.concatenate([np.concatenate([[EOT], d]) for d in docs])
-    flat = rows.reshape(-1)
-    assert rows.shape == (math.ceil(len(expected) / 8), 8)
-    np.testing.assert_array_equal(flat[: len(expected)], expected)
-    assert (flat[len(expected):] == PAD).all()
-    with pytest.raises(P.PipelineError, match="eot_id"):
-        P.pack_documents([np.array([1, EOT])], 8, EOT, PAD)
+def reference_pack(docs, row_len, eot=EOT, pad=PAD):
+    """The packing rule written out: [eot, *doc] concatenated, cut into rows, the last padded."""
+    stream = np.concatenate([np.concatenate([[eot], d]) for d in docs]).astype(np.int64)
+    rows = np.full(max(1, math.ceil(len(stream) / row_len)) * row_len, pad, np.int64)
+    rows[: len(stream)] = stream
+    return rows.reshape(-1, row_len)
+
+
+def shard_rows(tmp_path, docs, row_len, per_shard=2):
+    """docs written as shards of `per_shard` documents, read back as rows of `row_len`."""
+    counts = []
+    for k in range(0, len(docs), per_shard):
+        writer = S.ShardWriter(str(tmp_path), "train", k // per_shard, EOT, np.uint16)
+        for d in docs[k : k + per_shard]:
+            writer.add(d)
+        counts.append(writer.commit()["tokens"])
+    names = [S.shard_name("train", k) for k in range(len(counts))]
+    return S.PackedRows(S.TokenStream(str(tmp_path), names, np.array(counts), np.dtype(np.uint16)), row_len, PAD)
+
+
+def test_rows_cut_from_shards_are_the_packed_stream(tmp_path):
+    docs = [np.arange(3), np.arange(0), np.arange(40) % 250, np.array([7]), np.arange(5)]
+    for row_len in (1, 4, 8, 13):  # rows that span shard boundaries, and a row of one token
+        (tmp_path / f"L{row_len}").mkdir()
+        rows = shard_rows(tmp_path / f"L{row_len}", docs, row_len)
+        expected = reference_pack(docs, row_len)
+        assert rows.shape == expected.shape and len(rows) == len(expected)
+        np.testing.assert_array_equal(rows[np.arange(len(rows))], expected)
+        np.testing.assert_array_equal(rows[[len(rows) - 1, 0, 2]], expected[[-1, 0, 2]])
+    with pytest.raises(S.CorpusError, match="eot_id"):
+        S.ShardWriter(str(tmp_path), "train", 9, EOT, np.uint16).add(np.array([1, EOT]))
 
 
 def test_packed_corpus_is_the_concatenated_token_stream(corpus):
@@ -105,7 +128,7 @@ def test_decoder_batches_follow_the_contract(corpus):
 
 
 def test_documents_longer_than_a_row_continue_in_the_next_row():
-    rows = P.pack_documents([np.arange(30) % 250, np.arange(3)], 9, EOT, PAD)
+    rows = reference_pack([np.arange(30) % 250, np.arange(3)], 9)
     b = family_of("decoder").make_batch(rows, BYTES, seq_len=rows.shape[1] - 1)
     assert rows.shape == (4, 9) and (rows[1:3] != EOT).all()
     np.testing.assert_array_equal(b["segment_ids"][1], np.ones(8))
@@ -180,16 +203,16 @@ def test_bad_arguments_name_the_fix(corpus):
         P.make_pipeline("decoder", corpus, "sentencepiece", process_index=0, process_count=1)
 
 
-def test_packed_rows_are_cached(corpus, monkeypatch):
+def test_packed_rows_are_prepared_once(corpus, monkeypatch):
     make(corpus, seq_len=12)
 
     def no_repack(*args, **kwargs):
-        raise AssertionError("packed again")
+        raise AssertionError("prepared again")
 
-    monkeypatch.setattr(P, "pack_documents", no_repack)
-    pipe = make(corpus, seq_len=12)
-    assert isinstance(pipe.rows, np.memmap)
-    assert (corpus.directory / "packed" / "train.bytes.L13.v1.npy").is_file()
+    monkeypatch.setattr(prepare, "run_task", no_repack)
+    pipe = make(corpus, seq_len=20)  # another row length reads the same shards
+    assert isinstance(pipe.rows, S.PackedRows) and pipe.rows.row_len == 21
+    assert (corpus.directory / "prepared" / "bytes" / S.INDEX).is_file()
 
 
 # ----------------------------------------------------------------------------- families

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Iterable
 
 import grain
 import numpy as np
@@ -63,21 +62,6 @@ class PipelineError(ValueError):
 
 
 # ----------------------------------------------------------------------------- packing
-
-
-def pack_documents(docs: Iterable[np.ndarray], row_len: int, eot_id: int, pad_id: int, dtype=np.int32) -> np.ndarray:
-    """[eot, *doc] for every doc, concatenated and cut into rows; the last row padded."""
-    pieces = []
-    for ids in docs:
-        ids = np.asarray(ids)
-        if np.any(ids == eot_id):
-            raise PipelineError("a document encodes to eot_id: the tokenizer must never emit specials.")
-        pieces += [np.array([eot_id], dtype), ids.astype(dtype)]
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-    num_rows = max(1, math.ceil(len(stream) / row_len))
-    padded = np.full(num_rows * row_len, pad_id, dtype)
-    padded[: len(stream)] = stream
-    return padded.reshape(num_rows, row_len)
 
 
 def packed_rows(corpus: Corpus, split: str, tokenizer: Tokenizer, row_len: int):

@@ -303,6 +303,10 @@ def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: 
     if storage.exists(index_path):
         return Result(out, json.loads(storage.read_text(index_path)), 0, 0.0, 0)
     start = time.perf_counter()
+    if not storage.is_remote(out):  # temporary files of shards a killed prepare was writing
+        for name in os.listdir(out):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(out, name))
     done = {t.index: _finished(out, t.index, dtype.itemsize) for t in tasks}
     pending = [t for t in tasks if done[t.index] is None]
     bar = _bar(sum(t.size for t in tasks), sum(t.size for t in tasks if done[t.index]), progress, unit)
@@ -447,5 +451,9 @@ def prepare(source: str, out: str, tokenizer, *, workers: int | None = None, fmt
         return run_plan(spec, corpus_plan(corpus), out, tokenizer, dict(corpus.fingerprint), workers=workers,
                         corpus=corpus, progress=progress, unit="docs")
     spec, stats, fp = list_source(source, fmt, pattern, text_field, validation_fraction)
+    inside = os.path.abspath(out).startswith(os.path.join(spec.root, ""))
+    if not storage.is_remote(out) and inside and os.path.isdir(os.path.expanduser(source)):
+        raise CorpusError(f"--out {out!r} lies inside the source {spec.root}: its shards would be read as "
+                          f"source files by the next prepare. Choose a folder outside it.")
     tasks = plan(spec, stats, int(shard_mb * 1e6))
     return run_plan(spec, tasks, out, tokenizer, fp, workers=workers, progress=progress)
