@@ -147,10 +147,10 @@ def test_abstract_batch_is_the_batch_magic_train_feeds(preset, tmp_path):
         (tmp_path / "src" / f"d{i}.txt").write_text(f"document {i}: " + "abcdefgh " * (5 + 3 * i))
     config = compile_config(preset, 1, mesh="data=-1", batch=2, platform="cpu", assignments=MICRO[:-2] + (
         "model.max_len=16", "data.seq_len=16", f"data.source={tmp_path / 'src'}", f"data.data_dir={tmp_path / 'd'}"))
-    train_data, eval_batches = open_data(config, ByteTokenizer())
+    train_data, eval_sets = open_data(config, ByteTokenizer())
     fed = {k: (v.shape, np.dtype(v.dtype)) for k, v in train_data.batch(0).items()}
     lowered = {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract_batch(config, None).items()}
-    assert fed == lowered == {k: (v.shape, np.dtype(v.dtype)) for k, v in eval_batches[0].items()}
+    assert fed == lowered == {k: (v.shape, np.dtype(v.dtype)) for k, v in eval_sets[""][0].items()}
     if preset == "transformer-tiny":
         assert fed["encoder_inputs"][0] == fed["decoder_inputs"][0] == (2, 8)
     aot.lower_step(config, jax.devices("cpu")[:1])  # the step accepts it (tracing only, no compile)

@@ -247,6 +247,24 @@ def test_catalog_dataset_feeds_the_same_pipeline(catalog_dir):
     assert len(evals) >= 1
 
 
+def test_catalog_dataset_prepares_into_shards_in_its_own_splits(catalog_dir, tmp_path):
+    from matrixmagic.train.data import prepare, shards
+    from matrixmagic.train.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    corpus = C.open_corpus("tfds:lm1b", catalog_dir)
+    for workers in (0, 2):
+        prepare.prepare_corpus(corpus, str(tmp_path / f"w{workers}"), tok, C.open_corpus, workers=workers,
+                               data_dir=catalog_dir, progress=False)
+    for split in ("train", "validation"):
+        names = sorted(p.name for p in (tmp_path / "w0").iterdir())
+        assert all((tmp_path / "w0" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes() for n in names)
+        stream = shards.open_prepared(str(tmp_path / "w2")).stream(split)
+        got = stream.read_rows(np.array([0]), stream.total, tok.pad_id)[0]
+        want = np.concatenate([np.concatenate([[tok.eot_id], tok.encode(t)]) for t in corpus.documents(split)])
+        np.testing.assert_array_equal(got, want)
+
+
 def test_missing_catalog_dataset_says_where_and_how(tmp_path):
     for name in ("lm1b", "c4/en", "no_such_dataset"):
         with pytest.raises(C.CorpusError) as error:

@@ -25,6 +25,7 @@ from matrixmagic.configs import ConfigError
 from matrixmagic.train import storage
 from matrixmagic.train.data import corpus as C
 from matrixmagic.train.data import pipeline as P
+from matrixmagic.train.data import shards as S
 from matrixmagic.train.data.tokenizers import TokenizerError, load_tokenizer
 
 NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
@@ -129,8 +130,8 @@ def test_gs_data_dir_is_built_once_then_only_read(gcs, texts, tmp_path, capsys):
     version = [n for n in objects if n.endswith("/dataset_info.json")]
     assert len(version) == 1, objects
     folder = version[0].rsplit("/", 1)[0]
-    assert {f"{folder}/features.json", f"{folder}/packed/train.bytes.L17.v1.npy",
-            f"{folder}/packed/validation.bytes.L17.v1.npy"} <= set(objects)
+    assert {f"{folder}/features.json", f"{folder}/prepared/bytes/matrixmagic-shards.json",
+            f"{folder}/prepared/bytes/train-00000.bin", f"{folder}/prepared/bytes/validation-00001.bin"} <= set(objects)
     assert same_batches(first[0], local_train) and same_batches(first[1], local_eval)
 
     # A second run (and a pod's other hosts) read the bucket: nothing built, written or staged locally.
@@ -167,7 +168,7 @@ def test_gs_sentencepiece_model_beside_the_dataset_and_as_data_tokenizer(gcs, te
     rows = P.make_pipeline(source="gs://bkt/texts", data_dir="gs://bkt/tfds", tokenizer="gs://bkt/sp.model",
                            seq_len=16, batch_size=4, process_index=0, process_count=1)
     assert rows.fingerprint["tokenizer"] == local.cache_key
-    assert any(f"packed/train.{local.cache_key}.L17" in n for n in gcs.objects("tfds/"))
+    assert any(f"prepared/{local.cache_key}/{S.INDEX}" in n for n in gcs.objects("tfds/"))
 
 
 def test_bad_gs_inputs_name_the_field(gcs, texts, tmp_path, monkeypatch):
@@ -247,3 +248,27 @@ def test_magic_refuses_a_missing_bucket_or_missing_credentials_in_one_line(gcs, 
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("magic train: error: ") and message in lines[0], (name, lines)
         assert "building" not in done.stdout
+
+
+def test_prepare_from_and_into_a_bucket_matches_local_and_trains_the_same(gcs, texts, tmp_path):
+    """`magic data prepare gs://... --out gs://...` with 2 worker processes writes the shards a local
+    prepare of the same files writes, and a pipeline reads the same batches from either."""
+    from matrixmagic.train.data import prepare, shards
+    from matrixmagic.train.data.tokenizers import ByteTokenizer
+
+    local = str(tmp_path / "local")
+    prepare.prepare(texts, local, ByteTokenizer(), workers=0, shard_mb=0.002, progress=False)
+    prepare.prepare("gs://bkt/texts", "gs://bkt/prepared/t", ByteTokenizer(), workers=2, shard_mb=0.002,
+                    progress=False)
+    names = [n for n in sorted(os.listdir(local)) if n.endswith(".bin") or n[-10:-5].isdigit()]
+    assert len(names) > 4 and all(storage.read_bytes(f"gs://bkt/prepared/t/{n}") == open(os.path.join(local, n),
+                                                                                         "rb").read() for n in names)
+    assert not [n for n in gcs.objects("prepared/") if n.endswith(".tmp")]
+    kwargs = dict(seq_len=16, batch_size=4, seed=3, process_index=0, process_count=1)
+    here, there = (P.make_pipeline("decoder", s, "bytes", **kwargs) for s in (local, "gs://bkt/prepared/t"))
+    for step in (0, 5):
+        assert all(np.array_equal(here.batch(step)[k], there.batch(step)[k]) for k in here.batch(step))
+    gone = "prepared/t/train-00001.bin"
+    storage.write_bytes(f"gs://bkt/{gone}", b"\0\0")  # a copy cut short
+    with pytest.raises(C.CorpusError, match=r"train-00001\.bin has 2 bytes, its index says"):
+        shards.open_prepared("gs://bkt/prepared/t")

@@ -17,6 +17,7 @@ from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import DataConfig, parse_mixture
 from matrixmagic.train.data import pipeline as P
 from matrixmagic.train.data import prepare as prep
+from matrixmagic.train.data import records
 from matrixmagic.train.data import shards as S
 from matrixmagic.train.data.corpus import assign_splits
 from matrixmagic.train.data.mixture import Mixture
@@ -182,7 +183,7 @@ def test_parquet_row_groups_in_order(tmp_path):
     train, validation = stream_of(out, "train"), stream_of(out, "validation")
     assert len(train) + len(validation) == len(expected_stream(texts))
     held = [t for g in range(8) for r, t in enumerate(texts[g * 40:(g + 1) * 40])
-            if prep._is_validation(f"t.parquet#{g}:{r}", 0.2)]
+            if records.is_validation(f"t.parquet#{g}:{r}", 0.2)]
     np.testing.assert_array_equal(validation, expected_stream(held))
     with pytest.raises(CorpusError, match=r"no column 'text' \(columns: \['body', 'id'\]\): pass --text-field"):
         run_prepare(tmp_path / "t.parquet", tmp_path / "o2")

@@ -138,7 +138,7 @@ def user_home(tmp_path, bucket):
     texts = home / "my_texts"
     texts.mkdir()
     for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py"):
-        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), texts / f"{name}.txt")
+        shutil.copy2(os.path.join(sysconfig.get_paths()["stdlib"], name), texts / f"{name}.txt")  # mtimes kept: a rerun finds the same prepared source
         put_object(bucket, f"texts/{name}.txt", (texts / f"{name}.txt").read_bytes())
     real = Path.home()
     env = {**os.environ, "HOME": str(home), **bucket.env,

@@ -91,6 +91,22 @@ CASES = [
          r"use at least one CPU device"),
     Case("data --vocab-size 0", ("data", "--tokenizer", "sentencepiece", "--vocab-size", "0"),
          r"--vocab-size 0 is invalid"),
+    # issue 23's list: preparing data and mixing it
+    Case("prepare an empty source", ("data", "prepare", "{empty}", "--out", "{tmp}/../out-empty"),
+         r"--source .* has no readable files", "23"),
+    Case("prepare JSONL without the text field", ("data", "prepare", "{jsonl}", "--out", "{tmp}/../out-jsonl"),
+         r"rows\.jsonl at byte 0: no field 'text' \(the line has \['body'\]\): pass --text-field", "23"),
+    Case("mixture weights that do not parse", ("train", "--set", "data.mixture=code:0.7,prose"),
+         r"data\.mixture=.* write NAME:WEIGHT pairs", "23"),
+    Case("mixture weights summing to 0", ("train", "--set", "data.mixture=code:0,prose:0"),
+         r"data\.mixture=.* the weights sum to 0", "23"),
+    Case("mixture of an unknown source", ("train", "--set", "data.mixture=code:1,prose:1", "--set",
+                                          "data.data_dir={data}"), r"names \['code', 'prose'\], not prepared", "23"),
+    Case("prepared data of another tokenizer", ("train", "--set", "data.source={prepared}", "--set",
+                                                "data.tokenizer={sp_model}"),
+         r"prepared with tokenizer 'bytes', but data\.tokenizer gives 'sp-.*--set data\.tokenizer=bytes", "23"),
+    Case("truncated shard", ("train", "--set", "data.source={truncated}"),
+         r"shard .*train-00000\.bin has [\d,]+ bytes, its index says", "23"),
 ]
 
 
@@ -128,7 +144,7 @@ def make_inputs(root: Path) -> dict[str, str]:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     for i in range(12):
         (corpus / f"doc{i}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(400)) + "\n")
-    prepare_tokenizer(open_corpus(str(corpus), str(root / "data")), "sentencepiece", vocab_size=300)
+    sp = prepare_tokenizer(open_corpus(str(corpus), str(root / "data")), "sentencepiece", vocab_size=300)
     tiny = root / "tiny"
     tiny.mkdir()
     for name in ("a.py", "b.py"):
@@ -138,7 +154,18 @@ def make_inputs(root: Path) -> dict[str, str]:
     for i in range(3):  # 600 distinct characters: more than 300 ids can cover
         (wide / f"w{i}.txt").write_text("".join(chr(0x4E00 + k) for k in range(600)) * 2 + "\n")
     (root / "tmp").mkdir()
-    return {"file": str(root / "file"), "bad_model": str(root / "bad.model"), "corpus": str(corpus),
+    (root / "empty").mkdir()
+    (root / "rows.jsonl").write_text('{"body": "text under another name"}\n')
+    from matrixmagic.train.data.prepare import prepare
+    from matrixmagic.train.data.tokenizers import ByteTokenizer
+
+    prepare(str(corpus), str(root / "prepared"), ByteTokenizer(), workers=0, progress=False)
+    prepare(str(corpus), str(root / "truncated"), ByteTokenizer(), workers=0, progress=False)
+    shard = root / "truncated" / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    return {"empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
+            "prepared": str(root / "prepared"), "truncated": str(root / "truncated"), "file": str(root / "file"),
+            "bad_model": str(root / "bad.model"), "corpus": str(corpus),
             "data": str(root / "data"), "tiny": str(tiny), "wide": str(wide), "tmp": str(root / "tmp"),
             "ro": read_only_folder(root)}
 

@@ -40,14 +40,21 @@ def _out(args) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from ..data.prepare import prepare
+    from ..data.corpus import open_corpus
+    from ..data.prepare import prepare, prepare_corpus
     from ..data.tokenizers import load_tokenizer
 
     out = _out(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    result = prepare(args.source, out, tokenizer, workers=args.workers, fmt=args.format, pattern=args.pattern,
-                     text_field=args.text_field, validation_fraction=args.validation_fraction,
-                     shard_mb=args.shard_mb, data_dir=args.data_dir, progress=not args.quiet)
+    if args.source.startswith("tfds:"):  # a catalog dataset keeps its own splits
+        corpus = open_corpus(args.source, args.data_dir, text_field=None if args.text_field == "text" else
+                             args.text_field)
+        result = prepare_corpus(corpus, out, tokenizer, open_corpus, workers=args.workers, data_dir=args.data_dir,
+                                progress=not args.quiet)
+    else:
+        result = prepare(args.source, out, tokenizer, workers=args.workers, fmt=args.format, pattern=args.pattern,
+                         text_field=args.text_field, validation_fraction=args.validation_fraction,
+                         shard_mb=args.shard_mb, progress=not args.quiet)
     splits = result.index["splits"]
     shards = len(splits["train"]["shards"])
     if result.ran == 0:

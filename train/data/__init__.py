@@ -1,4 +1,5 @@
-"""Input data: the corpus (a TFDS array_record dataset), the tokenizers, and the
+"""Input data: the corpus (a TFDS array_record dataset, or text/JSONL/Parquet files), the
+tokenizers, token shards (`magic data prepare`: prepare.py, shards.py), mixtures, and the
 packed, step-addressed batch pipeline (grain).
 
 May import matrixmagic.configs and matrixmagic.model (the family records say which

@@ -38,7 +38,6 @@ import dataclasses
 import io
 import logging
 import os
-import sysconfig
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +47,15 @@ import tensorflow_datasets as tfds
 
 from .. import storage
 from . import remote, sources
-from .sources import SKIPPED_DIRS, CorpusError, is_readable, list_files, path_hash  # noqa: F401 - this module's API
+from .sources import (  # noqa: F401 - this module's API
+    SKIPPED_DIRS,
+    CorpusError,
+    assign_splits,
+    default_corpus_dir,
+    is_readable,
+    list_files,
+    path_hash,
+)
 
 DATA_DIR_ENV = "MATRIXMAGIC_DATA_DIR"
 VALIDATION_NAMES = ("validation", "test")  # catalog datasets: the first present is used
@@ -66,30 +73,7 @@ def default_data_dir() -> Path | str:
     return Path(value or "~/.cache/matrixmagic/tfds").expanduser()
 
 
-def default_corpus_dir() -> Path:
-    """This interpreter's standard library directory (its site-packages is skipped)."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 # ----------------------------------------------------------------------------- files
-
-
-def assign_splits(relpaths: list[str], validation_fraction: float) -> dict[str, tuple[str, ...]]:
-    """Deterministic train/validation split by path hash; both splits non-empty."""
-    if len(relpaths) < 2:
-        raise CorpusError(
-            f"the corpus has {len(relpaths)} readable file(s): a train and a validation split "
-            "need at least 2. Add files to the source directory or widen `pattern`."
-        )
-    cutoff = int(validation_fraction * 2**64)
-    hashes = {p: path_hash(p) for p in relpaths}
-    validation = {p for p in relpaths if hashes[p] < cutoff}
-    if not validation:
-        validation = {min(relpaths, key=hashes.__getitem__)}
-    if len(validation) == len(relpaths):
-        validation.discard(max(relpaths, key=hashes.__getitem__))
-    train = tuple(sorted(p for p in relpaths if p not in validation))
-    return {"train": train, "validation": tuple(sorted(validation))}
 
 
 # ----------------------------------------------------------------------------- builder

@@ -33,7 +33,6 @@ encoder, and both halves for the encoder-decoder (`Family.lengths`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 
@@ -44,15 +43,13 @@ from matrixmagic.configs.model_config import FAMILIES
 from matrixmagic.configs.ramp import BatchRamp
 from matrixmagic.model.families import Family, family_of
 
-from .. import storage
-from .corpus import Corpus, open_corpus
+from .corpus import Corpus
+from .datasets import is_prepared_source, open_sources, prepared_root, resolve  # noqa: F401 - prepared_root: API
 from .mixture import Mixture
 from .prepare import prepared_corpus
-from .shards import Prepared, is_prepared, open_prepared
 from .sources import CorpusError
 from .tokenizers import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer, train_sentencepiece
 
-PREPARED_DIR = "prepared"  # under data_dir: where `magic data prepare --name NAME` puts NAME
 EVAL_SALT, TRAIN_SALT = 1, 0
 STREAM_ROWS = 2**48  # rows in the repeated stream; far beyond any run
 
@@ -252,91 +249,14 @@ def _check_shape(family: str, seq_len, batch_size) -> tuple[int, int]:
     return seq_len, _check_positive("batch_size", batch_size)
 
 
-def _resolve(source, tokenizer, data_dir, corpus_kwargs) -> tuple[Corpus, Tokenizer]:
-    corpus = source if isinstance(source, Corpus) else open_corpus(source, data_dir, **corpus_kwargs)
-    return corpus, load_tokenizer(tokenizer, data_dir=corpus.directory)
-
-
-def prepared_root(name: str, data_dir=None) -> str:
-    """Where `magic data prepare --name NAME` puts NAME: <data_dir>/prepared/NAME."""
-    from .corpus import checked_data_dir
-
-    return storage.join(str(checked_data_dir(data_dir)), PREPARED_DIR, name)
-
-
-def _prepared_names(data_dir) -> list[str]:
-    root = prepared_root("", data_dir).rstrip("/")
-    try:
-        return sorted(n for n in storage.listdir(root) if is_prepared(storage.join(root, n)))
-    except (OSError, ValueError):
-        return []
-
-
-@dataclasses.dataclass(frozen=True)
-class Opened:
-    """Train/validation rows of one or more named sources that share a tokenizer."""
-
-    sources: dict[str, Prepared]
-    tokenizer: Tokenizer
-    weights: dict[str, float] | None  # a mixture's, else None
-    fingerprint: dict
-    label: str
-
-
-def _check_tokenizer(prepared: Prepared, tokenizer: Tokenizer, field: str) -> None:
-    if prepared.tokenizer_key != tokenizer.cache_key:
-        ref = prepared.index.get("tokenizer_ref", prepared.tokenizer_key)
-        raise CorpusError(
-            f"{field}={prepared.root!r} was prepared with tokenizer {prepared.tokenizer_key!r}, but data.tokenizer "
-            f"gives {tokenizer.cache_key!r}: train with --set data.tokenizer={ref} (or prepare the source again "
-            f"with this tokenizer).")
-
-
-def open_sources(source="stdlib", tokenizer="bytes", data_dir=None, mixture: str | None = None,
-                 **corpus_kwargs) -> Opened:
-    """A source (a Corpus, a corpus name or directory, a prepared folder, prepared:NAME) or a
-    mixture of prepared names, opened: shards prepared on first use for a corpus."""
-    if mixture is not None:
-        from matrixmagic.configs.train_config import parse_mixture
-
-        pairs = parse_mixture(mixture)
-        known = _prepared_names(data_dir)
-        unknown = [n for n, _ in pairs if n not in known]
-        if unknown:
-            raise CorpusError(
-                f"data.mixture={mixture!r} names {unknown}, not prepared under {prepared_root('', data_dir)} "
-                f"(prepared there: {known or 'nothing'}): prepare each with `magic data prepare SOURCE --name NAME` "
-                f"(same data.data_dir), or fix the name.")
-        tok = load_tokenizer(tokenizer)
-        opened = {n: open_prepared(prepared_root(n, data_dir), "data.mixture") for n, _ in pairs}
-        for prep in opened.values():
-            _check_tokenizer(prep, tok, "data.mixture")
-        files = "; ".join(f"{n}: {p.fingerprint.get('files', '?')}" for n, p in opened.items())
-        return Opened(opened, tok, dict(pairs), {"source": f"mixture {mixture}", "files": files}, mixture)
-    text = None if isinstance(source, Corpus) else str(source)
-    if text is not None and text.startswith("prepared:"):
-        text = prepared_root(text[len("prepared:"):], data_dir)
-        if not is_prepared(text):
-            raise CorpusError(f"data.source={source!r}: nothing is prepared at {text} (prepared there: "
-                              f"{_prepared_names(data_dir) or 'nothing'}): run `magic data prepare SOURCE --name "
-                              f"{source[len('prepared:'):]}` first.")
-    if text is not None and not text.startswith("tfds:") and text != "stdlib" and is_prepared(text):
-        prep = open_prepared(text, "data.source")
-        tok = load_tokenizer(tokenizer)
-        _check_tokenizer(prep, tok, "data.source")
-        return Opened({"": prep}, tok, None, dict(prep.fingerprint), text)
-    corpus, tok = _resolve(source, tokenizer, data_dir, corpus_kwargs)
-    return Opened({"": prepared_corpus(corpus, tok)}, tok, None, dict(corpus.fingerprint), corpus.name)
-
-
 def open_tokenizer(tokenizer="bytes", source="stdlib", data_dir=None, **corpus_kwargs) -> Tokenizer:
     """The tokenizer for `source`: 'sentencepiece' lives beside that source's dataset, so
     resolve it here rather than with `load_tokenizer(name, data_dir=<TFDS root>)`. Bytes
     and a .model path need no dataset, so none is opened (or built) for them."""
     if tokenizer != "sentencepiece" or (isinstance(source, str) and (source.startswith("prepared:")
-                                                                     or is_prepared(source))):
+                                                                     or is_prepared_source(source))):
         return load_tokenizer(tokenizer)
-    return _resolve(source, tokenizer, data_dir, corpus_kwargs)[1]
+    return resolve(source, tokenizer, data_dir, corpus_kwargs)[1]
 
 
 DEFAULT_VOCAB_SIZE = 8000

@@ -22,37 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import time
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 
 from .. import storage
 from . import shards, sources
-from .sources import CorpusError, path_hash
+from .records import Source, jsonl_records, list_source, parquet_records, row_group_sizes
+from .sources import CorpusError, assign_splits
 from .tokenizers import load_tokenizer
 
 PLAN = "matrixmagic-plan.json"
-KINDS = ("text", "jsonl", "parquet", "corpus")
 CORPUS_DOCS_PER_TASK = 1 << 14
 ENCODE_BATCH = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """What to read: `kind` (KINDS), a root folder or gs:// prefix (or the corpus's source string),
-    and how records become documents."""
-
-    kind: str
-    root: str
-    text_field: str = "text"
-    validation_fraction: float = 0.015
-    data_dir: str | None = None  # corpus kind: where its TFDS dataset is
-    max_documents: int | None = None  # corpus kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +72,6 @@ def _group(units: list[tuple[tuple, int]], limit: int) -> list[Task]:
 def plan(source: Source, stats: dict[str, tuple], shard_bytes: int) -> list[Task]:
     """The fixed task list of a listed source ({relpath: (size, version)}; see sources.py)."""
     if source.kind == "text":
-        from .corpus import assign_splits
-
         splits = assign_splits(sorted(stats), source.validation_fraction)
         which = {p: split for split, paths in splits.items() for p in paths}
         return _group([((p, which[p]), stats[p][0]) for p in sorted(stats)], shard_bytes)
@@ -95,7 +80,7 @@ def plan(source: Source, stats: dict[str, tuple], shard_bytes: int) -> list[Task
                  for p in sorted(stats) for start in range(0, stats[p][0], shard_bytes)]
         return _group(units, shard_bytes)
     if source.kind == "parquet":
-        return _group([((p, g), n) for p in sorted(stats) for g, n in enumerate(_row_group_sizes(source, p))],
+        return _group([((p, g), n) for p in sorted(stats) for g, n in enumerate(row_group_sizes(source, p))],
                       shard_bytes)
     raise ValueError(source.kind)
 
@@ -105,82 +90,6 @@ def corpus_plan(corpus) -> list[Task]:
               min(CORPUS_DOCS_PER_TASK, corpus.num_documents(split) - start))
              for split in shards.SPLITS for start in range(0, corpus.num_documents(split), CORPUS_DOCS_PER_TASK)]
     return [Task(k, (unit,), n) for k, (unit, n) in enumerate(units)]
-
-
-def _row_group_sizes(source: Source, relpath: str) -> list[int]:
-    with _open(source.root, relpath) as f:
-        meta = _parquet().ParquetFile(f).metadata
-        return [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
-
-
-def _parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise CorpusError("reading Parquet needs pyarrow: pip install 'matrixmagic[parquet]'.") from None
-    return pq
-
-
-def _open(root: str, relpath: str):
-    full = storage.join(root, relpath)
-    return storage.path(full).open("rb") if storage.is_remote(full) else open(full, "rb")
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def _is_validation(key: str, fraction: float) -> bool:
-    return path_hash(key) < int(fraction * 2**64)
-
-
-def _text(value, where: str, field: str) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if not isinstance(value, str):
-        raise CorpusError(f"{where}: field {field!r} holds {type(value).__name__}, not text: pass --text-field "
-                          f"naming a string field.")
-    return value
-
-
-def jsonl_records(source: Source, relpath: str, start: int, end: int) -> Iterator[tuple[str, str]]:
-    """(split, text) of each line whose first byte lies in [start, end)."""
-    with _open(source.root, relpath) as f:
-        f = io.BufferedReader(f) if not hasattr(f, "peek") else f
-        if start:
-            f.seek(start - 1)
-            f.readline()  # the line holding byte start-1 belongs to the range before
-        pos = f.tell()
-        while pos < end:
-            line = f.readline()
-            if not line:
-                break
-            where = f"{storage.join(source.root, relpath)} at byte {pos}"
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise CorpusError(f"{where}: not a JSON line ({err}): fix or remove that line.") from None
-                if not isinstance(record, dict) or source.text_field not in record:
-                    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise CorpusError(f"{where}: no field {source.text_field!r} (the line has {fields}): pass "
-                                      f"--text-field NAME.")
-                text = _text(record[source.text_field], where, source.text_field)
-                split = "validation" if _is_validation(f"{relpath}@{pos}", source.validation_fraction) else "train"
-                yield split, text
-            pos = f.tell()
-
-
-def parquet_records(source: Source, relpath: str, group: int) -> Iterator[tuple[str, str]]:
-    with _open(source.root, relpath) as f:
-        file = _parquet().ParquetFile(f)
-        if source.text_field not in file.schema_arrow.names:
-            raise CorpusError(f"{storage.join(source.root, relpath)}: no column {source.text_field!r} (columns: "
-                              f"{file.schema_arrow.names}): pass --text-field NAME.")
-        column = file.read_row_group(group, columns=[source.text_field]).column(0)
-        for row, value in enumerate(column.to_pylist()):
-            where = f"{storage.join(source.root, relpath)} row group {group} row {row}"
-            split = "validation" if _is_validation(f"{relpath}#{group}:{row}", source.validation_fraction) else "train"
-            yield split, _text("" if value is None else value, where, source.text_field)
 
 
 def task_records(source: Source, task: Task, corpus=None) -> Iterator[tuple[str, str]]:
@@ -231,14 +140,12 @@ def run_task(source: Source, task: Task, out: str, tokenizer, dtype, corpus=None
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(source: Source, out: str, tokenizer_ref: str, dtype: str) -> None:
+def _worker_init(source: Source, out: str, tokenizer_ref: str, dtype: str, open_corpus=None) -> None:
+    """A worker's state: its tokenizer, and for a corpus source the corpus, reopened with
+    `open_corpus` (corpus.py's, passed by reference: only such a worker imports TFDS)."""
     storage.use_emulator()
-    corpus = None
-    if source.kind == "corpus":
-        from .corpus import open_corpus
-
-        corpus = open_corpus(source.root, source.data_dir, text_field=source.text_field or None,
-                             max_documents=source.max_documents)
+    corpus = None if open_corpus is None else open_corpus(
+        source.root, source.data_dir, text_field=source.text_field, max_documents=source.max_documents)
     _WORKER.update(source=source, out=out, tokenizer=load_tokenizer(tokenizer_ref), dtype=dtype, corpus=corpus)
 
 
@@ -293,9 +200,10 @@ def _claim(out: str, record: dict, field: str) -> None:
 
 
 def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: dict, *, workers: int = 0,
-             corpus=None, progress: bool = False, field: str = "--out", unit: str = "B") -> Result:
+             corpus=None, open_corpus=None, progress: bool = False, field: str = "--out", unit: str = "B") -> Result:
     """Run the tasks whose shards are not finished (in `workers` processes; 0: here), then write
-    the index. Returns at once, running nothing, when the index is there."""
+    the index. Returns at once, running nothing, when the index is there. A corpus source runs
+    on `corpus` here, and workers reopen it with `open_corpus`."""
     dtype = shards.token_dtype(tokenizer.padded_vocab_size())
     record = _plan_record(source_fp, tokenizer, dtype, tasks)
     _claim(out, record, field)
@@ -311,10 +219,10 @@ def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: 
     pending = [t for t in tasks if done[t.index] is None]
     bar = _bar(sum(t.size for t in tasks), sum(t.size for t in tasks if done[t.index]), progress, unit)
     try:
-        if workers and len(pending) > 1:
+        if workers and len(pending) > 1 and (corpus is None or open_corpus is not None):
             ctx = multiprocessing.get_context("spawn")  # no forked JAX/gcsfs state in the workers
             with ctx.Pool(min(workers, len(pending)), _worker_init,
-                          (source, out, tokenizer_ref(tokenizer), str(dtype))) as pool:
+                          (source, out, tokenizer_ref(tokenizer), str(dtype), open_corpus)) as pool:
                 for task, records in pool.imap_unordered(_worker_task, pending):
                     done[task.index] = records
                     bar.update(task.size)
@@ -350,106 +258,41 @@ def _bar(total: int, initial: int, enabled: bool, unit: str):
 
 
 def prepared_corpus(corpus, tokenizer) -> shards.Prepared:
-    """The corpus tokenized into shards beside its dataset (once; later runs open them)."""
-    limit = "" if corpus.max_documents is None else f".max{corpus.max_documents}"
-    out = storage.join(str(corpus.directory), "prepared", f"{tokenizer.cache_key}{limit}")
-    if not shards.is_prepared(out):
-        source = Source("corpus", corpus.name, corpus.text_field, max_documents=corpus.max_documents)
-        try:
+    """The corpus tokenized into shards beside its dataset (once; later runs open them). A
+    dataset in a folder this process cannot write (a shared, read-only TFDS dir) gets them in
+    this user's cache instead, with a warning."""
+    name = f"{tokenizer.cache_key}{'' if corpus.max_documents is None else f'.max{corpus.max_documents}'}"
+    out = storage.join(str(corpus.directory), "prepared", name)
+    if shards.is_prepared(out):
+        return shards.open_prepared(out, "data.source")
+    source = Source("corpus", corpus.name, corpus.text_field, max_documents=corpus.max_documents)
+    try:
+        run_plan(source, corpus_plan(corpus), out, tokenizer, dict(corpus.fingerprint), corpus=corpus,
+                 field="data.data_dir", unit="docs")
+    except PermissionError as err:
+        digest = hashlib.sha256(str(corpus.directory).encode()).hexdigest()[:12]
+        out = os.path.join(os.path.expanduser("~/.cache/matrixmagic/prepared"), digest, name)
+        warnings.warn(f"cannot write token shards beside {corpus.directory} ({err.strerror}); writing them to {out}.")
+        if not shards.is_prepared(out):
             run_plan(source, corpus_plan(corpus), out, tokenizer, dict(corpus.fingerprint), corpus=corpus,
                      field="data.data_dir", unit="docs")
-        except OSError as err:
-            raise CorpusError(f"could not write the token shards of {corpus.name} at {out} ({err}): make "
-                              f"data.data_dir writable or point it elsewhere.") from None
     return shards.open_prepared(out, "data.source")
 
 
-# ----------------------------------------------------------------------------- the command's source
-
-
-def detect_kind(root: str, relpaths: list[str], requested: str) -> str:
-    if requested != "auto":
-        return requested
-    for kind, suffix in (("jsonl", ".jsonl"), ("parquet", ".parquet")):
-        if relpaths and all(p.endswith(suffix) for p in relpaths):
-            return kind
-    return "text"
-
-
-def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text_field: str = "text",
-                validation_fraction: float = 0.015) -> tuple[Source, dict, dict]:
-    """(Source, {relpath: (size, version)}, fingerprint) of a directory, gs:// prefix or single file
-    of text, JSONL or Parquet. Errors name --source (empty, unreadable) or --text-field."""
-    from .corpus import default_corpus_dir
-
-    if not 0.0 < validation_fraction < 0.5:
-        raise CorpusError(f"--validation-fraction {validation_fraction} is invalid: use a value in (0, 0.5), "
-                          f"e.g. 0.015.")
-    if source == "stdlib":
-        source, pattern = str(default_corpus_dir()), pattern or "*.py"
-    remote = storage.is_url(source)
-    root = storage.normalize(source, "--source") if remote else os.path.abspath(os.path.expanduser(source))
-    if remote:
-        storage.use_emulator()
-        storage.check_bucket(root, "--source")
-    single = (storage.exists(root) and not storage.is_dir(root)) if remote else os.path.isfile(root)
-    if single:
-        root, name = storage.parent(root) if remote else os.path.dirname(root), storage.basename(root)
-        pattern = name
-    elif not remote and not os.path.isdir(root):
-        raise CorpusError(f"--source {source!r} does not exist: pass a directory or file of text, JSONL or "
-                          f"Parquet, a gs://BUCKET/PREFIX, 'stdlib' or tfds:NAME.")
-    default = {"jsonl": "*.jsonl", "parquet": "*.parquet"}.get(fmt, "*")
-    pattern = pattern or default
-    stats = (sources.remote_files(root, pattern) if remote
-             else sources.file_stats(root, [p for p in sources.list_files(root, pattern)
-                                            if sources.is_readable(os.path.join(root, p))]))
-    if not stats:
-        raise CorpusError(f"--source {source!r} has no readable files matching {pattern!r}: add files there or "
-                          f"pass --pattern matching them (e.g. '*.txt').")
-    if sum(size for size, _ in stats.values()) == 0:
-        raise CorpusError(f"--source {source!r}: its {len(stats)} file(s) are all empty: there is no text to "
-                          f"prepare.")
-    kind = detect_kind(root, sorted(stats), fmt)
-    spec = Source(kind, root, text_field, validation_fraction)
-    if kind in ("jsonl", "parquet"):
-        _check_first_record(spec, stats)
-    fp = sources.fingerprint(root, pattern, validation_fraction, stats)
-    return spec, stats, {"source": f"{kind}:{root}", "files": sources.summary(stats), "fingerprint": fp,
-                         "text_field": text_field if kind != "text" else None}
-
-
-def _check_first_record(source: Source, stats: dict) -> None:
-    """The text field of the first record, before any worker starts (a wrong --text-field fails now)."""
-    first = min(p for p in stats if stats[p][0] > 0) if any(s for s, _ in stats.values()) else None
-    if first is None:
-        return
-    if source.kind == "jsonl":
-        next(jsonl_records(source, first, 0, 1), None)
-    elif _row_group_sizes(source, first):
-        with _open(source.root, first) as f:
-            names = _parquet().ParquetFile(f).schema_arrow.names
-        if source.text_field not in names:
-            raise CorpusError(f"{storage.join(source.root, first)}: no column {source.text_field!r} (columns: "
-                              f"{names}): pass --text-field NAME.")
-
-
-def prepare(source: str, out: str, tokenizer, *, workers: int | None = None, fmt: str = "auto",
-            pattern: str | None = None, text_field: str = "text", validation_fraction: float = 0.015,
-            shard_mb: float = 64, data_dir: str | None = None, progress: bool = True) -> Result:
-    """`magic data prepare`: any source into shards at `out` (see the module docstring)."""
+def check_workers(workers: int | None, shard_mb: float) -> int:
     workers = os.cpu_count() or 1 if workers is None else workers
     if workers < 0:
         raise CorpusError(f"--workers {workers} is invalid: use 0 (no worker processes) or more.")
     if not shard_mb > 0:
         raise CorpusError(f"--shard-mb {shard_mb} is invalid: use a positive size such as 64.")
-    if source.startswith("tfds:"):
-        from .corpus import open_corpus
+    return workers
 
-        corpus = open_corpus(source, data_dir, text_field=None if text_field == "text" else text_field)
-        spec = Source("corpus", source, corpus.text_field, data_dir=data_dir)
-        return run_plan(spec, corpus_plan(corpus), out, tokenizer, dict(corpus.fingerprint), workers=workers,
-                        corpus=corpus, progress=progress, unit="docs")
+
+def prepare(source: str, out: str, tokenizer, *, workers: int | None = None, fmt: str = "auto",
+            pattern: str | None = None, text_field: str = "text", validation_fraction: float = 0.015,
+            shard_mb: float = 64, progress: bool = True) -> Result:
+    """`magic data prepare` of files (text, JSONL, Parquet; local or gs://) into shards at `out`."""
+    workers = check_workers(workers, shard_mb)
     spec, stats, fp = list_source(source, fmt, pattern, text_field, validation_fraction)
     inside = os.path.abspath(out).startswith(os.path.join(spec.root, ""))
     if not storage.is_remote(out) and inside and os.path.isdir(os.path.expanduser(source)):
@@ -457,3 +300,12 @@ def prepare(source: str, out: str, tokenizer, *, workers: int | None = None, fmt
                           f"source files by the next prepare. Choose a folder outside it.")
     tasks = plan(spec, stats, int(shard_mb * 1e6))
     return run_plan(spec, tasks, out, tokenizer, fp, workers=workers, progress=progress)
+
+
+def prepare_corpus(corpus, out: str, tokenizer, open_corpus, *, workers: int | None = None, data_dir=None,
+                   progress: bool = True) -> Result:
+    """`magic data prepare tfds:NAME`: a TFDS dataset's own splits into shards at `out`."""
+    workers = check_workers(workers, 1)
+    spec = Source("corpus", corpus.name, corpus.text_field, data_dir=None if data_dir is None else str(data_dir))
+    return run_plan(spec, corpus_plan(corpus), out, tokenizer, dict(corpus.fingerprint), workers=workers,
+                    corpus=corpus, open_corpus=open_corpus, progress=progress, unit="docs")

@@ -1,6 +1,6 @@
 """A TFDS data dir in Cloud Storage (`data.data_dir=gs://...`): built once, read by every host.
 
-A pod has no shared disk, so the prepared dataset, the packed rows and the SentencePiece
+A pod has no shared disk, so the prepared dataset, the token shards and the SentencePiece
 model live in the bucket: process 0 makes them (train/loop.py `process_zero_first`), the
 other hosts only read the bucket, and nothing is written to another host's disk. What the
 libraries allow decided the shape:
@@ -26,10 +26,10 @@ libraries allow decided the shape:
   the same dataset. A local source on each host's own disk has that host's mtimes in its
   fingerprint: each host then builds (into the bucket) its own copy; put a pod's corpus in
   the bucket.
-* Derived files (packed rows, `sentencepiece.model`) are single objects: an object appears
-  whole when its upload ends (train/storage.py `write_bytes`), the atomicity `os.replace`
-  gives on disk. The packed rows are read into memory (`np.load` cannot memory-map an
-  object); process 0 holds the same array when it packs them.
+* Derived files are objects: the token shards (shards.py; each uploaded whole, its .json
+  record after it, the index last) and `sentencepiece.model` appear whole when their upload
+  ends (train/storage.py `write_bytes`), the atomicity `os.replace` gives on disk. Shards are
+  read by byte range, never loaded whole.
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ class ShardWriter:
 
     def commit(self) -> dict:
         self.file.close()
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; a shared data dir needs the shards readable
         target = storage.join(self.out, shard_name(self.split, self.k))
         if storage.is_remote(self.out):
             import gcsfs  # streams the file; the object appears when the upload finishes
@@ -287,6 +288,8 @@ def _sizes(root: str) -> dict[str, int]:
     if storage.is_remote(root):
         import gcsfs
 
-        entries = storage.retrying(lambda: gcsfs.GCSFileSystem().ls(root, detail=True), f"listing {root}")
+        fs = gcsfs.GCSFileSystem()
+        fs.invalidate_cache(root)  # a listing cached earlier in this process would show old sizes
+        entries = storage.retrying(lambda: fs.ls(root, detail=True), f"listing {root}")
         return {storage.basename(e["name"]): int(e["size"]) for e in entries if e.get("type") == "file"}
     return {e.name: e.stat().st_size for e in os.scandir(root) if e.is_file()}

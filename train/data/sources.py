@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import sysconfig
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -38,6 +39,29 @@ class CorpusError(ConfigError):
 def path_hash(relpath: str) -> int:
     """64 bits of sha256: what decides a file's (or a record's) split."""
     return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+
+
+def default_corpus_dir() -> Path:
+    """This interpreter's standard library directory (its site-packages is skipped)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def assign_splits(relpaths: list[str], validation_fraction: float) -> dict[str, tuple[str, ...]]:
+    """Deterministic train/validation split by path hash; both splits non-empty."""
+    if len(relpaths) < 2:
+        raise CorpusError(
+            f"the corpus has {len(relpaths)} readable file(s): a train and a validation split "
+            "need at least 2. Add files to the source directory or widen `pattern`."
+        )
+    cutoff = int(validation_fraction * 2**64)
+    hashes = {p: path_hash(p) for p in relpaths}
+    validation = {p for p in relpaths if hashes[p] < cutoff}
+    if not validation:
+        validation = {min(relpaths, key=hashes.__getitem__)}
+    if len(validation) == len(relpaths):
+        validation.discard(max(relpaths, key=hashes.__getitem__))
+    train = tuple(sorted(p for p in relpaths if p not in validation))
+    return {"train": train, "validation": tuple(sorted(validation))}
 
 
 def check_pattern(pattern: str) -> str:
