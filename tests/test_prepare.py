@@ -299,9 +299,8 @@ def test_mixture_eval_is_per_source_and_unknown_names_are_listed(named):
 
 def test_mixture_run_resumes_bit_exactly_with_tokens_per_source(named, tmp_path):
     """A killed mixture run, rerun, logs what an uninterrupted one logs, per-source counts included."""
-    def argv(workdir):
-        sets = [*TINY, "data.mixture=code:0.6,prose:0.4", f"data.data_dir={named}", "steps=12",
-                "checkpoint_every=3"]
+    def argv(workdir, mixture="code:0.6,prose:0.4"):
+        sets = [*TINY, f"data.mixture={mixture}", f"data.data_dir={named}", "steps=12", "checkpoint_every=3"]
         return [sys.executable, "-m", "matrixmagic.train.cli", "train", "--workdir", str(workdir),
                 *[a for s in sets for a in ("--set", s)]]
 
@@ -319,6 +318,9 @@ def test_mixture_run_resumes_bit_exactly_with_tokens_per_source(named, tmp_path)
     assert_same_log(train_rows(workdir), train_rows(clean), 12, keys=keys)
     last = train_rows(clean)[-1]
     assert last["tokens_seen/code"] + last["tokens_seen/prose"] == last["tokens_seen"]
+    changed = subprocess.run(argv(workdir, "code:0.5,prose:0.5"), env=magic_env(), cwd=REPO, capture_output=True,
+                             text=True)
+    assert changed.returncode == 2 and "data.mixture" in changed.stderr, changed.stderr[-2000:]
 
 
 def test_prepare_command_then_train_on_the_prepared_name(tmp_path):

@@ -93,7 +93,7 @@ CASES = [
          r"--vocab-size 0 is invalid"),
     # issue 23's list: preparing data and mixing it
     Case("prepare an empty source", ("data", "prepare", "{empty}", "--out", "{tmp}/../out-empty"),
-         r"--source .* has no readable files", "23"),
+         r"source .* has no readable files", "23"),
     Case("prepare JSONL without the text field", ("data", "prepare", "{jsonl}", "--out", "{tmp}/../out-jsonl"),
          r"rows\.jsonl at byte 0: no field 'text' \(the line has \['body'\]\): pass --text-field", "23"),
     Case("mixture weights that do not parse", ("train", "--set", "data.mixture=code:0.7,prose"),

@@ -84,7 +84,7 @@ def open_data(config: TrainConfig, tokenizer):
 
 def process_zero_first(fn):
     """Run fn on process 0, then on the others: one host builds shared caches (the TFDS
-    dataset, packed rows) while the rest wait, instead of all writing them at once."""
+    dataset, its token shards) while the rest wait, instead of all writing them at once."""
     if jax.process_count() == 1:
         return fn()
     result = fn() if jax.process_index() == 0 else None

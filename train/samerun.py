@@ -58,7 +58,7 @@ HARMLESS_PREFIXES = ("mesh.",)  # how arrays are placed on devices; a checkpoint
 
 # Data-iterator state keys (train/data/pipeline.py BatchIterator) and the config field each mirrors.
 ITERATOR_FIELDS = {"seed": "seed", "batch_size": "batch_size", "seq_len": "data.seq_len", "family": "model.family",
-                   "ramp.start_tokens": "ramp.start_tokens", "ramp.tokens": "ramp.tokens"}
+                   "ramp.start_tokens": "ramp.start_tokens", "ramp.tokens": "ramp.tokens", "mixture": "data.mixture"}
 # Data-fingerprint entries and the config field that allows a change of each.
 FINGERPRINT_FIELDS = {"source": "data.source", "files": "data.source", "tokenizer": "data.tokenizer"}
 

@@ -130,16 +130,16 @@ def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text
     if source == "stdlib":
         source, pattern = str(default_corpus_dir()), pattern or "*.py"
     remote = storage.is_url(source)
-    root = storage.normalize(source, "--source") if remote else os.path.abspath(os.path.expanduser(source))
+    root = storage.normalize(source, "source") if remote else os.path.abspath(os.path.expanduser(source))
     if remote:
         storage.use_emulator()
-        storage.check_bucket(root, "--source")
+        storage.check_bucket(root, "source")
     single = (storage.exists(root) and not storage.is_dir(root)) if remote else os.path.isfile(root)
     if single:
         root, name = storage.parent(root) if remote else os.path.dirname(root), storage.basename(root)
         pattern = name
     elif not remote and not os.path.isdir(root):
-        raise CorpusError(f"--source {source!r} does not exist: pass a directory or file of text, JSONL or "
+        raise CorpusError(f"source {source!r} does not exist: pass a directory or file of text, JSONL or "
                           f"Parquet, a gs://BUCKET/PREFIX, 'stdlib' or tfds:NAME.")
     default = {"jsonl": "*.jsonl", "parquet": "*.parquet"}.get(fmt, "*")
     pattern = pattern or default
@@ -147,10 +147,10 @@ def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text
              else sources.file_stats(root, [p for p in sources.list_files(root, pattern)
                                             if sources.is_readable(os.path.join(root, p))]))
     if not stats:
-        raise CorpusError(f"--source {source!r} has no readable files matching {pattern!r}: add files there or "
+        raise CorpusError(f"source {source!r} has no readable files matching {pattern!r}: add files there or "
                           f"pass --pattern matching them (e.g. '*.txt').")
     if sum(size for size, _ in stats.values()) == 0:
-        raise CorpusError(f"--source {source!r}: its {len(stats)} file(s) are all empty: there is no text to "
+        raise CorpusError(f"source {source!r}: its {len(stats)} file(s) are all empty: there is no text to "
                           f"prepare.")
     kind = detect_kind(root, sorted(stats), fmt)
     spec = Source(kind, root, text_field, validation_fraction)
