@@ -188,7 +188,7 @@ def test_parquet_row_groups_in_order(tmp_path):
     with pytest.raises(CorpusError, match=r"no column 'text' \(columns: \['body', 'id'\]\): pass --text-field"):
         run_prepare(tmp_path / "t.parquet", tmp_path / "o2")
     with pytest.raises(CorpusError, match="--out .* lies inside the source"):
-        run_prepare(tmp_path, tmp_path / "o3")
+        run_prepare(tmp_path, tmp_path / "o3", pattern="*.parquet", text_field="body")
 
 
 def test_bad_sources_fail_before_any_work(tmp_path):
@@ -207,7 +207,19 @@ def test_bad_sources_fail_before_any_work(tmp_path):
     (tmp_path / "j" / "a.jsonl").write_text('{"text": "fine"}\n{not json\n')
     with pytest.raises(CorpusError, match=r"a\.jsonl at byte 17: not a JSON line"):
         run_prepare(tmp_path / "j", tmp_path / "o")
+    (tmp_path / "j" / "a.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "j" / "README.md").write_text("about")
+    with pytest.raises(CorpusError, match=r"mixes 1 \.jsonl file\(s\) with 1 other\(s\) \(e\.g\. README\.md\)"):
+        run_prepare(tmp_path / "j", tmp_path / "o")
+    (tmp_path / "j" / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(CorpusError, match=r"1 compressed file\(s\) \(b\.jsonl\.gz, \.\.\.\): decompress"):
+        run_prepare(tmp_path / "j", tmp_path / "o", pattern="*.jsonl*")
     assert not (tmp_path / "o" / S.INDEX).exists()
+    (tmp_path / "j" / "old").mkdir()  # a single file is that file, not same-named files below its folder
+    write_jsonl(tmp_path / "j" / "old" / "a.jsonl", [{"text": "old"}])
+    with pytest.warns(UserWarning, match="no document fell in the validation split"):  # 1 line, 40%: none held out
+        single = run_prepare(tmp_path / "j" / "a.jsonl", tmp_path / "o2", validation_fraction=0.4)
+    assert single.index["source"]["files"].startswith("1 files")
 
 
 def test_training_checks_the_tokenizer_and_reads_any_row_length(texts, tmp_path):
@@ -287,6 +299,16 @@ def test_mixture_rows_come_from_their_sources(named):
         assert tuple(row) in (code_rows if j == 0 else prose_rows)
     counts = pipe.rows_by_source(40)
     assert counts == {"code": int((source == 0).sum()), "prose": int((source == 1).sum())}
+
+
+def test_each_mixture_source_is_read_without_repeats_within_its_epoch(named):
+    pipe = mix_pipe(named, mixture="code:0.5,prose:0.5")
+    n, seen, step = len(pipe.sources["prose"]), [], 0
+    while len(seen) < n:
+        source, index = pipe.source_positions(step, pipe.positions(step))
+        seen += index[source == 1].tolist()
+        step += 1
+    assert sorted(seen[:n]) == list(range(n))  # positions 0..n-1 of prose's own permutation: every row once
 
 
 def test_mixture_eval_is_per_source_and_unknown_names_are_listed(named):

@@ -1,11 +1,12 @@
 """Data mixtures: which source each row of the stream comes from, as a pure function of (seed, position).
 
 Stream position i (a row slot of the global batch stream, pipeline.py) draws a uniform number from
-a hash of (seed, i) and takes source j with probability w_j / sum(w). Source j's row at that
-position is its own shuffled stream at i (pipeline.py), so each source is read without repeats
-within one of its epochs, the rows a source skips are the positions the others took, and nothing
-depends on the steps before: a resume at any step, or a run on another number of hosts, draws the
-same rows (every host computes the draws of its own positions only).
+a hash of (seed, i) and takes source j with probability w_j / sum(w). The k-th row drawn from
+source j is position k of j's own shuffled stream (pipeline.py `source_positions`: the count of
+j's draws before the step, plus its rank within the step), so each source is read in its own
+order without repeats within an epoch, and nothing depends on state carried between steps: a
+resume at any step, or a run on another number of hosts, draws the same rows (every host
+computes the draws of its step and keeps its own slots).
 
 Why a hash and not a sampler with state: a stateful sampler would have to be checkpointed and
 replayed, and two hosts would have to agree on its state; splitmix64 (Steele, Lea and Flood,

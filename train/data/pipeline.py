@@ -172,15 +172,32 @@ class LMPipeline:
         positions = self.positions(int(step))
         live = positions >= 0
         rows = np.full((len(positions), self.rows.shape[1]), self.tokenizer.pad_id, self.rows.dtype)
-        source = np.zeros(len(positions), np.int64) if self.mixture is None else self.mixture.source_of(
-            np.maximum(positions, 0))
+        source, index = self.source_positions(int(step), positions)
         for j, (stream, source_rows) in enumerate(zip(self.streams, self.sources.values())):
             take = live & (source == j)
             if take.any():
-                rows[take] = source_rows[[stream[int(p)] for p in positions[take]]]
+                rows[take] = source_rows[[stream[int(i)] for i in index[take]]]
         # A padding row gets every loss_mask 0 from its objective and draws no masking randomness
         # (it has no eligible token), so its stream position is a placeholder.
         return self.features(rows, np.where(live, positions, 0), TRAIN_SALT)
+
+    def source_positions(self, step: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, position in that source's own stream) of each stream position of `step` (-1:
+        padding slots, any answer). Without a mixture, source 0 at the same position. With one,
+        a source's k-th row overall is its stream's position k: the rows drawn before this step
+        (counted from position 0, mixture.py) plus its rank among the step's own positions, so
+        each source is read in its own order, without repeats within its epochs."""
+        if self.mixture is None:
+            return np.zeros(len(positions), np.int64), np.maximum(positions, 0)
+        start, count = self.ramp.rows_before(step), self.ramp.rows(step)
+        before = self.mixture.rows_before(start)
+        drawn = self.mixture.source_of(np.arange(start, start + count, dtype=np.uint64))
+        rank = np.zeros(count, np.int64)
+        for j in range(len(self.sources)):
+            mine = drawn == j
+            rank[mine] = before[j] + np.arange(int(mine.sum()))
+        at = np.clip(positions - start, 0, max(count - 1, 0))
+        return drawn[at], rank[at]
 
     def rows_by_source(self, step: int) -> dict[str, int]:
         """Global rows each source supplied to steps [0, step): a mixture's per-source count."""

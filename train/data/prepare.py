@@ -6,11 +6,11 @@ row groups, or ranges of a TFDS dataset's documents, each group about `shard_mb`
 The plan depends on the source alone, never on `--workers`, and task k writes shard k of each
 split, so the shards are the same bytes whatever the worker count, and a killed prepare resumes
 by running only the tasks whose shards are not finished. Each worker holds one document at a
-time: peak memory is a worker's tokenizer plus one document, whatever the corpus size.
+time (a text file, a JSONL line, a Parquet row; Parquet is read in batches of rows): peak
+memory is a worker's tokenizer plus that, whatever the corpus size.
 
-Splits: a text file goes to validation by the hash of its path (corpus.py `assign_splits`, as
-the TFDS text builder does); a JSONL line or Parquet row by the hash of (file, its offset/row).
-A TFDS catalog dataset keeps its own splits. Within a split, documents keep plan order.
+Splits: records.py (a file, line or row goes to validation by a hash of its path and place);
+a TFDS catalog dataset keeps its own splits. Within a split, documents keep plan order.
 
 `prepared_corpus` is the same machinery run in this process over a `Corpus` (the stdlib corpus,
 a text directory built as TFDS, a catalog dataset): what a run does on first use of a source that
@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import time
 import warnings
+from concurrent import futures
 from typing import Any, Iterator
 
 import numpy as np
@@ -144,6 +145,7 @@ def _worker_init(source: Source, out: str, tokenizer_ref: str, dtype: str, open_
     """A worker's state: its tokenizer, and for a corpus source the corpus, reopened with
     `open_corpus` (corpus.py's, passed by reference: only such a worker imports TFDS)."""
     storage.use_emulator()
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # a tokenizer.json's batch encoder: one core per worker
     corpus = None if open_corpus is None else open_corpus(
         source.root, source.data_dir, text_field=source.text_field, max_documents=source.max_documents)
     _WORKER.update(source=source, out=out, tokenizer=load_tokenizer(tokenizer_ref), dtype=dtype, corpus=corpus)
@@ -175,8 +177,7 @@ class Result:
 def _plan_record(source_fp: dict, tokenizer, dtype, tasks: list[Task]) -> dict:
     digest = hashlib.sha256(json.dumps([dataclasses.astuple(t) for t in tasks]).encode())
     digest.update(json.dumps(source_fp, sort_keys=True).encode())
-    return {"format": shards.FORMAT, "tokenizer": tokenizer.cache_key, "tokenizer_ref": tokenizer_ref(tokenizer),
-            "dtype": str(dtype),
+    return {"format": shards.FORMAT, "tokenizer": tokenizer.cache_key, "dtype": str(dtype),
             "tasks": len(tasks), "plan": digest.hexdigest()[:16]}
 
 
@@ -189,10 +190,10 @@ def _claim(out: str, record: dict, field: str) -> None:
         if there != record:
             what = "prepared data" if storage.exists(storage.join(out, shards.INDEX)) else "an unfinished prepare"
             raise CorpusError(
-                f"{field}={out!r} holds {what} of another source, tokenizer or version (plan {there.get('plan')}, "
-                f"tokenizer {there.get('tokenizer')!r}; this one is plan {record['plan']}, tokenizer "
-                f"{record['tokenizer']!r}; the source's files may have changed since): choose another output folder, "
-                f"or delete that one to prepare it again.")
+                f"{field} {out!r} holds {what} of another source or settings (plan {there.get('plan')}, tokenizer "
+                f"{there.get('tokenizer')!r}; this one is plan {record['plan']}, tokenizer {record['tokenizer']!r}: "
+                f"the source's files, --shard-mb, --pattern or --validation-fraction differ): choose another output "
+                f"folder, or delete that one to prepare it again.")
         return
     if not storage.is_remote(out):
         os.makedirs(out, exist_ok=True)
@@ -200,7 +201,7 @@ def _claim(out: str, record: dict, field: str) -> None:
 
 
 def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: dict, *, workers: int = 0,
-             corpus=None, open_corpus=None, progress: bool = False, field: str = "--out", unit: str = "B") -> Result:
+             corpus=None, open_corpus=None, progress: bool = False, field: str = "output folder", unit: str = "B") -> Result:
     """Run the tasks whose shards are not finished (in `workers` processes; 0: here), then write
     the index. Returns at once, running nothing, when the index is there. A corpus source runs
     on `corpus` here, and workers reopen it with `open_corpus`."""
@@ -215,32 +216,55 @@ def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: 
         for name in os.listdir(out):
             if name.startswith(".") and name.endswith(".tmp"):
                 os.remove(os.path.join(out, name))
-    done = {t.index: _finished(out, t.index, dtype.itemsize) for t in tasks}
+    sizes = shards.listing(out)
+    done = {t.index: _finished(out, t.index, dtype.itemsize, sizes) for t in tasks}
     pending = [t for t in tasks if done[t.index] is None]
     bar = _bar(sum(t.size for t in tasks), sum(t.size for t in tasks if done[t.index]), progress, unit)
     try:
         if workers and len(pending) > 1 and (corpus is None or open_corpus is not None):
-            ctx = multiprocessing.get_context("spawn")  # no forked JAX/gcsfs state in the workers
-            with ctx.Pool(min(workers, len(pending)), _worker_init,
-                          (source, out, tokenizer_ref(tokenizer), str(dtype), open_corpus)) as pool:
-                for task, records in pool.imap_unordered(_worker_task, pending):
-                    done[task.index] = records
-                    bar.update(task.size)
+            _run_in_workers(pending, min(workers, len(pending)), done, bar,
+                            (source, out, tokenizer_ref(tokenizer), str(dtype), open_corpus))
         else:
             for task in pending:
                 done[task.index] = run_task(source, task, out, tokenizer, dtype, corpus)
                 bar.update(task.size)
     finally:
         bar.close()
-    index = {**record, "source": source_fp, "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id,
+    ref = tokenizer_ref(tokenizer)
+    ref = ref if storage.is_url(ref) or ref == tokenizer.cache_key else os.path.abspath(ref)
+    index = {**record, "tokenizer_ref": ref, "source": source_fp, "eot_id": tokenizer.eot_id,
+             "pad_id": tokenizer.pad_id,
              "splits": {split: _split_entry(split, tasks, done) for split in shards.SPLITS}}
     storage.write_text(index_path, json.dumps(index, indent=1))
+    if index["splits"]["validation"]["tokens"] == 0 and source.kind != "corpus":
+        warnings.warn(f"{out}: no document fell in the validation split, so runs on it need eval_batches=0; "
+                      f"prepare it again into a new folder with a larger --validation-fraction to evaluate.")
     return Result(out, index, len(pending), time.perf_counter() - start,
                   sum(t.size for t in pending) if unit == "B" else 0)
 
 
-def _finished(out: str, k: int, itemsize: int) -> dict | None:
-    records = {split: shards.finished(out, split, k, itemsize) for split in shards.SPLITS}
+def _run_in_workers(pending: list[Task], workers: int, done: dict, bar, init_args: tuple) -> None:
+    """The tasks in spawned worker processes. A worker that dies (killed, out of memory) fails the
+    prepare with a message, instead of leaving its task's result waited on forever."""
+    context = multiprocessing.get_context("spawn")  # no forked JAX/gcsfs state in the workers
+    with futures.ProcessPoolExecutor(workers, context, initializer=_worker_init, initargs=init_args) as pool:
+        running = [pool.submit(_worker_task, task) for task in pending]
+        try:
+            for future in futures.as_completed(running):
+                task, records = future.result()
+                done[task.index] = records
+                bar.update(task.size)
+        except futures.process.BrokenProcessPool:
+            raise CorpusError(f"a worker process died (killed, or out of memory?) while preparing {init_args[1]}: "
+                              f"rerun the same command to resume from the finished shards, with fewer --workers "
+                              f"if memory ran out.") from None
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _finished(out: str, k: int, itemsize: int, sizes: dict) -> dict | None:
+    records = {split: shards.finished(out, split, k, itemsize, sizes) for split in shards.SPLITS}
     return None if any(r is None for r in records.values()) else records
 
 
@@ -294,7 +318,7 @@ def prepare(source: str, out: str, tokenizer, *, workers: int | None = None, fmt
     """`magic data prepare` of files (text, JSONL, Parquet; local or gs://) into shards at `out`."""
     workers = check_workers(workers, shard_mb)
     spec, stats, fp = list_source(source, fmt, pattern, text_field, validation_fraction)
-    inside = os.path.abspath(out).startswith(os.path.join(spec.root, ""))
+    inside = os.path.abspath(out) == spec.root or os.path.abspath(out).startswith(os.path.join(spec.root, ""))
     if not storage.is_remote(out) and inside and os.path.isdir(os.path.expanduser(source)):
         raise CorpusError(f"--out {out!r} lies inside the source {spec.root}: its shards would be read as "
                           f"source files by the next prepare. Choose a folder outside it.")

@@ -20,6 +20,8 @@ from . import sources
 from .sources import CorpusError, default_corpus_dir, path_hash
 
 KINDS = ("text", "jsonl", "parquet", "corpus")
+COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip")
+PARQUET_BATCH = 1024  # rows decoded at a time: a row group can be hundreds of MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,9 @@ def is_validation(key: str, fraction: float) -> bool:
 
 
 def _text(value, where: str, field: str) -> str:
+    """A record's text; a missing value (JSON null, Parquet null) is an empty document."""
+    if value is None:
+        return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
@@ -101,22 +106,35 @@ def parquet_records(source: Source, relpath: str, group: int) -> Iterator[tuple[
         if source.text_field not in file.schema_arrow.names:
             raise CorpusError(f"{storage.join(source.root, relpath)}: no column {source.text_field!r} (columns: "
                               f"{file.schema_arrow.names}): pass --text-field NAME.")
-        column = file.read_row_group(group, columns=[source.text_field]).column(0)
-        for row, value in enumerate(column.to_pylist()):
-            where = f"{storage.join(source.root, relpath)} row group {group} row {row}"
-            split = "validation" if is_validation(f"{relpath}#{group}:{row}", source.validation_fraction) else "train"
-            yield split, _text("" if value is None else value, where, source.text_field)
+        row = 0
+        for batch in file.iter_batches(PARQUET_BATCH, row_groups=[group], columns=[source.text_field]):
+            for value in batch.column(0).to_pylist():
+                where = f"{storage.join(source.root, relpath)} row group {group} row {row}"
+                held = is_validation(f"{relpath}#{group}:{row}", source.validation_fraction)
+                yield "validation" if held else "train", _text(value, where, source.text_field)
+                row += 1
 
 
 # ----------------------------------------------------------------------------- the command's source
 
 
-def detect_kind(root: str, relpaths: list[str], requested: str) -> str:
+def detect_kind(source: str, relpaths: list[str], requested: str) -> str:
+    """--format, or (auto) JSONL / Parquet when every file ends so, else text. A mix, or compressed
+    files, is an error: read as text, a .jsonl or .gz file would become one document of its bytes."""
+    compressed = [p for p in relpaths if p.endswith(COMPRESSED)]
+    if compressed:
+        raise CorpusError(f"source {source!r} holds {len(compressed)} compressed file(s) ({compressed[0]}, ...): "
+                          f"decompress them first, or leave them out with --pattern.")
     if requested != "auto":
         return requested
     for kind, suffix in (("jsonl", ".jsonl"), ("parquet", ".parquet")):
-        if relpaths and all(p.endswith(suffix) for p in relpaths):
+        matching = sum(p.endswith(suffix) for p in relpaths)
+        if matching == len(relpaths):
             return kind
+        if matching:
+            raise CorpusError(f"source {source!r} mixes {matching} {suffix} file(s) with {len(relpaths) - matching} "
+                              f"other(s) (e.g. {next(p for p in relpaths if not p.endswith(suffix))}): pass "
+                              f"--pattern '*{suffix}' to read those only, or --format to say how to read every file.")
     return "text"
 
 
@@ -135,24 +153,27 @@ def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text
         storage.use_emulator()
         storage.check_bucket(root, "source")
     single = (storage.exists(root) and not storage.is_dir(root)) if remote else os.path.isfile(root)
-    if single:
-        root, name = storage.parent(root) if remote else os.path.dirname(root), storage.basename(root)
-        pattern = name
-    elif not remote and not os.path.isdir(root):
+    if not single and not remote and not os.path.isdir(root):
         raise CorpusError(f"source {source!r} does not exist: pass a directory or file of text, JSONL or "
                           f"Parquet, a gs://BUCKET/PREFIX, 'stdlib' or tfds:NAME.")
-    default = {"jsonl": "*.jsonl", "parquet": "*.parquet"}.get(fmt, "*")
-    pattern = pattern or default
-    stats = (sources.remote_files(root, pattern) if remote
-             else sources.file_stats(root, [p for p in sources.list_files(root, pattern)
-                                            if sources.is_readable(os.path.join(root, p))]))
+    pattern = pattern or {"jsonl": "*.jsonl", "parquet": "*.parquet"}.get(fmt, "*")
+    if single:  # that file alone (not same-named files below its folder)
+        root, name = storage.parent(root) if remote else os.path.dirname(root), storage.basename(root)
+        pattern = name
+        stats = ({name: v for name_, v in sources.remote_files(root, name).items() if name_ == name} if remote
+                 else sources.file_stats(root, [name]))
+    elif remote:
+        stats = sources.remote_files(root, pattern)
+    else:
+        stats = sources.file_stats(root, [p for p in sources.list_files(root, pattern)
+                                          if sources.is_readable(os.path.join(root, p))])
     if not stats:
         raise CorpusError(f"source {source!r} has no readable files matching {pattern!r}: add files there or "
                           f"pass --pattern matching them (e.g. '*.txt').")
     if sum(size for size, _ in stats.values()) == 0:
         raise CorpusError(f"source {source!r}: its {len(stats)} file(s) are all empty: there is no text to "
                           f"prepare.")
-    kind = detect_kind(root, sorted(stats), fmt)
+    kind = detect_kind(source, sorted(stats), fmt)
     spec = Source(kind, root, text_field, validation_fraction)
     if kind in ("jsonl", "parquet"):
         _check_first_record(spec, stats)
@@ -163,9 +184,7 @@ def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text
 
 def _check_first_record(source: Source, stats: dict) -> None:
     """The text field of the first record, before any worker starts (a wrong --text-field fails now)."""
-    first = min(p for p in stats if stats[p][0] > 0) if any(s for s, _ in stats.values()) else None
-    if first is None:
-        return
+    first = min(p for p in stats if stats[p][0] > 0)  # list_source refused an all-empty source
     if source.kind == "jsonl":
         next(jsonl_records(source, first, 0, 1), None)
     elif row_group_sizes(source, first):

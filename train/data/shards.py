@@ -6,7 +6,7 @@ What `magic data prepare` writes into its output folder (local or `gs://`):
   token ids (uint16 when the padded vocabulary fits, else int32), each document written as
   `[eot, *ids]`. Shard k of a split holds the documents of plan task k (prepare.py), so the
   split's stream is the shards concatenated in order: exactly the stream the in-memory packer
-  built (`pack_documents`), and rows come out identical.
+  of earlier versions built, so rows come out identical.
 * `train-00000.json`, ...: written after its shard, {tokens, documents}: the shard is finished.
 * `matrixmagic-shards.json` (the index), written last: format, tokenizer, dtype, specials, the
   source's fingerprint and every shard's token count.
@@ -21,6 +21,7 @@ the corpus. Local shards are memory-mapped; shards in a bucket are read by byte 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from .sources import CorpusError
 FORMAT = "matrixmagic-shards/1"
 INDEX = "matrixmagic-shards.json"
 SPLITS = ("train", "validation")
+OPEN_SHARDS = 64  # memory maps kept open per split (TokenStream._shard)
 
 
 def shard_name(split: str, k: int) -> str:
@@ -103,20 +105,17 @@ class ShardWriter:
             os.remove(self.tmp)
 
 
-def finished(out: str, split: str, k: int, itemsize: int) -> dict | None:
-    """The .json record of a shard whose .bin is whole, else None (it must be written again)."""
-    done = storage.join(out, done_name(split, k))
-    if not storage.exists(done):
+def finished(out: str, split: str, k: int, itemsize: int, sizes: dict[str, int]) -> dict | None:
+    """The .json record of a shard whose .bin is whole, else None (it must be written again).
+    `sizes`: the folder's listing (`sizes`), so a resume in a bucket asks once, not per shard."""
+    if done_name(split, k) not in sizes:
         return None
-    record = json.loads(storage.read_text(done))
-    shard = storage.join(out, shard_name(split, k))
-    if not storage.exists(shard) or _size(shard) != record["tokens"] * itemsize:
+    try:
+        record = json.loads(storage.read_text(storage.join(out, done_name(split, k))))
+        whole = sizes.get(shard_name(split, k)) == record["tokens"] * itemsize
+    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: write the shard again
         return None
-    return record
-
-
-def _size(p: str) -> int:
-    return storage.path(p).stat().length if storage.is_remote(p) else os.path.getsize(p)
+    return record if whole else None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -134,12 +133,18 @@ class TokenStream:
     def __post_init__(self):
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.total = int(self.offsets[-1])
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def _shard(self, i: int) -> np.ndarray:
-        if i not in self._maps:
+        """Shard i memory-mapped; the OPEN_SHARDS most recently read stay open (each map holds a
+        file descriptor, and shuffled rows touch every shard of a corpus of thousands)."""
+        if i in self._maps:
+            self._maps.move_to_end(i)
+        else:
             path = storage.join(self.root, self.files[i])
             self._maps[i] = np.memmap(path, self.dtype, mode="r", shape=(int(self.counts[i]),))
+            if len(self._maps) > OPEN_SHARDS:
+                self._maps.popitem(last=False)
         return self._maps[i]
 
     def pieces(self, start: int, n: int) -> list[tuple[int, int, int]]:
@@ -179,10 +184,9 @@ class TokenStream:
         begins = [first * size for _, _, (_, first, _) in plan]
         ends = [(first + take) * size for _, _, (_, first, take) in plan]
         fs = gcsfs.GCSFileSystem()
-        blobs = storage.retrying(lambda: fs.cat_ranges(paths, begins, ends), f"reading shards in {self.root}")
+        blobs = storage.retrying(lambda: fs.cat_ranges(paths, begins, ends, on_error="raise"),
+                                 f"reading shards in {self.root}")
         for (r, at, (_, _, take)), blob in zip(plan, blobs):
-            if isinstance(blob, Exception):
-                raise blob
             rows[r, at : at + take] = np.frombuffer(blob, self.dtype)
 
 
@@ -195,7 +199,7 @@ def _placed(pieces):
 
 class PackedRows:
     """Rows of `row_len` tokens over a stream: row r is tokens [r * L, (r + 1) * L), the last
-    row padded with `pad_id` (at least one row, as `pack_documents` gives). Index it with an
+    row padded with `pad_id` (at least one row). Index it with an
     int array: `rows[ids]` is [len(ids), row_len]."""
 
     def __init__(self, stream: TokenStream, row_len: int, pad_id: int):
@@ -272,7 +276,7 @@ def open_prepared(root: str, field: str = "data.source") -> Prepared:
         raise CorpusError(f"{field}={root!r} was prepared in format {index.get('format')!r}; this version reads "
                           f"{FORMAT!r}: prepare the source again with this version.")
     itemsize = np.dtype(index["dtype"]).itemsize
-    sizes = _sizes(root)
+    sizes = listing(root)
     for split in SPLITS:
         for name, tokens in index["splits"][split]["shards"]:
             want, have = tokens * itemsize, sizes.get(name)
@@ -284,7 +288,8 @@ def open_prepared(root: str, field: str = "data.source") -> Prepared:
     return Prepared(root, index)
 
 
-def _sizes(root: str) -> dict[str, int]:
+def listing(root: str) -> dict[str, int]:
+    """{file name: size} of the folder's files (one listing in a bucket)."""
     if storage.is_remote(root):
         import gcsfs
 
