@@ -37,11 +37,17 @@ CONFIG_FILE = "config.json"
 # ramp, ...) changes the trained weights or the eval figures, so it names a new run.
 BOOKKEEPING_FIELDS = ("workdir", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                       "keep_best_checkpoint", "max_nonfinite_skips", "peak_flops", "sample_tokens")
+# Fields added after default directories were first named: at their default value they stay out
+# of the hash, so a run started before they existed resumes in the directory it started in.
+LATER_FIELDS = {("data", "mixture"): None}
 
 
 def config_digest(config: TrainConfig, length: int = 6) -> str:
     """The first `length` hex digits of sha256 over the config's computation-changing fields."""
     fields = {k: v for k, v in config_to_json(config).items() if k not in BOOKKEEPING_FIELDS}
+    for (section, name), default in LATER_FIELDS.items():
+        if name in fields.get(section, {}) and fields[section][name] == default:
+            fields[section] = {k: v for k, v in fields[section].items() if k != name}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
