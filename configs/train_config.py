@@ -79,6 +79,10 @@ class DataConfig:
             if self.source != "stdlib":
                 fail("data.mixture", self.mixture, f"a mixture names its sources itself: drop data.source "
                                                    f"(now {self.source!r}), or drop data.mixture.")
+            if self.tokenizer == "sentencepiece":
+                fail("data.tokenizer", self.tokenizer, "'sentencepiece' names the model beside data.source's dataset, "
+                                                       "and a mixture has none: give the .model path its sources "
+                                                       "were prepared with.")
         if self.seq_len <= 1:
             fail("data.seq_len", self.seq_len, "use a sequence length of at least 2.")
         if self.tokenizer not in TOKENIZER_NAMES and not self.tokenizer.endswith((".model", ".json")):

@@ -255,6 +255,8 @@ def test_mixture_config_errors_name_the_field():
             DataConfig(mixture=bad)
     with pytest.raises(ConfigError, match="drop data.source"):
         DataConfig(mixture="a:1", source="/x")
+    with pytest.raises(ConfigError, match="data.tokenizer='sentencepiece'.*give the .model path"):
+        DataConfig(mixture="a:1", tokenizer="sentencepiece")
 
 
 @pytest.fixture(scope="module")
