@@ -127,8 +127,9 @@ def bucket(tmp_path):
 @pytest.fixture
 def user_home(tmp_path, bucket):
     """A temporary HOME holding the stand-in model directories and texts (also in the test
-    bucket); the data and compile caches stay where they were, so the stdlib dataset is built
-    once per machine."""
+    bucket), and a data dir of its own: `magic data prepare ~/my_texts --name prose` names a
+    folder under it, and ~/my_texts, in a new temporary HOME each run, is another source to the
+    prepare of the last run (which it refuses to mix with). The compile cache stays where it was."""
     from gcs_helpers import put_object
 
     home = tmp_path / "home"
@@ -138,11 +139,11 @@ def user_home(tmp_path, bucket):
     texts = home / "my_texts"
     texts.mkdir()
     for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py"):
-        shutil.copy2(os.path.join(sysconfig.get_paths()["stdlib"], name), texts / f"{name}.txt")  # mtimes kept: a rerun finds the same prepared source
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), texts / f"{name}.txt")
         put_object(bucket, f"texts/{name}.txt", (texts / f"{name}.txt").read_bytes())
     real = Path.home()
     env = {**os.environ, "HOME": str(home), **bucket.env,
-           "MATRIXMAGIC_DATA_DIR": os.environ.get("MATRIXMAGIC_DATA_DIR", str(real / ".cache/matrixmagic/tfds")),
+           "MATRIXMAGIC_DATA_DIR": str(tmp_path / "tfds"),
            "MAGIC_COMPILE_CACHE": os.environ.get("MAGIC_COMPILE_CACHE", str(real / ".cache/matrixmagic/jax"))}
     env.pop("JAX_PLATFORMS", None)  # as a user's shell has it
     work = tmp_path / "work"
