@@ -74,6 +74,25 @@ def started(server, run_name="run") -> list[int]:
     return sorted({int(n.split("/")[2]) for n in names if n.split("/")[2].isdigit()})
 
 
+def kill_during_save(server, proc) -> list[int]:
+    """SIGKILLs proc in the same poll that saw a save in flight after a committed one, and
+    returns the steps that poll saw in flight. (Listing again after the poll loses the race
+    on a loaded machine: the held-open save commits between the poll and the second look.)"""
+    seen: list[int] = []
+
+    def in_save() -> bool:
+        begun, done = started(server), committed(server)  # begun first: a commit between adds to done only
+        if not done or begun[-1] <= done[-1]:  # by step, not count: keep_checkpoints deletes old ones
+            return False
+        proc.send_signal(signal.SIGKILL)
+        seen.extend(s for s in begun if s > done[-1])
+        return True
+
+    assert wait_for(in_save, proc, poll=0.1), "the run ended before a save was in flight"
+    assert proc.wait(60) == -signal.SIGKILL
+    return seen
+
+
 def gcs_rows(server, run_name="run") -> list[dict]:
     text = read_object(server, f"{run_name}/metrics.jsonl").decode()
     return [json.loads(line) for line in text.splitlines() if line.strip() and json.loads(line)["split"] == "train"]
@@ -93,11 +112,8 @@ def local(corpus, tmp_path_factory):
 def test_killed_mid_save_and_mid_run_then_resumed_equals_local(local, corpus, gcs):
     """SIGKILL inside a save (held open 1 s by the test hook), then after a later step; the
     rerun resumes from the last committed step and every logged loss equals the local run's."""
-    proc = start(RUN, corpus, gcs, MATRIXMAGIC_TEST_SAVE_DELAY="1.0")
-    assert wait_for(lambda: len(started(gcs)) > len(committed(gcs)) and committed(gcs), proc, poll=0.1)
-    in_flight = sorted(set(started(gcs)) - set(committed(gcs)))
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL
+    proc = start(RUN, corpus, gcs, MATRIXMAGIC_TEST_SAVE_DELAY="2.0")
+    in_flight = kill_during_save(gcs, proc)
     assert in_flight, "the kill was not during a save"
     last = committed(gcs)[-1]
     assert in_flight[-1] > last, "the step being written was not committed"
