@@ -372,11 +372,14 @@ def _fill(model, params, ids, mask_id, banned_ids):
 MASK_MARKER = "[MASK]"  # in an encoder-only prompt, each marker becomes one mask id
 
 
-def generate_text(config, params, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-    """prompt + its continuation by a decoder-only model. The prompt is prefixed with
-    end-of-text, which starts every training document, and generation stops at the next one."""
-    ids = [tokenizer.eot_id] + [int(i) for i in tokenizer.encode(prompt)]
+def generate_text(config, params, tokenizer, prompt: str, *, prefix: Sequence[int], max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    """prompt + its continuation by a decoder-only model. `prefix` goes before the prompt's ids
+    (the caller's convention: our tokenizers' end-of-text, which starts every training document;
+    nothing for an imported GPT-2, as in `transformers`); generation stops at end-of-text."""
+    if not prefix and not len(tokenizer.encode(prompt)):
+        raise ValueError("the prompt is empty and no start token goes before it: give a prompt, or --bos.")
+    ids = [int(i) for i in prefix] + [int(i) for i in tokenizer.encode(prompt)]
     room = config.max_len - len(ids) + 1  # the last new token is never fed back
     if max_new_tokens > room:
         raise ValueError(f"max_new_tokens={max_new_tokens} is beyond the context: the prompt takes {len(ids)} of the "

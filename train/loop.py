@@ -33,6 +33,7 @@ from . import storage
 from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
+from .data.tokenizers import prompt_start
 from .guards import NonFiniteMonitor, check_free_space
 from .lease import run_lock
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
@@ -314,8 +315,9 @@ def sample_text(config: TrainConfig, params, tokenizer, prompt: str = "def ", te
     """A short sample from a trained decoder-only model (params already on the host, from
     gather_params), generated with the KV cache: up to sample_tokens, as many as the context
     leaves after the prompt (a smoke check, so a short model.max_len shortens it, not fails it)."""
-    room = config.model.max_len - len(tokenizer.encode(prompt))  # generate_text adds end-of-text first
+    prefix = prompt_start(tokenizer)  # the run's convention, as `magic generate` uses it
+    room = config.model.max_len - len(prefix) - len(tokenizer.encode(prompt)) + 1  # the last token is not fed back
     if room < 1:
         return prompt
-    return generate_text(config.model, params, tokenizer, prompt, max_new_tokens=min(config.sample_tokens, room),
-                         temperature=temperature, seed=config.seed)
+    return generate_text(config.model, params, tokenizer, prompt, prefix=prefix,
+                         max_new_tokens=min(config.sample_tokens, room), temperature=temperature, seed=config.seed)

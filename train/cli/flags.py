@@ -7,6 +7,8 @@ assignments, which `train.run.resolve_config` applies: so
 
 from __future__ import annotations
 
+import argparse
+
 from matrixmagic.configs.model_config import REMAT_POLICIES
 from matrixmagic.configs.train_config import LAYOUTS, mesh_assignments
 
@@ -55,3 +57,11 @@ def add_memory_check_argument(p) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the model, batch and activations fit in this machine's memory "
                         "(a closed-form estimate, made before compiling)")
+
+
+def add_bos_argument(p) -> None:
+    """generate, explain and eval put the same ids before a prompt (data/tokenizers.prompt_start)."""
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put a beginning-of-text token before the prompt (--bos) or nothing (--no-bos); default: "
+                        "as the run's tokenizer does (ours: end-of-text, which starts every training document; an "
+                        "imported Hugging Face tokenizer: what its post-processor adds, none for GPT-2)")

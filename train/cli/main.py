@@ -10,6 +10,8 @@
   magic plan --preset P --topology v5p-1024 [--tokens 300B] [--price-per-chip-hour X]   fit, time, cost; searches layouts
   magic schedule --preset P [--plot out.png]   learning rate and batch size against tokens
   magic hf import DIR --workdir RUN | magic hf export --workdir RUN --out DIR   Hugging Face GPT-2 / BERT
+  magic eval --workdir RUN --tasks hellaswag [--limit N] | --text FILE_OR_DIR   lm-eval tasks, perplexity
+  magic lm-eval --model matrixmagic --model_args workdir=RUN --tasks T   the harness's own command line
 Each subcommand imports its module lazily so `magic params` starts fast.
 """
 
@@ -32,7 +34,8 @@ from ..preemption import EXIT_PREEMPTED  # light: no jax
 from ..storage import StorageUnavailable  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .data import add_parsers as add_data_parsers  # light: argparse only, no jax
-from .flags import add_config_arguments, add_memory_check_argument, config_assignments
+from .evaluate import add_eval_arguments  # light: argparse only, no jax
+from .flags import add_bos_argument, add_config_arguments, add_memory_check_argument, config_assignments
 from .hf import add_hf_arguments  # light: argparse only, no jax
 from .plan import add_plan_arguments  # light: argparse only, no jax
 from .schedule import add_schedule_arguments  # light: argparse only, no jax
@@ -107,6 +110,12 @@ def _cmd_generate(args) -> int:
     return cli_generate(args)
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(args)
+
+
 def _cmd_hf(args) -> int:
     from .hf import main as hf_main
 
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", help="a trained run directory (default: the one `magic train` with the same "
                                      "--preset/--set made)")
     e.add_argument("--text", help="input text (default: a sample sentence; shape-only runs: max_len tokens)")
+    add_bos_argument(e)
     e.add_argument("--layer", type=int, default=0, help="which layer to show (default 0)")
     e.add_argument("--batch", type=int, default=1, help="batch size B of the walk")
     e.add_argument("--shapes-only", action="store_true", help="jax.eval_shape only, even for small models")
@@ -190,8 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-size", type=int, default=1, help="encoder-decoder: beam search width (1 = greedy)")
     g.add_argument("--length-penalty", type=float, default=0.0, help="beam search: GNMT alpha (0 = none)")
     g.add_argument("--seed", type=int, default=0)
+    add_bos_argument(g)
     add_memory_check_argument(g)
     g.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="score a run: lm-eval tasks (--tasks) or perplexity on text files (--text)")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_cmd_eval)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's own command line, with --model matrixmagic "
+                                   "(pass its flags after lm-eval)", add_help=False)
 
     h = sub.add_parser("hf", help="import / export Hugging Face GPT-2 and BERT checkpoints (safetensors, tokenizer)")
     add_hf_arguments(h)
@@ -284,6 +301,11 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
+        from .evaluate import lm_eval_main
+
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:

@@ -7,76 +7,22 @@ glue that knows about run directories, checkpoints and tokenizers.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
-from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from matrixmagic.configs import get_preset
-from matrixmagic.model.build import build_model, init_params
+from matrixmagic.model.build import build_model
 from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
 from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
 from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
-from .. import storage
 from ..checkpoint import saved_run_config
-from ..data.tokenizers import ByteTokenizer
-from ..run import load_run, reading_model, resolve_config, run_tokenizer
+from ..data.tokenizers import ByteTokenizer, describe_prompt_start, prompt_start
+from ..reading import open_model, quiet_orbax, trained_run
+from ..run import load_run, reading_model, run_tokenizer
 from .paths import check_output_dir
-
-
-@contextlib.contextmanager
-def quiet_orbax():
-    """Reading a run without orbax's absl warnings about opening the checkpoints read-only ("Given
-    directory is read only", "setting save_interval_steps=0"): reading is all we meant to do."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
-
-
-def trained_run(preset: str | None, sets: Sequence[str], workdir: str | None) -> tuple[str | None, str]:
-    """(the run directory to load or None, its default name): --workdir, else the directory
-    `magic train` with the same --preset and --set flags made (runs/<preset>-<hash>), if it
-    has a checkpoint."""
-    if workdir:
-        return storage.normalize(workdir, "--workdir"), workdir
-    default = resolve_config(preset, list(sets)).workdir
-    return (default if storage.is_dir(storage.join(default, "checkpoints")) else None), default
-
-
-def open_model(preset: str | None, workdir: str | None, sets: Sequence[str] = ()):
-    """--workdir, else the run `magic train` made with the same flags (trained weights), else
-    --preset (random weights, byte tokenizer) -> (model config, tokenizer, load(seed) -> params,
-    a line saying which). Nothing is loaded or allocated yet, so the request is checked against
-    the model (lengths, memory) first."""
-    run, default = trained_run(preset, sets, workdir)
-    if run:
-        with quiet_orbax():
-            config = saved_run_config(run)  # the latest good checkpoint's config: no array read
-
-        def load_trained(seed):
-            with quiet_orbax():
-                return load_run(run)[1]
-
-        return reading_model(config.model), run_tokenizer(config), load_trained, f"trained run {run}"
-    if not preset:
-        raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
-                         f"first, give --workdir RUN, or --preset NAME for random weights, e.g. --preset gpt-tiny.")
-    tokenizer = ByteTokenizer()
-    config = get_preset(preset).model
-    config = config.replace(num_valid_tokens=min(config.vocab_size, tokenizer.vocab_size))  # never sample table padding
-
-    def load(seed):
-        return jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
-
-    return config, tokenizer, load, f"preset {preset} with RANDOM weights (no trained run at {default})"
 
 
 def check_memory(args, what: str, parts: dict) -> None:
@@ -119,7 +65,8 @@ def cli_generate(args) -> int:
     if config.family == "decoder":
         if args.prompt is None:
             raise ValueError("decoder-only models need --prompt TEXT to continue.")
-        prompt_len = 1 + len(tokenizer.encode(args.prompt))  # end-of-text first (generate_text)
+        prefix = prompt_start(tokenizer, args.bos)
+        prompt_len = len(prefix) + len(tokenizer.encode(args.prompt))
         room = config.max_len - prompt_len + 1  # the last new token is never fed back
         if args.max_new_tokens > room:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "
@@ -147,10 +94,11 @@ def cli_generate(args) -> int:
         parts = forward_parts(config, 1, ids.shape[1])
     check_memory(args, f"generating with {args.workdir or args.preset} ({config.family})", parts)
     params = load(args.seed)
-    print(f"[{config.family} model: {origin}]", file=sys.stderr)
+    start = f"; {describe_prompt_start(tokenizer, prefix, args.bos)}" if config.family == "decoder" else ""
+    print(f"[{config.family} model: {origin}{start}]", file=sys.stderr)
     model = build_model(config)
     if config.family == "decoder":
-        print(generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+        print(generate_text(config, params, tokenizer, args.prompt, prefix=prefix, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     elif config.family == "encoder_decoder":
         out = translate(model, params, [source_ids], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
@@ -187,7 +135,10 @@ def cli_explain(args) -> int:
         raise ValueError(f"--layer {args.layer} is invalid: this model has layers 0..{config.num_layers - 1}.")
     ids = None
     if args.text is not None:
-        ids = np.tile(np.asarray(tokenizer.encode(args.text), np.int32), (args.batch, 1))
+        prefix = prompt_start(tokenizer, args.bos) if config.family == "decoder" else ()  # as generate reads it
+        if prefix:
+            print(f"[{describe_prompt_start(tokenizer, prefix, args.bos)}]")
+        ids = np.tile(np.asarray([*prefix, *tokenizer.encode(args.text)], np.int32), (args.batch, 1))
         if not 0 < ids.shape[1] <= config.max_len:
             raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
     shapes_only = True if args.shapes_only else runs_on_shapes(config, params_given=bool(run))

@@ -11,6 +11,11 @@ and batching code never asks which one it has:
 * `pad_id`  fills the tail of the last packed row; never a prediction target.
 * `mask_id` BERT's [MASK] for the masked-LM family.
 * `bos_id`  the decoder's start token for the encoder-decoder family.
+* `prompt_prefix`  the ids put before a prompt (generate, explain, eval): what the
+            model saw before the first token of a document. Ours (bytes, SentencePiece):
+            `(eot_id,)`, which starts every packed document. A Hugging Face tokenizer:
+            what its own post-processor adds (GPT-2: nothing; Llama: <s>; BERT: [CLS]),
+            i.e. what `transformers` puts before a prompt. `prompt_start` applies a flag.
 
 Specials are never produced by `encode(text)`: the byte tokenizer keeps them above 255
 and SentencePiece declares them as *control* symbols. The packer relies on this: an
@@ -65,6 +70,8 @@ class Tokenizer(Protocol):
     @property
     def special_ids(self) -> tuple[int, ...]: ...
     @property
+    def prompt_prefix(self) -> tuple[int, ...]: ...
+    @property
     def cache_key(self) -> str: ...  # names cached token files; changes if ids would
     def padded_vocab_size(self, multiple: int = 128) -> int: ...
 
@@ -73,6 +80,26 @@ def round_up(n: int, multiple: int) -> int:
     if multiple <= 0:
         raise TokenizerError(f"multiple={multiple} is invalid: use a positive integer (e.g. 128).")
     return -(-n // multiple) * multiple
+
+
+def prompt_start(tokenizer: Tokenizer, bos: bool | None = None) -> tuple[int, ...]:
+    """The ids before every prompt: the tokenizer's `prompt_prefix` (bos=None), none
+    (bos=False), or one start token (bos=True: the tokenizer's own prefix if it has one,
+    else its beginning-of-text token; GPT-2's is <|endoftext|>)."""
+    if bos is None:
+        return tuple(tokenizer.prompt_prefix)
+    if not bos:
+        return ()
+    own = isinstance(tokenizer, (ByteTokenizer, SentencePieceTokenizer))
+    return tuple(tokenizer.prompt_prefix) or ((tokenizer.eot_id if own else tokenizer.bos_id),)
+
+
+def describe_prompt_start(tokenizer: Tokenizer, ids: Sequence[int], bos: bool | None = None) -> str:
+    """One line for a run header: which ids start a prompt, and why."""
+    why = ("the run's tokenizer" if bos is None else "--bos" if bos else "--no-bos")
+    if not ids:
+        return f"prompts start with no added token ({why})"
+    return f"prompts start with {tokenizer.decode(list(ids))!s} (id {', '.join(map(str, ids))}; {why})"
 
 
 def _decode_runs(ids, is_text, decode_text, marker) -> str:
@@ -97,6 +124,7 @@ class ByteTokenizer:
     vocab_size = 260
     eot_id, pad_id, mask_id, bos_id = 256, 257, 258, 259
     special_ids = (256, 257, 258, 259)
+    prompt_prefix = (256,)  # eot: every training document starts with it
     cache_key = "bytes"
 
     def encode(self, text: str) -> np.ndarray:
@@ -156,6 +184,7 @@ class SentencePieceTokenizer:
                 "retrain it with `train_sentencepiece(...)`."
             )
         self.eot_id, self.pad_id, self.mask_id, self.bos_id = ids
+        self.prompt_prefix = (self.eot_id,)  # every training document starts with it
 
     @property
     def vocab_size(self) -> int:
@@ -238,6 +267,15 @@ class HFTokenizer:
                              if i >= self.vocab_size}
         specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self.special_ids = tuple(sorted(specials | {self.eot_id, self.bos_id, self.pad_id, self.mask_id}))
+        self.prompt_prefix = self._leading_specials(specials)
+
+    def _leading_specials(self, specials: set[int]) -> tuple[int, ...]:
+        """The special ids the tokenizer's post-processor puts before a text (what
+        `transformers`' tokenizer(text) starts with): GPT-2's ByteLevel adds none, Llama's
+        template adds <s>, BERT's adds [CLS]."""
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        n = next((k for k, i in enumerate(ids) if i not in specials), len(ids))
+        return tuple(ids[:n])
 
     def _roles(self, config_path: Path) -> dict[str, int]:
         """{role: id} from tokenizer_config.json (missing file: the conventional names)."""

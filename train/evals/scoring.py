@@ -1,0 +1,132 @@
+"""Scoring token sequences: the log-probability a decoder-only model gives a continuation
+after a context, the one computation behind the harness's `loglikelihood`,
+`loglikelihood_rolling` and `magic eval --text`.
+
+A request is (context ids, continuation ids). As in lm-evaluation-harness's own `hf`
+backend, the model reads `(context + continuation)[-(max_len + 1):][:-1]` (the context
+is cut on the left when the whole does not fit) and the continuation's tokens are the
+targets of the last `len(continuation)` positions. The answer is the sum of their
+log-probabilities (natural log, float32 softmax) and whether each was the argmax.
+
+Batching: requests are sorted longest first and cut into batches of `batch_size`; a
+batch is right-padded to a length bucket (a power of two from 16, capped at max_len),
+and the rows to `batch_size`. The model is causal, so padding on the right changes
+nothing before it. One compiled program per bucket: at most log2(max_len) - 3 shapes
+for any number of requests.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matrixmagic.model.build import build_model
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    """The padded length of a batch whose longest row is n tokens."""
+    length = MIN_BUCKET
+    while length < n:
+        length *= 2
+    return min(length, max_len)
+
+
+def window(context: Sequence[int], continuation: Sequence[int], max_len: int) -> tuple[list[int], list[int], int]:
+    """(inputs, targets, n): what the model reads, what each position should predict, and how
+    many trailing positions are the continuation's. The harness's truncation rule."""
+    if not continuation:
+        raise ValueError("a request has an empty continuation: there is nothing to score.")
+    if not context:
+        raise ValueError("a request has no context token: start it with the prompt's start token.")
+    if len(continuation) > max_len:
+        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the model's {max_len} "
+                         f"positions (model.max_len).")
+    whole = [*context, *continuation][-(max_len + 1):]
+    return whole[:-1], whole[1:], len(continuation)
+
+
+def _token_logprobs(model, params, ids: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """ids, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T])."""
+    logits = model.apply({"params": params}, ids, deterministic=True).astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+class Scorer:
+    """Scores (context, continuation) requests with a decoder-only model's weights."""
+
+    def __init__(self, config, params, batch_size: int = 16):
+        if config.family != "decoder":
+            raise ValueError(f"scoring text needs a decoder-only model (GPT family); this run is {config.family}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more rows per batch.")
+        self.config, self.params, self.batch_size = config, params, batch_size
+        self.max_len = config.max_len
+        self.model = build_model(config)
+        self._fn = jax.jit(functools.partial(_token_logprobs, self.model))
+        self.shapes: set[tuple[int, int]] = set()  # each one compiled once
+
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+              progress: Optional[Callable[[int], None]] = None) -> list[tuple[float, bool]]:
+        """[(sum of the continuation's log-probs, every token greedy)] in request order."""
+        return [(float(lp.sum()), bool(g.all())) for lp, g in self.token_scores(requests, progress)]
+
+    def token_scores(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     progress: Optional[Callable[[int], None]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per request, each continuation token's log-prob (float64 of the float32 value) and
+        whether it was the argmax, in request order."""
+        windows = [window(c, x, self.max_len) for c, x in requests]
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+        out: list = [None] * len(windows)
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start:start + self.batch_size]
+            length = bucket_length(len(windows[chosen[0]][0]), self.max_len)
+            ids = np.zeros((self.batch_size, length), np.int32)
+            targets = np.zeros((self.batch_size, length), np.int32)
+            for row, i in enumerate(chosen):
+                inputs, wanted, _ = windows[i]
+                ids[row, :len(inputs)], targets[row, :len(wanted)] = inputs, wanted
+            self.shapes.add(ids.shape)
+            logprobs, greedy = jax.device_get(self._fn(self.params, ids, targets))
+            for row, i in enumerate(chosen):
+                inputs, _, n = windows[i]
+                span = slice(len(inputs) - n, len(inputs))
+                out[i] = (logprobs[row, span].astype(np.float64), greedy[row, span])
+            if progress:
+                progress(len(chosen))
+        return out
+
+
+def rolling_windows(tokens: Sequence[int], start: Sequence[int], max_len: int,
+                    stride: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
+    """A text longer than the context, as (context, continuation) requests that score every
+    token exactly once. Window k ends `stride` tokens after window k-1 and reads the max_len
+    tokens before its end, so each scored token sees at least max_len - stride of context
+    (stride = max_len: disjoint windows, the harness's `loglikelihood_rolling`). `start`
+    (the prompt's start ids, at least one) comes before the first token."""
+    stride = max_len if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride={stride} is invalid: use 1..{max_len} (model.max_len; smaller = more context "
+                         f"per token, more compute).")
+    if not start:
+        raise ValueError("scoring a text needs a start token before its first token (the model predicts every "
+                         "token from what came before): use --bos.")
+    whole = [*start, *tokens]
+    first = len(start)  # whole[first:] are scored
+    if first > max_len:
+        raise ValueError(f"the start ids ({first}) fill the model's {max_len} positions: nothing is left to score.")
+    requests, position = [], first
+    while position < len(whole):
+        size = max_len + 1 - first if position == first else stride  # the first window has only the start before it
+        end = min(position + size, len(whole))
+        requests.append((whole[max(0, end - max_len - 1):position], whole[position:end]))
+        position = end
+    return requests
