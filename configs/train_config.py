@@ -188,6 +188,34 @@ def mesh_assignments(text: str) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # Evals during training, beyond the held-out loss (train/evals/): at eval steps, into
+    # metrics.jsonl and TensorBoard. They read the weights only: changing them resumes the run.
+    tasks: str = ""  # lm-eval task names, comma-separated (the `eval` extra), e.g. "hellaswag,piqa"; "" = none
+    text: str = ""  # a text file or directory of them: perplexity (nats/token, bits/byte); "" = none
+    every: int = 0  # steps between these evals; 0 = every eval_every steps
+    limit: int = 0  # documents per task; 0 = all
+    num_fewshot: int = -1  # examples before each question; -1 = each task's own
+    include_path: str = ""  # a folder of task YAML files of your own
+    batch_size: int = 16  # rows per scoring batch
+
+    def __post_init__(self):
+        for name in ("every", "limit"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                fail(f"eval.{name}", getattr(self, name), "use 0 (the default) or a positive integer.")
+        if self.num_fewshot < -1:
+            fail("eval.num_fewshot", self.num_fewshot, "use -1 (each task's own), 0 or more.")
+        if self.batch_size < 1:
+            fail("eval.batch_size", self.batch_size, "use 1 or more rows, e.g. 16.")
+        if self.tasks and not any(t.strip() for t in self.tasks.split(",")):
+            fail("eval.tasks", self.tasks, "name lm-eval tasks separated by commas, e.g. hellaswag,piqa.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tasks or self.text)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str = "gpt-tiny"  # the preset this run started from (set it with --preset)
     model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("gpt-tiny").model)
@@ -195,6 +223,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     ramp: RampConfig = dataclasses.field(default_factory=RampConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     workdir: str = "runs/default"  # run directory; default runs/<preset>-<hash of the config> (train/rundir.py)
     seed: int = 0  # seeds the init, dropout and the data order
     batch_size: int = 32  # global, in sequences
@@ -241,6 +270,11 @@ class TrainConfig:
             fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         self._check_ramp()
+        if self.eval.active and self.model.family != "decoder":
+            field = "eval.tasks" if self.eval.tasks else "eval.text"
+            fail(field, getattr(self.eval, field.split(".")[1]),
+                 f"these evals score decoder-only (GPT family) models; this is {self.model.family}: leave "
+                 f"{field} empty (the held-out loss is still evaluated).")
         if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= self.decay_steps:
             field, value = (("optimizer.warmup_tokens", self.optimizer.warmup_tokens)
                             if self.optimizer.warmup_steps is None and self.optimizer.warmup_tokens is not None
@@ -331,7 +365,8 @@ def config_to_json(config: TrainConfig) -> dict:
 def config_from_json(d: dict) -> TrainConfig:
     return TrainConfig(**{**d, "model": ModelConfig(**d["model"]), "data": DataConfig(**d["data"]),
                           "optimizer": OptimizerConfig(**d["optimizer"]), "mesh": MeshConfig(**d["mesh"]),
-                          "ramp": RampConfig(**d.get("ramp", {}))})  # runs saved before the ramp existed
+                          "ramp": RampConfig(**d.get("ramp", {})),  # runs saved before the ramp existed
+                          "eval": EvalConfig(**d.get("eval", {}))})
 
 
 def batch_for_tokens(tokens: int, seq_len: int, multiple: int = 1) -> int:

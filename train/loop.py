@@ -34,6 +34,7 @@ from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .data.tokenizers import prompt_start
+from .evals.during import TrainingEvals
 from .guards import NonFiniteMonitor, check_free_space
 from .lease import run_lock
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
@@ -184,6 +185,8 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
         check_training_fits(config, jax.device_count(), jax.local_devices())
     train_data, eval_sets = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
+    # eval.tasks / eval.text: names, data and paths checked now, before the first step; process 0 scores.
+    extra_evals = TrainingEvals(config, tokenizer) if config.eval.active and is_main else None
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
 
     tx, run = train_run(config)  # mesh, shardings and the jitted steps (the one `magic compile` lowers)
@@ -267,6 +270,17 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 eval_seconds = time.perf_counter() - eval_start
                 window_start += eval_seconds
                 if not bar.disable:  # nor for the bar: its time, rate and ETA are of train steps only
+                    bar.start_t += eval_seconds
+            if config.eval.active and (done % (config.eval.every or config.eval_every) == 0 or done == config.steps):
+                eval_start = time.perf_counter()
+                params_on_host = gather_params(state.params)  # a collective: every process joins
+                if extra_evals is not None:
+                    scores = extra_evals.run(params_on_host)
+                    writer.write(done, "evals", scores)
+                    bar.write(f"step {done}: evals " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds
+                if not bar.disable:
                     bar.start_t += eval_seconds
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:

@@ -32,11 +32,11 @@ CONFIG_FILE = "config.json"
 
 # Fields that never change what is computed, so they stay out of the hash: where the run lives,
 # how often it logs, evaluates and saves, how many checkpoints it keeps, when it gives up on
-# NaNs, the MFU denominator, and the smoke-test sample. Changing one of them and rerunning
+# NaNs, the MFU denominator, the smoke-test sample, and the evals beyond the loss (`eval.*`). Changing one of them and rerunning
 # resumes the same run. Every other field (model, data, optimizer, batch, seed, steps, mesh,
 # ramp, ...) changes the trained weights or the eval figures, so it names a new run.
 BOOKKEEPING_FIELDS = ("workdir", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                      "keep_best_checkpoint", "max_nonfinite_skips", "peak_flops", "sample_tokens")
+                      "keep_best_checkpoint", "max_nonfinite_skips", "peak_flops", "sample_tokens", "eval")
 # Fields added after default directories were first named: at their default value they stay out
 # of the hash, so a run started before they existed resumes in the directory it started in.
 LATER_FIELDS = {("data", "mixture"): None}

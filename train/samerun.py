@@ -54,7 +54,9 @@ HARMLESS = {
     # optimizer state stay float32, and a param_dtype change shows up as differing arrays.
     **{f"model.{name}": "chosen per platform (train/run.py RUN_CHOICES)" for name in RUN_CHOICES},
 }
-HARMLESS_PREFIXES = ("mesh.",)  # how arrays are placed on devices; a checkpoint restores onto any mesh
+# mesh.*: how arrays are placed on devices, a checkpoint restores onto any mesh; eval.*: what
+# is scored at eval steps, from the weights only.
+HARMLESS_PREFIXES = ("mesh.", "eval.")
 
 # Data-iterator state keys (train/data/pipeline.py BatchIterator) and the config field each mirrors.
 ITERATOR_FIELDS = {"seed": "seed", "batch_size": "batch_size", "seq_len": "data.seq_len", "family": "model.family",

@@ -108,6 +108,11 @@ class MatrixMagicLM(TemplateLM):
         self.prefix = prompt_start(tokenizer, bos)
         self.start = self.prefix or prompt_start(tokenizer, True)  # what a text with no context follows
 
+    def use_params(self, params) -> None:
+        """Score with these weights from now on (evals during training: same shapes, so the
+        compiled programs are reused)."""
+        self.params = self.scorer.params = params
+
     # ------------------------------------------------------------------ the harness's hooks
 
     @property

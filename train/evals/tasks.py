@@ -99,7 +99,7 @@ def scores(results: dict) -> dict[str, float]:
     out = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
             out[f"{task}/{key.split(',')[0]}"] = float(value)
     return out

@@ -1,0 +1,74 @@
+"""Evals during training (`eval.tasks`, `eval.text`): lm-eval tasks and perplexity on text
+files, at eval steps, written to metrics.jsonl (split "evals") and TensorBoard.
+
+Everything a user can get wrong (a task name, a task's data, a text path, the `eval` extra
+not installed) is checked when the run starts, before the first step. The scorer is built
+once and handed each eval's weights, so every eval after the first reuses its compiled
+programs. The prompt convention is the run's tokenizer's (data/tokenizers.prompt_start),
+as `magic eval` uses it on the finished run.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from matrixmagic.configs.train_config import TrainConfig
+
+from ..data.tokenizers import prompt_start
+from ..run import reading_model
+from .perplexity import perplexity, read_text, text_files
+from .scoring import Scorer
+
+
+def _tasks_module():
+    """train/evals/tasks.py, imported only when eval.tasks is set: it needs the optional `eval`
+    extra (lm-eval, which also takes seconds to import), so a run without tasks never loads it."""
+    try:
+        tasks = importlib.import_module(f"{__package__}.tasks")
+    except ImportError as err:
+        raise ValueError(f"eval.tasks needs the lm-evaluation-harness ({err.name} is not installed): pip install "
+                         f"'matrixmagic[eval]', or leave eval.tasks empty.") from None
+    return tasks
+
+
+class TrainingEvals:
+    def __init__(self, config: TrainConfig, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.spec = config.eval
+        self.every = self.spec.every or config.eval_every
+        self.model = reading_model(config.model)
+        self.texts = []
+        if self.spec.text:
+            self.texts = [read_text(f) for f in text_files(self.spec.text)]  # a bad path fails before step 1
+        self.names, self.manager, self._lm, self._scorer = [], None, None, None
+        if self.spec.tasks:
+            tasks = _tasks_module()
+            self.names = tasks.parse_tasks(self.spec.tasks, "eval.tasks")
+            self.manager = tasks.task_manager(self.spec.include_path or None)
+            tasks.check_names(self.names, self.manager, "eval.tasks")
+            tasks.check_data(self.names, self.manager, "eval.tasks")
+
+    def due(self, done: int) -> bool:
+        return self.spec.active and (done % self.every == 0 or done == self.config.steps)
+
+    def run(self, params) -> dict[str, float]:
+        """{"text/bits_per_byte": ..., "hellaswag/acc": ...} for these weights (on the host)."""
+        out = {}
+        if self.texts:
+            if self._scorer is None:
+                self._scorer = Scorer(self.model, params, self.spec.batch_size)
+            self._scorer.params = params
+            start = prompt_start(self.tokenizer) or prompt_start(self.tokenizer, True)
+            result = perplexity(self._scorer, self.tokenizer, self.texts, start)
+            out.update({"text/nats_per_token": result.nats_per_token, "text/perplexity": result.perplexity,
+                        "text/bits_per_byte": result.bits_per_byte})
+        if self.names:
+            tasks = _tasks_module()
+            if self._lm is None:
+                self._lm = tasks.harness.MatrixMagicLM.from_loaded(self.model, params, self.tokenizer,
+                                                     batch_size=self.spec.batch_size, origin="the run being trained")
+            self._lm.use_params(params)
+            results = tasks.evaluate(self._lm, self.names, self.manager, limit=self.spec.limit or None,
+                                     num_fewshot=None if self.spec.num_fewshot < 0 else self.spec.num_fewshot)
+            out.update(tasks.scores(results))
+        return out
