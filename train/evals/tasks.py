@@ -54,7 +54,7 @@ def task_manager(include_path: str | None = None) -> TaskManager:
         raise FileNotFoundError(f"--include-path {include_path!r} is not a directory: give the folder that holds "
                                 f"your task YAML files.")
     quiet()
-    return TaskManager(include_path=include_path, verbosity="ERROR")
+    return TaskManager(include_path=include_path)
 
 
 def check_names(names: Sequence[str], manager: TaskManager, field: str = "--tasks") -> None:
