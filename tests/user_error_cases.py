@@ -107,6 +107,25 @@ CASES = [
          r"prepared with tokenizer 'bytes', but data\.tokenizer gives 'sp-.*--set data\.tokenizer=bytes", "23"),
     Case("truncated shard", ("train", "--set", "data.source={truncated}"),
          r"shard .*train-00000\.bin has [\d,]+ bytes, its index says", "23"),
+    # issue 24's list: evaluation
+    Case("eval an unknown task", ("eval", "--preset", "gpt-tiny", "--tasks", "hellaswg"),
+         r"'hellaswg' is not an lm-eval task\. Did you mean hellaswag", "24"),
+    Case("eval --limit 0", ("eval", "--preset", "gpt-tiny", "--tasks", "hellaswag", "--limit", "0"),
+         r"--limit 0 is invalid", "24"),
+    Case("eval a task on BERT", ("eval", "--preset", "bert-tiny", "--tasks", "lambada_openai"),
+         r"scores decoder-only \(GPT family\) runs; this run is encoder", "24"),
+    Case("eval a task whose data file is missing", ("eval", "--preset", "gpt-tiny", "--tasks", "lost_task",
+                                                    "--include-path", "{lost_tasks}"),
+         r"--tasks: a task's data file is missing", "24"),
+    Case("eval --text that does not exist", ("eval", "--preset", "gpt-tiny", "--text", "{tmp}/nope.txt"),
+         r"--text .*nope\.txt' does not exist", "24"),
+    Case("eval --stride beyond the context", ("eval", "--preset", "gpt-tiny", "--text", "{file}", "--stride", "4096"),
+         r"--stride 4096 is beyond the model's context: use 1\.\.128", "24"),
+    Case("eval with nothing to evaluate", ("eval", "--preset", "gpt-tiny"), r"nothing to evaluate", "24"),
+    Case("eval.tasks when training BERT", ("train", "--preset", "bert-tiny", "--set", "eval.tasks=hellaswag"),
+         r"eval\.tasks=.*score decoder-only", "24"),
+    Case("eval.text that does not exist", ("train", "--set", "eval.text={tmp}/nope", "--set", "data.source={corpus}",
+                                           "--set", "data.data_dir={data}"), r"--text .*nope' does not exist", "24"),
 ]
 
 
@@ -156,6 +175,11 @@ def make_inputs(root: Path) -> dict[str, str]:
     (root / "tmp").mkdir()
     (root / "empty").mkdir()
     (root / "rows.jsonl").write_text('{"body": "text under another name"}\n')
+    lost = root / "lost_tasks"  # a task of one's own whose data file is not there
+    lost.mkdir()
+    (lost / "lost.yaml").write_text(f"task: lost_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                    f"    test: {root / 'no-such-file.jsonl'}\noutput_type: loglikelihood\n"
+                                    f"test_split: test\ndoc_to_text: '{{{{q}}}}'\ndoc_to_target: '{{{{a}}}}'\n")
     from matrixmagic.train.data.prepare import prepare
     from matrixmagic.train.data.tokenizers import ByteTokenizer
 
@@ -163,7 +187,7 @@ def make_inputs(root: Path) -> dict[str, str]:
     prepare(str(corpus), str(root / "truncated"), ByteTokenizer(), workers=0, progress=False)
     shard = root / "truncated" / "train-00000.bin"
     shard.write_bytes(shard.read_bytes()[:1000])
-    return {"empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
+    return {"lost_tasks": str(lost), "empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
             "prepared": str(root / "prepared"), "truncated": str(root / "truncated"), "file": str(root / "file"),
             "bad_model": str(root / "bad.model"), "corpus": str(corpus),
             "data": str(root / "data"), "tiny": str(tiny), "wide": str(wide), "tmp": str(root / "tmp"),
