@@ -248,3 +248,41 @@ def test_magic_lm_eval_is_the_harness_command_line_with_our_backend(gpt2, tmp_pa
 def test_an_unknown_task_gets_the_nearest_names():
     with pytest.raises(ValueError, match=r"'tiny_choise' is not an lm-eval task\. Did you mean tiny_choice"):
         check_names(["tiny_choise"], task_manager(TASKS))
+
+
+@pytest.mark.slow
+def test_evals_during_training_are_logged_and_equal_magic_eval_on_the_saved_run(tmp_path):
+    """eval.text and eval.tasks at eval steps, into metrics.jsonl; the last step's figures are
+    what `magic eval` gives on the checkpoint the run saved at that step."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(6):
+        (corpus / f"doc{k}.py").write_text(f"def f{k}(x):\n    return x * {k} + {k}\n" * 40)
+    text = tmp_path / "held_out.txt"
+    text.write_text("def g(y):\n    return y - 1\n" * 10)
+    run = tmp_path / "run"
+    sets = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
+            "batch_size=4", "steps=6", "eval_every=3", "eval_batches=1", "sample_tokens=0", "log_every=3",
+            f"data.source={corpus}", f"data.data_dir={tmp_path / 'data'}", f"eval.text={text}",
+            "eval.tasks=tiny_choice", f"eval.include_path={TASKS}", "eval.limit=3", "eval.num_fewshot=0"]
+    done = magic("train", "--workdir", str(run), *[a for s in sets for a in ("--set", s)], cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("split") == "evals"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert {"text/bits_per_byte", "text/nats_per_token", "tiny_choice/acc", "tiny_choice/acc_norm"} <= set(evals[-1])
+
+    out = tmp_path / "after.json"
+    after = magic("eval", "--workdir", str(run), "--text", str(text), "--output", str(out), cwd=str(tmp_path))
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert json.loads(out.read_text())["bits_per_byte"] == pytest.approx(evals[-1]["text/bits_per_byte"], rel=1e-6)
+
+
+def test_the_eval_section_neither_names_a_new_run_nor_blocks_a_resume():
+    from matrixmagic.configs.train_config import EvalConfig, TrainConfig
+    from matrixmagic.train.rundir import config_digest
+    from matrixmagic.train.samerun import harmless
+
+    plain, with_evals = TrainConfig(), TrainConfig(eval=EvalConfig(tasks="hellaswag", text="notes/", every=100))
+    assert config_digest(plain) == config_digest(with_evals)
+    assert all(harmless(f"eval.{name}") for name in ("tasks", "text", "every", "limit", "num_fewshot"))
