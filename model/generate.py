@@ -155,13 +155,13 @@ def _unrolled(model: nn.Module, params):
 _unstack = jax.jit(unstack_layers, static_argnums=1)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists to [B, P] int32; also return their lengths [B]."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to [B, P] int32, P = max(longest, width); also return their lengths [B]."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists; "
                          "start an empty prompt with the end-of-text id, as training documents do.")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    ids = np.full((len(prompts), lengths.max()), pad_id, np.int32)
+    ids = np.full((len(prompts), max(int(lengths.max()), width)), pad_id, np.int32)
     for row, p in zip(ids, prompts):
         row[: len(p)] = np.asarray(p, np.int32)
     return ids, lengths
@@ -213,14 +213,16 @@ def _decoder_loop(model, params, ids, lengths, rng, eot_id, *, max_new_tokens, s
 
 
 def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eot_id: int,
-             sampling: Sampling = Sampling(), rng: Optional[jax.Array] = None) -> Generated:
-    """Continue each prompt (a list of token ids) with up to `max_new_tokens` new tokens."""
+             sampling: Sampling = Sampling(), rng: Optional[jax.Array] = None, width: int = 0) -> Generated:
+    """Continue each prompt (a list of token ids) with up to `max_new_tokens` new tokens.
+    `width`: pad the prompts to at least this many positions, so callers with prompts of many
+    lengths (the eval harness) reuse one compiled loop per width instead of one per length."""
     if model.config.family != "decoder":
         raise ValueError(f"generate() is for decoder-only models, not family={model.config.family!r}: "
                          "use translate() (encoder_decoder) or fill_masks() (encoder).")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive count.")
-    ids, lengths = pad_prompts(prompts)
+    ids, lengths = pad_prompts(prompts, width=width)
     cache_len = ids.shape[1] + max_new_tokens - 1  # the last new token is never fed back
     _check_fits(model.config, cache_len, "longest prompt + max_new_tokens - 1")
     rng = jax.random.key(0) if rng is None else rng

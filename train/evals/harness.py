@@ -41,7 +41,7 @@ from matrixmagic.model.generate import Sampling, generate
 
 from ..data.tokenizers import prompt_start
 from ..reading import open_model
-from .scoring import Scorer, rolling_windows
+from .scoring import Scorer, bucket_length, rolling_windows
 
 NAME = "matrixmagic"
 
@@ -196,11 +196,14 @@ class MatrixMagicLM(TemplateLM):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         texts = [""] * len(prompts)
         model = self.scorer.model
+        room = self.max_length - max_new  # the longest prompt that leaves max_new positions
         for start in range(0, len(order), self.batch_size):
             chosen = order[start:start + self.batch_size]
             batch = [prompts[i] if prompts[i] else list(self.start) for i in chosen]
+            batch += [batch[-1]] * (self.batch_size - len(batch))  # full batches: one shape per width
             done = generate(model, self.params, batch, max_new_tokens=max_new, eot_id=self.eot_token_id,
-                            sampling=sampling, rng=jax.random.key(start))
+                            sampling=sampling, rng=jax.random.key(start),
+                            width=bucket_length(len(batch[0]), room))
             for i, row in zip(chosen, done.rows()):
                 texts[i] = postprocess_generated_text(self.vocab.decode(row), until, None)
         return texts
