@@ -95,7 +95,11 @@ def test_plots_are_written(tiny, tmp_path):
 def test_cli_explain_shape_only(capsys):
     assert main(["explain", "--preset", "gpt3-175b", "--batch", "3", "--text", "Hello"]) == 0
     out = capsys.readouterr().out
-    assert "shapes only" in out and "[3, 96, 5, 5]" in out and "per head [3, 5, 128]" in out
+    # 6 tokens: the prompt's start (end-of-text, as `magic generate` reads a prompt), then 5 bytes
+    assert "prompts start with <|endoftext|>" in out
+    assert "shapes only" in out and "[3, 96, 6, 6]" in out and "per head [3, 6, 128]" in out
+    assert main(["explain", "--preset", "gpt3-175b", "--text", "Hello", "--no-bos"]) == 0
+    assert "per head [1, 5, 128]" in capsys.readouterr().out
 
 
 def test_positional_picture_is_the_models_own(tiny):
