@@ -2,7 +2,7 @@
 in order, in a fresh directory, after the quick-start, and exits as the README says (0, or the
 `# exit N` its comment names).
 
-To stay within a few CI minutes every `magic train`, `generate` and `explain` gets the same
+To stay within a few CI minutes every `magic train`, `generate`, `explain` and `eval` gets the same
 step-count override (`--set steps=3 --set eval_batches=2 --set sample_tokens=16`), so the default
 workdir each one names is still the one its neighbours find. Stand-ins and limits, each said where
 it applies:
@@ -194,7 +194,7 @@ def test_readme_commands_run_in_order(user_home):
                     why = "argument validity only (a 175B compile takes minutes)"
                     codes.append(expected)
                     continue
-            if sub in ("train", "generate", "explain") and "--help-fields" not in argv:
+            if sub in ("train", "generate", "explain", "eval") and "--help-fields" not in argv:
                 argv = argv + FAST + (["--set", "data.seq_len=64"] if "--init-from" in argv else [])
                 if sub == "generate" and "--max-new-tokens" not in argv:
                     argv += ["--max-new-tokens", "16"]  # the 64-position stand-in GPT-2 has no room for 100

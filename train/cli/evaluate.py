@@ -84,12 +84,20 @@ def _write(path: str | None, text: str) -> None:
     print(f"wrote {path}")
 
 
+def _harness():
+    """train/evals/tasks.py, or a clear error when the optional `eval` extra is missing."""
+    try:
+        from matrixmagic.train.evals import tasks
+    except ImportError as err:
+        raise ValueError(f"lm-eval tasks need the lm-evaluation-harness ({err.name} is not installed): pip install "
+                         f"'matrixmagic[eval]' (or -e '.[eval]' in a checkout). --text needs no extra.") from None
+    return tasks
+
+
 def main(args) -> int:
     _check_flags(args)
     if args.list_tasks:
-        from matrixmagic.train.evals.tasks import task_manager
-
-        print("\n".join(sorted(task_manager(args.include_path).all_tasks)))
+        print("\n".join(sorted(_harness().task_manager(args.include_path).all_tasks)))
         return 0
     from matrixmagic.sharding.fit import forward_parts
 
@@ -105,8 +113,7 @@ def main(args) -> int:
                          f"encoder-decoder run needs a seq2seq backend, not built yet).")
     if args.text:
         return _text(args, config, tokenizer, load, origin, run)
-    from matrixmagic.train.evals import tasks as lm_tasks
-
+    lm_tasks = _harness()
     names = lm_tasks.parse_tasks(args.tasks)
     lm_tasks.check_limit(args.limit)
     lm_tasks.check_fewshot(args.num_fewshot)
@@ -115,11 +122,9 @@ def main(args) -> int:
     lm_tasks.check_data(names, manager)
     check_memory(args, f"evaluating {args.workdir or args.preset}", forward_parts(config, args.batch_size,
                                                                                     config.max_len))
-    from matrixmagic.train.evals.harness import MatrixMagicLM
-
     prefix = prompt_start(tokenizer, args.bos)
     print(f"[{config.family} model: {origin}; {describe_prompt_start(tokenizer, prefix, args.bos)}]", file=sys.stderr)
-    lm = MatrixMagicLM.from_loaded(config, load(args.seed), tokenizer, batch_size=args.batch_size, bos=args.bos,
+    lm = lm_tasks.harness.MatrixMagicLM.from_loaded(config, load(args.seed), tokenizer, batch_size=args.batch_size, bos=args.bos,
                                    origin=origin)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_tasks.evaluate(lm, names, manager, limit=limit, num_fewshot=args.num_fewshot)
@@ -141,9 +146,13 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
         raise ValueError(f"--stride {args.stride} is beyond the model's context: use 1..{config.max_len} "
                          f"(model.max_len).")
     texts = [read_text(f) for f in files]
-    start = prompt_start(tokenizer, args.bos) or prompt_start(tokenizer, True)  # the first token needs one before it
+    start = prompt_start(tokenizer, args.bos)
+    line = describe_prompt_start(tokenizer, start, args.bos)
+    if not start:  # the first token is scored too, so something must come before it (the harness does the same)
+        start = prompt_start(tokenizer, True)
+        line = f"each text follows {tokenizer.decode(list(start))} (id {start[0]}), so its first token is scored too"
     check_memory(args, f"scoring {args.text}", forward_parts(config, args.batch_size, config.max_len))
-    print(f"[{config.family} model: {origin}; {describe_prompt_start(tokenizer, start, args.bos)}]", file=sys.stderr)
+    print(f"[{config.family} model: {origin}; {line}]", file=sys.stderr)
     scorer = Scorer(config, load(args.seed), args.batch_size)
     result = perplexity(scorer, tokenizer, texts, start, args.stride)
     print(f"{args.text}: {result.files} file(s), {result.tokens:,} tokens, {result.bytes:,} bytes, "
@@ -158,9 +167,8 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
 
 def lm_eval_main(argv) -> int:
     """`magic lm-eval ARGS`: lm_eval's own command line, with `--model matrixmagic` known to it."""
+    _harness()  # registers the backend
     from lm_eval.__main__ import cli_evaluate
-
-    import matrixmagic.train.evals.harness  # noqa: F401  (registers the backend)
 
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()

@@ -48,13 +48,17 @@ class Perplexity:
 
 
 def text_files(path: str) -> list[str]:
-    """A file, or every file under a directory (sorted, hidden ones skipped)."""
+    """A file, or every file under a directory (sorted; hidden files and folders, and
+    __pycache__, skipped)."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--text {path!r} does not exist: give a text file or a directory of them.")
-    found = sorted(os.path.join(root, name) for root, dirs, names in os.walk(path) for name in names
-                   if not name.startswith("."))
+    found = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        found += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    found.sort()
     if not found:
         raise ValueError(f"--text {path!r} holds no files: give a text file or a directory with some.")
     return found
