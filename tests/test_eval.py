@@ -31,6 +31,7 @@ from matrixmagic.train.evals.perplexity import perplexity
 from matrixmagic.train.evals.scoring import Scorer, bucket_length, rolling_windows
 from matrixmagic.train.evals.tasks import check_names, evaluate, task_manager
 from matrixmagic.train.hf.api import import_hf
+from matrixmagic.train.reading import read_run
 from matrixmagic.train.run import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +46,8 @@ TOL = 1e-4  # float32 logits from two libraries: the issue's bound
 def gpt2(tmp_path_factory):
     """The tiny GPT-2 fixture imported by `magic hf import`: (run dir, config, params, tokenizer)."""
     run = import_hf(os.path.join(FIXTURES, "hf", "gpt2"), str(tmp_path_factory.mktemp("gpt2") / "run")).path
-    config, params, tokenizer = load_run(run)
-    return run, config, params, tokenizer
+    config, tokenizer = read_run(run)  # imported, not trained here: prompts start as transformers starts them
+    return run, config, load_run(run)[1], tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +134,23 @@ def test_greedy_generate_on_imported_gpt2_equals_transformers_with_nothing_prepe
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.rstrip("\n") == text
-    assert "prompts start with no added token (the run's tokenizer)" in done.stderr
+    assert "prompts start with no added token (as transformers starts this imported checkpoint's prompts)" \
+        in done.stderr
     with_bos = subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", "generate", "--workdir", run, "--prompt",
                                ref["prompt"], "--max-new-tokens", "4", "--temperature", "0", "--bos"],
                               capture_output=True, text=True, timeout=300, cwd=REPO)
     assert with_bos.returncode == 0 and "prompts start with <|endoftext|> (id 319; --bos)" in with_bos.stderr
 
 
-def test_the_prompt_start_follows_each_tokenizer():
+def test_the_prompt_start_is_what_training_documents_start_with_or_transformers_for_an_import():
     assert prompt_start(ByteTokenizer()) == (256,), "ours: end-of-text, which starts every training document"
-    bert = HFTokenizer(os.path.join(FIXTURES, "hf", "bert", "tokenizer.json"))
-    assert prompt_start(bert) == (bert.eot_id,) and bert.decode([bert.eot_id]) == "[CLS]", "BERT: [CLS]"
+    assert prompt_start(ByteTokenizer(), False) == ()
     gpt2 = HFTokenizer(os.path.join(FIXTURES, "hf", "gpt2", "tokenizer.json"))
-    assert prompt_start(gpt2) == () and prompt_start(gpt2, True) == (319,) and prompt_start(ByteTokenizer(), False) == ()
+    assert prompt_start(gpt2) == (319,), "a run trained here on GPT-2's tokenizer: its documents start with eot"
+    gpt2.as_imported()
+    assert prompt_start(gpt2) == () and prompt_start(gpt2, True) == (319,), "imported GPT-2: nothing, as transformers"
+    bert = HFTokenizer(os.path.join(FIXTURES, "hf", "bert", "tokenizer.json")).as_imported()
+    assert prompt_start(bert) == (bert.eot_id,) and bert.decode([bert.eot_id]) == "[CLS]", "BERT: [CLS]"
 
 
 # ----------------------------------------------------------------------------- scoring against direct log-probs

@@ -408,17 +408,27 @@ def _run_steps(workdir: str, ckpt: Checkpointer) -> list[int]:
     return steps
 
 
-def saved_run_config(workdir: str):
-    """The TrainConfig of a run directory's newest checkpoint whose config reads, without
-    loading any array (a damaged step is skipped; its params load warns about it)."""
+def saved_run_records(workdir: str):
+    """(TrainConfig, data record) of a run directory's newest checkpoint whose records read,
+    without loading any array (a damaged step is skipped; its params load warns about it).
+    The data record of a `magic hf import` step holds `imported_from`."""
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+
+    def records(step: int):
+        config, data = ckpt.saved_records(step)
+        return config_from_json(config), data
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CheckpointWarning)
-            return newest_good(ckpt, _run_steps(workdir, ckpt), lambda s: config_from_json(ckpt.saved_config(s)),
-                               f"--workdir {workdir}")[0]
+            return newest_good(ckpt, _run_steps(workdir, ckpt), records, f"--workdir {workdir}")[0]
     finally:
         ckpt.close()
+
+
+def saved_run_config(workdir: str):
+    """The TrainConfig of a run directory's newest readable checkpoint (saved_run_records)."""
+    return saved_run_records(workdir)[0]
 
 
 def load_params(workdir: str):

@@ -15,7 +15,7 @@ from matrixmagic.configs import get_preset
 from matrixmagic.model.build import init_params
 
 from . import storage
-from .checkpoint import saved_run_config
+from .checkpoint import saved_run_records
 from .data.tokenizers import ByteTokenizer
 from .run import load_run, reading_model, resolve_config, run_tokenizer
 
@@ -43,6 +43,17 @@ def trained_run(preset: str | None, sets: Sequence[str], workdir: str | None) ->
     return (default if storage.is_dir(storage.join(default, "checkpoints")) else None), default
 
 
+def read_run(run: str):
+    """(model config, tokenizer) of a run directory, no array read. An imported checkpoint not
+    trained here starts prompts as `transformers` does (data/tokenizers.py prompt_prefix)."""
+    with quiet_orbax():
+        config, data = saved_run_records(run)  # the latest good checkpoint's records
+    tokenizer = run_tokenizer(config)
+    if data.get("imported_from") and hasattr(tokenizer, "as_imported"):
+        tokenizer.as_imported()
+    return reading_model(config.model), tokenizer
+
+
 def open_model(preset: str | None, workdir: str | None, sets: Sequence[str] = ()):
     """--workdir, else the run `magic train` made with the same flags (trained weights), else
     --preset (random weights, byte tokenizer) -> (model config, tokenizer, load(seed) -> params,
@@ -50,14 +61,13 @@ def open_model(preset: str | None, workdir: str | None, sets: Sequence[str] = ()
     the model (lengths, memory) first."""
     run, default = trained_run(preset, sets, workdir)
     if run:
-        with quiet_orbax():
-            config = saved_run_config(run)  # the latest good checkpoint's config: no array read
+        model, tokenizer = read_run(run)
 
         def load_trained(seed):
             with quiet_orbax():
                 return load_run(run)[1]
 
-        return reading_model(config.model), run_tokenizer(config), load_trained, f"trained run {run}"
+        return model, tokenizer, load_trained, f"trained run {run}"
     if not preset:
         raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
                          f"first, give --workdir RUN, or --preset NAME for random weights, e.g. --preset gpt-tiny.")

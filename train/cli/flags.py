@@ -63,5 +63,5 @@ def add_bos_argument(p) -> None:
     """generate, explain and eval put the same ids before a prompt (data/tokenizers.prompt_start)."""
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="put a beginning-of-text token before the prompt (--bos) or nothing (--no-bos); default: "
-                        "as the run's tokenizer does (ours: end-of-text, which starts every training document; an "
-                        "imported Hugging Face tokenizer: what its post-processor adds, none for GPT-2)")
+                        "for a run trained here end-of-text, which starts every training document; for an "
+                        "imported Hugging Face checkpoint, what transformers puts there: none for GPT-2")

@@ -18,10 +18,9 @@ from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation,
 from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
 from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
 
-from ..checkpoint import saved_run_config
 from ..data.tokenizers import ByteTokenizer, describe_prompt_start, prompt_start
-from ..reading import open_model, quiet_orbax, trained_run
-from ..run import load_run, reading_model, run_tokenizer
+from ..reading import open_model, quiet_orbax, read_run, trained_run
+from ..run import load_run
 from .paths import check_output_dir
 
 
@@ -119,9 +118,7 @@ def cli_explain(args) -> int:
         check_output_dir(args.plot, "--plot")
     run, default = trained_run(args.preset, args.set or (), args.workdir)
     if run:
-        with quiet_orbax():
-            saved = saved_run_config(run)  # no array read yet: the request is checked first
-        config, tokenizer = reading_model(saved.model), run_tokenizer(saved)
+        config, tokenizer = read_run(run)  # no array read yet: the request is checked first
         print(f"[trained run {run}]")
     elif args.preset:
         config, tokenizer = get_preset(args.preset).model, ByteTokenizer()  # the preset's own table

@@ -12,10 +12,11 @@ and batching code never asks which one it has:
 * `mask_id` BERT's [MASK] for the masked-LM family.
 * `bos_id`  the decoder's start token for the encoder-decoder family.
 * `prompt_prefix`  the ids put before a prompt (generate, explain, eval): what the
-            model saw before the first token of a document. Ours (bytes, SentencePiece):
-            `(eot_id,)`, which starts every packed document. A Hugging Face tokenizer:
-            what its own post-processor adds (GPT-2: nothing; Llama: <s>; BERT: [CLS]),
-            i.e. what `transformers` puts before a prompt. `prompt_start` applies a flag.
+            model saw before the first token of a document, `(eot_id,)` for every run
+            trained here (it starts every packed document). A checkpoint imported from
+            Hugging Face and not trained here follows `transformers` instead
+            (`HFTokenizer.as_imported`): what the tokenizer's post-processor adds (GPT-2:
+            nothing; Llama: <s>; BERT: [CLS]). `prompt_start` applies --bos/--no-bos.
 
 Specials are never produced by `encode(text)`: the byte tokenizer keeps them above 255
 and SentencePiece declares them as *control* symbols. The packer relies on this: an
@@ -96,7 +97,11 @@ def prompt_start(tokenizer: Tokenizer, bos: bool | None = None) -> tuple[int, ..
 
 def describe_prompt_start(tokenizer: Tokenizer, ids: Sequence[int], bos: bool | None = None) -> str:
     """One line for a run header: which ids start a prompt, and why."""
-    why = ("the run's tokenizer" if bos is None else "--bos" if bos else "--no-bos")
+    if bos is None:
+        why = ("as transformers starts this imported checkpoint's prompts" if getattr(tokenizer, "imported", False)
+               else "every training document starts so")
+    else:
+        why = "--bos" if bos else "--no-bos"
     if not ids:
         return f"prompts start with no added token ({why})"
     return f"prompts start with {tokenizer.decode(list(ids))!s} (id {', '.join(map(str, ids))}; {why})"
@@ -267,7 +272,14 @@ class HFTokenizer:
                              if i >= self.vocab_size}
         specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self.special_ids = tuple(sorted(specials | {self.eot_id, self.bos_id, self.pad_id, self.mask_id}))
-        self.prompt_prefix = self._leading_specials(specials)
+        self.prompt_prefix = (self.eot_id,)  # every document trained on here starts with it
+        self.transformers_prefix = self._leading_specials(specials)
+        self.imported = False
+
+    def as_imported(self) -> "HFTokenizer":
+        """Prompts as `transformers` starts them (a checkpoint imported and not trained here)."""
+        self.prompt_prefix, self.imported = self.transformers_prefix, True
+        return self
 
     def _leading_specials(self, specials: set[int]) -> tuple[int, ...]:
         """The special ids the tokenizer's post-processor puts before a text (what

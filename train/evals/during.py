@@ -4,7 +4,7 @@ files, at eval steps, written to metrics.jsonl (split "evals") and TensorBoard.
 Everything a user can get wrong (a task name, a task's data, a text path, the `eval` extra
 not installed) is checked when the run starts, before the first step. The scorer is built
 once and handed each eval's weights, so every eval after the first reuses its compiled
-programs. The prompt convention is the run's tokenizer's (data/tokenizers.prompt_start),
+programs. The prompt convention is the run's (end-of-text first: data/tokenizers.prompt_start),
 as `magic eval` uses it on the finished run.
 """
 

@@ -6,7 +6,7 @@ and `magic lm-eval --model matrixmagic ...` (the harness's own command line; lm_
 0.4 has no plugin hook, so its `lm_eval` command cannot find a backend it did not ship)
 all score through it. model_args: `workdir=RUN` (a trained or imported run), or
 `preset=NAME` (random weights) with `set=field=value;field=value`; `bos=true|false`
-(default: the run's tokenizer, data/tokenizers.prompt_start); `max_gen_toks` (256).
+(default: the run's convention, data/tokenizers.prompt_start); `max_gen_toks` (256).
 
 The three request types:
 
@@ -57,7 +57,7 @@ def _flag(value) -> bool | None:
         return False
     if text in ("", "auto", "none"):
         return None
-    raise ValueError(f"bos={value!r} is invalid: use true, false, or leave it out (the run's tokenizer decides).")
+    raise ValueError(f"bos={value!r} is invalid: use true, false, or leave it out (the run decides).")
 
 
 def _batch_size(value) -> int:
