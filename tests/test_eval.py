@@ -291,3 +291,12 @@ def test_the_eval_section_neither_names_a_new_run_nor_blocks_a_resume():
     plain, with_evals = TrainConfig(), TrainConfig(eval=EvalConfig(tasks="hellaswag", text="notes/", every=100))
     assert config_digest(plain) == config_digest(with_evals)
     assert all(harmless(f"eval.{name}") for name in ("tasks", "text", "every", "limit", "num_fewshot"))
+
+
+def test_each_filtered_metric_keeps_its_own_name_in_the_training_log():
+    from matrixmagic.train.evals.tasks import scores
+
+    got = scores({"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.1,
+                                        "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.3},
+                              "piqa": {"acc,none": 0.6, "sample_len": 10}}})
+    assert got == {"gsm8k/exact_match/strict-match": 0.1, "gsm8k/exact_match/flexible-extract": 0.3, "piqa/acc": 0.6}

@@ -34,7 +34,7 @@ from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .data.tokenizers import prompt_start
-from .evals.during import TrainingEvals
+from .evals.during import open_training_evals
 from .guards import NonFiniteMonitor, check_free_space
 from .lease import run_lock
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
@@ -185,8 +185,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
         check_training_fits(config, jax.device_count(), jax.local_devices())
     train_data, eval_sets = process_zero_first(lambda: open_data(config, tokenizer))
     is_main = jax.process_index() == 0
-    # eval.tasks / eval.text: names, data and paths checked now, before the first step; process 0 scores.
-    extra_evals = TrainingEvals(config, tokenizer) if config.eval.active and is_main else None
+    extra_evals = open_training_evals(config, tokenizer, is_main)
     log = print if (is_main and not quiet) else (lambda *a, **k: None)
 
     tx, run = train_run(config)  # mesh, shardings and the jitted steps (the one `magic compile` lowers)
@@ -271,17 +270,6 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 window_start += eval_seconds
                 if not bar.disable:  # nor for the bar: its time, rate and ETA are of train steps only
                     bar.start_t += eval_seconds
-            if config.eval.active and (done % (config.eval.every or config.eval_every) == 0 or done == config.steps):
-                eval_start = time.perf_counter()
-                params_on_host = gather_params(state.params)  # a collective: every process joins
-                if extra_evals is not None:
-                    scores = extra_evals.run(params_on_host)
-                    writer.write(done, "evals", scores)
-                    bar.write(f"step {done}: evals " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-                eval_seconds = time.perf_counter() - eval_start
-                window_start += eval_seconds
-                if not bar.disable:
-                    bar.start_t += eval_seconds
             stop = guard.should_stop(done)
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 monitor.check(last_good(ckpt))  # a state is saved only after its steps were checked
@@ -289,6 +277,19 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                     lock.check()  # a lapsed GCS lease: another run may be writing here (train/lease.py)
                 writer.flush()  # on GCS the rows up to this step are in the bucket before the step is
                 ckpt.save(done, state, data_state(train_data, done, monitor.skipped), config, metrics=eval_metrics)
+            # eval.tasks / eval.text: after the save (a failing task cannot cost the step), not when stopping.
+            if extra_evals is not None and extra_evals.due(done) and not stop:
+                jax.block_until_ready(state)  # the steps dispatched before are train time
+                eval_start = time.perf_counter()
+                params_on_host = gather_params(state.params)  # a collective: every process joins
+                if is_main:
+                    scores = extra_evals.run_logged(params_on_host, done, bar.write)
+                    if scores:
+                        writer.write(done, "evals", scores)
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds
+                if not bar.disable:
+                    bar.start_t += eval_seconds
             bar.update(1)
             if stop:
                 preempted_at = done

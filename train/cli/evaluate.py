@@ -19,6 +19,7 @@ import re
 import sys
 
 from .flags import add_bos_argument, add_memory_check_argument
+from .paths import check_output_file
 
 
 def add_eval_arguments(p) -> None:
@@ -58,11 +59,13 @@ def _check_flags(args) -> None:
         raise ValueError("--limit, --num-fewshot and --include-path apply to --tasks, not to --text: drop them.")
     if args.tasks and args.stride is not None:
         raise ValueError("--stride applies to --text; lm-eval's rolling tasks use disjoint windows: drop it.")
-    if args.output and os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output!r} is a directory: give a file name, e.g. {args.output}/eval.json.")
+    if args.output:
+        check_output_file(args.output, "--output")  # before anything is scored
 
 
 def _output_path(args, run: str | None, name: str) -> str | None:
+    """--output, else RUN/evals/<name>-<time>.json (checked writable now, before any scoring), else
+    None (random weights of a preset: the console only)."""
     if args.output:
         return args.output
     if run is None:
@@ -70,7 +73,14 @@ def _output_path(args, run: str | None, name: str) -> str | None:
     from .. import storage
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return storage.join(run, "evals", f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:80]}-{stamp}.json")
+    path = storage.join(run, "evals", f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:80]}-{stamp}.json")
+    if not storage.is_url(path):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--workdir {run!r}: its evals/ folder cannot be made ({err.strerror}): give --output "
+                             f"FILE somewhere you can write.") from None
+    return check_output_file(path, "--output")
 
 
 def _write(path: str | None, text: str) -> None:
@@ -78,8 +88,6 @@ def _write(path: str | None, text: str) -> None:
         return
     from .. import storage
 
-    if not storage.is_url(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     storage.write_text(path, text + "\n")
     print(f"wrote {path}")
 
@@ -122,14 +130,15 @@ def main(args) -> int:
     lm_tasks.check_data(names, manager)
     check_memory(args, f"evaluating {args.workdir or args.preset}", forward_parts(config, args.batch_size,
                                                                                     config.max_len))
+    out = _output_path(args, run, ",".join(names))
     prefix = prompt_start(tokenizer, args.bos)
     print(f"[{config.family} model: {origin}; {describe_prompt_start(tokenizer, prefix, args.bos)}]", file=sys.stderr)
-    lm = lm_tasks.harness.MatrixMagicLM.from_loaded(config, load(args.seed), tokenizer, batch_size=args.batch_size, bos=args.bos,
-                                   origin=origin)
+    lm = lm_tasks.harness.MatrixMagicLM.from_loaded(config, load(args.seed), tokenizer, batch_size=args.batch_size,
+                                                    bos=args.bos, seed=args.seed, origin=origin)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_tasks.evaluate(lm, names, manager, limit=limit, num_fewshot=args.num_fewshot)
     print(lm_tasks.table(results))
-    _write(_output_path(args, run, ",".join(names)), lm_tasks.to_json(results))
+    _write(out, lm_tasks.to_json(results))
     return 0
 
 
@@ -152,6 +161,7 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
         start = prompt_start(tokenizer, True)
         line = f"each text follows {tokenizer.decode(list(start))} (id {start[0]}), so its first token is scored too"
     check_memory(args, f"scoring {args.text}", forward_parts(config, args.batch_size, config.max_len))
+    out = _output_path(args, run, "text-" + os.path.basename(os.path.normpath(args.text)))
     print(f"[{config.family} model: {origin}; {line}]", file=sys.stderr)
     scorer = Scorer(config, load(args.seed), args.batch_size)
     result = perplexity(scorer, tokenizer, texts, start, args.stride)
@@ -160,8 +170,7 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
     print(f"  nats/token {result.nats_per_token:.4f}   perplexity {result.perplexity:.3f}   "
           f"bits/byte {result.bits_per_byte:.4f}")
     record = {"text": os.path.abspath(args.text), "origin": origin, "prompt_start": list(start), **result.as_dict()}
-    _write(_output_path(args, run, "text-" + os.path.basename(os.path.normpath(args.text))),
-           json.dumps(record, indent=2))
+    _write(out, json.dumps(record, indent=2))
     return 0
 
 

@@ -305,8 +305,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
         from .evaluate import lm_eval_main
 
-        return lm_eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        args = argparse.Namespace(command="lm-eval", func=lambda _: lm_eval_main(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning afterwards

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import importlib
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from matrixmagic.configs.train_config import TrainConfig
 
 from ..data.tokenizers import prompt_start
@@ -72,3 +76,46 @@ class TrainingEvals:
                                      num_fewshot=None if self.spec.num_fewshot < 0 else self.spec.num_fewshot)
             out.update(tasks.scores(results))
         return out
+
+    def run_logged(self, params, step: int, write) -> dict[str, float]:
+        """run(), printed on one line; a failure is a warning, not the end of training (the step
+        is already saved): {} then, and the next eval tries again."""
+        try:
+            scores = self.run(params)
+        except Exception as err:  # a task that only fails when scored (too long a generation, memory)
+            write(f"warning: step {step}: eval.tasks/eval.text failed, training goes on: {type(err).__name__}: "
+                  f"{str(err)[:300]}")
+            return {}
+        write(f"step {step}: evals " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        return scores
+
+
+def open_training_evals(config: TrainConfig, tokenizer, is_main: bool) -> TrainingEvals | None:
+    """The evals, checked before the first step. Process 0 checks (task names, data, text paths)
+    and scores; the others only learn whether the checks passed, so a bad eval.* stops every
+    process instead of leaving them waiting in a collective."""
+    if not config.eval.active:
+        return None
+    evals, failure = None, None
+    if is_main:
+        try:
+            evals = TrainingEvals(config, tokenizer)
+        except (ValueError, FileNotFoundError) as err:
+            failure = err
+    if jax.process_count() > 1:
+        passed = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+        if not int(passed) and failure is None:
+            raise ValueError("eval.tasks / eval.text failed their checks on process 0: its log says why.")
+    if failure is not None:
+        raise failure
+    return evals if is_main else _Schedule(config)
+
+
+class _Schedule:
+    """What a process other than 0 needs: when the evals are due (it joins their gather)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config, self.every = config, config.eval.every or config.eval_every
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.config.steps

@@ -83,35 +83,41 @@ class MatrixMagicLM(TemplateLM):
             raise ValueError("model_args needs workdir=RUN (a trained or imported run) or preset=NAME "
                              "(random weights), e.g. --model_args workdir=runs/gpt-tiny-65182f.")
         sets = [s for s in str(set or "").split(";") if s.strip()]
+        rows, start, new = _batch_size(batch_size), _flag(bos), int(max_gen_toks)  # checked before any load
+        if new < 1:
+            raise ValueError(f"max_gen_toks={max_gen_toks} is invalid: use a positive count, e.g. 256.")
         config, tokenizer, load, self.origin = open_model(preset, workdir, sets)
-        self._setup(config, load(int(seed)), tokenizer, _batch_size(batch_size), _flag(bos), int(max_gen_toks))
+        self._setup(config, load(int(seed)), tokenizer, rows, start, new, int(seed))
 
     @classmethod
     def from_loaded(cls, config, params, tokenizer, *, batch_size: int = 16, bos: bool | None = None,
-                    max_gen_toks: int = 256, origin: str = "a run in memory") -> "MatrixMagicLM":
+                    max_gen_toks: int = 256, seed: int = 0, origin: str = "a run in memory") -> "MatrixMagicLM":
         """Weights already in memory (evals during training): nothing is read from disk."""
         self = cls.__new__(cls)
         TemplateLM.__init__(self)
         self.origin = origin
-        self._setup(config, params, tokenizer, batch_size, bos, max_gen_toks)
+        self._setup(config, params, tokenizer, batch_size, bos, max_gen_toks, seed)
         return self
 
-    def _setup(self, config, params, tokenizer, batch_size: int, bos: bool | None, max_gen_toks: int) -> None:
+    def _setup(self, config, params, tokenizer, batch_size: int, bos: bool | None, max_gen_toks: int,
+               seed: int) -> None:
         if config.family != "decoder":
             raise ValueError(f"the lm-eval backend scores decoder-only (GPT family) runs; this run is "
                              f"{config.family}: its model gives no left-to-right likelihood of a text.")
         if max_gen_toks < 1:
             raise ValueError(f"max_gen_toks={max_gen_toks} is invalid: use a positive count, e.g. 256.")
-        self.config, self.params, self.vocab = config, params, tokenizer
+        self.config, self.vocab = config, tokenizer
         self.scorer = Scorer(config, params, batch_size)
-        self.batch_size, self.bos, self.max_gen_toks = batch_size, bos, max_gen_toks
+        self.params = self.scorer.params
+        self.batch_size, self.bos, self.max_gen_toks, self.seed = batch_size, bos, max_gen_toks, seed
         self.prefix = prompt_start(tokenizer, bos)
         self.start = self.prefix or prompt_start(tokenizer, True)  # what a text with no context follows
 
     def use_params(self, params) -> None:
         """Score with these weights from now on (evals during training: same shapes, so the
         compiled programs are reused)."""
-        self.params = self.scorer.params = params
+        self.scorer.params = jax.device_put(params)
+        self.params = self.scorer.params
 
     # ------------------------------------------------------------------ the harness's hooks
 
@@ -202,7 +208,7 @@ class MatrixMagicLM(TemplateLM):
             batch = [prompts[i] if prompts[i] else list(self.start) for i in chosen]
             batch += [batch[-1]] * (self.batch_size - len(batch))  # full batches: one shape per width
             done = generate(model, self.params, batch, max_new_tokens=max_new, eot_id=self.eot_token_id,
-                            sampling=sampling, rng=jax.random.key(start),
+                            sampling=sampling, rng=jax.random.fold_in(jax.random.key(self.seed), start),
                             width=bucket_length(len(batch[0]), room))
             for i, row in zip(chosen, done.rows()):
                 texts[i] = postprocess_generated_text(self.vocab.decode(row), until, None)

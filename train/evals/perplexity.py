@@ -18,7 +18,9 @@ import math
 import os
 from collections.abc import Sequence
 
-from .scoring import Scorer, rolling_windows
+import numpy as np
+
+from .scoring import Scorer, window_spans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +75,32 @@ def read_text(path: str) -> str:
                          f"leave it out of the directory.") from None
 
 
+CHUNK = 256  # windows scored at a time: memory stays flat whatever the text's length
+
+
 def perplexity(scorer: Scorer, tokenizer, texts: Sequence[str], start: Sequence[int],
                stride: int | None = None) -> Perplexity:
     """Perplexity of `texts` (each a document) under the scorer's model."""
     stride = scorer.max_len if stride is None else stride
-    requests, n_bytes = [], 0
+    nll, n_tokens, n_bytes, pending = 0.0, 0, 0, []
+
+    def score(requests) -> float:
+        return -float(sum(lp.sum() for lp, _ in scorer.token_scores(requests)))
+
     for text in texts:
-        ids = [int(i) for i in tokenizer.encode(text)]
-        if ids:
-            requests += rolling_windows(ids, start, scorer.max_len, stride)
-            n_bytes += len(text.encode("utf-8"))
-    if not requests:
+        ids = np.asarray(tokenizer.encode(text), np.int32)
+        if not len(ids):
+            continue
+        whole = np.concatenate([np.asarray(start, np.int32), ids])
+        for a, b, c in window_spans(len(ids), len(start), scorer.max_len, stride):
+            pending.append((whole[a:b].tolist(), whole[b:c].tolist()))
+            n_tokens += c - b
+            if len(pending) == CHUNK:
+                nll, pending = nll + score(pending), []
+        n_bytes += len(text.encode("utf-8"))
+    if pending:
+        nll += score(pending)
+    if not n_tokens:
         raise ValueError("--text: the files hold no text to score (all empty).")
-    scores = scorer.token_scores(requests)
-    return Perplexity(files=len(texts), tokens=sum(len(c) for _, c in requests), bytes=n_bytes,
-                      nll=-float(sum(lp.sum() for lp, _ in scores)), stride=stride, max_len=scorer.max_len)
+    return Perplexity(files=len(texts), tokens=n_tokens, bytes=n_bytes, nll=nll, stride=stride,
+                      max_len=scorer.max_len)

@@ -55,8 +55,8 @@ def window(context: Sequence[int], continuation: Sequence[int], max_len: int) ->
 def _token_logprobs(model, params, ids: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """ids, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T])."""
     logits = model.apply({"params": params}, ids, deterministic=True).astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    # log p = logit[target] - logsumexp(logits): no [B, T, vocab] log-softmax beside the logits
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 
@@ -68,7 +68,8 @@ class Scorer:
             raise ValueError(f"scoring text needs a decoder-only model (GPT family); this run is {config.family}.")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more rows per batch.")
-        self.config, self.params, self.batch_size = config, params, batch_size
+        self.config, self.batch_size = config, batch_size
+        self.params = jax.device_put(params)  # once, not with every batch
         self.max_len = config.max_len
         self.model = build_model(config)
         self._fn = jax.jit(functools.partial(_token_logprobs, self.model))
@@ -105,6 +106,26 @@ class Scorer:
         return out
 
 
+def window_spans(n_tokens: int, n_start: int, max_len: int, stride: Optional[int] = None):
+    """The windows of rolling_windows as index triples (read_from, score_from, end) into
+    start + tokens, one at a time: a text of any length costs no memory here."""
+    stride = max_len if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride={stride} is invalid: use 1..{max_len} (model.max_len; smaller = more context "
+                         f"per token, more compute).")
+    if not n_start:
+        raise ValueError("scoring a text needs a start token before its first token (the model predicts every "
+                         "token from what came before): use --bos.")
+    if n_start > max_len:
+        raise ValueError(f"the start ids ({n_start}) fill the model's {max_len} positions: nothing is left to score.")
+    position, total = n_start, n_start + n_tokens
+    while position < total:
+        size = max_len + 1 - n_start if position == n_start else stride  # the first window has only the start
+        end = min(position + size, total)
+        yield max(0, end - max_len - 1), position, end
+        position = end
+
+
 def rolling_windows(tokens: Sequence[int], start: Sequence[int], max_len: int,
                     stride: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
     """A text longer than the context, as (context, continuation) requests that score every
@@ -112,21 +133,5 @@ def rolling_windows(tokens: Sequence[int], start: Sequence[int], max_len: int,
     tokens before its end, so each scored token sees at least max_len - stride of context
     (stride = max_len: disjoint windows, the harness's `loglikelihood_rolling`). `start`
     (the prompt's start ids, at least one) comes before the first token."""
-    stride = max_len if stride is None else stride
-    if not 1 <= stride <= max_len:
-        raise ValueError(f"stride={stride} is invalid: use 1..{max_len} (model.max_len; smaller = more context "
-                         f"per token, more compute).")
-    if not start:
-        raise ValueError("scoring a text needs a start token before its first token (the model predicts every "
-                         "token from what came before): use --bos.")
     whole = [*start, *tokens]
-    first = len(start)  # whole[first:] are scored
-    if first > max_len:
-        raise ValueError(f"the start ids ({first}) fill the model's {max_len} positions: nothing is left to score.")
-    requests, position = [], first
-    while position < len(whole):
-        size = max_len + 1 - first if position == first else stride  # the first window has only the start before it
-        end = min(position + size, len(whole))
-        requests.append((whole[max(0, end - max_len - 1):position], whole[position:end]))
-        position = end
-    return requests
+    return [(whole[a:b], whole[b:c]) for a, b, c in window_spans(len(tokens), len(start), max_len, stride)]

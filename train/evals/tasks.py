@@ -33,7 +33,7 @@ def parse_tasks(text: str, field: str = "--tasks") -> list[str]:
 
 
 def check_limit(limit: float | None, field: str = "--limit") -> None:
-    if limit is not None and not limit > 0:
+    if limit is not None and not 0 < limit < float("inf"):
         raise ValueError(f"{field} {limit:g} is invalid: use a positive number of documents per task (or a "
                          f"fraction below 1), or leave it out for every document.")
 
@@ -101,7 +101,8 @@ def scores(results: dict) -> dict[str, float]:
         for key, value in metrics.items():
             if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
-            out[f"{task}/{key.split(',')[0]}"] = float(value)
+            metric, _, kind = key.partition(",")  # "exact_match,strict-match": a filter's own figure
+            out[f"{task}/{metric}" if kind in ("", "none") else f"{task}/{metric}/{kind}"] = float(value)
     return out
 
 
