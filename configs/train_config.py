@@ -270,11 +270,11 @@ class TrainConfig:
             fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         self._check_ramp()
-        if self.eval.active and self.model.family != "decoder":
+        if self.eval.active and self.model.family == "encoder":
             field = "eval.tasks" if self.eval.tasks else "eval.text"
             fail(field, getattr(self.eval, field.split(".")[1]),
-                 f"these evals score decoder-only (GPT family) models; this is {self.model.family}: leave "
-                 f"{field} empty (the held-out loss is still evaluated).")
+                 f"these evals score decoder-only and encoder-decoder models; a BERT-style encoder gives no "
+                 f"left-to-right likelihood: leave {field} empty (the held-out loss is still evaluated).")
         if self.optimizer.schedule in ("cosine", "linear") and self.warmup_steps >= self.decay_steps:
             field, value = (("optimizer.warmup_tokens", self.optimizer.warmup_tokens)
                             if self.optimizer.warmup_steps is None and self.optimizer.warmup_tokens is not None

@@ -300,3 +300,31 @@ def test_each_filtered_metric_keeps_its_own_name_in_the_training_log():
                                         "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.3},
                               "piqa": {"acc,none": 0.6, "sample_len": 10}}})
     assert got == {"gsm8k/exact_match/strict-match": 0.1, "gsm8k/exact_match/flexible-extract": 0.3, "piqa/acc": 0.6}
+
+
+def test_an_encoder_decoder_is_scored_as_it_trains_encoder_reads_the_context(tmp_path):
+    """The harness's seq2seq split: the encoder reads the context, the decoder starts from bos and
+    is scored on the continuation; against log-probs from one direct forward pass per request."""
+    config = get_preset("transformer-tiny").model.replace(num_layers=1, d_model=32, num_heads=2, d_ff=64,
+                                                          max_len=32, num_valid_tokens=260)
+    params = init_params(config, jax.random.key(5))
+    tok = ByteTokenizer()
+    lm = MatrixMagicLM.from_loaded(config, params, tok, batch_size=2)
+    assert lm.backend == "seq2seq"
+    rows = [("Errors should never", " pass silently."), ("In the face of ambiguity, refuse the temptation to guess."
+                                                         " There should be one obvious way", " to do it.")]
+    got = lm.loglikelihood(instances("loglikelihood", rows), disable_tqdm=True)
+    model = build_model(config)
+    for (context, continuation), (logprob, _) in zip(rows, got):
+        source = [256, *tok.encode(context)][-config.max_len:]
+        target = list(tok.encode(continuation))
+        logits = np.asarray(model.apply({"params": params}, np.asarray([source], np.int32),
+                                        np.asarray([[tok.bos_id, *target[:-1]]], np.int32)), np.float64)[0]
+        logsm = logits - logits.max(-1, keepdims=True)
+        logsm = logsm - np.log(np.exp(logsm).sum(-1, keepdims=True))
+        assert logprob == pytest.approx(logsm[np.arange(len(target)), target].sum(), abs=1e-4)
+    text = lm.generate_until(instances("generate_until", [("Beautiful is", {"until": ["."], "max_gen_toks": 8})]),
+                             disable_tqdm=True)
+    assert isinstance(text[0], str)
+    with pytest.raises(ValueError, match="BERT-style encoder"):
+        MatrixMagicLM.from_loaded(get_preset("bert-tiny").model, None, tok)

@@ -113,7 +113,7 @@ CASES = [
     Case("eval --limit 0", ("eval", "--preset", "gpt-tiny", "--tasks", "hellaswag", "--limit", "0"),
          r"--limit 0 is invalid", "24"),
     Case("eval a task on BERT", ("eval", "--preset", "bert-tiny", "--tasks", "lambada_openai"),
-         r"scores decoder-only \(GPT family\) runs; this run is encoder", "24"),
+         r"scores decoder-only and encoder-decoder runs; this run is a BERT-style encoder", "24"),
     Case("eval a task whose data file is missing", ("eval", "--preset", "gpt-tiny", "--tasks", "lost_task",
                                                     "--include-path", "{lost_tasks}"),
          r"--tasks: a task's data file is missing", "24"),
@@ -129,7 +129,7 @@ CASES = [
     Case("lm-eval an unknown task", ("lm-eval", "--model", "matrixmagic", "--model_args", "preset=gpt-tiny",
                                      "--tasks", "nope"), r"magic lm-eval: error: Tasks not found: nope", "24"),
     Case("eval.tasks when training BERT", ("train", "--preset", "bert-tiny", "--set", "eval.tasks=hellaswag"),
-         r"eval\.tasks=.*score decoder-only", "24"),
+         r"eval\.tasks=.*a BERT-style encoder gives no left-to-right likelihood", "24"),
     Case("eval.text that does not exist", ("train", "--set", "eval.text={tmp}/nope", "--set", "data.source={corpus}",
                                            "--set", "data.data_dir={data}"), r"--text .*nope' does not exist", "24"),
 ]

@@ -115,10 +115,10 @@ def main(args) -> int:
 
     run, _ = trained_run(args.preset, args.set or (), args.workdir)
     config, tokenizer, load, origin = open_model(args.preset, args.workdir, args.set or ())
-    if config.family != "decoder":
-        raise ValueError(f"magic eval scores decoder-only (GPT family) runs; this run is {config.family}: its "
-                         f"model gives no left-to-right likelihood of a text (BERT is not supported; an "
-                         f"encoder-decoder run needs a seq2seq backend, not built yet).")
+    if config.family == "encoder":
+        raise ValueError("magic eval scores decoder-only and encoder-decoder runs; this run is a BERT-style encoder: "
+                         "it gives no left-to-right likelihood of a text (a pseudo-likelihood would be another "
+                         "measure).")
     if args.text:
         return _text(args, config, tokenizer, load, origin, run)
     lm_tasks = _harness()
@@ -163,7 +163,7 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
     check_memory(args, f"scoring {args.text}", forward_parts(config, args.batch_size, config.max_len))
     out = _output_path(args, run, "text-" + os.path.basename(os.path.normpath(args.text)))
     print(f"[{config.family} model: {origin}; {line}]", file=sys.stderr)
-    scorer = Scorer(config, load(args.seed), args.batch_size)
+    scorer = Scorer(config, load(args.seed), args.batch_size, bos_id=tokenizer.bos_id)
     result = perplexity(scorer, tokenizer, texts, start, args.stride)
     print(f"{args.text}: {result.files} file(s), {result.tokens:,} tokens, {result.bytes:,} bytes, "
           f"window {result.max_len}, stride {result.stride}")

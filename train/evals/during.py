@@ -60,7 +60,7 @@ class TrainingEvals:
         out = {}
         if self.texts:
             if self._scorer is None:
-                self._scorer = Scorer(self.model, params, self.spec.batch_size)
+                self._scorer = Scorer(self.model, params, self.spec.batch_size, bos_id=self.tokenizer.bos_id)
             self._scorer.params = params
             start = prompt_start(self.tokenizer) or prompt_start(self.tokenizer, True)
             result = perplexity(self._scorer, self.tokenizer, self.texts, start)

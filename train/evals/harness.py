@@ -21,9 +21,10 @@ The three request types:
   cut at the first stop sequence (the model's end-of-text is one). Generation runs to
   max_gen_toks or end-of-text, not to the first stop string: the same text, more tokens.
 
-Decoder-only models only: BERT has no left-to-right likelihood and no generation (a
-pseudo-likelihood would score something else), and encoder-decoder runs are refused
-with a message, not approximated.
+Decoder-only and encoder-decoder runs (the harness's "seq2seq" split: the encoder reads
+the context, the decoder is scored on the continuation from its start token, as our
+encoder-decoder trains; generation greedy). BERT has no left-to-right likelihood and no
+generation (a pseudo-likelihood would score something else): refused with a message.
 """
 
 from __future__ import annotations
@@ -37,13 +38,20 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from matrixmagic.model.generate import Sampling, generate
+from matrixmagic.model.generate import Sampling, generate, translate
 
 from ..data.tokenizers import prompt_start
 from ..reading import open_model
 from .scoring import Scorer, bucket_length, rolling_windows
 
 NAME = "matrixmagic"
+
+
+def check_family(family: str) -> None:
+    if family == "encoder":
+        raise ValueError("this run is a BERT-style encoder: it gives no left-to-right likelihood of a text and "
+                         "cannot generate, so lm-eval tasks and perplexity do not apply (a pseudo-likelihood would "
+                         "be another measure). Decoder-only and encoder-decoder runs are supported.")
 
 
 def _flag(value) -> bool | None:
@@ -101,13 +109,12 @@ class MatrixMagicLM(TemplateLM):
 
     def _setup(self, config, params, tokenizer, batch_size: int, bos: bool | None, max_gen_toks: int,
                seed: int) -> None:
-        if config.family != "decoder":
-            raise ValueError(f"the lm-eval backend scores decoder-only (GPT family) runs; this run is "
-                             f"{config.family}: its model gives no left-to-right likelihood of a text.")
+        check_family(config.family)
         if max_gen_toks < 1:
             raise ValueError(f"max_gen_toks={max_gen_toks} is invalid: use a positive count, e.g. 256.")
         self.config, self.vocab = config, tokenizer
-        self.scorer = Scorer(config, params, batch_size)
+        self.scorer = Scorer(config, params, batch_size, bos_id=tokenizer.bos_id)
+        self.backend = "seq2seq" if self.scorer.seq2seq else "causal"  # how TemplateLM splits a request
         self.params = self.scorer.params
         self.batch_size, self.bos, self.max_gen_toks, self.seed = batch_size, bos, max_gen_toks, seed
         self.prefix = prompt_start(tokenizer, bos)
@@ -198,6 +205,8 @@ class MatrixMagicLM(TemplateLM):
                              f"positions (model.max_len): ask for fewer tokens.")
         sampling = Sampling(float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                             int(kwargs.get("top_k", 0) or 0), float(kwargs.get("top_p", 1.0) or 1.0))
+        if self.scorer.seq2seq:
+            return self._translate(contexts, max_new, until)
         prompts = [self.tok_encode(c)[-(self.max_length - max_new):] for c in contexts]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         texts = [""] * len(prompts)
@@ -212,4 +221,15 @@ class MatrixMagicLM(TemplateLM):
                             width=bucket_length(len(batch[0]), room))
             for i, row in zip(chosen, done.rows()):
                 texts[i] = postprocess_generated_text(self.vocab.decode(row), until, None)
+        return texts
+
+    def _translate(self, contexts: list[str], max_new: int, until: list[str]) -> list[str]:
+        """Encoder-decoder: the encoder reads the context (cut on the left to max_len), the decoder
+        writes greedily from its start token (sampling is not offered for this family)."""
+        sources = [self.tok_encode(c)[-self.max_length:] or list(self.start) for c in contexts]
+        texts = []
+        for start in range(0, len(sources), self.batch_size):
+            done = translate(self.scorer.model, self.params, sources[start:start + self.batch_size],
+                             bos_id=self.vocab.bos_id, eot_id=self.eot_token_id, max_new_tokens=max_new)
+            texts += [postprocess_generated_text(self.vocab.decode(row), until, None) for row in done.rows()]
         return texts

@@ -52,28 +52,47 @@ def window(context: Sequence[int], continuation: Sequence[int], max_len: int) ->
     return whole[:-1], whole[1:], len(continuation)
 
 
-def _token_logprobs(model, params, ids: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """ids, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T])."""
-    logits = model.apply({"params": params}, ids, deterministic=True).astype(jnp.float32)
+def _picked(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    logits = logits.astype(jnp.float32)
     # log p = logit[target] - logsumexp(logits): no [B, T, vocab] log-softmax beside the logits
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 
-class Scorer:
-    """Scores (context, continuation) requests with a decoder-only model's weights."""
+def _token_logprobs(model, params, ids: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """ids, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T])."""
+    return _picked(model.apply({"params": params}, ids, deterministic=True), targets)
 
-    def __init__(self, config, params, batch_size: int = 16):
-        if config.family != "decoder":
-            raise ValueError(f"scoring text needs a decoder-only model (GPT family); this run is {config.family}.")
+
+def _seq2seq_logprobs(model, params, sources, source_segments, inputs, segments, targets):
+    """Encoder-decoder: sources [B, S] (segment 1, padding 0) and the decoder's inputs and targets
+    [B, T] -> the same pair as _token_logprobs, for the decoder's positions."""
+    logits = model.apply({"params": params}, sources, inputs, encoder_segment_ids=source_segments,
+                         decoder_segment_ids=segments, deterministic=True)
+    return _picked(logits, targets)
+
+
+class Scorer:
+    """Scores (context, continuation) requests with a decoder-only model's weights, or an
+    encoder-decoder's: the encoder reads the context (cut on the left to max_len), the decoder
+    starts from `bos_id` and is scored on the continuation, as the model was trained
+    (model/objectives.prefix_lm_features)."""
+
+    def __init__(self, config, params, batch_size: int = 16, bos_id: Optional[int] = None):
+        if config.family not in ("decoder", "encoder_decoder"):
+            raise ValueError(f"scoring text needs a model that gives a left-to-right likelihood (decoder-only or "
+                             f"encoder-decoder); this run is {config.family} (BERT has none).")
+        if config.family == "encoder_decoder" and bos_id is None:
+            raise ValueError("an encoder-decoder scorer needs the decoder's start id (bos_id).")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more rows per batch.")
-        self.config, self.batch_size = config, batch_size
+        self.config, self.batch_size, self.bos_id = config, batch_size, bos_id
+        self.seq2seq = config.family == "encoder_decoder"
         self.params = jax.device_put(params)  # once, not with every batch
         self.max_len = config.max_len
         self.model = build_model(config)
-        self._fn = jax.jit(functools.partial(_token_logprobs, self.model))
-        self.shapes: set[tuple[int, int]] = set()  # each one compiled once
+        self._fn = jax.jit(functools.partial(_seq2seq_logprobs if self.seq2seq else _token_logprobs, self.model))
+        self.shapes: set[tuple[int, ...]] = set()  # each one compiled once
 
     def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
               progress: Optional[Callable[[int], None]] = None) -> list[tuple[float, bool]]:
@@ -84,6 +103,8 @@ class Scorer:
                      progress: Optional[Callable[[int], None]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per request, each continuation token's log-prob (float64 of the float32 value) and
         whether it was the argmax, in request order."""
+        if self.seq2seq:
+            return self._seq2seq_scores(requests, progress)
         windows = [window(c, x, self.max_len) for c, x in requests]
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
         out: list = [None] * len(windows)
@@ -105,6 +126,33 @@ class Scorer:
                 progress(len(chosen))
         return out
 
+
+    def _seq2seq_scores(self, requests, progress):
+        pairs = []
+        for context, continuation in requests:
+            window(context, continuation, self.max_len)  # the same checks
+            pairs.append((list(context)[-self.max_len:], list(continuation)))
+        order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))
+        out: list = [None] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start:start + self.batch_size]
+            s_len = bucket_length(max(len(pairs[i][0]) for i in chosen), self.max_len)
+            t_len = bucket_length(max(len(pairs[i][1]) for i in chosen), self.max_len)
+            arrays = [np.zeros((self.batch_size, n), np.int32) for n in (s_len, s_len, t_len, t_len, t_len)]
+            sources, source_segments, inputs, segments, targets = arrays
+            for row, i in enumerate(chosen):
+                source, cont = pairs[i]
+                sources[row, :len(source)], source_segments[row, :len(source)] = source, 1
+                inputs[row, :len(cont)] = [self.bos_id, *cont[:-1]]
+                segments[row, :len(cont)], targets[row, :len(cont)] = 1, cont
+            self.shapes.add((self.batch_size, s_len, t_len))
+            logprobs, greedy = jax.device_get(self._fn(self.params, *arrays))
+            for row, i in enumerate(chosen):
+                n = len(pairs[i][1])
+                out[i] = (logprobs[row, :n].astype(np.float64), greedy[row, :n])
+            if progress:
+                progress(len(chosen))
+        return out
 
 def window_spans(n_tokens: int, n_start: int, max_len: int, stride: Optional[int] = None):
     """The windows of rolling_windows as index triples (read_from, score_from, end) into
