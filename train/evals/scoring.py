@@ -9,10 +9,11 @@ targets of the last `len(continuation)` positions. The answer is the sum of thei
 log-probabilities (natural log, float32 softmax) and whether each was the argmax.
 
 Batching: requests are sorted longest first and cut into batches of `batch_size`; a
-batch is right-padded to a length bucket (a power of two from 16, capped at max_len),
-and the rows to `batch_size`. The model is causal, so padding on the right changes
-nothing before it. One compiled program per bucket: at most log2(max_len) - 3 shapes
-for any number of requests.
+batch is right-padded to a length bucket (bucket_length: powers of two to 128, then
+multiples of 128, capped at max_len), and the rows to `batch_size`. The model is causal,
+so padding on the right changes nothing before it. One compiled program per bucket, for
+any number of requests. Logits are made only at the continuation's positions (padded to a
+bucket too): the vocabulary projection is the costliest matmul per position.
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ import numpy as np
 
 from matrixmagic.model.build import build_model
 
-MIN_BUCKET = 16
+MIN_BUCKET, STEP = 16, 128
 
 
 def bucket_length(n: int, max_len: int) -> int:
-    """The padded length of a batch whose longest row is n tokens."""
+    """The padded length of a batch whose longest row is n tokens: a power of two from 16 up to
+    128, then a multiple of 128 (at most max_len/128 + 4 shapes, and under 1.5x the real length
+    past 128 instead of up to 2x)."""
     length = MIN_BUCKET
-    while length < n:
+    while length < min(n, STEP):
         length *= 2
+    if n > STEP:
+        length = -(-n // STEP) * STEP
     return min(length, max_len)
 
 
@@ -59,9 +64,10 @@ def _picked(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 
-def _token_logprobs(model, params, ids: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """ids, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T])."""
-    return _picked(model.apply({"params": params}, ids, deterministic=True), targets)
+def _token_logprobs(model, params, ids: jnp.ndarray, at: jnp.ndarray, targets: jnp.ndarray):
+    """ids [B, T], at and targets [B, K] -> (log p(target) at those positions [B, K] float32, target
+    is the argmax [B, K]). Logits are made at `at` only (DecoderOnlyLM logits_at)."""
+    return _picked(model.apply({"params": params}, ids, deterministic=True, logits_at=at), targets)
 
 
 def _seq2seq_logprobs(model, params, sources, source_segments, inputs, segments, targets):
@@ -111,17 +117,19 @@ class Scorer:
         for start in range(0, len(order), self.batch_size):
             chosen = order[start:start + self.batch_size]
             length = bucket_length(len(windows[chosen[0]][0]), self.max_len)
+            scored = bucket_length(max(windows[i][2] for i in chosen), length)  # continuation positions, padded
             ids = np.zeros((self.batch_size, length), np.int32)
-            targets = np.zeros((self.batch_size, length), np.int32)
+            at = np.zeros((self.batch_size, scored), np.int32)
+            targets = np.zeros((self.batch_size, scored), np.int32)
             for row, i in enumerate(chosen):
-                inputs, wanted, _ = windows[i]
-                ids[row, :len(inputs)], targets[row, :len(wanted)] = inputs, wanted
-            self.shapes.add(ids.shape)
-            logprobs, greedy = jax.device_get(self._fn(self.params, ids, targets))
+                inputs, wanted, n = windows[i]
+                ids[row, :len(inputs)] = inputs
+                at[row, :n], targets[row, :n] = np.arange(len(inputs) - n, len(inputs)), wanted[-n:]
+            self.shapes.add((self.batch_size, length, scored))
+            logprobs, greedy = jax.device_get(self._fn(self.params, ids, at, targets))
             for row, i in enumerate(chosen):
-                inputs, _, n = windows[i]
-                span = slice(len(inputs) - n, len(inputs))
-                out[i] = (logprobs[row, span].astype(np.float64), greedy[row, span])
+                n = windows[i][2]
+                out[i] = (logprobs[row, :n].astype(np.float64), greedy[row, :n])
             if progress:
                 progress(len(chosen))
         return out
