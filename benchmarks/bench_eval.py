@@ -24,7 +24,9 @@ HFLM never reads the tokenizer on this path. Request ids are drawn from all 50,2
 Each backend runs the whole workload once (the first pass: ours compiles one XLA program
 per length bucket in it; theirs warms up torch), then --steady-passes more times; the
 passes alternate between the backends so a neighbour's load falls on both. requests/s =
-requests / wall seconds of a pass; "steady" is the best steady pass. Same --batch-size for
+requests / wall seconds of a pass; "steady" is the best steady pass. The 1-minute load
+average is printed before the run and after each pass: on a small shared CPU a neighbour's
+job slows whichever pass it overlaps, so compare only runs whose passes saw no other load. Same --batch-size for
 both (16). Threads: left at each library's default unless --threads N (then
 torch.set_num_threads(N) and XLA's CPU client limited to N threads). Also printed: the max
 |difference| of the two backends' log-likelihoods (the correctness check), how many
@@ -149,7 +151,7 @@ def compile_seconds(lm, buckets) -> dict:
     for length in sorted(buckets):
         ids = np.zeros((lm.batch_size, length), np.int32)
         at = np.zeros((lm.batch_size, 16), np.int32)  # continuations of up to 16 ids: one scored bucket
-        _, out[length] = timed(lambda ids=ids: fn.lower(lm.params, ids, at, at).compile())
+        _, out[length] = timed(lambda ids=ids, at=at: fn.lower(lm.params, ids, at, at).compile())
     return out
 
 
@@ -187,7 +189,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), {platform.platform()}, python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), {platform.platform()}, python {sys.version.split()[0]}; "
+          f"load average {os.getloadavg()[0]:.2f} (1 min; above 0.5 before the run, another process shares the CPUs)")
     print(f"versions: jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, lm_eval "
           f"{getattr(lm_eval, '__version__', '?')}")
@@ -227,8 +230,8 @@ def main(argv=None) -> None:
                 passes[name].append(seconds)
                 what = "first pass (with compile)" if k == 0 and name == "ours" else (
                     "first pass" if k == 0 else f"pass {k + 1}")
-                print(f"  {name:4s} {what:26s} {seconds:7.2f} s  {len(requests) / seconds:7.2f} requests/s",
-                      flush=True)
+                print(f"  {name:4s} {what:26s} {seconds:7.2f} s  {len(requests) / seconds:7.2f} requests/s  "
+                      f"(load average after it {os.getloadavg()[0]:.2f})", flush=True)
 
         compiles = compile_seconds(ours, buckets)
         rate = {name: len(requests) / min(times[1:]) for name, times in passes.items()} if args.steady_passes else {}

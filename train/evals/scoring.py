@@ -33,9 +33,9 @@ MIN_BUCKET, POW2_UP_TO, STEP = 16, 128, 128
 
 def bucket_length(n: int, max_len: int) -> int:
     """The padded length of a batch whose longest row is n tokens: a power of two from 16 up to
-    128, then a multiple of 128. On a hellaswag-like workload (docs/benchmarks-eval.md) powers of
-    two padded to 1.50x the real positions and multiples of 32 to 1.09x, yet multiples of 128
-    (1.27x) ran fastest: XLA's CPU matmuls are quicker on those lengths than the padding costs."""
+    128, then a multiple of 128 (at most max_len/128 + 4 compiled shapes). On a hellaswag-like
+    workload (docs/benchmarks-eval.md) powers of two padded to 1.50x the real positions, these
+    to 1.27x."""
     length = MIN_BUCKET
     while length < min(n, POW2_UP_TO):
         length *= 2
