@@ -145,7 +145,7 @@ def main(args) -> int:
 def _text(args, config, tokenizer, load, origin, run) -> int:
     from matrixmagic.sharding.fit import forward_parts
 
-    from ..data.tokenizers import describe_prompt_start, prompt_start
+    from ..data.tokenizers import describe_prompt_start, prompt_start, text_start
     from ..evals.perplexity import perplexity, read_text, text_files
     from ..evals.scoring import Scorer
     from .runs import check_memory
@@ -158,7 +158,7 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
     start = prompt_start(tokenizer, args.bos)
     line = describe_prompt_start(tokenizer, start, args.bos)
     if not start:  # the first token is scored too, so something must come before it (the harness does the same)
-        start = prompt_start(tokenizer, True)
+        start = text_start(tokenizer, args.bos)
         line = f"each text follows {tokenizer.decode(list(start))} (id {start[0]}), so its first token is scored too"
     check_memory(args, f"scoring {args.text}", forward_parts(config, args.batch_size, config.max_len))
     out = _output_path(args, run, "text-" + os.path.basename(os.path.normpath(args.text)))

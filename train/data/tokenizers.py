@@ -95,6 +95,13 @@ def prompt_start(tokenizer: Tokenizer, bos: bool | None = None) -> tuple[int, ..
     return tuple(tokenizer.prompt_prefix) or ((tokenizer.eot_id if own else tokenizer.bos_id),)
 
 
+def text_start(tokenizer: Tokenizer, bos: bool | None = None) -> tuple[int, ...]:
+    """The ids before a text whose every token is scored (perplexity, rolling likelihood): the
+    prompt start, or the beginning-of-text token where that is empty (the first token needs
+    something before it; lm-eval's `hf` backend does the same)."""
+    return prompt_start(tokenizer, bos) or prompt_start(tokenizer, True)
+
+
 def describe_prompt_start(tokenizer: Tokenizer, ids: Sequence[int], bos: bool | None = None) -> str:
     """One line for a run header: which ids start a prompt, and why."""
     if bos is None:

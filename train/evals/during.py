@@ -18,10 +18,15 @@ from jax.experimental import multihost_utils
 
 from matrixmagic.configs.train_config import TrainConfig
 
-from ..data.tokenizers import prompt_start
+from ..data.tokenizers import text_start
 from ..run import reading_model
 from .perplexity import perplexity, read_text, text_files
 from .scoring import Scorer
+
+
+def due(config: TrainConfig, done: int) -> bool:
+    """eval.every steps apart (0: every eval_every), and at the last step."""
+    return config.eval.active and (done % (config.eval.every or config.eval_every) == 0 or done == config.steps)
 
 
 def _tasks_module():
@@ -39,7 +44,6 @@ class TrainingEvals:
     def __init__(self, config: TrainConfig, tokenizer):
         self.config, self.tokenizer = config, tokenizer
         self.spec = config.eval
-        self.every = self.spec.every or config.eval_every
         self.model = reading_model(config.model)
         self.texts = []
         if self.spec.text:
@@ -53,7 +57,7 @@ class TrainingEvals:
             tasks.check_data(self.names, self.manager, "eval.tasks")
 
     def due(self, done: int) -> bool:
-        return self.spec.active and (done % self.every == 0 or done == self.config.steps)
+        return due(self.config, done)
 
     def run(self, params) -> dict[str, float]:
         """{"text/bits_per_byte": ..., "hellaswag/acc": ...} for these weights (on the host)."""
@@ -61,8 +65,8 @@ class TrainingEvals:
         if self.texts:
             if self._scorer is None:
                 self._scorer = Scorer(self.model, params, self.spec.batch_size, bos_id=self.tokenizer.bos_id)
-            self._scorer.params = params
-            start = prompt_start(self.tokenizer) or prompt_start(self.tokenizer, True)
+            self._scorer.use_params(params)
+            start = text_start(self.tokenizer)
             result = perplexity(self._scorer, self.tokenizer, self.texts, start)
             out.update({"text/nats_per_token": result.nats_per_token, "text/perplexity": result.perplexity,
                         "text/bits_per_byte": result.bits_per_byte})
@@ -115,7 +119,7 @@ class _Schedule:
     """What a process other than 0 needs: when the evals are due (it joins their gather)."""
 
     def __init__(self, config: TrainConfig):
-        self.config, self.every = config, config.eval.every or config.eval_every
+        self.config = config
 
     def due(self, done: int) -> bool:
-        return done % self.every == 0 or done == self.config.steps
+        return due(self.config, done)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from matrixmagic.model.generate import Sampling, generate, translate
 
-from ..data.tokenizers import prompt_start
+from ..data.tokenizers import prompt_start, text_start
 from ..reading import open_model
 from .scoring import Scorer, bucket_length, rolling_windows
 
@@ -118,12 +118,12 @@ class MatrixMagicLM(TemplateLM):
         self.params = self.scorer.params
         self.batch_size, self.bos, self.max_gen_toks, self.seed = batch_size, bos, max_gen_toks, seed
         self.prefix = prompt_start(tokenizer, bos)
-        self.start = self.prefix or prompt_start(tokenizer, True)  # what a text with no context follows
+        self.start = text_start(tokenizer, bos)  # what a text with no context follows
 
     def use_params(self, params) -> None:
         """Score with these weights from now on (evals during training: same shapes, so the
         compiled programs are reused)."""
-        self.scorer.params = jax.device_put(params)
+        self.scorer.use_params(params)
         self.params = self.scorer.params
 
     # ------------------------------------------------------------------ the harness's hooks

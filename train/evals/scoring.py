@@ -95,11 +95,16 @@ class Scorer:
             raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more rows per batch.")
         self.config, self.batch_size, self.bos_id = config, batch_size, bos_id
         self.seq2seq = config.family == "encoder_decoder"
-        self.params = jax.device_put(params)  # once, not with every batch
+        self.use_params(params)
         self.max_len = config.max_len
         self.model = build_model(config)
         self._fn = jax.jit(functools.partial(_seq2seq_logprobs if self.seq2seq else _token_logprobs, self.model))
         self.shapes: set[tuple[int, ...]] = set()  # each one compiled once
+
+    def use_params(self, params) -> None:
+        """Score with these weights (placed once, not with every batch; same shapes, so evals
+        during training reuse the compiled programs)."""
+        self.params = jax.device_put(params)
 
     def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
               progress: Optional[Callable[[int], None]] = None) -> list[tuple[float, bool]]:
