@@ -74,7 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the slow unrolled 12-layer compile")
     opts = parser.parse_args()
-    from matrixmagic.sharding.chips import libtpu_available
+    from matrixmagic.train.planning.chips import libtpu_available
 
     if not libtpu_available():
         print("libtpu is not installed: pip install 'matrixmagic[tpu]' (this benchmark compiles for TPU pods).")

@@ -68,11 +68,11 @@ def main() -> None:
         peak = measure_cpu_matmul_peak()
         cpu_matmul_peak(measured=peak)  # and the best one seen kept for magic train's MFU
         line += f" = {flops / per_step / peak:.1%} of this CPU's f32 matmul peak, {peak / 1e9:.0f} GFLOP/s"
-    else:  # accelerators: MFU against the chip table's dense bf16 peak (sharding/chips.py cites it)
+    else:  # accelerators: MFU against the chip table's dense bf16 peak (train/planning/chips.py cites it)
         peak = peak_flops_per_device(jax.devices()) * jax.device_count()
         kind = jax.devices()[0].device_kind
         line += (f" = MFU {flops / per_step / peak:.1%} of {jax.device_count()} x {kind}'s bf16 peak"
-                 if peak else f" ({kind}: no peak in sharding/chips.py, so no MFU)")
+                 if peak else f" ({kind}: no peak in train/planning/chips.py, so no MFU)")
     print(line)
     if not args.no_pipeline and config.model.family == "decoder":
         from bench_pipeline import pipeline_tokens_per_second

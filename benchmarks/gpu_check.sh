@@ -2,7 +2,7 @@
 # One GPU check for the speed issue, under 5 minutes on one H100/H200: the train step of gpt2
 # (124M, T 1024) and gpt3-xl (1.3B, T 2048) in bf16 compute (float32 params and optimizer
 # state: train/run.py platform_defaults) with `fused` attention (jax.nn.dot_product_attention),
-# each printing tokens/s and MFU against the chip's dense bf16 peak (sharding/chips.py).
+# each printing tokens/s and MFU against the chip's dense bf16 peak (train/planning/chips.py).
 #
 # The device machine has jax[cuda] but no network and not all our dependencies. Prepare a
 # wheelhouse here first (names only what its image lacks), then carry it:

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.sharding import chips, plan
-from matrixmagic.sharding import compiled as report
 from matrixmagic.train import aot
 from matrixmagic.train.cli import main
 from matrixmagic.train.cli.flags import config_assignments
 from matrixmagic.train.data.tokenizers import ByteTokenizer
+from matrixmagic.train.planning import chips, plan
+from matrixmagic.train.planning import compiled as report
 from matrixmagic.train.run import abstract_batch, resolve_config, with_tokenizer_vocab
 
 REPO = Path(__file__).resolve().parents[1]

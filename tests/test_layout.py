@@ -106,7 +106,7 @@ def test_own_model_configs_train_sharding_files_do_not_shadow_the_package(tmp_pa
     raising on import, must not break importing matrixmagic."""
     for name in ("model", "configs", "train", "sharding"):
         (tmp_path / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py was imported')\n")
-    code = "import matrixmagic.train.loop, matrixmagic.sharding.chips, matrixmagic.model.generate; print('ok')"
+    code = "import matrixmagic.train.loop, matrixmagic.train.planning.chips, matrixmagic.model.generate; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"

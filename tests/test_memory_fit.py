@@ -1,4 +1,4 @@
-"""The memory check made before compiling (sharding/fit.py): its closed forms against what XLA
+"""The memory check made before compiling (train/planning/fit.py): its closed forms against what XLA
 compiles for the same configs, and its message (numbers, largest parts, knobs, the override).
 
 Stated factors, measured on the 2-core CPU (XLA's CPU backend): the train step's analytic total
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import pytest
 
 from matrixmagic.configs import ConfigError, get_preset
-from matrixmagic.sharding import fit, plan
 from matrixmagic.train import aot
 from matrixmagic.train.data.tokenizers import ByteTokenizer
+from matrixmagic.train.planning import fit, plan
 from matrixmagic.train.run import resolve_config, with_tokenizer_vocab
 
 GiB = 2**30

@@ -20,10 +20,10 @@ from test_compile import MICRO, micro_config, needs_libtpu
 
 from matrixmagic.configs import ConfigError, get_preset
 from matrixmagic.model.accounting import count_params, training_flops_per_token
-from matrixmagic.sharding import budget, chips, loops, oom
-from matrixmagic.sharding import compiled as report
 from matrixmagic.train import aot
 from matrixmagic.train.cli import main
+from matrixmagic.train.planning import budget, chips, loops, oom
+from matrixmagic.train.planning import compiled as report
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = [f"--set={a}" for a in MICRO]

@@ -76,9 +76,9 @@ def test_sweep_skips_tensor_sizes_the_heads_cannot_split_in_one_line():
     (tensor, remat, microbatches) combination (30 before)."""
     import jax
 
-    from matrixmagic.sharding.chips import parse_target
     from matrixmagic.train.cli import build_parser
     from matrixmagic.train.cli.compile import sweep_rows
+    from matrixmagic.train.planning.chips import parse_target
 
     args = build_parser().parse_args(["compile", "--preset", "gpt-tiny", "--topology", "cpu-8", "--sweep",
                                       "--sweep-tensor", "4,8"])

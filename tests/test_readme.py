@@ -105,9 +105,9 @@ def mesh_devices(argv: list[str]) -> int:
 def argument_check(argv: list[str]) -> None:
     """A TPU-slice compile of gpt3-175b, checked without compiling: the flags parse and the
     config resolves for the slice's chips on TPU."""
-    from matrixmagic.sharding.chips import parse_target
     from matrixmagic.train.cli import build_parser
     from matrixmagic.train.cli.flags import config_assignments
+    from matrixmagic.train.planning.chips import parse_target
     from matrixmagic.train.run import resolve_config
 
     args = build_parser().parse_args(argv[1:])

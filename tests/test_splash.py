@@ -29,8 +29,8 @@ from matrixmagic.model import build_model, init_params, masks, splash
 from matrixmagic.model.attention import MultiHeadAttention
 from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import Sampling, generate, translate
-from matrixmagic.sharding import chips
 from matrixmagic.train.data.tokenizers import ByteTokenizer
+from matrixmagic.train.planning import chips
 from matrixmagic.train.run import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,9 +221,9 @@ def test_splash_lowers_and_compiles_for_a_tpu_topology():
 
 
 def test_analytic_activations_drop_the_score_matrices():
-    """sharding/plan.py: with splash each head keeps one logsumexp per token, not S scores: the
+    """train/planning/plan.py: with splash each head keeps one logsumexp per token, not S scores: the
     remat-none estimate shrinks by L x tokens x 11 a (S - 1) / t bytes."""
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     flags = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=8", "model.remat_policy=none", "microbatches=4",
              "model.attention_dropout_rate=0"]

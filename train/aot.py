@@ -5,7 +5,7 @@ over any devices, here TPU topology devices from libtpu or a fake CPU mesh, and
 lowers it with ShapeDtypeStructs (`run.abstract_batch`, from the family record)
 instead of arrays: no memory is allocated, so a 175B model compiles for a
 512-chip pod on a laptop. What the compiler then says (memory, FLOPs, out of
-memory) is read by sharding/compiled.py.
+memory) is read by train/planning/compiled.py.
 
 `save_executable` / `load_train_step`: `magic compile --serialize X` writes the
 executable; `magic train --compiled X` uses it only if this run's config,
@@ -26,8 +26,8 @@ from typing import Callable
 
 import jax
 
-from matrixmagic.sharding.compiled import CompileOutcome, cost_summary, memory_breakdown, parse_out_of_memory
 from matrixmagic.sharding.mesh import axis_sizes
+from matrixmagic.train.planning.compiled import CompileOutcome, cost_summary, memory_breakdown, parse_out_of_memory
 
 from . import storage
 from .run import abstract_batch, train_run

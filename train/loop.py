@@ -25,8 +25,8 @@ from matrixmagic.configs.train_config import TrainConfig, config_to_json
 from matrixmagic.model.accounting import closed_form_params, training_flops_per_token
 from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import generate_text
-from matrixmagic.sharding.fit import check_training_fits
 from matrixmagic.sharding.memory import tree_bytes
+from matrixmagic.train.planning.fit import check_training_fits
 
 from . import metrics as metrics_lib
 from . import storage
@@ -159,7 +159,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     """Run (or resume) training; returns a summary with the final eval metrics.
     `compiled`: a `magic compile --serialize` file to use instead of compiling the step.
     `allow_change`: config fields a resume may change (`--allow-change`; train/resume.py).
-    `check_memory`: refuse a step the analytic memory model says cannot fit (sharding/fit.py).
+    `check_memory`: refuse a step the analytic memory model says cannot fit (train/planning/fit.py).
     The run directory is locked for the whole call: a second writer fails at once."""
     check_workdir(config.workdir)
     allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken

@@ -17,7 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from matrixmagic.sharding.chips import peak_flops_for_device_kind
+from matrixmagic.train.planning.chips import peak_flops_for_device_kind
 
 from . import storage
 from .quiet import is_disk_full

@@ -20,7 +20,12 @@ import time
 from typing import Optional
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.sharding.chips import Target, parse_target, peak_flops_for_device_kind, target_devices  # light import
+from matrixmagic.train.planning.chips import (  # light import
+    Target,
+    parse_target,
+    peak_flops_for_device_kind,
+    target_devices,
+)
 
 from .. import storage
 from .paths import check_output_file
@@ -53,10 +58,10 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
     """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
 
     cost_analysis() counts each loop body once. The correction reads every loop's trip count
-    from the optimized HLO and costs its body on its own (sharding/loops.py): no extra compile.
+    from the optimized HLO and costs its body on its own (train/planning/loops.py): no extra compile.
     Only a loop without a static trip count falls back to the old calibration, two more
     compiles with 1 and 2 unrolled layers (skipped when `calibrate` is False)."""
-    from matrixmagic.sharding import compiled as report
+    from matrixmagic.train.planning import compiled as report
 
     from .. import aot
 
@@ -90,7 +95,7 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
 
 
 def report_gpu(args, target: Target) -> int:
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     config = _config(args, target.chips, "gpu")
     est = plan.estimate(config, target.chips)
@@ -105,7 +110,7 @@ def report_gpu(args, target: Target) -> int:
 
 
 def report_compile(args, target: Target, devices: list) -> int:
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     config = _config(args, len(devices), devices[0].platform)
     hbm = target.chip.hbm_bytes if target.chip else None
@@ -122,7 +127,7 @@ def report_compile(args, target: Target, devices: list) -> int:
     peak, chip_name = _peak(target, devices)
     lines = plan.memory_lines(outcome, hbm)
     lines.append(f"  analytic     {plan.gib(est.state_bytes)} state + {plan.gib(est.activation_bytes).strip()} "
-                 f"activations (closed forms, sharding/plan.py)")
+                 f"activations (closed forms, train/planning/plan.py)")
     lines += [""] + plan.flops_lines(est, len(devices), outcome.cost.get("flops"), flops, config.model.remat_policy)
     lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds)
     if args.serialize:
@@ -163,7 +168,7 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
     Why the smallest: more microbatches only shrink the matmuls and add loop
     overhead, so once one fits the larger counts are slower; out-of-memory
     compiles fail in seconds, so trying the small counts first is cheap."""
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     n, platform = len(devices), devices[0].platform
     base = _config(args, n, platform)
@@ -215,7 +220,7 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float, hbm:
         return r["flops"] / peak if (r["flops"] and peak) else float("inf")
 
     fit = sorted((r for r in rows if r["fits"]), key=est_seconds)
-    from matrixmagic.sharding.plan import seconds_text
+    from matrixmagic.train.planning.plan import seconds_text
 
     head = f"{'mesh':24s} {'remat':10s} {'micro':>5s} {'memory':>10s} {'headroom':>10s} {'est. step':>11s} " \
            f"{'tokens/s':>12s} {'wall s':>7s}"

@@ -107,7 +107,7 @@ def main(args) -> int:
     if args.list_tasks:
         print("\n".join(sorted(_harness().task_manager(args.include_path).all_tasks)))
         return 0
-    from matrixmagic.sharding.fit import forward_parts
+    from matrixmagic.train.planning.fit import forward_parts
 
     from ..data.tokenizers import describe_prompt_start, prompt_start
     from ..reading import open_model, trained_run
@@ -143,7 +143,7 @@ def main(args) -> int:
 
 
 def _text(args, config, tokenizer, load, origin, run) -> int:
-    from matrixmagic.sharding.fit import forward_parts
+    from matrixmagic.train.planning.fit import forward_parts
 
     from ..data.tokenizers import describe_prompt_start, prompt_start, text_start
     from ..evals.perplexity import perplexity, read_text, text_files

@@ -53,7 +53,7 @@ def config_assignments(args, **flags) -> list[str]:
 
 def add_memory_check_argument(p) -> None:
     """train, generate and explain check the analytic memory against the machine first
-    (sharding/fit.py); this is the one way to skip it. The flag's name is fit.OVERRIDE_FLAG."""
+    (train/planning/fit.py); this is the one way to skip it. The flag's name is fit.OVERRIDE_FLAG."""
     p.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the model, batch and activations fit in this machine's memory "
                         "(a closed-form estimate, made before compiling)")

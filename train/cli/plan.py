@@ -8,7 +8,7 @@
 With any of --mesh/--remat/--microbatches the layout is the user's: one compile. Without
 them the layout is searched: fsdp x tensor splits (tensor a power of two that divides the
 heads, at most 16), remat policies and microbatch counts are enumerated, pruned with the
-analytic memory model (sharding/plan.py `estimate`), ranked by analytic step time, and only
+analytic memory model (train/planning/plan.py `estimate`), ranked by analytic step time, and only
 the best few are compiled; the fastest that fits (by the compiler's loop-corrected estimate)
 and the runner-up are reported. `magic compile` keeps the raw report, --serialize and the
 exhaustive --sweep grid; both share its compile path (compile.py `compile_with_flops`).
@@ -20,8 +20,8 @@ allocations in model terms), 2 bad input (before anything is compiled).
 from __future__ import annotations
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.sharding.budget import check_price, parse_tokens  # light: no jax
-from matrixmagic.sharding.chips import GiB, parse_target, target_devices
+from matrixmagic.train.planning.budget import check_price, parse_tokens  # light: no jax
+from matrixmagic.train.planning.chips import GiB, parse_target, target_devices
 
 from .compile import _config, compile_with_flops
 
@@ -91,7 +91,7 @@ def main(args) -> int:
 
 
 def _header(config, target, devices) -> list[str]:
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     return plan.header(config, target, len(devices)) + ["  compiling the train step `magic train` runs..."]
 

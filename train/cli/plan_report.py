@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from matrixmagic.sharding.chips import GiB
+from matrixmagic.train.planning.chips import GiB
 
 from .compile import NOT_FIT, _config, _log, _peak, compile_with_flops
 from .plan import PRUNE_MARGIN, REMATS, candidate_configs
@@ -22,7 +22,7 @@ def fits(outcome, budget: Optional[float], explicit_budget: bool) -> bool:
 
 
 def step_times(est, devices: int, peak: float, mfu: float, compiler_seconds: Optional[float]) -> list:
-    from matrixmagic.sharding.plan import step_time
+    from matrixmagic.train.planning.plan import step_time
 
     times = [(f"at {mfu:.0%} MFU", step_time(est.model_flops, devices, peak, mfu))]
     if compiler_seconds:
@@ -34,7 +34,7 @@ def token_lines(config, est, chips: int, times: list, tokens: Optional[float], p
     if tokens is None:
         return ["(give --tokens N, e.g. --tokens 300B, for total FLOPs, steps, days and chip-hours)"]
     from matrixmagic.model.accounting import training_flops_per_token
-    from matrixmagic.sharding.budget import budget_lines
+    from matrixmagic.train.planning.budget import budget_lines
 
     per_token = training_flops_per_token(config.model, est.params, config.data.seq_len)
     labelled = [(f"wall time {label}", seconds) for label, seconds in times]
@@ -43,7 +43,7 @@ def token_lines(config, est, chips: int, times: list, tokens: Optional[float], p
 
 def oom_explanation(outcome, config, devices: int, budget: Optional[float]) -> list[str]:
     """Why it does not fit, in model terms: the compiler's refusal (TPU) or our budget check."""
-    from matrixmagic.sharding import oom, plan
+    from matrixmagic.train.planning import oom, plan
 
     est = plan.estimate(config, devices)
     if not outcome.fits:
@@ -66,7 +66,7 @@ def report_one(config, outcome, flops, seconds, target, devices, mfu, tokens, pr
                explicit_budget: bool) -> int:
     """One configuration's plan. `explicit_budget`: --hbm was given, so the compiled total must be
     under it; otherwise the compiler's acceptance is the verdict (on TPU its own HBM check)."""
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     n = len(devices)
     print()
@@ -92,7 +92,7 @@ def ranked(args, target, devices: list, budget: Optional[float], log=_log):
     """(groups to compile, best first; every layout; the smallest estimate). A group is one
     (tensor, remat) with its microbatch counts that the memory model lets through, fewest first:
     more microbatches only shrink the matmuls, so the fewest that fits is the fastest."""
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     n = len(devices)
     peak, _ = _peak(target, devices)
@@ -115,7 +115,7 @@ def ranked(args, target, devices: list, budget: Optional[float], log=_log):
 
 
 def search(args, target, devices: list, tokens, price, budget: Optional[float]) -> int:
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     from .compile import sweep_table
 
@@ -183,7 +183,7 @@ def _compiled_seconds(tried, target, devices) -> float:
 
 def plan_gpu(args, target, tokens, price, budget) -> int:
     """GPU clusters: closed forms only (no GPU compiler runs on a CPU host), labelled so."""
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     from .plan import _explicit
 
@@ -212,7 +212,7 @@ def plan_gpu(args, target, tokens, price, budget) -> int:
 
 
 def _gpu_ranked(args, target, budget):
-    from matrixmagic.sharding import plan
+    from matrixmagic.train.planning import plan
 
     n, peak = target.chips, target.chip.peak_bf16_flops
     rows = [(c, plan.estimate(c, n)) for c in candidate_configs(args, n, "gpu")]

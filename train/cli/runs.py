@@ -16,7 +16,7 @@ from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model
 from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
 from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
-from matrixmagic.sharding.fit import check_fits, forward_parts, generation_parts
+from matrixmagic.train.planning.fit import check_fits, forward_parts, generation_parts
 
 from ..data.tokenizers import ByteTokenizer, describe_prompt_start, prompt_start
 from ..reading import open_model, quiet_orbax, read_run, trained_run

@@ -6,7 +6,7 @@ with the numbers and the knobs to turn, instead of minutes later with an allocat
 traceback (GPT-3 175B in `magic generate` asked for 231 GB).
 
 What is counted, per device:
-  train     `plan.estimate` (sharding/plan.py): params, gradients and Adam's two moments
+  train     `plan.estimate` (train/planning/plan.py): params, gradients and Adam's two moments
             (1 : 1 : 2 of its state), activations for the remat policy, and the float32
             logits and their gradient (split out here, 8 bytes per token per vocab row / t).
   generate  the params, the unrolled copy the decoding loop reads (model/generate.py
@@ -138,7 +138,7 @@ def shortfall_message(what: str, parts: dict[str, float], have: Available, knobs
     parts_text = ", ".join(f"{name} {size / GiB:,.2f} GiB" for name, size in largest)
     return (f"{what} does not fit in memory: it needs about {need / GiB:,.2f} GiB{share}, and this machine has "
             f"{have.bytes / GiB:,.2f} GiB ({have.where}). Largest parts per device: {parts_text} "
-            f"(closed forms, sharding/fit.py). To fit: {'; '.join(knobs)}. The estimate is a floor; if you know "
+            f"(closed forms, train/planning/fit.py). To fit: {'; '.join(knobs)}. The estimate is a floor; if you know "
             f"better, pass {OVERRIDE_FLAG}.")
 
 

@@ -13,7 +13,7 @@ compiled program here. Two things the compiler reports need care:
            same program with 1 and 2 unrolled layers and one microbatch of B/k
            rows: total = k * (c1 + (L - 1) * (c2 - c1)). That calibration is kept for
            the rare loop without a static trip count; the default path reads trip
-           counts from the optimized HLO instead (sharding/loops.py, no extra compile).
+           counts from the optimized HLO instead (train/planning/loops.py, no extra compile).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class OutOfMemory:
     message: str  # the compiler's first line
     required: Optional[float] = None  # bytes, when the message says
     available: Optional[float] = None
-    details: str = ""  # the whole message: TPU lists its largest allocations there (sharding/oom.py)
+    details: str = ""  # the whole message: TPU lists its largest allocations there (train/planning/oom.py)
 
     @property
     def shortfall(self) -> Optional[float]:
@@ -142,7 +142,7 @@ def hlo_cost(module_text: str) -> dict:
 
 def hlo_loop_corrected(compiled, raw: dict, peak: Optional[float] = None) -> Optional[dict]:
     """{flops, optimal_seconds?} for the whole step with every loop body counted as often as it
-    runs (sharding/loops.py), or None if a loop has no static trip count or jaxlib cannot parse
+    runs (train/planning/loops.py), or None if a loop has no static trip count or jaxlib cannot parse
     the module.
 
     optimal_seconds (TPU only): the cut-out loop bodies can only be costed by the CPU client,

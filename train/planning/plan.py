@@ -1,7 +1,7 @@
 """Planning a run: analytic estimates, and the printed report of `magic compile`.
 
 `magic compile` answers "will this fit, and how fast would it go?" for a preset
-on a slice it does not have. The compiler's word (sharding/compiled.py) comes first;
+on a slice it does not have. The compiler's word (train/planning/compiled.py) comes first;
 the closed forms here are the cross-check, and the only answer for GPU clusters.
 
 Analytic memory per device (bytes; N parameters, p = bytes per parameter dtype,
@@ -34,10 +34,10 @@ from matrixmagic.configs import get_preset
 from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
+from matrixmagic.sharding.mesh import AXES, axis_sizes
 
 from .chips import GiB, Target
 from .compiled import MemoryBreakdown
-from .mesh import AXES, axis_sizes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -221,7 +221,7 @@ def oom_fixes(config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: i
 def estimate_lines(est: Estimate, hbm: Optional[int], title: str) -> list[str]:
     lines = [title,
              f"  state        {gib(est.state_bytes)}  params + grads + Adam (4 x param bytes x N / shards)",
-             f"  activations  {gib(est.activation_bytes)}  per remat policy, formula in sharding/plan.py",
+             f"  activations  {gib(est.activation_bytes)}  per remat policy, formula in train/planning/plan.py",
              f"  = total      {gib(est.total_bytes)}"]
     if hbm:
         room = hbm - est.total_bytes

@@ -27,10 +27,10 @@ import jax
 from flax import linen as nn
 
 from matrixmagic.model.build import abstract_variables
+from matrixmagic.sharding.mesh import axis_sizes
+from matrixmagic.sharding.rules import mesh_axes_of, rules_for
 
 from .chips import GiB
-from .mesh import axis_sizes
-from .rules import mesh_axes_of, rules_for
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -129,7 +129,7 @@ def classify(alloc: Allocation, config, tensor: int = 1) -> Allocation:
 
 def analytic_allocations(config, devices: int) -> list[Allocation]:
     """When the compiler names no buffers (libtpu's compile-only refusal is one line): the largest
-    activation terms of the closed-form model (sharding/plan.py), as per-device shapes. Kept for
+    activation terms of the closed-form model (train/planning/plan.py), as per-device shapes. Kept for
     the backward pass across all layers without remat; with remat only one layer's set is live."""
     cfg = config.model
     sizes = axis_sizes(config.mesh, devices)
