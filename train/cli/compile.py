@@ -17,36 +17,17 @@ its flags, and `magic --help` or `magic params` should not wait for jax.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.train.planning.chips import (  # light import
-    Target,
-    parse_target,
-    peak_flops_for_device_kind,
-    target_devices,
-)
+from matrixmagic.train.planning.chips import Target, parse_target, target_devices  # light import
 
 from .. import storage
 from .paths import check_output_file
 
-NOT_FIT = 3
 
-
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
-def _peak(target: Target, devices: list) -> tuple[float, str]:
-    if target.chip is not None:
-        return target.chip.peak_bf16_flops, target.chip.name
-    from ..metrics import peak_flops_per_device
-
-    return peak_flops_per_device(devices), "CPU: this host's measured matmul peak split over the fake devices"
-
-
-def _config(args, devices: int, platform: str, **flags):
-    """THE config `magic train` would run with these flags on `devices` devices of `platform`."""
+def config_for(args, devices: int, platform: str, **flags):
+    """THE config `magic train` would run with these flags on `devices` devices of `platform`;
+    `flags` override the parsed ones (mesh, layout, remat, microbatches, batch)."""
     from ..run import resolve_config, run_tokenizer, sized_for_data
     from .flags import config_assignments
 
@@ -54,50 +35,11 @@ def _config(args, devices: int, platform: str, **flags):
     return sized_for_data(config, run_tokenizer(config), devices)  # as train.loop.train does
 
 
-def compile_with_flops(config, devices: list, calibrate: bool, log=_log):
-    """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
-
-    cost_analysis() counts each loop body once. The correction reads every loop's trip count
-    from the optimized HLO and costs its body on its own (train/planning/loops.py): no extra compile.
-    Only a loop without a static trip count falls back to the old calibration, two more
-    compiles with 1 and 2 unrolled layers (skipped when `calibrate` is False)."""
-    from matrixmagic.train.planning import compiled as report
-
-    from .. import aot
-
-    outcome = aot.compile_step(config, devices)
-    log(f"  compile  lowered in {outcome.lower_seconds:.1f} s, compiled in {outcome.compile_seconds:.1f} s"
-        + ("" if outcome.fits else " (out of memory)"))
-    if not outcome.fits:
-        return outcome, None, None
-    start = time.perf_counter()
-    try:
-        peak = peak_flops_for_device_kind(outcome.devices[0].device_kind)
-    except KeyError:  # a CPU mesh: no time model to correct
-        peak = None
-    fixed = report.hlo_loop_corrected(outcome.compiled, outcome.cost, peak)
-    if fixed is not None:
-        log(f"  loop-corrected the cost from the HLO's loop trip counts in {time.perf_counter() - start:.1f} s")
-        return outcome, fixed.get("flops"), fixed.get("optimal_seconds")
-    if report.needs_calibration(config) and not calibrate:
-        return outcome, None, None
-    calib = {}
-    if report.needs_calibration(config):
-        log("  calibrating FLOPs (a loop without a static trip count): compiling 1 and 2 unrolled layers, "
-            "one microbatch...")
-        extra = [aot.compile_step(c, devices) for c in report.calibration_configs(config)]
-        log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
-        if all(e.fits for e in extra):
-            calib = {k: (extra[0].cost[k], extra[1].cost[k]) for k in extra[0].cost if k in extra[1].cost}
-    corrected = {k: report.loop_corrected(outcome.cost[k], calib.get(k), config)
-                 for k in ("flops", "optimal_seconds") if k in outcome.cost}
-    return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
-
-
 def report_gpu(args, target: Target) -> int:
     from matrixmagic.train.planning import plan
+    from matrixmagic.train.planning.search import NOT_FIT
 
-    config = _config(args, target.chips, "gpu")
+    config = config_for(args, target.chips, "gpu")
     est = plan.estimate(config, target.chips)
     lines = plan.header(config, target, target.chips)
     lines += ["", "ESTIMATE, not a compile: no XLA compiler for a GPU cluster runs here; these are closed forms.", ""]
@@ -111,8 +53,9 @@ def report_gpu(args, target: Target) -> int:
 
 def report_compile(args, target: Target, devices: list) -> int:
     from matrixmagic.train.planning import plan
+    from matrixmagic.train.planning.search import NOT_FIT, compile_with_flops, device_peak
 
-    config = _config(args, len(devices), devices[0].platform)
+    config = config_for(args, len(devices), devices[0].platform)
     hbm = target.chip.hbm_bytes if target.chip else None
     print("\n".join(plan.header(config, target, len(devices))), flush=True)
     print("  compiling the train step `magic train` runs (train.run.train_run)...", flush=True)
@@ -124,7 +67,7 @@ def report_compile(args, target: Target, devices: list) -> int:
         lines += [""] + plan.estimate_lines(est, hbm, "analytic cross-check (per device)")
         print("\n".join(lines))
         return NOT_FIT
-    peak, chip_name = _peak(target, devices)
+    peak, chip_name = device_peak(target, devices)
     lines = plan.memory_lines(outcome, hbm)
     lines.append(f"  analytic     {plan.gib(est.state_bytes)} state + {plan.gib(est.activation_bytes).strip()} "
                  f"activations (closed forms, train/planning/plan.py)")
@@ -162,16 +105,17 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
+def sweep_rows(args, target: Target, devices: list, log=None) -> list[dict]:
     """Per (tensor, remat): the smallest microbatch count that fits, calibrated; failures too.
 
     Why the smallest: more microbatches only shrink the matmuls and add loop
     overhead, so once one fits the larger counts are slower; out-of-memory
     compiles fail in seconds, so trying the small counts first is cheap."""
-    from matrixmagic.train.planning import plan
+    from matrixmagic.train.planning import plan, search
 
+    log = log or search.log
     n, platform = len(devices), devices[0].platform
-    base = _config(args, n, platform)
+    base = config_for(args, n, platform)
     tensors = _ints(args.sweep_tensor, "--sweep-tensor")
     for t in [t for t in tensors if n % t]:
         log(f"tensor={t}: skipped ({n} devices are not divisible by {t})")
@@ -188,14 +132,14 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
         for k in micro:
             label = f"[{i + 1}/{total}] tensor={tensor} fsdp={n // tensor} remat={remat} microbatches={k}"
             try:
-                config = _config(args, n, platform, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
+                config = config_for(args, n, platform, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
                                  microbatches=k, batch=base.batch_size)
             except ConfigError as err:
                 log(f"{label}: skipped ({err})")
                 continue
             start = time.perf_counter()
             log(f"{label}: compiling...")
-            outcome, flops, seconds = compile_with_flops(config, devices, True, log=log)
+            outcome, flops, seconds = search.compile_with_flops(config, devices, True, log=log)
             row = dict(tensor=tensor, fsdp=n // tensor, remat=remat, microbatches=k, fits=outcome.fits,
                        memory=outcome.memory.total if outcome.fits else None, flops=flops, seconds=seconds,
                        shortfall=outcome.oom.shortfall if outcome.oom else None,
@@ -207,37 +151,6 @@ def sweep_rows(args, target: Target, devices: list, log=_log) -> list[dict]:
             if outcome.fits:
                 break
     return rows
-
-
-def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float, hbm: Optional[float] = None,
-                peak: Optional[float] = None) -> str:
-    hbm = hbm or (target.chip.hbm_bytes if target.chip else None)
-    peak = peak or (target.chip.peak_bf16_flops if target.chip else None)
-
-    def est_seconds(r):  # the compiler's optimal_seconds, else its FLOPs at peak
-        if r["seconds"]:
-            return r["seconds"]
-        return r["flops"] / peak if (r["flops"] and peak) else float("inf")
-
-    fit = sorted((r for r in rows if r["fits"]), key=est_seconds)
-    from matrixmagic.train.planning.plan import seconds_text
-
-    head = f"{'mesh':24s} {'remat':10s} {'micro':>5s} {'memory':>10s} {'headroom':>10s} {'est. step':>11s} " \
-           f"{'tokens/s':>12s} {'wall s':>7s}"
-    lines = [f"sweep on {target.spec}: {len(fit)} of {len(rows)} compiled configurations fit, fastest first "
-             f"(by the compiler's loop-corrected optimal_seconds, else its FLOPs / peak)", head, "-" * len(head)]
-    for r in fit:
-        s = est_seconds(r)
-        room = f"{(hbm - r['memory']) / 2**30:8.2f}G" if hbm else "n/a"
-        lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} {r['microbatches']:5d} "
-                     f"{r['memory'] / 2**30:9.2f}G {room:>10s} {seconds_text(s):>11s} "
-                     f"{r['config'].tokens_per_step / s:12,.0f} {r['wall']:7.0f}")
-    for r in rows:
-        if not r["fits"]:
-            short = f"short by {r['shortfall'] / 2**30:.2f} GiB" if r["shortfall"] else "out of memory"
-            lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} "
-                         f"{r['microbatches']:5d}   does not fit: {short}")
-    return "\n".join(lines)
 
 
 def main(args) -> int:
@@ -253,6 +166,8 @@ def main(args) -> int:
         return report_gpu(args, target)
     devices = target_devices(target)
     if args.sweep:
+        from matrixmagic.train.planning.search import NOT_FIT, sweep_table
+
         rows = sweep_rows(args, target, devices)
         print("\n" + sweep_table(rows, target, len(devices), args.mfu))
         return 0 if any(r["fits"] for r in rows) else NOT_FIT

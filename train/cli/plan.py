@@ -11,7 +11,9 @@ heads, at most 16), remat policies and microbatch counts are enumerated, pruned 
 analytic memory model (train/planning/plan.py `estimate`), ranked by analytic step time, and only
 the best few are compiled; the fastest that fits (by the compiler's loop-corrected estimate)
 and the runner-up are reported. `magic compile` keeps the raw report, --serialize and the
-exhaustive --sweep grid; both share its compile path (compile.py `compile_with_flops`).
+exhaustive --sweep grid; both share one compile path (train/planning/search.py
+`compile_with_flops`). This module parses and checks the flags; the search and the report
+are planning code (train/planning/search.py).
 
 Exit status: 0 fits, 3 nothing fits (with the reason and, for a compiled config, its largest
 allocations in model terms), 2 bad input (before anything is compiled).
@@ -19,16 +21,13 @@ allocations in model terms), 2 bad input (before anything is compiled).
 
 from __future__ import annotations
 
+from functools import partial
+
 from matrixmagic.configs import ConfigError
 from matrixmagic.train.planning.budget import check_price, parse_tokens  # light: no jax
 from matrixmagic.train.planning.chips import GiB, parse_target, target_devices
 
-from .compile import _config, compile_with_flops
-
-PRUNE_MARGIN = 1.15  # the analytic model is a cross-check, not the verdict: compile what it puts within 15%
-MAX_TENSOR = 16  # Megatron-style splits beyond 16 spend more on all-reduces than they save (8 is typical)
-REMATS = ("none", "save_dots", "full")  # cheapest recompute first
-MICROBATCHES = (1, 2, 4, 8, 16, 32)
+from .compile import config_for
 
 
 def add_plan_arguments(p) -> None:
@@ -55,7 +54,8 @@ def _budget_bytes(args, target):
     return target.chip.hbm_bytes if target.chip else None
 
 
-def _explicit(args) -> bool:
+def explicit_layout(args) -> bool:
+    """Did the user give the layout (one compile) rather than ask for a search?"""
     return any((args.mesh, args.remat, args.microbatches is not None, args.layout))
 
 
@@ -68,50 +68,29 @@ def main(args) -> int:
         raise ConfigError(f"--max-compiles {args.max_compiles} is invalid: compile at least 1 candidate.")
     target = parse_target(args.topology)
     budget = _budget_bytes(args, target)
+    explicit = explicit_layout(args)
     if target.kind == "gpu":
-        from .plan_report import plan_gpu
+        from matrixmagic.train.planning.search import candidate_configs, plan_gpu
 
-        return plan_gpu(args, target, tokens, price, budget)
-    if _explicit(args):  # a mesh that does not divide the slice fails here, before libtpu or a compile
+        make = partial(config_for, args, target.chips, "gpu")
+        configs = [make()] if explicit else candidate_configs(make, target.chips)
+        return plan_gpu(configs, target, explicit=explicit, mfu=args.mfu, tokens=tokens, price=price, budget=budget)
+    if explicit:  # a mesh that does not divide the slice fails here, before libtpu or a compile
         from matrixmagic.sharding.mesh import axis_sizes
 
-        axis_sizes(_config(args, target.chips, target.kind).mesh, target.chips)
+        axis_sizes(config_for(args, target.chips, target.kind).mesh, target.chips)
     devices = target_devices(target)
-    if _explicit(args):
-        config = _config(args, len(devices), devices[0].platform)
-        print("\n".join(_header(config, target, devices)), flush=True)
-        outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
-        from .plan_report import report_one
+    from matrixmagic.train.planning import plan, search
 
-        return report_one(config, outcome, flops, seconds, target, devices, args.mfu, tokens, price, budget,
-                          explicit_budget=args.hbm is not None)
-    from .plan_report import search
-
-    return search(args, target, devices, tokens, price, budget)
-
-
-def _header(config, target, devices) -> list[str]:
-    from matrixmagic.train.planning import plan
-
-    return plan.header(config, target, len(devices)) + ["  compiling the train step `magic train` runs..."]
-
-
-def candidate_configs(args, devices: int, platform: str) -> list:
-    """Every (tensor, remat, microbatches) layout that resolves, with the same global batch."""
-    base = _config(args, devices, platform)
-    heads = base.model.num_heads
-    out = []
-    tensors = [t for t in (1, 2, 4, 8, 16) if t <= min(devices, MAX_TENSOR) and devices % t == 0 and heads % t == 0]
-    for tensor in tensors:
-        for remat in REMATS:
-            for k in MICROBATCHES:
-                try:
-                    out.append(_config(args, devices, platform, mesh=f"fsdp=-1,tensor={tensor}", layout=None,
-                                       remat=remat, microbatches=k, batch=base.batch_size))
-                except ConfigError:
-                    continue  # the batch does not split into k microbatches over fsdp: not a candidate
-    if not out:
-        raise ConfigError(f"no layout of {devices} devices splits the batch of {base.batch_size}: give --batch "
-                          f"a multiple of {devices}.")
-    return out
-
+    if explicit:
+        config = config_for(args, len(devices), devices[0].platform)
+        print("\n".join(plan.header(config, target, len(devices))
+                        + ["  compiling the train step `magic train` runs..."]), flush=True)
+        outcome, flops, seconds = search.compile_with_flops(config, devices, not args.no_calibrate)
+        return search.report_one(config, outcome, flops, seconds, target, devices, args.mfu, tokens, price, budget,
+                                 explicit_budget=args.hbm is not None)
+    make = partial(config_for, args, len(devices), devices[0].platform)
+    return search.search(search.candidate_configs(make, len(devices)), target, devices, mfu=args.mfu,
+                         max_compiles=args.max_compiles, calibrate=not args.no_calibrate,
+                         explicit_budget=args.hbm is not None or target.kind == "cpu", tokens=tokens, price=price,
+                         budget=budget)

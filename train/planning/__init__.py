@@ -8,6 +8,8 @@
   fit.py        does a run fit this machine's memory (closed forms, before the first compile)
   oom.py        which arrays an out-of-memory is made of, and the knob that shrinks each
   budget.py     tokens -> steps, chip-hours and price (6ND)
+  search.py     `magic plan`: the compile path shared with `magic compile`, the layout search and
+                its report (plain data in: the CLI turns flags into configs)
 
 May import configs, model, sharding and the train core (train/*.py, train/data/); only
 train/cli imports it.
