@@ -1,9 +1,11 @@
 """The package layout: one import name, and layers that point one way.
 
-configs <- model <- sharding <- train (<- train/cli). `model/` never imports train or
-sharding; `sharding/` never imports train; `train/data/` reads only configs and model, and
-train/storage.py, the run-path gate (a source, data dir or tokenizer may be a gs:// URL),
-which is a leaf: it imports configs alone.
+configs <- model <- sharding <- train (<- train/planning <- train/cli). `model/` never imports
+train or sharding; `sharding/` never imports train; `train/data/` reads only configs and model,
+and train/storage.py, the run-path gate (a source, data dir or tokenizer may be a gs:// URL),
+which is a leaf: it imports configs alone. The train core (train/*.py and its subpackages other
+than planning/ and cli/) does not import train/planning/, but for the exceptions listed in
+CORE_USES_PLANNING. No module imports another's `_private` name, and no import cycles.
 Function-level imports of project modules are for start-up time only: train/cli/.
 """
 
@@ -51,6 +53,13 @@ def project_imports(path: Path):
         else:
             continue
         for target in targets:
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                # `from matrixmagic.train.planning import chips` imports the module ...planning.chips
+                modules = [f"{target}.{a.name}" for a in node.names if is_module(f"{target}.{a.name}")]
+                if modules:
+                    for module in modules:
+                        yield node.lineno, module, id(node) in in_function
+                    continue
             if target.split(".")[0] in PACKAGES:
                 raise AssertionError(f"{path}:{node.lineno} imports {target!r}: use matrixmagic.{target}")
             if target.startswith("matrixmagic."):
@@ -59,6 +68,15 @@ def project_imports(path: Path):
 
 def sources():
     return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+
+
+def is_module(name: str) -> bool:
+    """Is matrixmagic.<name> a module or package of this repository?"""
+    parts = name.split(".")[1:]
+    if not parts or parts[0] not in PACKAGES:
+        return False
+    path = REPO.joinpath(*parts)
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def upward_edges() -> list[str]:
@@ -80,6 +98,115 @@ def upward_edges() -> list[str]:
 def test_layers_point_one_way():
     assert sources(), "no sources found"
     assert upward_edges() == []
+
+
+# Train-core modules that import planning, each with why. The closed-form memory check runs
+# before the first compile, after the tokenizer has sized the config (train/loop.py `_train`);
+# the chip table is cited once and read by MFU as by planning; aot's compile hands the compiled
+# program to the one reader of what the compiler says. None of these planning modules imports
+# the train core back (test_no_import_cycles).
+CORE_USES_PLANNING = {
+    ("matrixmagic.train.loop", "matrixmagic.train.planning.fit"): "the memory check before the first compile",
+    ("matrixmagic.train.metrics", "matrixmagic.train.planning.chips"): "a chip's peak FLOP/s, the MFU denominator",
+    ("matrixmagic.train.aot", "matrixmagic.train.planning.compiled"): "the compiled step's memory, cost, OOM",
+}
+# `_private` names imported across modules, each to be made public by the work that owns it.
+PRIVATE_IMPORTS = {
+    ("matrixmagic.configs.fields", "_field_types"),  # --help-fields: the config-resolution work makes it public
+}
+
+
+def in_train_core(module: str) -> bool:
+    parts = module.split(".")
+    return parts[1:2] == ["train"] and parts[2:3] not in (["planning"], ["cli"])
+
+
+def core_planning_edges() -> list[str]:
+    bad = []
+    for path in sources():
+        here = module_name(path)
+        for line, target, _ in project_imports(path):
+            if (in_train_core(here) and target.startswith("matrixmagic.train.planning")
+                    and (here, target) not in CORE_USES_PLANNING):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {target} (the train core does not import "
+                           f"planning: move what it needs below, or list it in CORE_USES_PLANNING with why)")
+    return bad
+
+
+def test_the_train_core_does_not_import_planning():
+    assert core_planning_edges() == []
+    used = {(module_name(p), t) for p in sources() for _, t, _ in project_imports(p)}
+    assert set(CORE_USES_PLANNING) <= used, "an exception no longer used: remove it from CORE_USES_PLANNING"
+
+
+def private_imports() -> list[str]:
+    """`from matrixmagic.x import _name` (or `from .x import _name`) in another module."""
+    bad = []
+    for path in sources():
+        here = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("matrixmagic")):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and (here, alias.name) not in PRIVATE_IMPORTS:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {alias.name} from "
+                               f"{'.' * node.level}{node.module or ''}: make it public where it lives")
+    return bad
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports() == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (a package's own __init__ counts as the package)."""
+    return {module_name(p): {t for _, t, _ in project_imports(p)} - {module_name(p)} for p in sources()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first search meets (one path per back edge)."""
+    cycles, state, path = [], {}, []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    assert import_cycles(import_graph()) == []
+
+
+def test_the_core_and_private_checks_can_fail(tmp_path, monkeypatch):
+    """A train-core module importing planning and a private name from another module is reported."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    for pkg in PACKAGES:
+        (tmp_path / pkg).mkdir()
+    (tmp_path / "train" / "planning").mkdir()
+    (tmp_path / "train" / "planning" / "__init__.py").write_text("")
+    (tmp_path / "train" / "planning" / "plan.py").write_text("def _secret():\n    pass\n")
+    (tmp_path / "train" / "oops.py").write_text("from matrixmagic.train.planning import plan\n"
+                                                "from .planning.plan import _secret\n")
+    assert any("train/oops.py:1 imports matrixmagic.train.planning.plan" in b for b in core_planning_edges())
+    assert any("imports _secret" in b for b in private_imports())
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_storage_gate_train_data_reads_is_a_leaf():
