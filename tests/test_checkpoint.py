@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import TINY_MODEL
 
 from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import TrainConfig, config_to_json
@@ -188,8 +189,7 @@ def test_full_disk_fails_before_compiling(monkeypatch, tmp_path):
     for i in range(4):
         (src / f"d{i}.txt").write_text("hello world " * (20 + i))
     config = apply_overrides(train_config_for("gpt-tiny"), [
-        "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
-        "batch_size=4", f"data.source={src}", f"data.data_dir={tmp_path / 'data'}", f"workdir={tmp_path / 'run'}",
+        *TINY_MODEL, f"data.source={src}", f"data.data_dir={tmp_path / 'data'}", f"workdir={tmp_path / 'run'}",
         "eval_batches=0"])
     monkeypatch.setattr(guards, "free_bytes", lambda path: 1000)
     monkeypatch.setattr(loop, "Checkpointer", lambda *a, **k: pytest.fail("got past the disk check"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from run_helpers import write_code_corpus
 
 from matrixmagic.configs import ConfigError
 from matrixmagic.train import aot
@@ -176,7 +177,7 @@ def test_cpu_compile_reports_memory_and_flops(compiled_micro):
 def test_loop_corrected_flops_match_an_unrolled_compile(compiled_micro):
     """cost_analysis counts a loop body once; the correction must recover the loop-free count."""
     devices = jax.devices("cpu")[:1]
-    flops = lambda config: aot.compile_step(config, devices).cost["flops"]  # noqa: E731
+    flops = lambda config: aot.compile_step(config, devices).cost["flops"]
     scanned = compiled_micro.config
     calibration = tuple(flops(c) for c in report.calibration_configs(scanned))
     reference = flops(dataclasses.replace(scanned, model=scanned.model.replace(scan_layers=False)))
@@ -289,10 +290,7 @@ def test_sweep_on_a_cpu_mesh_prints_a_ranked_table(capsys):
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(16):
-        (root / f"doc{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # " + "abc " * (10 + i) + "\n")
-    return root
+    return write_code_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.slow

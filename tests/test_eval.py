@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from run_helpers import TINY
 
 from matrixmagic.configs import get_preset
 from matrixmagic.model.build import build_model, init_params
@@ -52,7 +53,7 @@ def gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(gpt2):
-    run, config, params, tokenizer = gpt2
+    _, config, params, tokenizer = gpt2
     return MatrixMagicLM.from_loaded(config, params, tokenizer, batch_size=4)
 
 
@@ -230,7 +231,8 @@ def test_magic_eval_tasks_and_text_write_their_json_into_the_run(gpt2, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "|tiny_choice|" in done.stdout.replace(" ", "") and "acc" in done.stdout
     [name] = os.listdir(os.path.join(run, "evals"))
-    saved = json.load(open(os.path.join(run, "evals", name)))
+    with open(os.path.join(run, "evals", name)) as f:
+        saved = json.load(f)
     assert saved["results"]["tiny_choice"]["acc,none"] == REFERENCE["tasks"]["tiny_choice"]["metrics"]["acc"]
 
     text = tmp_path / "zen.txt"
@@ -267,8 +269,7 @@ def test_evals_during_training_are_logged_and_equal_magic_eval_on_the_saved_run(
     text = tmp_path / "held_out.txt"
     text.write_text("def g(y):\n    return y - 1\n" * 10)
     run = tmp_path / "run"
-    sets = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
-            "batch_size=4", "steps=6", "eval_every=3", "eval_batches=1", "sample_tokens=0", "log_every=3",
+    sets = [*TINY, "steps=6", "eval_every=3", "eval_batches=1", "log_every=3",
             f"data.source={corpus}", f"data.data_dir={tmp_path / 'data'}", f"eval.text={text}",
             "eval.tasks=tiny_choice", f"eval.include_path={TASKS}", "eval.limit=3", "eval.num_fewshot=0"]
     done = magic("train", "--workdir", str(run), *[a for s in sets for a in ("--set", s)], cwd=str(tmp_path))
@@ -312,8 +313,8 @@ def test_an_encoder_decoder_is_scored_as_it_trains_encoder_reads_the_context(tmp
     tok = ByteTokenizer()
     lm = MatrixMagicLM.from_loaded(config, params, tok, batch_size=2)
     assert lm.backend == "seq2seq"
-    rows = [("Errors should never", " pass silently."), ("In the face of ambiguity, refuse the temptation to guess."
-                                                         " There should be one obvious way", " to do it.")]
+    rows = [("Errors should never", " pass silently."),
+            ("In the face of ambiguity, refuse the temptation to guess. There should be one obvious way", " to do it.")]
     got = lm.loglikelihood(instances("loglikelihood", rows), disable_tqdm=True)
     model = build_model(config)
     for (context, continuation), (logprob, _) in zip(rows, got):

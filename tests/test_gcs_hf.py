@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from gcs_helpers import GcsServer, gs_dirs, read_object
 from hf_helpers import FIXTURES
-from run_helpers import REPO, magic_env
+from run_helpers import REPO, magic_env, write_code_corpus
 
 from matrixmagic.train.cli import main
 
@@ -180,10 +180,7 @@ def test_a_missing_source_in_a_bucket_is_one_line(gcs):
 
 
 def test_compile_serialize_to_a_bucket_then_train_compiled_from_it(gcs, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(16):
-        (corpus / f"doc{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # " + "abc " * (10 + i) + "\n")
+    corpus = write_code_corpus(tmp_path / "corpus")
     flags = ["--preset", "gpt-tiny", "--batch", "4", "--set", f"data.source={corpus}",
              "--set", f"data.data_dir={tmp_path / 'tfds'}", *[f"--set={a}" for a in MICRO]]
     stdout = ok(magic(gcs, "compile", "--topology", "cpu-1", "--no-calibrate", "--serialize", "gs://bkt/aot/step.bin",

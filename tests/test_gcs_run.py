@@ -18,21 +18,14 @@ import time
 
 import pytest
 from gcs_helpers import GcsServer, gs_dirs, read_object
-from run_helpers import REPO, assert_same_log, magic_env, train_rows, wait_for, write_corpus
+from run_helpers import REPO, TINY, assert_same_log, magic_env, train_rows, wait_for
 
 pytestmark = pytest.mark.slow
 
 STEPS = 30
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
-        "batch_size=4", f"steps={STEPS}", "checkpoint_every=5", "eval_every=15", "sample_tokens=0", "log_every=1"]
+SETS = [*TINY, f"steps={STEPS}", "checkpoint_every=5", "eval_every=15"]
 RUN = "gs://bkt/run"
 NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    src, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
-    return {"src": write_corpus(src), "data": str(data)}
 
 
 @pytest.fixture
@@ -43,7 +36,7 @@ def gcs(tmp_path):
 
 
 def command(workdir, corpus, *extra: str, subcommand: str = "train") -> list[str]:
-    sets = TINY + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
+    sets = SETS + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
     return [sys.executable, "-m", "matrixmagic.train.cli", subcommand, "--workdir", str(workdir),
             *[a for s in sets for a in ("--set", s)]]
 

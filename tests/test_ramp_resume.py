@@ -18,15 +18,14 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import REPO, final_params, saved_fingerprint, train_rows, write_corpus
+from run_helpers import REPO, TINY, final_params, saved_fingerprint, train_rows
 
 pytestmark = pytest.mark.slow
 
 STEPS, SEQ, BATCH, START_ROWS, RAMP_TOKENS = 30, 32, 8, 2, 1536
 RAMP = [f"ramp.start_tokens={START_ROWS * SEQ}", f"ramp.tokens={RAMP_TOKENS}"]
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", f"data.seq_len={SEQ}",
-        f"batch_size={BATCH}", "microbatches=2", f"steps={STEPS}", "checkpoint_every=5", "eval_every=1000",
-        "sample_tokens=0", "log_every=1", *RAMP]
+RUN = [*TINY, f"data.seq_len={SEQ}", f"batch_size={BATCH}", "microbatches=2", f"steps={STEPS}",
+       "checkpoint_every=5", *RAMP]
 COMPARED = ("loss", "accuracy", "grad_norm", "param_norm", "learning_rate", "batch_rows", "tokens", "tokens_seen")
 
 
@@ -39,14 +38,8 @@ def expected_rows(steps: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    src, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
-    return {"src": write_corpus(src), "data": str(data)}
-
-
 def assignments(corpus, *extra) -> list[str]:
-    return TINY + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
+    return RUN + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
 
 
 def command(workdir, corpus, *extra: str) -> list[str]:

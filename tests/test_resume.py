@@ -19,30 +19,23 @@ import numpy as np
 import pytest
 from run_helpers import (
     REPO,
+    TINY,
     assert_same_log,
     final_params,
     magic_env,
     saved_fingerprint,
     train_rows,
     wait_for,
-    write_corpus,
 )
 
 pytestmark = pytest.mark.slow
 
 STEPS = 40
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
-        "batch_size=4", f"steps={STEPS}", "checkpoint_every=5", "eval_every=1000", "sample_tokens=0", "log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    src, data = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("data")
-    return {"src": write_corpus(src), "data": str(data)}
+RUN = [*TINY, f"steps={STEPS}", "checkpoint_every=5"]
 
 
 def command(workdir, corpus, *extra: str) -> list[str]:
-    sets = TINY + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
+    sets = RUN + [f"data.source={corpus['src']}", f"data.data_dir={corpus['data']}", *extra]
     return [sys.executable, "-m", "matrixmagic.train.cli", "train", "--workdir", str(workdir),
             *[a for s in sets for a in ("--set", s)]]
 
@@ -104,7 +97,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(clean, corpus, tmp
     rng = np.random.default_rng(1234)
     workdir = tmp_path / "run"
     delay = {"MATRIXMAGIC_TEST_SAVE_DELAY": "1.0"}
-    saving = lambda: any(".orbax-checkpoint-tmp" in n for n in steps_on_disk(workdir))  # noqa: E731
+    saving = lambda: any(".orbax-checkpoint-tmp" in n for n in steps_on_disk(workdir))
     moments = [("after step", int(rng.integers(6, 14))), ("during save", None),
                ("after step", int(rng.integers(24, 34)))]
     kills = []
@@ -112,10 +105,10 @@ def test_kill9_at_random_moments_then_resume_is_bit_identical(clean, corpus, tmp
         proc = start(workdir, corpus, **(delay if kind == "during save" else {}))
         floor = logged_step(workdir)
         if kind == "during save":  # a save of a step beyond what was already on disk
-            hit = wait_for(lambda: logged_step(workdir) > floor and saving(), proc)
+            hit = wait_for(lambda floor=floor: logged_step(workdir) > floor and saving(), proc)
             time.sleep(float(rng.uniform(0.0, 0.5)))  # well inside the 1 s the save is held open
         else:
-            hit = wait_for(lambda: logged_step(workdir) >= target, proc)
+            hit = wait_for(lambda target=target: logged_step(workdir) >= target, proc)
             time.sleep(float(rng.uniform(0.0, 0.3)))
         assert hit and proc.poll() is None, f"the run ended before the kill {kind} {target}"
         in_flight = saving()
