@@ -2,16 +2,16 @@
 
 `train_config_for(preset)` starts from a preset (its model and its paper's
 optimizer settings scaled to the run) and `apply_overrides` applies
-`--set field=value` strings through tyro, which type-checks them and suggests
-the right name for a misspelt field.
+`--set field=value` strings (configs/overrides.py parses them into typed values,
+naming a misspelt field's right name, and builds the config from them once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import typing
 from typing import Literal, Optional, get_args
 
 from .model_config import (
@@ -24,6 +24,8 @@ from .model_config import (
     suggest,
     untiled_lengths,
 )
+from .overrides import field_types as _field_types  # noqa: F401 (tests/test_fields.py reads it here)
+from .overrides import parse_assignments, with_values
 from .presets import SCHEDULES, Schedule, get_preset
 from .ramp import BatchRamp
 
@@ -376,6 +378,18 @@ def batch_for_tokens(tokens: int, seq_len: int, multiple: int = 1) -> int:
     return max(multiple, tokens // seq_len // multiple * multiple)
 
 
+def recipe_batch(tokens: int, seq_len: int, splits: int = 1, ramp_start_tokens: int = 0, ramp_tokens: int = 0) -> int:
+    """The batch, in sequences, of a recipe's `tokens` for a run of `seq_len` whose batch splits
+    `splits` ways (data x fsdp x microbatches): a multiple of that and, with a batch ramp, of the
+    ramp's start rows, so the ramp grows in whole levels of whole microbatches (GPT-3 175B on
+    256-way data parallelism keeps the paper's 1536 = 96 x 16). A ramp whose start is not whole
+    sequences or exceeds the batch adds nothing here: TrainConfig's check names its field."""
+    multiple = max(1, splits)
+    if ramp_tokens > 0 and 0 < ramp_start_tokens <= tokens and ramp_start_tokens % seq_len == 0:
+        multiple = math.lcm(multiple, ramp_start_tokens // seq_len)
+    return batch_for_tokens(tokens, seq_len, multiple)
+
+
 def train_config_for(preset_name: str, **overrides) -> TrainConfig:
     """Defaults for a preset: its model, and its paper's optimizer, context and batch:
     sequences of the model's max_len, and the paper's batch_tokens in whole sequences
@@ -392,81 +406,15 @@ def train_config_for(preset_name: str, **overrides) -> TrainConfig:
                                 decay_tokens=(recipe.decay_tokens or None) if paper else None)  # rsqrt: no decay
     seq_len = preset.model.max_len
     ramp = RampConfig(recipe.ramp_start_tokens, recipe.ramp_tokens) if paper else RampConfig()
-    start_rows = ramp.start_tokens // seq_len if ramp.tokens else 1
     defaults = dict(data=DataConfig(seq_len=seq_len), ramp=ramp,
-                    batch_size=batch_for_tokens(recipe.batch_tokens, seq_len, start_rows))
+                    batch_size=recipe_batch(recipe.batch_tokens, seq_len, 1, ramp.start_tokens, ramp.tokens))
     return TrainConfig(preset=preset_name, model=preset.model, optimizer=optimizer,
                        workdir=os.path.join("runs", preset_name), **{**defaults, **overrides})
 
 
 def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """Apply 'dotted.field=value' strings: tyro parses them on TrainConfig itself.
-
-    tyro turns each value into the field's annotated type (ints, floats, bools,
-    Optional, Literal choices) and builds the nested dataclasses, whose
-    __post_init__ re-validate the whole config, so cross-field errors name their
-    field too. Every rejection reaches us as a tyro parse-error event, which we
-    raise as a ConfigError naming the field and the fix (nothing is printed).
-    """
-    import tyro
-    from tyro._errors import on_parse_error  # tyro's hook for taking over its errors (tyro >= 1.0)
-
-    fields = _field_types(TrainConfig)
-    last = {item.partition("=")[0].strip(): item for item in assignments}  # a repeated field: last one wins
-    assignments = list(last.values())
-    args = []
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"--set {item!r} is invalid: write it as field=value, e.g. --set steps=500.")
-        if key not in fields:
-            raise ConfigError(f"--set {item!r}: there is no field {key!r}.{suggest(key, fields)} "
-                              f"`magic train --help-fields` lists them all.")
-        choices = _literal_choices(key)
-        if choices and value not in choices:
-            raise ConfigError(f"--set {item!r}: {key} must be one of {', '.join(choices)}.{suggest(value, choices)}")
-        if _hint(key) in (bool, typing.Optional[bool]):  # accept true/false/1/0/yes/no, as people type them
-            value = {"true": "True", "1": "True", "yes": "True", "false": "False", "0": "False",
-                     "no": "False"}.get(value.lower(), value)
-        args += [f"--{key}", value]
-
-    def reject(event) -> None:
-        argument = getattr(event, "argument", None)
-        dotted = ".".join(filter(None, (argument.intern_prefix, argument.field.intern_name))) if argument else None
-        if dotted in last:
-            value = last[dotted].partition("=")[2]
-            raise ConfigError(f"--set {last[dotted]!r}: {dotted} expects {fields[dotted]}, and {value!r} is not one "
-                              f"({getattr(event, 'message', 'rejected')}).")
-        message = getattr(event, "message", None) or f"rejected ({type(event).__name__})"
-        raise ConfigError(message)
-
-    with on_parse_error(reject):
-        return tyro.cli(TrainConfig, default=config, args=args, console_outputs=False,
-                        config=(tyro.conf.FlagConversionOff,))
-
-
-def _hint(dotted: str):
-    cls = TrainConfig
-    *parents, leaf = dotted.split(".")
-    for name in parents:
-        cls = typing.get_type_hints(cls)[name]
-    return typing.get_type_hints(cls)[leaf]
-
-
-def _field_types(cls, prefix: str = "") -> dict[str, str]:
-    """{'model.d_model': 'int', ...} for every leaf field of a nested config dataclass."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out.update(_field_types(type(default), prefix + f.name + "."))
-        else:
-            out[prefix + f.name] = str(f.type)
-    return out
-
-
-def _literal_choices(dotted: str) -> tuple[str, ...]:
-    """The allowed values of a Literal-typed field, else ()."""
-    hint = _hint(dotted)
-    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+    """`config` with 'dotted.field=value' strings applied: parsed once into typed values
+    (`parse_assignments`: each names its field and the fix when it is bad), then the nested
+    dataclasses are built once (`with_values`), so their checks see the final values and a
+    cross-field error names its field too."""
+    return with_values(config, parse_assignments(TrainConfig, assignments))

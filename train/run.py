@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import optax
@@ -23,13 +23,8 @@ from jax.sharding import NamedSharding
 
 from matrixmagic.configs import ConfigError, ModelConfig, get_preset
 from matrixmagic.configs.model_config import untiled_lengths
-from matrixmagic.configs.train_config import (
-    RampConfig,
-    TrainConfig,
-    apply_overrides,
-    batch_for_tokens,
-    train_config_for,
-)
+from matrixmagic.configs.overrides import parse_assignments, values_of, with_values
+from matrixmagic.configs.train_config import TrainConfig, recipe_batch, train_config_for
 from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import axis_sizes, make_mesh
 from matrixmagic.sharding.partition import batch_sharding_for, param_shardings, replicated, with_rules, with_shardings
@@ -52,30 +47,28 @@ VOCAB_MULTIPLE = 128  # embedding rows padded to a multiple of 128: full MXU / t
 
 
 # The TPU's attention: the splash kernel, which forms no weights to drop out, so the preset's
-# attention dropout goes with it. Flags that choose either field keep their own choice.
-SPLASH_DEFAULTS = ("model.attention_impl=splash", "model.attention_dropout_rate=0")
+# attention dropout goes with it. A layer above that chooses either field keeps its own choice.
+SPLASH_DEFAULTS = {"model.attention_impl": "splash", "model.attention_dropout_rate": 0.0}
 
 
-def platform_defaults(platform: str) -> list[str]:
-    """What runs best on `platform`, as assignments the flags can override: bf16 compute on
+def platform_defaults(platform: str) -> dict[str, Any]:
+    """What runs best on `platform`, as typed values the layers above override: bf16 compute on
     TPU and GPU (params, optimizer state, softmax statistics and the loss stay float32),
     float32 on CPU, where bf16 matmuls are slower; on TPU, splash attention (SPLASH_DEFAULTS:
     the [T, T] score matrices never reach HBM). Elsewhere attention stays `matrices`: jax
     0.10's dot_product_attention (`fused`) runs the same XLA computation unless a cuDNN or
     Pallas kernel is asked for."""
     if platform == "cpu":
-        return []
-    return ["model.dtype=bfloat16", *(SPLASH_DEFAULTS if platform == "tpu" else ())]
+        return {}
+    return {"model.dtype": "bfloat16", **(SPLASH_DEFAULTS if platform == "tpu" else {})}
 
 
-def _splash_by_default(config: TrainConfig, assignments: Sequence[str]) -> bool:
-    """Splash is the TPU default unless the flags chose the attention (its impl, or a dropout the
-    kernel cannot do) or the sequence length is one its blocks do not tile."""
-    if _set(assignments, "model.attention_impl"):
+def _splash_by_default(family: str, seq_len: int, above: Mapping[str, Any]) -> bool:
+    """Splash is the TPU default unless the layers above chose the attention (its impl, or a
+    dropout the kernel cannot do) or the sequence length is one its blocks do not tile."""
+    if "model.attention_impl" in above or above.get("model.attention_dropout_rate"):
         return False
-    if _set(assignments, "model.attention_dropout_rate") and config.model.attention_dropout_rate:
-        return False
-    return not untiled_lengths(config.model.family, config.data.seq_len)
+    return not untiled_lengths(family, seq_len)
 
 
 def infer_layout(sizes: dict[str, int]) -> str:
@@ -84,37 +77,24 @@ def infer_layout(sizes: dict[str, int]) -> str:
     return "fsdp+tp" if fsdp and tp else "fsdp" if fsdp else "tp" if tp else "dp"
 
 
-def _field(assignment: str) -> str:
-    return assignment.partition("=")[0].strip()
-
-
-def _set(assignments: Sequence[str], field: str) -> bool:
-    return any(_field(a) == field for a in assignments)
-
-
-def _late_int(assignments: Sequence[str], field: str, default: int) -> int:
-    """The last integer assigned to `field` (for sizing the batch); a bad value is left to
-    apply_overrides, which names it."""
-    values = [a.partition("=")[2] for a in assignments if _field(a) == field]
-    try:
-        return int(values[-1]) if values else default
-    except ValueError:
-        return default
-
-
 DEFAULT_PRESET = "gpt-tiny"
 # Model fields a run chooses for itself instead of inheriting them with the params it starts
 # from: the platform's compute dtype, remat, the attention implementation and the scan unroll.
 RUN_CHOICES = ("dtype", "remat_policy", "attention_impl", "scan_unroll")
 
 
-def model_assignments(model, skip: Sequence[str] = RUN_CHOICES) -> list[str]:
-    """A ModelConfig as 'model.field=value' assignments (the fields in `skip` left out)."""
-    return [f"model.{f.name}={getattr(model, f.name)}" for f in dataclasses.fields(model) if f.name not in skip]
+def model_values(model: ModelConfig, skip: Sequence[str] = RUN_CHOICES) -> dict[str, Any]:
+    """A ModelConfig as {'model.field': value} (the fields in `skip` left out)."""
+    return values_of(model, "model.", skip)
 
 
-def init_from_assignments(path: str) -> tuple[str, list[str]]:
-    """(preset, assignments) a run started with --init-from PATH inherits from that run: its
+def model_assignments(model: ModelConfig, skip: Sequence[str] = RUN_CHOICES) -> list[str]:
+    """`model_values` as 'model.field=value' strings (`magic hf import` passes these)."""
+    return [f"{field}={value}" for field, value in model_values(model, skip).items()]
+
+
+def inherited_values(path: str) -> tuple[str, dict[str, Any]]:
+    """(preset, typed values) a run started with --init-from PATH inherits from that run: its
     model (the params fit no other shapes), its sequence length, and its tokenizer unless that
     lives beside a dataset ('sentencepiece' is then named by its file). A run imported with
     `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`."""
@@ -126,64 +106,93 @@ def init_from_assignments(path: str) -> tuple[str, list[str]]:
     tokenizer = source.data.tokenizer
     if tokenizer == "sentencepiece":
         tokenizer = str(run_tokenizer(source).path)
-    return source.preset, [*model_assignments(source.model), f"data.seq_len={source.data.seq_len}",
-                           f"data.tokenizer={tokenizer}"]
+    return source.preset, {**model_values(source.model), "data.seq_len": source.data.seq_len,
+                           "data.tokenizer": tokenizer}
 
 
-def resolve_config(preset: Optional[str], assignments: Sequence[str] = (), *, devices: Optional[int] = None,
-                   platform: Optional[str] = None) -> TrainConfig:
+def _value(config, values: Mapping[str, Any], field: str):
+    """A dotted field's value: from `values` where they set it, else `config`'s."""
+    if field in values:
+        return values[field]
+    for name in field.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def platform_layer(platform: str, base: TrainConfig, above: Mapping[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
+    """The platform's defaults for this run: `platform_defaults`, less the splash pair where the
+    layers `above` chose the attention or the run's lengths do not tile (`_splash_by_default`),
+    and the layout the mesh implies."""
+    defaults = {**platform_defaults(platform), "mesh.layout": infer_layout(sizes)}
+    if not _splash_by_default(_value(base, above, "model.family"), _value(base, above, "data.seq_len"), above):
+        defaults = {k: v for k, v in defaults.items() if k not in SPLASH_DEFAULTS}
+    return defaults
+
+
+def sized_recipe(base: TrainConfig, above: Mapping[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
+    """The preset's paper recipe sized for this run: its batch_tokens as whole sequences of the
+    run's data.seq_len, a multiple of data x fsdp x microbatches and of a batch ramp's start rows
+    (`recipe_batch`), with the values the layers `above` give those fields."""
+    seq_len = _value(base, above, "data.seq_len")
+    if seq_len < 2:  # no batch of such sequences: DataConfig's check names data.seq_len
+        return {}
+    splits = math.prod(sizes[a] for a in BATCH_AXES) * max(1, _value(base, above, "microbatches"))
+    return {"batch_size": recipe_batch(get_preset(base.preset).recipe.batch_tokens, seq_len, splits,
+                                       _value(base, above, "ramp.start_tokens"), _value(base, above, "ramp.tokens"))}
+
+
+def layered(preset: TrainConfig, platform: Mapping[str, Any], recipe: Mapping[str, Any],
+            flags: Mapping[str, Any]) -> TrainConfig:
+    """THE precedence of a run's config, lowest first: preset < platform default < recipe < flag.
+
+    `preset` is the preset's TrainConfig (`train_config_for`); the platform's defaults are what
+    the devices imply (compute dtype, attention, the mesh's layout); the recipe is what this run
+    derives from the paper's recipe (its batch, sized for the mesh) or inherits (--init-from);
+    the flags are the user's. Each layer above the preset maps dotted fields to typed values,
+    and a field two layers set takes the higher one's value. The config is built once from all
+    four (`with_values`), so its checks see only the final values."""
+    return with_values(preset, {**platform, **recipe, **flags})
+
+
+def resolve_config(preset: Optional[str], flags: Sequence[str] | Mapping[str, Any] = (), *,
+                   devices: Optional[int] = None, platform: Optional[str] = None) -> TrainConfig:
     """The TrainConfig of a run on `devices` devices of `platform` ('cpu', 'gpu', 'tpu'; by
     default this process's runtime, as `magic train` sees it).
 
-    With an `init_from=RUN` assignment the model, sequence length and tokenizer of RUN come
-    first (`init_from_assignments`), and `preset` None means RUN's preset; without one, None
-    means gpt-tiny. The assignments given here come after, so they win. Without a `workdir=`
-    assignment the workdir is `runs/<preset>-<hash of the config>` (train/rundir.py).
-
-    The preset's TrainConfig (its model, its recipe's optimizer, sequence length and
-    batch), with the flags applied as 'field=value' assignments (--set, --mesh, --layout,
-    --remat, ...); then, for what the flags left alone: the platform's dtype and attention
-    (`platform_defaults`), the layout the mesh implies, and the recipe's batch rounded down
-    to a multiple of the data-parallel size times microbatches (with a batch ramp, to the least
-    common multiple of that and the ramp's start rows: GPT-3 175B on 256-way data parallelism
-    keeps the paper's 1536 = 96 x 16). The embedding table
-    follows the tokenizer later (`with_tokenizer_vocab`), once its vocabulary is known."""
+    `flags` are the run's flags: 'field=value' strings (--set), parsed here once, or the typed
+    values `cli/flags.config_assignments` makes of every config flag (--set, --mesh, --layout,
+    --remat, ...). Over the preset's TrainConfig (its model, its recipe's optimizer, sequence
+    length and batch) come, in the order `layered` states:
+      - the platform's defaults: its dtype and attention (`platform_defaults`), and the layout
+        the mesh implies;
+      - the recipe sized for this run: the paper's batch_tokens as whole sequences, a multiple of
+        the data-parallel size times microbatches and of a batch ramp's start rows
+        (`recipe_batch`); with an `init_from=RUN` flag, RUN's model, sequence length and
+        tokenizer (`inherited_values`), and `preset` None means RUN's preset (else gpt-tiny);
+      - the flags, which win.
+    Then, without a `workdir` flag, the workdir is `runs/<preset>-<hash of the config>`
+    (train/rundir.py). The embedding table follows the tokenizer later
+    (`with_tokenizer_vocab`), once its vocabulary is known."""
     devices = jax.device_count() if devices is None else devices
     platform = jax.devices()[0].platform if platform is None else platform
-    assignments = list(assignments)
-    init_from = [a.partition("=")[2].strip() for a in assignments if a.partition("=")[0].strip() == "init_from"]
-    if init_from and init_from[-1]:
-        inherited_preset, inherited = init_from_assignments(init_from[-1])
-        preset, assignments = preset or inherited_preset, inherited + assignments
+    flags = dict(flags) if isinstance(flags, Mapping) else parse_assignments(TrainConfig, flags)
+    inherited: dict[str, Any] = {}
+    source = str(flags.get("init_from") or "").strip()
+    if source:
+        inherited_preset, inherited = inherited_values(source)
+        preset = preset or inherited_preset
     preset = preset or DEFAULT_PRESET
-    # Microbatches and the ramp last, with the batch: the default batch is rounded to a multiple
-    # of them, and until it is, a preset's ramp may not divide a batch sized for another seq_len.
-    late = [a for a in assignments if _field(a) == "microbatches" or _field(a).startswith("ramp.")]
     base = train_config_for(preset)
-    late = [f"ramp.start_tokens={base.ramp.start_tokens}", f"ramp.tokens={base.ramp.tokens}"] + late
-    config = apply_overrides(dataclasses.replace(base, ramp=RampConfig()), [a for a in assignments if a not in late])
+    above = {**inherited, **flags}  # what the layers below give way to
+    sizes = axis_sizes(with_values(base.mesh, {k.removeprefix("mesh."): v for k, v in above.items()
+                                               if k.startswith("mesh.")}), devices)
+    config = layered(base, platform_layer(platform, base, above, sizes),
+                     {**inherited, **sized_recipe(base, above, sizes)}, flags)
     if config.model.attention_impl == "splash" and platform != "tpu":
         raise ConfigError(f"model.attention_impl='splash' is invalid on {platform}: splash is a Pallas kernel for "
                           f"TPU. Use model.attention_impl=matrices or fused here (or compile for a TPU from this "
                           f"machine: magic compile --topology v5p-8 ...).")
-    defaults = [a for a in platform_defaults(platform) if not _set(assignments, a.partition("=")[0])]
-    if not _splash_by_default(config, assignments):
-        defaults = [a for a in defaults if a not in SPLASH_DEFAULTS]
-    config = apply_overrides(config, defaults) if defaults else config
-    sizes = axis_sizes(config.mesh, devices)
-    if not _set(assignments, "batch_size"):
-        k = max(1, _late_int(late, "microbatches", config.microbatches))
-        multiple = math.prod(sizes[a] for a in BATCH_AXES) * k
-        tokens = get_preset(preset).recipe.batch_tokens
-        start, ramp_tokens = _late_int(late, "ramp.start_tokens", 0), _late_int(late, "ramp.tokens", 0)
-        seq = config.data.seq_len
-        if ramp_tokens > 0 and 0 < start <= tokens and start % seq == 0:  # else the config names the field
-            multiple = math.lcm(multiple, start // seq)  # whole ramp levels and whole microbatches
-        late.append(f"batch_size={batch_for_tokens(tokens, config.data.seq_len, multiple)}")
-    config = apply_overrides(config, late)
-    if not _set(assignments, "mesh.layout"):
-        config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout=infer_layout(sizes)))
-    if not _set(assignments, "workdir"):  # runs/<preset>-<hash>: same flags, same run (train/rundir.py)
+    if "workdir" not in flags:  # runs/<preset>-<hash>: same flags, same run (train/rundir.py)
         config = dataclasses.replace(config, workdir=default_workdir(config))
     return run_paths(config)
 

@@ -1,16 +1,18 @@
 """The flags that choose a run's config, shared by `magic train` and `magic compile`.
 
-Both commands take the same flags and turn them into the same 'field=value'
-assignments, which `train.run.resolve_config` applies: so
+Both commands take the same flags and turn them into the same typed values, which
+`train.run.resolve_config` takes as its flag layer: so
 `magic compile <flags> --serialize X` and `magic train <flags> --compiled X` agree.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from matrixmagic.configs.model_config import REMAT_POLICIES
-from matrixmagic.configs.train_config import LAYOUTS, mesh_assignments
+from matrixmagic.configs.overrides import parse_assignments
+from matrixmagic.configs.train_config import LAYOUTS, TrainConfig, mesh_assignments
 
 
 def add_config_arguments(p) -> None:
@@ -28,27 +30,30 @@ def add_config_arguments(p) -> None:
     p.add_argument("--microbatches", type=int, help="gradient-accumulation steps inside the step")
 
 
-def config_assignments(args, **flags) -> list[str]:
-    """'field=value' strings from the config flags (`flags` replace args' values, for sweeps).
-    --set comes last, so it wins over the other flags."""
+def config_assignments(args, **flags) -> dict[str, Any]:
+    """The config flags as typed values, {dotted field: value}, for `train.run.resolve_config`
+    (`flags` replace args' values, for sweeps). argparse has typed --batch, --layout, --remat
+    and --microbatches; --mesh and --set are strings, parsed here once (a bad one fails before
+    jax starts). --set wins over the other flags."""
     def flag(name):
         return flags[name] if name in flags else getattr(args, name, None)
 
-    out = []
-    if flag("mesh"):
-        out += mesh_assignments(flag("mesh"))  # unknown axis -> an error naming the allowed ones
+    typed: dict[str, Any] = {}
     if flag("layout"):
-        out.append(f"mesh.layout={flag('layout')}")
+        typed["mesh.layout"] = flag("layout")
     if flag("batch") is not None:
-        out.append(f"batch_size={flag('batch')}")
+        typed["batch_size"] = flag("batch")
     if flag("remat"):
-        out.append(f"model.remat_policy={flag('remat')}")
+        typed["model.remat_policy"] = flag("remat")
     if flag("microbatches") is not None:
-        out.append(f"microbatches={flag('microbatches')}")
+        typed["microbatches"] = flag("microbatches")
     for name in ("workdir", "init_from"):
         if getattr(args, name, None):
-            out.append(f"{name}={getattr(args, name)}")
-    return out + list(args.set or [])
+            typed[name] = getattr(args, name)
+    mesh = mesh_assignments(flag("mesh")) if flag("mesh") else []  # unknown axis -> an error naming the allowed ones
+    # One parse for --mesh and --set together: a later --set of a mesh axis replaces --mesh's (none share a
+    # field with `typed`, so --mesh is still below the other flags).
+    return {**typed, **parse_assignments(TrainConfig, [*mesh, *(args.set or [])])}
 
 
 def add_memory_check_argument(p) -> None:
