@@ -11,7 +11,8 @@ import inspect
 import io
 import tokenize
 
-from .train_config import TrainConfig, _field_types
+from .overrides import field_types
+from .train_config import TrainConfig
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -65,7 +66,7 @@ def _value(config, dotted: str):
 def field_help(config: TrainConfig) -> str:
     """One block per field: `name  type  = default` and its meaning below, defaults from `config`
     (the preset's, as `magic train --preset P` would start)."""
-    types, meanings = _field_types(TrainConfig), field_meanings()
+    types, meanings = field_types(TrainConfig), field_meanings()
     rows = []
     for name, kind in types.items():
         rows.append(f"  {name:32s} {kind:10s} = {_value(config, name)!r}\n      {meanings[name]}")
