@@ -111,9 +111,7 @@ CORE_USES_PLANNING = {
     ("matrixmagic.train.aot", "matrixmagic.train.planning.compiled"): "the compiled step's memory, cost, OOM",
 }
 # `_private` names imported across modules, each to be made public by the work that owns it.
-PRIVATE_IMPORTS = {
-    ("matrixmagic.configs.fields", "_field_types"),  # --help-fields: the config-resolution work makes it public
-}
+PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def in_train_core(module: str) -> bool:
