@@ -11,7 +11,7 @@ import math
 import numbers
 from typing import Literal, Optional, get_args
 
-# Every list of choices, once: the Literal types the fields (and tyro) read, and the
+# Every list of choices, once: the Literal types the fields (and --set, configs/overrides.py) read, and the
 # tuples that error messages, CLI choices and the model's tables are checked against.
 Family = Literal["decoder", "encoder", "encoder_decoder"]
 Activation = Literal["relu", "gelu", "gelu_tanh"]
