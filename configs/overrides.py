@@ -13,6 +13,7 @@ Generic over the root dataclass (it knows no field of TrainConfig by name).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Iterable, Mapping
 
@@ -43,15 +44,15 @@ def field_hint(cls, dotted: str):
     return typing.get_type_hints(cls)[leaf]
 
 
-def _unknown_field(key: str, types: Mapping[str, str], item: str) -> ConfigError:
-    return ConfigError(f"--set {item!r}: there is no field {key!r}.{suggest(key, types)} "
+def _unknown_field(key: str, known: Mapping[str, str], item: str) -> ConfigError:
+    return ConfigError(f"--set {item!r}: there is no field {key!r}.{suggest(key, known)} "
                        f"`magic train --help-fields` lists them all.")
 
 
 def parse_value(hint, text: str):
-    """`text` as a value of type `hint` (int, float, str, bool, Optional[int] or
-    Optional[str]); ValueError, with the reason, when it is not one."""
-    if typing.get_origin(hint) is typing.Union:  # Optional[X]: 'None', else an X
+    """`text` as a value of type `hint` (int, float, str, bool, a Literal of strings, or one of
+    those or None); ValueError, with the reason, when it is not one."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X] or X | None: 'None', else an X
         if text == "None":
             return None
         (inner,) = [t for t in typing.get_args(hint) if t is not type(None)]
@@ -65,7 +66,9 @@ def parse_value(hint, text: str):
         return BOOLEANS[text.lower()]
     if hint in (int, float):
         return hint(text)  # Python's own syntax and message: '1_000' and ' 5' are numbers, '1e23' no int
-    return text
+    if hint is str or typing.get_origin(hint) is typing.Literal:  # a Literal's choices are checked before
+        return text
+    raise TypeError(f"a config field of type {hint} has no --set syntax yet: add it to parse_value")
 
 
 def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
@@ -73,7 +76,7 @@ def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
     the one place the user's strings are read. A field given twice takes its last value (the
     earlier one is not read). A missing '=', an unknown field (with the close name), a value
     outside a Literal's choices or one not of the field's type raises ConfigError naming it."""
-    types = field_types(cls)
+    known = field_types(cls)
     last: dict[str, str] = {}
     for item in assignments:
         last[item.partition("=")[0].strip()] = item
@@ -82,8 +85,8 @@ def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
         _, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} is invalid: write it as field=value, e.g. --set steps=500.")
-        if key not in types:
-            raise _unknown_field(key, types, item)
+        if key not in known:
+            raise _unknown_field(key, known, item)
         hint = field_hint(cls, key)
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
         if choices and text not in choices:
@@ -91,7 +94,7 @@ def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
         try:
             values[key] = parse_value(hint, text)
         except ValueError as e:
-            raise ConfigError(f"--set {item!r}: {key} expects {types[key]}, and {text!r} is not one ({e}).") from None
+            raise ConfigError(f"--set {item!r}: {key} expects {known[key]}, and {text!r} is not one ({e}).") from None
     return values
 
 
@@ -99,10 +102,10 @@ def with_values(config, values: Mapping[str, Any]):
     """`config` with the dotted fields of `values` replaced. Each nested dataclass that changes
     is built once, in field order, before its parent, so a cross-field check sees the final
     values of both fields, and its error names the field as the user wrote it."""
-    types = field_types(type(config))
+    known = field_types(type(config))
     for key in values:
-        if key not in types:
-            raise _unknown_field(key, types, f"{key}={values[key]}")
+        if key not in known:
+            raise _unknown_field(key, known, f"{key}={values[key]}")
     own: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         nested = {k.partition(".")[2]: v for k, v in values.items() if k.partition(".")[0] == f.name and "." in k}
