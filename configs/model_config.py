@@ -167,11 +167,11 @@ class ModelConfig:
 
     @property
     def has_decoder(self) -> bool:
-        return self.family in ("decoder", "encoder_decoder")
+        return "decoder" in FAMILY_SIDES[self.family]
 
     @property
     def has_encoder(self) -> bool:
-        return self.family in ("encoder", "encoder_decoder")
+        return "encoder" in FAMILY_SIDES[self.family]
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed, validated again."""

@@ -19,6 +19,9 @@ from flax import linen as nn
 from matrixmagic.configs import ModelConfig, Preset
 
 from .build import abstract_variables
+from .embeddings import token_table_params
+from .families import family_of
+from .positional import position_table_params
 
 CATEGORIES = ("embeddings", "attention", "mlp", "norms", "pooler", "output_head")
 
@@ -56,40 +59,22 @@ def count_params(config: ModelConfig) -> dict[str, int]:
 
 
 def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
-    """{'model': ..., 'mlm_head': ...} from the config alone (formulae, no tree)."""
-    d, f, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_layers
-    b = 1 if cfg.use_bias else 0
-    attention = 4 * d * d + 4 * d * b  # W_q, W_k, W_v, W_o (+ biases)
-    mlp = 2 * d * f + (f + d) * b
-    norm = 2 * d  # scale + bias
-    positions = cfg.max_len * d if cfg.positional == "learned" else 0
-    final_norm = norm if cfg.norm_position == "pre" else 0
-    unembedding = 0 if cfg.tie_embeddings else V * d
-    encoder_layer = attention + mlp + 2 * norm
-    decoder_layer = encoder_layer + (attention + norm if cfg.family == "encoder_decoder" else 0)
-    head = 0
-    if cfg.family == "decoder":
-        model = V * d + positions + L * decoder_layer + final_norm + unembedding
-    elif cfg.family == "encoder":
-        pooler = d * d + d
-        model = V * d + positions + cfg.type_vocab_size * d + norm + L * encoder_layer + final_norm + pooler
-        head = d * d + d + norm + V + unembedding  # transform, its norm, output bias
-    else:
-        model = V * d + positions + L * (encoder_layer + decoder_layer) + 2 * final_norm + unembedding
-    return {"model": model, "mlm_head": head}
+    """{'model': ..., 'mlm_head': ...} from the config alone (formulae, no tree): the family's
+    own closed form (its model module), built from each sublayer's count."""
+    return family_of(cfg).closed_form_params(cfg)
 
 
 def attention_layers(cfg: ModelConfig) -> int:
     """Attention sublayers a token passes through (enc-dec: encoder self, decoder self and cross)."""
-    return 3 * cfg.num_layers if cfg.family == "encoder_decoder" else cfg.num_layers
+    return family_of(cfg).attention_sublayers * cfg.num_layers
 
 
 def matmul_params(cfg: ModelConfig, total: int) -> int:
     """Weights used in matmuls: lookup-only tables (positions, token types, an untied
     input embedding) cost no FLOPs; a tied embedding is counted once, as the output layer."""
-    lookup = (cfg.max_len * cfg.d_model if cfg.positional == "learned" else 0) + cfg.type_vocab_size * cfg.d_model
+    lookup = position_table_params(cfg) + cfg.type_vocab_size * cfg.d_model
     if not cfg.tie_embeddings:
-        lookup += cfg.vocab_size * cfg.d_model
+        lookup += token_table_params(cfg)
     return total - lookup
 
 
@@ -126,7 +111,7 @@ def report(preset: Preset) -> ParamReport:
     breakdown = count_params(cfg)
     total = sum(breakdown.values())
     closed = closed_form_params(cfg)
-    mlm_head = breakdown["output_head"] if cfg.family == "encoder" else 0  # BERT reports it apart
+    mlm_head = breakdown["output_head"] if family_of(cfg).head_reported_apart else 0
     params = total - mlm_head
     rel = (params - preset.paper_params) / preset.paper_params if preset.paper_params else None
     return ParamReport(

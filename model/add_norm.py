@@ -35,6 +35,16 @@ class LayerNorm(nn.Module):
         return (y * scale + bias).astype(cfg.dtype)
 
 
+def norm_params(config: ModelConfig) -> int:
+    """One LayerNorm's parameters: scale and bias over d_model."""
+    return 2 * config.d_model
+
+
+def final_norm_params(config: ModelConfig) -> int:
+    """A pre-LN stack ends with one more norm (its residual stream is never normalized otherwise)."""
+    return norm_params(config) if config.norm_position == "pre" else 0
+
+
 def add_and_norm(x: jnp.ndarray, sublayer: Callable[[jnp.ndarray], jnp.ndarray], norm: LayerNorm,
                  dropout: Callable[[jnp.ndarray], jnp.ndarray], norm_position: str) -> jnp.ndarray:
     """Wrap `sublayer` in a residual connection with LayerNorm before or after it."""

@@ -68,6 +68,12 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Option
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
+def attention_params(config: ModelConfig) -> int:
+    """W_q, W_k, W_v, W_o, each [d_model, d_model] (heads side by side), and their biases."""
+    d = config.d_model
+    return 4 * d * d + 4 * d * int(config.use_bias)
+
+
 class MultiHeadAttention(nn.Module):
     config: ModelConfig
     deterministic: bool = True

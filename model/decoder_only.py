@@ -14,14 +14,22 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm
+from .add_norm import LayerNorm, final_norm_params
 from .dropout import Dropout
-from .embeddings import TokenEmbedding
-from .layers import DecoderLayer
+from .embeddings import TokenEmbedding, token_table_params
+from .layers import DecoderLayer, decoder_layer_params
 from .masks import self_attention_mask
-from .output_head import OutputHead
-from .positional import default_positions, positional_encoding
+from .output_head import OutputHead, unembedding_params
+from .positional import default_positions, position_table_params, positional_encoding
 from .stack import LayerStack
+from .walk import captured, final_norm_stages, token_stages
+
+
+def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
+    """GPT: embeddings, N decoder layers (no cross attention), the final norm, the final linear."""
+    model = (token_table_params(cfg) + position_table_params(cfg) + cfg.num_layers * decoder_layer_params(cfg, False)
+             + final_norm_params(cfg) + unembedding_params(cfg))
+    return {"model": model, "mlm_head": 0}
 
 
 class DecoderOnlyLM(nn.Module):
@@ -52,10 +60,24 @@ class DecoderOnlyLM(nn.Module):
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
         mask = None if decode else self_attention_mask(segment_ids, causal=True)  # decoding: the cache masks
-        x = LayerStack(cfg, DecoderLayer, name="decoder")(x, mask, deterministic=deterministic, decode=decode)
+        stack = LayerStack(cfg, DecoderLayer, layer_kwargs=(("scaled_residual_init", True),), name="decoder")
+        x = stack(x, mask, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
             x = LayerNorm(cfg, name="final_norm")(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         shared = token_embedding if cfg.tie_embeddings else None
         return OutputHead(cfg, shared, name="output_head")(x)
+
+
+def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object]:
+    """`magic explain`'s stages before the walked layer, and that stack's input: E[ids] + P."""
+    tokens = captured(inter, "token_embedding", "__call__", 0)
+    positions = captured(inter, "position_embedding", "__call__", 0)
+    total = captured(inter, "embeddings", 0)
+    return token_stages(cfg, ids, tokens, positions, S) + [S("embeddings (sum)", "X = E[ids] + P", total)], total
+
+
+def explain_head(cfg: ModelConfig, inter: dict, batch: int, length: int, S) -> list:
+    """Stages between the last layer and the final linear."""
+    return final_norm_stages(cfg, inter, "final_norm", S)

@@ -16,6 +16,11 @@ from matrixmagic.configs import ModelConfig
 from .params import EMBED_ACTIVATION, constrain, logical_param, normal
 
 
+def token_table_params(cfg: ModelConfig) -> int:
+    """The [vocab, d_model] input table."""
+    return cfg.vocab_size * cfg.d_model
+
+
 class TokenEmbedding(nn.Module):
     config: ModelConfig
     num_embeddings: int | None = None  # default: config.vocab_size; BERT token types use 2

@@ -16,14 +16,24 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm
+from .add_norm import LayerNorm, final_norm_params
 from .dropout import Dropout
-from .embeddings import TokenEmbedding
-from .layers import DecoderLayer, EncoderLayer
+from .embeddings import TokenEmbedding, token_table_params
+from .layers import DecoderLayer, EncoderLayer, decoder_layer_params, encoder_layer_params
 from .masks import cross_attention_mask, self_attention_mask
-from .output_head import OutputHead
-from .positional import default_positions, positional_encoding
+from .output_head import OutputHead, unembedding_params
+from .positional import default_positions, position_table_params, positional_encoding
 from .stack import LayerStack
+from .walk import add, captured, final_norm_stages, layer_output, token_stages
+
+
+def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
+    """One shared token table and position table, N encoder and N decoder layers (with cross
+    attention), a final norm per stack when pre-LN, the final linear unless tied."""
+    layers = cfg.num_layers * (encoder_layer_params(cfg) + decoder_layer_params(cfg, True))
+    model = (token_table_params(cfg) + position_table_params(cfg) + layers + 2 * final_norm_params(cfg)
+             + unembedding_params(cfg))
+    return {"model": model, "mlm_head": 0}
 
 
 class EncoderDecoderLM(nn.Module):
@@ -83,3 +93,23 @@ class EncoderDecoderLM(nn.Module):
         encoded = self.encode(encoder_inputs, encoder_positions, encoder_segment_ids, deterministic)
         return self.decode(encoded, decoder_inputs, decoder_positions, decoder_segment_ids,
                            encoder_segment_ids, deterministic)
+
+
+def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object]:
+    """`magic explain` walks the decoder: the shared modules' second call embeds its input, the
+    encoder's output (the keys and values of cross attention) comes before its layer."""
+    tokens = captured(inter, "shared_embedding", "__call__", 1)
+    positions = captured(inter, "positional", "__call__", 1)
+    total = add(tokens, positions)  # the model adds these inline; the sum is not sown
+    stages = token_stages(cfg, ids, tokens, positions, S, note="; decoder input = [bos] + source[:-1]")
+    stages.append(S("embeddings (sum)", "X = E[ids] + PE (dropout is off at inference)", total))
+    encoded = (captured(inter, "encoder_norm", "__call__", 0) if cfg.norm_position == "pre"
+               else layer_output(inter, "encoder", cfg.num_layers - 1, cfg))
+    stages.append(S("encoder output", f"{cfg.num_layers} encoder layers over the source "
+                                      "(the keys and values of cross attention)", encoded))
+    return stages, total
+
+
+def explain_head(cfg: ModelConfig, inter: dict, batch: int, length: int, S) -> list:
+    """Stages between the decoder's last layer and the final linear."""
+    return final_norm_stages(cfg, inter, "decoder_norm", S)

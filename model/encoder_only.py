@@ -17,16 +17,28 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm
+from .add_norm import LayerNorm, final_norm_params, norm_params
 from .dropout import Dropout
-from .embeddings import TokenEmbedding
+from .embeddings import TokenEmbedding, token_table_params
 from .feed_forward import ACTIVATIONS
-from .layers import EncoderLayer
+from .layers import EncoderLayer, encoder_layer_params
 from .linear import Linear
 from .masks import self_attention_mask
-from .output_head import OutputHead
-from .positional import default_positions, positional_encoding
+from .output_head import OutputHead, unembedding_params
+from .positional import default_positions, position_table_params, positional_encoding
 from .stack import LayerStack
+from .walk import captured, token_stages
+
+
+def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
+    """BERT: embeddings (tokens, positions, segments) and their norm, N encoder layers, the pooler;
+    the MLM head (transform, its norm, the output bias, an untied output table) counted apart, as
+    BERT's paper counts the model without it."""
+    d, norm = cfg.d_model, norm_params(cfg)
+    embeddings = token_table_params(cfg) + position_table_params(cfg) + cfg.type_vocab_size * d + norm
+    model = embeddings + cfg.num_layers * encoder_layer_params(cfg) + final_norm_params(cfg) + d * d + d
+    head = d * d + d + norm + cfg.vocab_size + unembedding_params(cfg)
+    return {"model": model, "mlm_head": head}
 
 
 class MaskedLMHead(nn.Module):
@@ -89,3 +101,23 @@ class EncoderOnlyLM(nn.Module):
         hidden, pooled = self.encode(inputs, positions, segment_ids, token_types, deterministic)
         self.sow("intermediates", "pooled", pooled)
         return self.mlm_head(hidden)
+
+
+def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object]:
+    """`magic explain`'s stages before the walked layer: the embedding sum (with segments) and
+    BERT's LayerNorm of it, which is the encoder's input."""
+    tokens = captured(inter, "token_embedding", "__call__", 0)
+    stages = token_stages(cfg, ids, tokens, captured(inter, "position_embedding", "__call__", 0), S)
+    if cfg.type_vocab_size:
+        stages.append(S("token type embeddings", "segment A/B table T[type]",
+                        captured(inter, "token_type_embedding", "__call__", 0)))
+    stages.append(S("embeddings (sum)", "X = E[ids] + P + T", captured(inter, "embeddings", 0)))
+    normed = captured(inter, "embedding_norm", "__call__", 0)
+    stages.append(S("embedding LayerNorm", "LayerNorm(X): BERT normalizes the embedding sum", normed))
+    return stages, normed
+
+
+def explain_head(cfg: ModelConfig, inter: dict, batch: int, length: int, S) -> list:
+    """BERT's prediction-head transform, between the last layer and the output layer."""
+    return [S("MLM transform", "LayerNorm(act(h W + b)): BERT's prediction-head transform",
+              captured(inter, "mlm_head", "transform_norm", "__call__", 0), 2 * batch * length * cfg.d_model ** 2)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,37 +29,19 @@ from .accounting import human
 from .add_norm import LayerNorm
 from .build import abstract_variables, build_model, init_params
 from .embeddings import TokenEmbedding
+from .families import family_of
 from .feed_forward import FeedForward
 from .layers import DecoderLayer, EncoderLayer
 from .masks import self_attention_mask
 from .output_head import vocab_softmax
-from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from .positional import POSITIONAL_KINDS
+from .walk import Stage, add, captured, layer_output, layer_tree, stage
 
 # Above this many parameters, explain runs on shapes only (no weights allocated).
 MAX_MATERIALIZED_PARAMS = 200_000_000
 DEFAULT_TEXT = "Attention is all you need."
-_CAPTURED = (TokenEmbedding, LearnedPositionalEmbedding, SinusoidalPositionalEncoding, LayerNorm, FeedForward,
+_CAPTURED = (TokenEmbedding, *(kind.module for kind in POSITIONAL_KINDS.values()), LayerNorm, FeedForward,
              EncoderLayer, DecoderLayer)
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One matrix of the forward pass. value is None on shape-only runs."""
-
-    name: str
-    formula: str
-    shape: tuple
-    dtype: str
-    flops: Optional[int] = None  # of the matmul that produced it, whole batch, all heads
-    value: Any = None
-    head_axis: Optional[int] = None  # per-head matrices: which axis indexes the heads
-    note: str = ""
-
-    @property
-    def per_head_shape(self) -> tuple:
-        if self.head_axis is None:
-            return self.shape
-        return self.shape[: self.head_axis] + self.shape[self.head_axis + 1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +83,7 @@ def _capture(module: nn.Module, method_name: str) -> bool:
 def model_inputs(config: ModelConfig, ids, bos_id: int = 0) -> dict:
     """Keyword arguments of the family's __call__ for token ids [B, T] (enc-dec: source = ids,
     target = [bos] + ids[:-1], teacher forcing)."""
-    if config.family != "encoder_decoder":
+    if not family_of(config).cross_attention:
         return {"inputs": ids}
     target = jnp.concatenate([jnp.full(ids.shape[:1] + (1,), bos_id, ids.dtype), ids[:, :-1]], axis=1)
     return {"encoder_inputs": ids, "decoder_inputs": target}
@@ -113,81 +95,9 @@ def forward(config: ModelConfig, params, ids, bos_id: int = 0) -> tuple[jnp.ndar
     logits, state = build_model(config).apply({"params": params}, **model_inputs(config, ids, bos_id),
                                               capture_intermediates=_capture, mutable=["intermediates"])
     length = ids.shape[1]
-    mask = self_attention_mask(None, causal=config.family != "encoder").dense(length, length)
+    mask = self_attention_mask(None, causal=family_of(config).causal).dense(length, length)
     mask = jnp.ones((1, 1, length, length), bool) if mask is None else mask
     return logits, state["intermediates"], vocab_softmax(logits), mask
-
-
-def _pick(x, index: int):
-    """x[index] for arrays and shape structs alike."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    return x[index]
-
-
-def _out(tree: dict, *path):
-    """A captured module output or sown value (both are stored as tuples of calls)."""
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _add(a, b):
-    """a + b for arrays and shape structs alike (the residual adds the model does inline)."""
-    if isinstance(a, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(jnp.broadcast_shapes(a.shape, b.shape), jnp.result_type(a.dtype, b.dtype))
-    return a + b
-
-
-def _layer_tree(inter: dict, stack: str, n: int, config: ModelConfig) -> dict:
-    """The intermediates of layer n of a stack, scanned (stacked on axis 0) or unrolled."""
-    if config.scan_layers:
-        return jax.tree_util.tree_map(lambda x: _pick(x, n), inter[stack]["layers"],
-                                      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return inter[stack][f"layer_{n}"]
-
-
-def _layer_output(inter, stack, n, config):
-    return _out(_layer_tree(inter, stack, n, config), "__call__", 0, 0)
-
-
-def _stage(name, formula, x, flops=None, head_axis=None, note="", shapes_only=False) -> Stage:
-    return Stage(name, formula, tuple(x.shape), str(jnp.dtype(x.dtype)), flops,
-                 None if shapes_only else np.asarray(x), head_axis, note)
-
-
-_SINUSOIDS = "sinusoids PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)"
-_LEARNED = "learned table P[pos], [max_len, d_model]"
-
-
-def _embedding_stages(cfg, inter, ids, S):
-    """tokens, token embeddings, positional encodings, their sum -> (stages, the stack input)."""
-    family = cfg.family
-    if family == "encoder_decoder":  # we walk the decoder: the shared modules' second call
-        tokens, pos = _out(inter, "shared_embedding", "__call__", 1), _out(inter, "positional", "__call__", 1)
-    else:
-        tokens, pos = _out(inter, "token_embedding", "__call__", 0), _out(inter, "position_embedding", "__call__", 0)
-    shifted = "; decoder input = [bos] + source[:-1]" if family == "encoder_decoder" else ""
-    scale = " x sqrt(d_model)" if cfg.scale_embeddings else ""
-    stages = [
-        S("tokens", f"ids [B, T]: token ids, rows 0..{cfg.vocab_size - 1} of the table{shifted}", ids),
-        S("token embeddings", f"E[ids]{scale}: rows of the [vocab, d_model] table (a lookup, no matmul)", tokens),
-        S("positional encodings", _SINUSOIDS if cfg.positional == "sinusoidal" else _LEARNED, pos),
-    ]
-    if family == "encoder_decoder":  # the model adds these inline; the sum is not sown
-        total = _add(tokens, pos)
-        stages.append(S("embeddings (sum)", "X = E[ids] + PE (dropout is off at inference)", total))
-        return stages, total
-    if family == "encoder" and cfg.type_vocab_size:
-        types = _out(inter, "token_type_embedding", "__call__", 0)
-        stages.append(S("token type embeddings", "segment A/B table T[type]", types))
-    total = _out(inter, "embeddings", 0)
-    stages.append(S("embeddings (sum)", "X = E[ids] + P" + (" + T" if family == "encoder" else ""), total))
-    if family == "encoder":
-        normed = _out(inter, "embedding_norm", "__call__", 0)
-        stages.append(S("embedding LayerNorm", "LayerNorm(X): BERT normalizes the embedding sum", normed))
-        return stages, normed
-    return stages, total
 
 
 def _split_heads(concat, heads: int, d_k: int):
@@ -201,28 +111,28 @@ def _split_heads(concat, heads: int, d_k: int):
 def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self_attention"):
     """Q, K, V, scores, mask, weights, weighted values, concat, W_o, add & norm of one attention sublayer."""
     att = layer[kind]
-    q, k, v = (_out(att, n, 0) for n in ("q", "k", "v"))
+    q, k, v = (captured(att, n, 0) for n in ("q", "k", "v"))
     d, H, dk = cfg.d_model, cfg.num_heads, cfg.head_dim
     Tq, Tk = q.shape[1], k.shape[1]
     stages = []
     if cfg.norm_position == "pre":
         stages.append(S(f"{prefix}attention input (LayerNorm)", "pre-LN: LayerNorm(x) feeds Q, K, V",
-                        _out(layer, f"{kind}_norm", "__call__", 0)))
+                        captured(layer, f"{kind}_norm", "__call__", 0)))
     src = "the encoder output" if kind == "cross_attention" else "X"
     stages += [
         S(f"{prefix}Q", "Q_h = X W_q[h] per head [B, T, d_k]", q, 2 * B * Tq * d * d, head_axis=2),
         S(f"{prefix}K", f"K_h = {src} W_k[h] per head [B, T, d_k]", k, 2 * B * Tk * d * d, head_axis=2),
         S(f"{prefix}V", f"V_h = {src} W_v[h] per head [B, T, d_k]", v, 2 * B * Tk * d * d, head_axis=2),
         S(f"{prefix}scores", "S_h = Q_h K_h^T / sqrt(d_k) [B, H, Tq, Tk], masked entries set to -1e9",
-          _out(att, "scores", 0), 2 * B * H * Tq * Tk * dk),
+          captured(att, "scores", 0), 2 * B * H * Tq * Tk * dk),
     ]
     if mask is not None:
         stages.append(S(f"{prefix}mask", "True where query q may attend key k (broadcast over heads)", mask))
-    concat = _out(att, "heads_concatenated", 0)
-    out = _out(att, "output_projection", 0)
+    concat = captured(att, "heads_concatenated", 0)
+    out = captured(att, "output_projection", 0)
     stages += [
         S(f"{prefix}attention weights", "A_h = softmax(S_h) over keys (rows sum to 1, float32)",
-          _out(att, "weights", 0)),
+          captured(att, "weights", 0)),
         S(f"{prefix}weighted values", "O_h = A_h V_h per head [B, T, d_k]", _split_heads(concat, H, dk),
           2 * B * H * Tq * Tk * dk, head_axis=2),
         S(f"{prefix}heads concatenated", "concat(O_1 .. O_H) [B, T, H d_k = d_model]", concat),
@@ -230,10 +140,10 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     ]
     name = f"add & norm ({kind.replace('_', ' ')})"
     if cfg.norm_position == "post":
-        added = _out(layer, f"{kind}_norm", "__call__", 0)
+        added = captured(layer, f"{kind}_norm", "__call__", 0)
         stages.append(S(name, "LayerNorm(x + attention(x)) (post-LN)", added))
     else:  # pre-LN adds inline; the residual sum is not a module output
-        added = _add(layer_input, out)
+        added = add(layer_input, out)
         stages.append(S(name, "x + attention(LayerNorm(x)) (pre-LN residual)", added))
     return stages, added
 
@@ -258,7 +168,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
     abstract = nn.meta.unbox(abstract_variables(cfg)["params"])
     if shapes_only is None:
         shapes_only = runs_on_shapes(cfg, params is not None)
-    if tokenizer is None and not shapes_only and cfg.family == "encoder_decoder":
+    if tokenizer is None and not shapes_only and family_of(cfg).cross_attention:
         raise ValueError("explain of an encoder-decoder needs tokenizer= (its bos id starts the decoder), "
                          "e.g. ByteTokenizer() from matrixmagic.train.data.tokenizers.")
     label = functools.partial(token_label, tokenizer) if tokenizer is not None else _byte_label
@@ -270,7 +180,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
                else np.tile(np.asarray(text, np.int32), (batch, 1)))
     if labels is None and not isinstance(ids, jax.ShapeDtypeStruct):
         labels = [label(int(i)) for i in np.asarray(ids)[0]]
-    if labels is not None and cfg.family == "encoder_decoder":
+    if labels is not None and family_of(cfg).cross_attention:
         labels = [label(bos_id) if tokenizer is not None else "<bos>"] + list(labels[:-1])  # decoder input
     if not shapes_only:
         ids = jnp.asarray(ids, jnp.int32)
@@ -286,39 +196,30 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
 def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
     B, T = ids.shape
     d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    S = functools.partial(_stage, shapes_only=shapes_only)
-    stack = "encoder" if cfg.family == "encoder" else "decoder"
-    stages, stack_input = _embedding_stages(cfg, inter, ids, S)
-    if cfg.family == "encoder_decoder":
-        encoded = (_out(inter, "encoder_norm", "__call__", 0) if cfg.norm_position == "pre"
-                   else _layer_output(inter, "encoder", cfg.num_layers - 1, cfg))
-        stages.append(S("encoder output", f"{cfg.num_layers} encoder layers over the source "
-                                          "(the keys and values of cross attention)", encoded))
-    layer = _layer_tree(inter, stack, n, cfg)
-    x = stack_input if n == 0 else _layer_output(inter, stack, n - 1, cfg)
+    S = functools.partial(stage, shapes_only=shapes_only)
+    family = family_of(cfg)
+    stack = family.sides[-1]  # the stack the logits come from: the decoder, or BERT's encoder
+    stages, stack_input = family.explain_prelude(cfg, inter, ids, S)
+    layer = layer_tree(inter, stack, n, cfg)
+    x = stack_input if n == 0 else layer_output(inter, stack, n - 1, cfg)
     attention, x = _attention_stages(cfg, layer, x, mask, B, S)
     stages += attention
-    if cfg.family == "encoder_decoder":
+    if family.cross_attention:
         cross, x = _attention_stages(cfg, layer, x, None, B, S, prefix="cross ", kind="cross_attention")
         shown = {f"cross {part}" for part in ("Q", "K", "V", "attention weights", "output projection")}
         stages += [s for s in cross if s.name in shown] + [cross[-1]]
     ffn = layer["feed_forward"]
     if cfg.norm_position == "pre":
         stages.append(S("FFN input (LayerNorm)", "pre-LN: LayerNorm(x) feeds the FFN",
-                        _out(layer, "feed_forward_norm", "__call__", 0)))
+                        captured(layer, "feed_forward_norm", "__call__", 0)))
     stages += [
-        S("FFN hidden", f"act(x W_1 + b_1), act = {cfg.activation} [B, T, d_ff]", _out(ffn, "activated", 0),
+        S("FFN hidden", f"act(x W_1 + b_1), act = {cfg.activation} [B, T, d_ff]", captured(ffn, "activated", 0),
           2 * B * T * d * f),
-        S("FFN output", "hidden W_2 + b_2 [B, T, d_model]", _out(ffn, "__call__", 0), 2 * B * T * f * d),
+        S("FFN output", "hidden W_2 + b_2 [B, T, d_model]", captured(ffn, "__call__", 0), 2 * B * T * f * d),
         S("add & norm (FFN)", "LayerNorm(x + FFN(x))" if cfg.norm_position == "post" else "x + FFN(LayerNorm(x))",
-          _layer_output(inter, stack, n, cfg), note=f"layer {n} output; {cfg.num_layers - n - 1} more layers follow"),
+          layer_output(inter, stack, n, cfg), note=f"layer {n} output; {cfg.num_layers - n - 1} more layers follow"),
     ]
-    if cfg.family == "encoder":
-        stages.append(S("MLM transform", "LayerNorm(act(h W + b)): BERT's prediction-head transform",
-                        _out(inter, "mlm_head", "transform_norm", "__call__", 0), 2 * B * T * d * d))
-    elif cfg.norm_position == "pre":
-        norm = _out(inter, "final_norm" if cfg.family == "decoder" else "decoder_norm", "__call__", 0)
-        stages.append(S("final LayerNorm", "pre-LN stacks end with one more LayerNorm", norm))
+    stages += family.explain_head(cfg, inter, B, T, S)
     tied = "E^T (tied to the token embedding)" if cfg.tie_embeddings else "W_out"
     stages += [S("logits (final linear)", f"h {tied} [B, T, vocab]", logits, 2 * B * T * d * V),
                S("softmax over vocabulary", "p(next token) = softmax(logits) (float32)", probs)]
@@ -344,12 +245,12 @@ def format_explanation(e: Explanation, decode_token: Optional[Callable[[int], st
     """The readable walk: name, formula, shape, dtype, matmul FLOPs, a few values."""
     cfg = e.config
     mode = "shapes only (jax.eval_shape: no weights allocated)" if e.shapes_only else "real forward pass"
-    out = [f"{cfg.family} model: d_model={cfg.d_model} heads={cfg.num_heads} d_k={cfg.head_dim} "
-           f"layers={cfg.num_layers} vocab={cfg.vocab_size}; showing layer {e.layer}; {mode}"]
+    out = [(f"{cfg.family} model: d_model={cfg.d_model} heads={cfg.num_heads} d_k={cfg.head_dim} "
+            f"layers={cfg.num_layers} vocab={cfg.vocab_size}; showing layer {e.layer}; {mode}")]
     if e.labels:
         out.append("text: " + " ".join(repr(t) for t in e.labels))
     for i, s in enumerate(e.stages, 1):
-        line = f"{i:2d}. {s.name:<28} {str(list(s.shape)):<24} {s.dtype:<8}"
+        line = f"{i:2d}. {s.name:<28} {list(s.shape)!s:<24} {s.dtype:<8}"
         if s.head_axis is not None:
             line += f" per head {list(s.per_head_shape)} x {s.shape[s.head_axis]}"
         if s.flops:
@@ -365,7 +266,8 @@ def format_explanation(e: Explanation, decode_token: Optional[Callable[[int], st
     decode_token = decode_token or e.label
     if probs is not None and decode_token is not None:
         top = np.argsort(-probs[0, -1])[:5]
-        what = "MLM prediction at the last position" if cfg.family == "encoder" else "next token after the last one"
+        masked = family_of(cfg).generation == "fill_masks"
+        what = "MLM prediction at the last position" if masked else "next token after the last one"
         out.append(f"{what}: " +
                    ", ".join(f"{decode_token(int(t))!r} {probs[0, -1, t]:.3f}" for t in top))
     total = sum(s.flops or 0 for s in e.stages)

@@ -26,6 +26,12 @@ ACTIVATIONS = {
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "one function per configs.model_config.Activation"
 
 
+def feed_forward_params(config: ModelConfig) -> int:
+    """W_1 [d, d_ff], W_2 [d_ff, d] and their biases."""
+    d, f = config.d_model, config.d_ff
+    return 2 * d * f + (f + d) * int(config.use_bias)
+
+
 class FeedForward(nn.Module):
     config: ModelConfig
     out_init_std: Optional[float] = None

@@ -34,7 +34,26 @@ import numpy as np
 from flax import linen as nn
 
 from .build import build_model
+from .families import family_of
 from .stack import unstack_layers
+
+# A family's `generation` task -> the function here that does it (model/families.py).
+GENERATION = {"continue": "generate", "translate": "translate", "fill_masks": "fill_masks"}
+_KV_CACHED = ("continue", "translate")  # the tasks whose loops decode with a KV cache
+
+
+def _require(config, task: str, what: str) -> None:
+    """A clear error when `what` is called on a family whose task is another one."""
+    family = family_of(config)
+    if family.generation != task:
+        raise ValueError(f"{what} is for models whose task is {task!r}, not family={family.name!r} "
+                         f"(task {family.generation!r}): use {GENERATION[family.generation]}().")
+
+
+def holds_unrolled_copy(config) -> bool:
+    """Whether generating holds a second, unrolled copy of the weights (`_unrolled`): the
+    KV-cached loops of a scanned stack. Memory plans add it."""
+    return config.scan_layers and family_of(config).generation in _KV_CACHED
 
 NEG_INF = -1e9  # finite, so sums and length normalization stay NaN-free
 
@@ -217,9 +236,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
     """Continue each prompt (a list of token ids) with up to `max_new_tokens` new tokens.
     `width`: pad the prompts to at least this many positions, so callers with prompts of many
     lengths (the eval harness) reuse one compiled loop per width instead of one per length."""
-    if model.config.family != "decoder":
-        raise ValueError(f"generate() is for decoder-only models, not family={model.config.family!r}: "
-                         "use translate() (encoder_decoder) or fill_masks() (encoder).")
+    _require(model.config, "continue", "generate()")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive count.")
     ids, lengths = pad_prompts(prompts, width=width)
@@ -304,9 +321,7 @@ def _greedy_seq2seq_loop(model, params, encoded, segments, bos_id, eot_id, *, ma
 
 
 def _check_seq2seq(model, max_new_tokens):
-    if model.config.family != "encoder_decoder":
-        raise ValueError("translate() and beam_search() need an encoder_decoder model, "
-                         f"not family={model.config.family!r}.")
+    _require(model.config, "translate", "translate() / beam_search()")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a positive count.")
     _check_fits(model.config, max_new_tokens, "max_new_tokens")
@@ -353,8 +368,7 @@ def beam_search(model: nn.Module, params, sources: Sequence[Sequence[int]], *, b
 def fill_masks(model: nn.Module, params, ids: np.ndarray, mask_id: int,
                banned_ids: Sequence[int] = ()) -> np.ndarray:
     """ids [B, T] with `mask_id` holes -> the same ids, each hole the MLM argmax there."""
-    if model.config.family != "encoder":
-        raise ValueError(f"fill_masks() needs an encoder (BERT-style) model, not family={model.config.family!r}.")
+    _require(model.config, "fill_masks", "fill_masks()")
     if ids.shape[1] > model.config.max_len:  # past the position table every row would read garbage
         raise ValueError(f"ids are {ids.shape[1]} tokens; the model reads at most model.max_len="
                          f"{model.config.max_len}: shorten the text.")

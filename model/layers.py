@@ -18,22 +18,33 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm, add_and_norm
-from .attention import Mask, MultiHeadAttention
+from .add_norm import LayerNorm, add_and_norm, norm_params
+from .attention import Mask, MultiHeadAttention, attention_params
 from .dropout import Dropout
-from .feed_forward import FeedForward
+from .feed_forward import FeedForward, feed_forward_params
 from .params import EMBED_ACTIVATION, constrain
 
 
-def residual_init_std(cfg: ModelConfig) -> Optional[float]:
+def residual_init_std(cfg: ModelConfig, scaled: bool) -> Optional[float]:
     """GPT-2 (Radford et al. 2019, section 2.3) scales residual-path weights by 1/sqrt(N),
-    N = 2 x layers (two residual sublayers each). Other families keep init_std."""
-    return cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.family == "decoder" else None
+    N = 2 x layers (two residual sublayers each); a model that does not keeps init_std (None)."""
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers) if scaled else None
+
+
+def encoder_layer_params(cfg: ModelConfig) -> int:
+    """Self-attention and FFN, each with its norm."""
+    return attention_params(cfg) + feed_forward_params(cfg) + 2 * norm_params(cfg)
+
+
+def decoder_layer_params(cfg: ModelConfig, cross_attention: bool) -> int:
+    """An encoder layer's parts, plus cross attention and its norm when the decoder reads an encoder."""
+    return encoder_layer_params(cfg) + (attention_params(cfg) + norm_params(cfg) if cross_attention else 0)
 
 
 class _Layer(nn.Module):
     config: ModelConfig
     deterministic: bool = True
+    scaled_residual_init: bool = False  # GPT-2's 1/sqrt(2 N) on the residual-path outputs
 
     def sublayer(self, name: str, x: jnp.ndarray, fn) -> jnp.ndarray:
         cfg = self.config
@@ -46,9 +57,10 @@ class EncoderLayer(_Layer):
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: Mask):
         cfg, det = self.config, self.deterministic
-        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), name="self_attention")
+        residual_std = residual_init_std(cfg, self.scaled_residual_init)
+        attention = MultiHeadAttention(cfg, det, residual_std, name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, mask))
-        ffn = FeedForward(cfg, residual_init_std(cfg), name="feed_forward")
+        ffn = FeedForward(cfg, residual_std, name="feed_forward")
         x = self.sublayer("feed_forward", x, ffn)
         return x, None
 
@@ -61,12 +73,13 @@ class DecoderLayer(_Layer):
     def __call__(self, x: jnp.ndarray, self_mask: Mask, encoded: Optional[jnp.ndarray] = None,
                  cross_mask: Mask = None):
         cfg, det = self.config, self.deterministic
-        attention = MultiHeadAttention(cfg, det, residual_init_std(cfg), self.decode, name="self_attention")
+        residual_std = residual_init_std(cfg, self.scaled_residual_init)
+        attention = MultiHeadAttention(cfg, det, residual_std, self.decode, name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))
         if self.cross_attention:
             # Queries from the decoder, keys and values from the encoder output.
             cross = MultiHeadAttention(cfg, det, name="cross_attention")
             x = self.sublayer("cross_attention", x, lambda h: cross(h, encoded, cross_mask))
-        ffn = FeedForward(cfg, residual_init_std(cfg), name="feed_forward")
+        ffn = FeedForward(cfg, residual_std, name="feed_forward")
         x = self.sublayer("feed_forward", x, ffn)
         return x, None

@@ -21,6 +21,11 @@ from .linear import Linear
 from .params import VOCAB_ACTIVATION, constrain, logical_param
 
 
+def unembedding_params(cfg: ModelConfig) -> int:
+    """The final linear's own weights: none when tied to the token embedding (it reuses E^T)."""
+    return 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+
+
 def mask_padding_vocab(logits: jnp.ndarray, num_valid_tokens: Optional[int]) -> jnp.ndarray:
     if num_valid_tokens is None or num_valid_tokens >= logits.shape[-1]:
         return logits

@@ -23,7 +23,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .positional import sinusoidal_encoding
+from .families import family_of
+from .positional import positional_kind
 
 MAX_LABELED_TOKENS = 48  # beyond this, tick labels overlap: show every k-th
 Writer = Callable[[str, bytes], None]
@@ -99,8 +100,9 @@ def positional_picture(explanation, positions: int = 256, dims: int = 512):
     the sinusoidal table of Vaswani et al. 3.5 for a sinusoidal model; for learned positions the
     rows P[pos] its forward pass used (none in a shape-only walk: a random table says nothing)."""
     cfg = explanation.config
-    if cfg.positional == "sinusoidal":
-        return (sinusoidal_encoding(cfg.max_len, cfg.d_model)[:positions, :dims],
+    kind = positional_kind(cfg)
+    if kind.fixed_table is not None:
+        return (kind.fixed_table(cfg)[:positions, :dims],
                 "embedding dimension i (even: sin, odd: cos)",
                 f"sinusoidal positional encoding PE[pos, i], d_model={cfg.d_model}")
     if explanation.shapes_only:
@@ -108,8 +110,8 @@ def positional_picture(explanation, positions: int = 256, dims: int = 512):
     table = np.asarray(explanation.stage("positional encodings").value)
     table = table[0] if table.ndim == 3 else table  # [B, T, d]: the first sequence's positions
     return (table[:positions, :dims], "embedding dimension i",
-            f"learned position embeddings P[pos, i] of this model, positions 0..{min(positions, len(table)) - 1}, "
-            f"d_model={cfg.d_model}")
+            (f"learned position embeddings P[pos, i] of this model, positions 0..{min(positions, len(table)) - 1}, "
+             f"d_model={cfg.d_model}"))
 
 
 def plot_positional_encoding(table: np.ndarray, xlabel: str, title: str, path,
@@ -157,8 +159,9 @@ def plot_explanation(explanation, out_dir, labels: Optional[Sequence[str]] = Non
     written.append(plot_attention(weights, labels, _child(out_dir, f"attention_layer{layer}.png"),
                                   f"layer {layer} self-attention weights, {weights.shape[0]} heads", write=write))
     mask = explanation.stage("mask").value[0, 0]
-    name = "causal_mask.png" if cfg.family != "encoder" else "attention_mask.png"
+    causal = family_of(cfg).causal
+    name = "causal_mask.png" if causal else "attention_mask.png"
     written.append(plot_mask(mask, labels, _child(out_dir, name),
-                             "causal mask: query t sees keys <= t" if cfg.family != "encoder"
+                             "causal mask: query t sees keys <= t" if causal
                              else "bidirectional: every query sees every key", write))
     return written

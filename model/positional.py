@@ -9,11 +9,15 @@ Both take explicit positions, so packed documents can restart at 0.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Optional
+
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
+from matrixmagic.configs.model_config import POSITIONAL
 
 from .params import EMBED_ACTIVATION, constrain, logical_param, normal
 
@@ -49,12 +53,43 @@ class LearnedPositionalEmbedding(nn.Module):
         return constrain(jnp.take(table, positions, axis=0).astype(cfg.dtype), EMBED_ACTIVATION)
 
 
-def positional_encoding(config: ModelConfig, name: str) -> nn.Module:
-    if config.positional == "sinusoidal":
-        return SinusoidalPositionalEncoding(config, name=name)
-    return LearnedPositionalEmbedding(config, name=name)
+@dataclasses.dataclass(frozen=True)
+class PositionalKind:
+    """What one `model.positional` value owns, so accounting, explain and the plots ask it
+    instead of branching on the name: a new kind is one record here."""
+
+    module: type  # the flax module, built as module(config, name=...)
+    learned_rows: Callable[[ModelConfig], int]  # rows of its trained [rows, d_model] table (0: no weights)
+    formula: str  # how explain shows it
+    fixed_table: Optional[Callable[[ModelConfig], np.ndarray]] = None  # a table known without weights
+
+
+POSITIONAL_KINDS: dict[str, PositionalKind] = {
+    "learned": PositionalKind(LearnedPositionalEmbedding, lambda cfg: cfg.max_len,
+                              "learned table P[pos], [max_len, d_model]"),
+    "sinusoidal": PositionalKind(SinusoidalPositionalEncoding, lambda cfg: 0,
+                                 "sinusoids PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)",
+                                 lambda cfg: sinusoidal_encoding(cfg.max_len, cfg.d_model)),
+}
+
+
+def positional_kind(config: ModelConfig) -> PositionalKind:
+    return POSITIONAL_KINDS[config.positional]
+
+
+def position_table_params(config: ModelConfig) -> int:
+    """Trained position parameters (a lookup: they cost memory, not matmul FLOPs)."""
+    return positional_kind(config).learned_rows(config) * config.d_model
+
+
+def positional_encoding(config: ModelConfig, name: Optional[str]) -> nn.Module:
+    return positional_kind(config).module(config, name=name)
 
 
 def default_positions(ids: jnp.ndarray) -> jnp.ndarray:
     """0..T-1 for every row: the positions of an unpacked batch."""
     return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+
+assert tuple(sorted(POSITIONAL_KINDS)) == tuple(sorted(POSITIONAL)), \
+    "one PositionalKind per configs.model_config.Positional"

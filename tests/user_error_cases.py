@@ -113,7 +113,7 @@ CASES = [
     Case("eval --limit 0", ("eval", "--preset", "gpt-tiny", "--tasks", "hellaswag", "--limit", "0"),
          r"--limit 0 is invalid", "24"),
     Case("eval a task on BERT", ("eval", "--preset", "bert-tiny", "--tasks", "lambada_openai"),
-         r"scores decoder-only and encoder-decoder runs; this run is a BERT-style encoder", "24"),
+         r"magic eval needs a left-to-right likelihood of text, and this run.s family \(encoder", "24"),
     Case("eval a task whose data file is missing", ("eval", "--preset", "gpt-tiny", "--tasks", "lost_task",
                                                     "--include-path", "{lost_tasks}"),
          r"--tasks: a task's data file is missing", "24"),

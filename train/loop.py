@@ -258,7 +258,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 jax.block_until_ready(state)  # the steps dispatched before the eval are train time
                 eval_start = time.perf_counter()
                 last_eval = evaluate(run.eval_step, state.params, eval_sets, run.put_batch)
-                if config.data.tokenizer == "bytes" and config.model.family == "decoder":
+                if config.data.tokenizer == "bytes" and family_of(config.model).likelihood == "causal":
                     last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
                 writer.write(done, "eval", last_eval)
                 eval_metrics = {"eval_loss": last_eval["loss"]}  # ranks this step for keep_best_checkpoint
@@ -305,7 +305,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
         log(f"stopped by {guard.reason} after step {preempted_at}; checkpoint saved in {ckpt.directory}. "
             f"Rerun the same command to resume (exit code {EXIT_PREEMPTED}).")
         return {**summary, "preempted_at": preempted_at, "exit_code": EXIT_PREEMPTED}
-    sampling = config.sample_tokens and config.model.family == "decoder"
+    sampling = config.sample_tokens and family_of(config.model).generation == "continue"
     # Across hosts the params are gathered by a collective every process joins; only process 0 samples.
     params_on_host = gather_params(state.params) if sampling else None
     if is_main:

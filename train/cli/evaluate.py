@@ -18,6 +18,8 @@ import os
 import re
 import sys
 
+from matrixmagic.configs import ConfigError
+
 from .flags import add_bos_argument, add_memory_check_argument
 from .paths import check_output_file
 
@@ -48,17 +50,17 @@ def add_eval_arguments(p) -> None:
 
 def _check_flags(args) -> None:
     if not (args.tasks or args.text or args.list_tasks):
-        raise ValueError("nothing to evaluate: give --tasks NAME[,NAME] (lm-eval tasks) or --text FILE_OR_DIR "
-                         "(perplexity), e.g. magic eval --workdir RUN --tasks lambada_openai.")
+        raise ConfigError("nothing to evaluate: give --tasks NAME[,NAME] (lm-eval tasks) or --text FILE_OR_DIR "
+                          "(perplexity), e.g. magic eval --workdir RUN --tasks lambada_openai.")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is invalid: use 1 or more rows, e.g. 16.")
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more rows, e.g. 16.")
     if args.stride is not None and args.stride < 1:
-        raise ValueError(f"--stride {args.stride} is invalid: use a positive number of tokens, at most "
-                         f"model.max_len.")
+        raise ConfigError(f"--stride {args.stride} is invalid: use a positive number of tokens, at most "
+                          f"model.max_len.")
     if args.text and (args.limit is not None or args.num_fewshot is not None or args.include_path):
-        raise ValueError("--limit, --num-fewshot and --include-path apply to --tasks, not to --text: drop them.")
+        raise ConfigError("--limit, --num-fewshot and --include-path apply to --tasks, not to --text: drop them.")
     if args.tasks and args.stride is not None:
-        raise ValueError("--stride applies to --text; lm-eval's rolling tasks use disjoint windows: drop it.")
+        raise ConfigError("--stride applies to --text; lm-eval's rolling tasks use disjoint windows: drop it.")
     if args.output:
         check_output_file(args.output, "--output")  # before anything is scored
 
@@ -72,14 +74,14 @@ def _output_path(args, run: str | None, name: str) -> str | None:
         return None
     from .. import storage
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = storage.join(run, "evals", f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:80]}-{stamp}.json")
     if not storage.is_url(path):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as err:
-            raise ValueError(f"--workdir {run!r}: its evals/ folder cannot be made ({err.strerror}): give --output "
-                             f"FILE somewhere you can write.") from None
+            raise ConfigError(f"--workdir {run!r}: its evals/ folder cannot be made ({err.strerror}): give --output "
+                              f"FILE somewhere you can write.") from None
     return check_output_file(path, "--output")
 
 
@@ -97,8 +99,8 @@ def _harness():
     try:
         from matrixmagic.train.evals import tasks
     except ImportError as err:
-        raise ValueError(f"lm-eval tasks need the lm-evaluation-harness ({err.name} is not installed): pip install "
-                         f"'matrixmagic[eval]' (or -e '.[eval]' in a checkout). --text needs no extra.") from None
+        raise ConfigError(f"lm-eval tasks need the lm-evaluation-harness ({err.name} is not installed): pip install "
+                          f"'matrixmagic[eval]' (or -e '.[eval]' in a checkout). --text needs no extra.") from None
     return tasks
 
 
@@ -110,15 +112,13 @@ def main(args) -> int:
     from matrixmagic.train.planning.fit import forward_parts
 
     from ..data.tokenizers import describe_prompt_start, prompt_start
+    from ..evals.scoring import check_scorable
     from ..reading import open_model, trained_run
     from .runs import check_memory
 
     run, _ = trained_run(args.preset, args.set or (), args.workdir)
     config, tokenizer, load, origin = open_model(args.preset, args.workdir, args.set or ())
-    if config.family == "encoder":
-        raise ValueError("magic eval scores decoder-only and encoder-decoder runs; this run is a BERT-style encoder: "
-                         "it gives no left-to-right likelihood of a text (a pseudo-likelihood would be another "
-                         "measure).")
+    check_scorable(config, "magic eval")
     if args.text:
         return _text(args, config, tokenizer, load, origin, run)
     lm_tasks = _harness()
@@ -152,8 +152,8 @@ def _text(args, config, tokenizer, load, origin, run) -> int:
 
     files = text_files(args.text)
     if args.stride is not None and args.stride > config.max_len:
-        raise ValueError(f"--stride {args.stride} is beyond the model's context: use 1..{config.max_len} "
-                         f"(model.max_len).")
+        raise ConfigError(f"--stride {args.stride} is beyond the model's context: use 1..{config.max_len} "
+                          f"(model.max_len).")
     texts = [read_text(f) for f in files]
     start = prompt_start(tokenizer, args.bos)
     line = describe_prompt_start(tokenizer, start, args.bos)
@@ -180,5 +180,10 @@ def lm_eval_main(argv) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:  # the harness says "Tasks not found: ..." with a ValueError; any other is a bug
+        if not str(err).startswith("Tasks not found"):
+            raise
+        raise ConfigError(str(err)) from None
     return 0

@@ -12,10 +12,12 @@ import sys
 import jax
 import numpy as np
 
-from matrixmagic.configs import get_preset
+from matrixmagic.configs import ConfigError, get_preset
 from matrixmagic.model.build import build_model
 from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
+from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import MASK_MARKER, Sampling, fill_masks, generate_text, translate
+from matrixmagic.model.positional import positional_kind
 from matrixmagic.train.planning.fit import check_fits, forward_parts, generation_parts
 
 from ..data.tokenizers import ByteTokenizer, describe_prompt_start, prompt_start
@@ -41,65 +43,70 @@ def fill_mask_ids(tokenizer, prompt: str, max_len: int) -> np.ndarray:
     pieces += [x for p in parts[1:] for x in (np.array([tokenizer.mask_id], np.int32), p)]
     ids = np.concatenate(pieces).astype(np.int32)[None]
     if ids.shape[1] > max_len:
-        raise ValueError(f"--prompt is {ids.shape[1] - 1} tokens (with its [MASK]s); the model reads at most "
-                         f"{max_len - 1} (model.max_len={max_len}, one position for the start token): shorten it.")
+        raise ConfigError(f"--prompt is {ids.shape[1] - 1} tokens (with its [MASK]s); the model reads at most "
+                          f"{max_len - 1} (model.max_len={max_len}, one position for the start token): shorten it.")
     return ids
 
 
-def _check_generate_flags(args, family: str) -> None:
-    Sampling(args.temperature, args.top_k, args.top_p)  # its own checks, before any weight is loaded
+def _check_generate_flags(args, family) -> None:
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p)  # its own checks, before any weight is loaded
+    except ValueError as err:  # the model's checks say which flag; to the CLI they are a user's mistake
+        raise ConfigError(str(err)) from None
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
     if args.beam_size < 1:
-        raise ValueError(f"--beam-size {args.beam_size} is invalid: use 1 (greedy) or more (beam search).")
-    if args.beam_size > 1 and family != "encoder_decoder":
-        raise ValueError(f"--beam-size {args.beam_size} applies to encoder-decoder models only; this is a {family} "
-                         f"model: drop --beam-size (use --temperature, --top-k or --top-p to shape sampling).")
+        raise ConfigError(f"--beam-size {args.beam_size} is invalid: use 1 (greedy) or more (beam search).")
+    if args.beam_size > 1 and family.generation != "translate":
+        raise ConfigError(f"--beam-size {args.beam_size} applies to encoder-decoder models only; this is a "
+                          f"{family.name} "
+                          f"model: drop --beam-size (use --temperature, --top-k or --top-p to shape sampling).")
 
 
 def cli_generate(args) -> int:
     """`magic generate`: the family decides the task (continue, translate, fill masks)."""
     config, tokenizer, load, origin = open_model(args.preset, args.workdir, args.set or ())
-    _check_generate_flags(args, config.family)
-    if config.family == "decoder":
+    family = family_of(config)  # its task: continue a prompt, translate a source, fill masks
+    _check_generate_flags(args, family)
+    if family.generation == "continue":
         if args.prompt is None:
-            raise ValueError("decoder-only models need --prompt TEXT to continue.")
+            raise ConfigError("decoder-only models need --prompt TEXT to continue.")
         prefix = prompt_start(tokenizer, args.bos)
         prompt_len = len(prefix) + len(tokenizer.encode(args.prompt))
         room = config.max_len - prompt_len + 1  # the last new token is never fed back
         if args.max_new_tokens > room:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "
-                             f"{prompt_len} of the model's {config.max_len} positions (model.max_len), so at most "
-                             f"{max(room, 0)} new tokens fit: use --max-new-tokens {max(room, 1)} or a shorter prompt.")
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "
+                              f"{prompt_len} of the model's {config.max_len} positions (model.max_len), so at most "
+                              f"{max(room, 0)} new tokens fit: use --max-new-tokens {max(room, 1)} or a shorter prompt.")
         parts = generation_parts(config, 1, prompt_len, prompt_len + args.max_new_tokens - 1)
-    elif config.family == "encoder_decoder":
+    elif family.generation == "translate":
         source = args.source if args.source is not None else args.prompt
         if not source:
-            raise ValueError("encoder-decoder models need --source TEXT (the sequence to translate).")
+            raise ConfigError("encoder-decoder models need --source TEXT (the sequence to translate).")
         source_ids = tokenizer.encode(source)
         if len(source_ids) > config.max_len:
-            raise ValueError(f"--source is {len(source_ids)} tokens; the encoder reads at most {config.max_len} "
-                             f"(model.max_len): shorten it.")
+            raise ConfigError(f"--source is {len(source_ids)} tokens; the encoder reads at most {config.max_len} "
+                              f"(model.max_len): shorten it.")
         if args.max_new_tokens > config.max_len:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the decoder has "
-                             f"{config.max_len} positions (model.max_len): use --max-new-tokens {config.max_len} "
-                             f"or fewer.")
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the decoder has "
+                              f"{config.max_len} positions (model.max_len): use --max-new-tokens {config.max_len} "
+                              f"or fewer.")
         parts = generation_parts(config, args.beam_size, len(source_ids), args.max_new_tokens)
     else:
         if not args.prompt or MASK_MARKER not in args.prompt:
-            raise ValueError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
-                             f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
+            raise ConfigError(f"encoder-only models fill masks: give --prompt with {MASK_MARKER} where tokens are "
+                              f"missing, e.g. --prompt 'The cat {MASK_MARKER}{MASK_MARKER}t on the mat.'")
         ids = fill_mask_ids(tokenizer, args.prompt, config.max_len)
         parts = forward_parts(config, 1, ids.shape[1])
     check_memory(args, f"generating with {args.workdir or args.preset} ({config.family})", parts)
     params = load(args.seed)
-    start = f"; {describe_prompt_start(tokenizer, prefix, args.bos)}" if config.family == "decoder" else ""
+    start = f"; {describe_prompt_start(tokenizer, prefix, args.bos)}" if family.generation == "continue" else ""
     print(f"[{config.family} model: {origin}{start}]", file=sys.stderr)
     model = build_model(config)
-    if config.family == "decoder":
+    if family.generation == "continue":
         print(generate_text(config, params, tokenizer, args.prompt, prefix=prefix, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
-    elif config.family == "encoder_decoder":
+    elif family.generation == "translate":
         out = translate(model, params, [source_ids], bos_id=tokenizer.bos_id, eot_id=tokenizer.eot_id,
                         max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
                         length_penalty=args.length_penalty)
@@ -113,7 +120,7 @@ def cli_generate(args) -> int:
 def cli_explain(args) -> int:
     """`magic explain`: print the walk, and write the pictures with --plot DIR."""
     if args.batch < 1:
-        raise ValueError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
+        raise ConfigError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
     if args.plot:
         check_output_dir(args.plot, "--plot")
     run, default = trained_run(args.preset, args.set or (), args.workdir)
@@ -126,18 +133,19 @@ def cli_explain(args) -> int:
                 f"table (no trained tokenizer)") if args.text is not None else ""
         print(f"[preset {args.preset}: no trained run at {default}; random weights, or shapes only when large{text}]")
     else:
-        raise ValueError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
-                         f"first, give --workdir RUN, or --preset NAME (random weights, or shapes only when large).")
+        raise ConfigError(f"no trained run at {default} (where `magic train` with these flags puts one): train it "
+                          f"first, give --workdir RUN, or --preset NAME (random weights, or shapes only when large).")
     if not 0 <= args.layer < config.num_layers:
-        raise ValueError(f"--layer {args.layer} is invalid: this model has layers 0..{config.num_layers - 1}.")
+        raise ConfigError(f"--layer {args.layer} is invalid: this model has layers 0..{config.num_layers - 1}.")
     ids = None
     if args.text is not None:
-        prefix = prompt_start(tokenizer, args.bos) if config.family == "decoder" else ()  # as generate reads it
+        continues = family_of(config).generation == "continue"
+        prefix = prompt_start(tokenizer, args.bos) if continues else ()  # as generate reads it
         if prefix:
             print(f"[{describe_prompt_start(tokenizer, prefix, args.bos)}]")
         ids = np.tile(np.asarray([*prefix, *tokenizer.encode(args.text)], np.int32), (args.batch, 1))
         if not 0 < ids.shape[1] <= config.max_len:
-            raise ValueError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
+            raise ConfigError(f"--text is {ids.shape[1]} tokens: use 1..max_len={config.max_len}.")
     shapes_only = True if args.shapes_only else runs_on_shapes(config, params_given=bool(run))
     if not shapes_only:
         length = ids.shape[1] if ids is not None else len(tokenizer.encode(DEFAULT_TEXT))
@@ -156,7 +164,7 @@ def cli_explain(args) -> int:
         for path in plot_explanation(e, args.plot):
             print(f"wrote {path}")
         if e.shapes_only:
-            drawn = "only the sinusoidal table was drawn" if config.positional == "sinusoidal" else \
-                "nothing was drawn (learned positions too)"
+            drawn = (f"only the {config.positional} table was drawn" if positional_kind(config).fixed_table
+                     else f"nothing was drawn ({config.positional} positions too)")
             print(f"(shape-only run: the pictures need the model's values; {drawn})")
     return 0

@@ -42,16 +42,9 @@ from matrixmagic.model.generate import Sampling, generate, translate
 
 from ..data.tokenizers import prompt_start, text_start
 from ..reading import open_model
-from .scoring import Scorer, bucket_length, rolling_windows
+from .scoring import Scorer, bucket_length, check_scorable, rolling_windows
 
 NAME = "matrixmagic"
-
-
-def check_family(family: str) -> None:
-    if family == "encoder":
-        raise ValueError("this run is a BERT-style encoder: it gives no left-to-right likelihood of a text and "
-                         "cannot generate, so lm-eval tasks and perplexity do not apply (a pseudo-likelihood would "
-                         "be another measure). Decoder-only and encoder-decoder runs are supported.")
 
 
 def _flag(value) -> bool | None:
@@ -109,7 +102,7 @@ class MatrixMagicLM(TemplateLM):
 
     def _setup(self, config, params, tokenizer, batch_size: int, bos: bool | None, max_gen_toks: int,
                seed: int) -> None:
-        check_family(config.family)
+        check_scorable(config, "the lm-eval harness")
         if max_gen_toks < 1:
             raise ValueError(f"max_gen_toks={max_gen_toks} is invalid: use a positive count, e.g. 256.")
         self.config, self.vocab = config, tokenizer

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from matrixmagic.configs import ConfigError
 from matrixmagic.model.build import build_model
+from matrixmagic.model.families import family_of
 
 MIN_BUCKET, POW2_UP_TO, STEP = 16, 128, 128
 
@@ -79,6 +81,15 @@ def _seq2seq_logprobs(model, params, sources, source_segments, inputs, segments,
     return _picked(logits, targets)
 
 
+
+def check_scorable(config, what: str) -> None:
+    """`what` (magic eval, lm-eval, perplexity) needs the family's left-to-right likelihood."""
+    family = family_of(config)
+    if family.likelihood is None:
+        raise ConfigError(f"{what} needs a left-to-right likelihood of text, and this run's family ({family.name}, "
+                          "BERT-style) gives none; a pseudo-likelihood would be another measure. Decoder-only and "
+                          "encoder-decoder runs are supported.")
+
 class Scorer:
     """Scores (context, continuation) requests with a decoder-only model's weights, or an
     encoder-decoder's: the encoder reads the context (cut on the left to max_len), the decoder
@@ -86,15 +97,13 @@ class Scorer:
     (model/objectives.prefix_lm_features)."""
 
     def __init__(self, config, params, batch_size: int = 16, bos_id: Optional[int] = None):
-        if config.family not in ("decoder", "encoder_decoder"):
-            raise ValueError(f"scoring text needs a model that gives a left-to-right likelihood (decoder-only or "
-                             f"encoder-decoder); this run is {config.family} (BERT has none).")
-        if config.family == "encoder_decoder" and bos_id is None:
+        check_scorable(config, "scoring text")
+        self.seq2seq = family_of(config).likelihood == "seq2seq"
+        if self.seq2seq and bos_id is None:
             raise ValueError("an encoder-decoder scorer needs the decoder's start id (bos_id).")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more rows per batch.")
         self.config, self.batch_size, self.bos_id = config, batch_size, bos_id
-        self.seq2seq = config.family == "encoder_decoder"
         self.use_params(params)
         self.max_len = config.max_len
         self.model = build_model(config)

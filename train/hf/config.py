@@ -19,6 +19,7 @@ from typing import Optional
 
 from matrixmagic.configs import ModelConfig
 from matrixmagic.configs.model_config import suggest
+from matrixmagic.model.families import FAMILY_RECORDS, family_of
 
 from .errors import HFError
 
@@ -26,7 +27,9 @@ ARCHITECTURES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
     "bert": ("BertForMaskedLM", "BertForPreTraining", "BertModel"),
 }
-FAMILY_OF = {"gpt2": "decoder", "bert": "encoder"}
+# model_type -> our family, from the family records' own hf_model_type (model/families.py)
+FAMILY_OF = {f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type}
+assert set(FAMILY_OF) == set(ARCHITECTURES), "each exported model_type needs its architectures here"
 # HF activation names (transformers.activations.ACT2FN) -> ours. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are all 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel
 # 2016, eq. 2's approximation), written three ways.
@@ -139,10 +142,10 @@ def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
 
 def exportable(model: ModelConfig) -> str:
     """The model_type a ModelConfig exports as, or an error naming the field that stops it."""
-    if model.family == "encoder_decoder":
-        raise HFError("model.family=encoder_decoder has no Hugging Face counterpart here; GPT-2 (decoder) and BERT "
-                      "(encoder) export.")
-    model_type = "gpt2" if model.family == "decoder" else "bert"
+    model_type = family_of(model).hf_model_type
+    if model_type is None:
+        raise HFError(f"model.family={model.family} has no Hugging Face counterpart here; "
+                      + " and ".join(f"{t} ({f})" for t, f in FAMILY_OF.items()) + " export.")
     norm = "pre" if model_type == "gpt2" else "post"
     needs = {"norm_position": norm, "positional": "learned", "use_bias": True, "scale_embeddings": False}
     if model_type == "gpt2":

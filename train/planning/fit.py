@@ -10,7 +10,7 @@ What is counted, per device:
             (1 : 1 : 2 of its state), activations for the remat policy, and the float32
             logits and their gradient (split out here, 8 bytes per token per vocab row / t).
   generate  the params, the unrolled copy the decoding loop reads (model/generate.py
-            `_unrolled`, when layers are scanned), the KV cache (K and V per layer,
+            model/generate.holds_unrolled_copy), the KV cache (K and V per layer,
             [B, cache, d_model] in the compute dtype) and the prefill's float32 logits.
   explain   the params and one forward pass with every intermediate kept (the walk
             reads them all): per layer ~ 10 d_model + 2 d_ff floats per token plus
@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from matrixmagic.configs import ConfigError, ModelConfig
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import closed_form_params
+from matrixmagic.model.families import family_of
+from matrixmagic.model.generate import holds_unrolled_copy
 
 from .chips import GiB
 from .plan import DTYPE_BYTES, estimate, logit_bytes
@@ -107,7 +109,7 @@ def generation_parts(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: i
     """Bytes `magic generate` holds: params (twice when the decoding loop unrolls a scanned
     stack), the KV cache of every self-attention layer, the prefill's logits."""
     parts = {"params": param_bytes(cfg)}
-    if cfg.scan_layers and cfg.family != "encoder":  # model/generate.py `_unrolled` keeps a second copy
+    if holds_unrolled_copy(cfg):
         parts["unrolled copy of the params"] = parts["params"]
     if cfg.has_decoder:
         parts["KV cache"] = 2 * cfg.num_layers * batch * cache_len * cfg.d_model * DTYPE_BYTES[cfg.dtype]
@@ -117,7 +119,7 @@ def generation_parts(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: i
 
 def forward_parts(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, float]:
     """Bytes of one forward pass that keeps every intermediate (`magic explain`)."""
-    stacks = 2 if cfg.family == "encoder_decoder" else 1
+    stacks = len(family_of(cfg).sides)
     per_token_layer = 4 * (10 * cfg.d_model + 2 * cfg.d_ff + 3 * cfg.num_heads * seq_len)
     return {"params": param_bytes(cfg),
             "intermediates": stacks * cfg.num_layers * batch * seq_len * per_token_layer,

@@ -34,6 +34,7 @@ from matrixmagic.configs import get_preset
 from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
+from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import AXES, axis_sizes
 
 from .chips import GiB, Target
@@ -108,7 +109,7 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     lengths = side_lengths(cfg.family, seq)  # an encoder-decoder's stacks each see half the window
     t = sizes["tensor"]
     acts = sum(cfg.num_layers * rows * n * activation_bytes_per_token_layer(cfg, t, n) for n in lengths.values())
-    if cfg.family == "encoder_decoder":  # each decoder layer's cross attention, over the encoder's keys
+    if family_of(cfg).cross_attention:  # each decoder layer's cross attention, over the encoder's keys
         acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(cfg, t, lengths["encoder"])
     acts += logit_bytes(config, devices)
     tokens_step = config.tokens_per_step
@@ -129,7 +130,7 @@ def recompute_flops_per_token(cfg, seq_len: int) -> float:
     if cfg.remat_policy not in ("full", "save_dots_no_batch"):
         return 0.0
     h = cfg.d_model
-    ffns = 2 * cfg.num_layers if cfg.family == "encoder_decoder" else cfg.num_layers
+    ffns = family_of(cfg).ffn_sublayers * cfg.num_layers
     return attention_layers(cfg) * (6 * h * h + 4 * seq_len * h) + ffns * 2 * h * cfg.d_ff
 
 
