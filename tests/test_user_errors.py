@@ -47,3 +47,37 @@ def test_the_memory_check_can_be_skipped(inputs):
     skipped = run_cli([*argv, "--no-memory-check"], inputs["tmp"])
     assert skipped.returncode == 2 and "does not fit" not in skipped.stderr
     assert "data.source is too small" in skipped.stderr
+
+
+@pytest.mark.parametrize("error", [ValueError("operands could not be broadcast together"), TypeError("bad operand")])
+def test_an_error_that_is_not_ours_is_a_bug_with_its_traceback(error, monkeypatch, capsys):
+    """Only ConfigError (and its subclasses) is a user's mistake; a ValueError or TypeError from deeper
+    down (a jax shape error) is a bug: its traceback, one line asking for a report, exit 1."""
+    from matrixmagic.model import accounting
+    from matrixmagic.train.cli import main
+
+    def broken(preset):
+        raise error
+
+    monkeypatch.delenv("MAGIC_DEBUG", raising=False)
+    monkeypatch.setattr(accounting, "report", broken)
+    assert main(["params", "gpt-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{type(error).__name__}: {error}" in err
+    assert err.splitlines()[-1] == "magic params: internal error, please report it with the traceback above"
+    assert "magic params: error:" not in err
+
+
+def test_our_error_from_the_same_place_is_one_line_and_exit_2(monkeypatch, capsys):
+    from matrixmagic.configs import ConfigError
+    from matrixmagic.model import accounting
+    from matrixmagic.train.cli import main
+
+    def refused(preset):
+        raise ConfigError("model.d_model=30 is not a multiple of model.num_heads=4: pick a multiple")
+
+    monkeypatch.delenv("MAGIC_DEBUG", raising=False)
+    monkeypatch.setattr(accounting, "report", refused)
+    assert main(["params", "gpt-tiny"]) == 2
+    assert capsys.readouterr().err == ("magic params: error: model.d_model=30 is not a multiple of "
+                                       "model.num_heads=4: pick a multiple\n")

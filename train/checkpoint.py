@@ -72,6 +72,10 @@ class DiskFullError(CheckpointError):
     """The disk filled up during a save; the message says how much a checkpoint needs."""
 
 
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+    """A run directory holds no checkpoint yet (still a FileNotFoundError to code that asks for one)."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (corrupt or partial); an older one is used instead."""
 
@@ -248,7 +252,7 @@ class Checkpointer:
         if mismatches:
             try:
                 diffs = config_differences(self.saved_config(step), config_json) if config_json else []
-            except Exception:  # an unreadable config item: the array names still say enough
+            except Exception:  # noqa: BLE001 - an unreadable config item: the array names still say enough
                 diffs = []
             raise CheckpointError(incompatibility_message(self.directory, step, mismatches, diffs))
 
@@ -263,7 +267,7 @@ class Checkpointer:
         actual = state_fingerprint(restored["state"])
         bad = sorted(name for name in expected if actual.get(name) != expected[name])
         if bad or set(actual) != set(expected):
-            raise IOError(f"array contents differ from the fingerprint written at save time: {', '.join(bad[:5])}")
+            raise OSError(f"array contents differ from the fingerprint written at save time: {', '.join(bad[:5])}")
         return restored["state"], restored["data"], restored["config"]
 
     def restore_latest(self, abstract_state: Any, config_json: Optional[dict] = None,
@@ -281,7 +285,7 @@ class Checkpointer:
             try:
                 saved_arrays = self.saved_arrays(step)
                 records = self.saved_records(step) if check_run else None
-            except Exception as err:  # unreadable metadata: a damaged step directory
+            except Exception as err:  # noqa: BLE001 - unreadable metadata: a damaged step directory
                 self._skip_corrupt(step, err)
                 skipped.append(step)
                 continue
@@ -294,7 +298,7 @@ class Checkpointer:
                 check_run(step, *records)
             try:
                 state, data, config = self.restore(abstract_state, step)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any failure to restore means a damaged step: try the one before
                 self._skip_corrupt(step, err)
                 skipped.append(step)
                 continue
@@ -403,7 +407,7 @@ def restore_params(path: str, abstract_params: Any, config_json: Optional[dict] 
 def _run_steps(workdir: str, ckpt: Checkpointer) -> list[int]:
     steps = ckpt.all_steps()
     if not steps:
-        raise FileNotFoundError(f"--workdir {workdir!r} has no checkpoint; train one with "
+        raise NoCheckpointError(f"--workdir {workdir!r} has no checkpoint; train one with "
                                 f"`magic train --set workdir={workdir}` first (or `magic hf import`).")
     return steps
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from matrixmagic.configs import PRESETS, ConfigError, get_preset
@@ -273,6 +274,7 @@ def cpu_only_when_no_accelerator(env=os.environ, has_accelerator=machine_has_acc
         env["JAX_PLATFORMS"] = "cpu"
 
 
+EXIT_INTERNAL = 1  # an exception that is not ours: a bug to report, unlike a user's mistake (exit 2)
 TOPOLOGY_COMMANDS = ("compile", "plan")  # they load libtpu on purpose, to compile for a TPU slice
 
 
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         logging.getLogger("absl").setLevel(logging.CRITICAL)
         return EXIT_PREEMPTED
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except ConfigError as err:  # ours, raised where a user's input is checked: the message names the fix
         if os.environ.get("MAGIC_DEBUG"):
             raise
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
@@ -332,3 +334,9 @@ def main(argv=None) -> int:
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except Exception:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
+        if os.environ.get("MAGIC_DEBUG"):
+            raise
+        traceback.print_exc()
+        print(f"magic {args.command}: internal error, please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -39,7 +39,7 @@ import math
 import grain
 import numpy as np
 
-from matrixmagic.configs.model_config import FAMILIES
+from matrixmagic.configs.model_config import FAMILIES, ConfigError
 from matrixmagic.configs.ramp import BatchRamp
 from matrixmagic.model.families import Family, family_of
 
@@ -54,7 +54,7 @@ EVAL_SALT, TRAIN_SALT = 1, 0
 STREAM_ROWS = 2**48  # rows in the repeated stream; far beyond any run
 
 
-class PipelineError(ValueError):
+class PipelineError(ConfigError):
     """A pipeline argument is bad. The message names the argument and the fix."""
 
 

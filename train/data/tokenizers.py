@@ -40,6 +40,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from matrixmagic.configs import ConfigError
 from matrixmagic.configs.train_config import TOKENIZER_NAMES
 
 from .. import storage
@@ -48,7 +49,7 @@ SPECIAL_PIECES = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
 SENTENCEPIECE_FILE = "sentencepiece.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer argument is bad or its model file is missing. The message says the fix."""
 
 
@@ -259,7 +260,7 @@ class HFTokenizer:
         raw = path.read_bytes()
         try:
             self._tok = _Tokenizer.from_str(raw.decode("utf-8"))
-        except Exception as err:  # the Rust library's own exception type
+        except Exception as err:  # noqa: BLE001 - the Rust library's own exception type
             raise TokenizerError(f"tokenizer={str(path)!r} is not a Hugging Face tokenizer.json ({err}).") from None
         self._tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special
         self.path = path

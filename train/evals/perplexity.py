@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from matrixmagic.configs import ConfigError
+
 from .scoring import Scorer, window_spans
 
 
@@ -55,14 +57,14 @@ def text_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--text {path!r} does not exist: give a text file or a directory of them.")
+        raise ConfigError(f"--text {path!r} does not exist: give a text file or a directory of them.")
     found = []
     for root, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
         found += [os.path.join(root, name) for name in names if not name.startswith(".")]
     found.sort()
     if not found:
-        raise ValueError(f"--text {path!r} holds no files: give a text file or a directory with some.")
+        raise ConfigError(f"--text {path!r} holds no files: give a text file or a directory with some.")
     return found
 
 
@@ -71,8 +73,8 @@ def read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"--text: {path} is not UTF-8 text ({err.reason} at byte {err.start}): convert it, or "
-                         f"leave it out of the directory.") from None
+        raise ConfigError(f"--text: {path} is not UTF-8 text ({err.reason} at byte {err.start}): convert it, or "
+                          f"leave it out of the directory.") from None
 
 
 CHUNK = 256  # windows scored at a time: memory stays flat whatever the text's length
@@ -101,6 +103,6 @@ def perplexity(scorer: Scorer, tokenizer, texts: Sequence[str], start: Sequence[
     if pending:
         nll += score(pending)
     if not n_tokens:
-        raise ValueError("--text: the files hold no text to score (all empty).")
+        raise ConfigError("--text: the files hold no text to score (all empty).")
     return Perplexity(files=len(texts), tokens=n_tokens, bytes=n_bytes, nll=nll, stride=stride,
                       max_len=scorer.max_len)

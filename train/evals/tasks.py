@@ -22,25 +22,27 @@ from lm_eval import evaluator
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import make_table
 
+from matrixmagic.configs import ConfigError
+
 from . import harness  # noqa: F401  (registers the backend)
 
 
 def parse_tasks(text: str, field: str = "--tasks") -> list[str]:
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
-        raise ValueError(f"{field} is empty: name lm-eval tasks, e.g. {field} lambada_openai,hellaswag.")
+        raise ConfigError(f"{field} is empty: name lm-eval tasks, e.g. {field} lambada_openai,hellaswag.")
     return names
 
 
 def check_limit(limit: float | None, field: str = "--limit") -> None:
     if limit is not None and not 0 < limit < float("inf"):
-        raise ValueError(f"{field} {limit:g} is invalid: use a positive number of documents per task (or a "
-                         f"fraction below 1), or leave it out for every document.")
+        raise ConfigError(f"{field} {limit:g} is invalid: use a positive number of documents per task (or a "
+                          f"fraction below 1), or leave it out for every document.")
 
 
 def check_fewshot(num_fewshot: int | None, field: str = "--num-fewshot") -> None:
     if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"{field} {num_fewshot} is invalid: use 0 or more examples before each question.")
+        raise ConfigError(f"{field} {num_fewshot} is invalid: use 0 or more examples before each question.")
 
 
 def quiet() -> None:
@@ -51,8 +53,8 @@ def quiet() -> None:
 
 def task_manager(include_path: str | None = None) -> TaskManager:
     if include_path and not os.path.isdir(include_path):
-        raise FileNotFoundError(f"--include-path {include_path!r} is not a directory: give the folder that holds "
-                                f"your task YAML files.")
+        raise ConfigError(f"--include-path {include_path!r} is not a directory: give the folder that holds "
+                          f"your task YAML files.")
     quiet()
     return TaskManager(include_path=include_path)
 
@@ -64,8 +66,8 @@ def check_names(names: Sequence[str], manager: TaskManager, field: str = "--task
         if name not in known:
             near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise ValueError(f"{field}: {name!r} is not an lm-eval task.{hint} `magic eval --list-tasks` lists "
-                             f"them; a task of your own is a YAML file in a folder given as --include-path.")
+            raise ConfigError(f"{field}: {name!r} is not an lm-eval task.{hint} `magic eval --list-tasks` lists "
+                              f"them; a task of your own is a YAML file in a folder given as --include-path.")
 
 
 def check_data(names: Sequence[str], manager: TaskManager, field: str = "--tasks") -> None:
@@ -74,13 +76,13 @@ def check_data(names: Sequence[str], manager: TaskManager, field: str = "--tasks
     try:
         manager.load(list(names))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{field}: a task's data file is missing ({err}). A local task's `data_files` "
-                                f"are read relative to the current directory: run from there, or give an "
-                                f"absolute path in its YAML.") from None
+        raise ConfigError(f"{field}: a task's data file is missing ({err}). A local task's `data_files` "
+                          f"are read relative to the current directory: run from there, or give an "
+                          f"absolute path in its YAML.") from None
     except (ConnectionError, OSError) as err:
-        raise ValueError(f"{field}: a task's dataset could not be read ({str(err).splitlines()[0][:300]}). Without "
-                         f"network only datasets already in the Hugging Face cache can be read (set "
-                         f"HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1), or give a local task with --include-path.") from None
+        raise ConfigError(f"{field}: a task's dataset could not be read ({str(err).splitlines()[0][:300]}). Without "
+                          f"network only datasets already in the Hugging Face cache can be read (set "
+                          f"HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1), or give a local task with --include-path.") from None
 
 
 def evaluate(lm, names: Sequence[str], manager: TaskManager, *, limit: float | None = None,
