@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         b = state_bytes(abstract)
         dp_total = dp_total or b["total"]
         shape = tuple(mesh.shape.values())
-        print(f"{name:<12} {str(shape):<24} {b['params'] / mib:>9.1f} {b['opt_state'] / mib:>10.1f} "
+        print(f"{name:<12} {shape!s:<24} {b['params'] / mib:>9.1f} {b['opt_state'] / mib:>10.1f} "
               f"{b['total'] / mib:>9.1f} {b['total'] / dp_total:>7.3f}")
     return 0
 

@@ -32,7 +32,7 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
     from matrixmagic.train.run import train_run, with_tokenizer_vocab
 
     config = with_tokenizer_vocab(config, ByteTokenizer())
-    tx, run = train_run(config)
+    _, run = train_run(config)
     state = run.init_state(jax.random.PRNGKey(0))
     batch = run.put_batch(synthetic_batch(config))
     for _ in range(warmup):

@@ -13,4 +13,4 @@ config or a preset is instant.
 from .model_config import ConfigError, ModelConfig
 from .presets import PRESETS, PaperRecipe, Preset, get_preset
 
-__all__ = ["ConfigError", "ModelConfig", "PRESETS", "PaperRecipe", "Preset", "get_preset"]
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "PaperRecipe", "Preset", "get_preset"]

@@ -36,7 +36,8 @@ def field_comments(cls) -> dict[str, str]:
         if row in comments:
             out[name] = comments[row]
             continue
-        above, r = [], row - 1
+        above: list[str] = []
+        r = row - 1
         while r >= 0 and r in comments and r not in code_lines:
             above.insert(0, comments[r])
             r -= 1

@@ -88,7 +88,7 @@ def mask_row(row: np.ndarray, rng: np.random.Generator, special_ids, mask_id: in
     inputs, selected = row.copy(), np.zeros(row.shape, bool)
     if eligible.size == 0:
         return inputs, selected
-    count = max(1, int(round(rate * eligible.size)))
+    count = max(1, round(rate * eligible.size))
     chosen = rng.choice(eligible, size=count, replace=False)
     draw = rng.random(count)
     to_mask, to_random = chosen[draw < 0.8], chosen[(draw >= 0.8) & (draw < 0.9)]

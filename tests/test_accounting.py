@@ -28,7 +28,7 @@ from matrixmagic.model.accounting import (
 from matrixmagic.train.cli import main
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tree_counts(cfg) -> dict:
     return count_params(cfg)
 

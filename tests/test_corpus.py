@@ -191,7 +191,7 @@ class FakeLm1b(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class FakeWmt(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = "wmt14_translate"
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="de-en")]
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="de-en")]  # noqa: RUF012 - TFDS reads it off the class
     code_path = None
 
     def _info(self):

@@ -70,7 +70,7 @@ def packed(family: str, ids, segments, positions, src=None, src_segments=None, s
     return {"inputs": jnp.asarray(ids), "segment_ids": seg, "positions": pos}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params_for(cfg: ModelConfig):
     """The model's real parameter tree (shapes from `init` under eval_shape), filled with
     seeded random values: compiling `init` (one threefry per weight) costs seconds on CPU."""
@@ -85,7 +85,7 @@ def params_for(cfg: ModelConfig):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(cfg: ModelConfig, deterministic: bool):
     model = build_model(cfg)
     return jax.jit(lambda params, inputs, rng: model.apply(
@@ -277,7 +277,7 @@ def test_gpt_forward_matches_numpy():
     x = table[ids] + p["position_embedding"]["embedding"][np.arange(T)]
     gelu = lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
     for i in range(cfg.num_layers):
-        lp = jax.tree_util.tree_map(lambda a: a[i], p["decoder"]["layers"])
+        lp = jax.tree_util.tree_map(lambda a, i=i: a[i], p["decoder"]["layers"])
         x = x + _mha(lp["self_attention"], _ln(x, lp["self_attention_norm"], cfg.layer_norm_eps), causal=True)
         h = _ln(x, lp["feed_forward_norm"], cfg.layer_norm_eps)
         ff = lp["feed_forward"]
@@ -313,7 +313,7 @@ def unroll(tree, num_layers: int):
     for key, value in tree.items():
         if key == "layers":
             for i in range(num_layers):
-                out[f"layer_{i}"] = jax.tree_util.tree_map(lambda a: a[i], value)
+                out[f"layer_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], value)
         else:
             out[key] = unroll(value, num_layers)
     return out
@@ -364,7 +364,7 @@ def _has_remat(fn, *args) -> bool:
     return "checkpoint" in jaxpr or "remat" in jaxpr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stack_grads(scan: bool, policy: str):
     """Gradients wrt params, decoder input and encoder output of a stack of decoder layers
     with cross attention (the richest layer), under one remat policy."""

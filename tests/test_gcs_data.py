@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,8 +262,8 @@ def test_prepare_from_and_into_a_bucket_matches_local_and_trains_the_same(gcs, t
     prepare.prepare("gs://bkt/texts", "gs://bkt/prepared/t", ByteTokenizer(), workers=2, shard_mb=0.002,
                     progress=False)
     names = [n for n in sorted(os.listdir(local)) if n.endswith(".bin") or n[-10:-5].isdigit()]
-    assert len(names) > 4 and all(storage.read_bytes(f"gs://bkt/prepared/t/{n}") == open(os.path.join(local, n),
-                                                                                         "rb").read() for n in names)
+    assert len(names) > 4 and all(storage.read_bytes(f"gs://bkt/prepared/t/{n}") == Path(local, n).read_bytes()
+                                  for n in names)
     assert not [n for n in gcs.objects("prepared/") if n.endswith(".tmp")]
     kwargs = dict(seq_len=16, batch_size=4, seed=3, process_index=0, process_count=1)
     here, there = (P.make_pipeline("decoder", s, "bytes", **kwargs) for s in (local, "gs://bkt/prepared/t"))

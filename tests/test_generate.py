@@ -123,7 +123,7 @@ def test_sampling_is_seeded_and_in_vocabulary(gpt):
 
 def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()  # noqa: E731
+    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
     assert kept(filter_logits(logits, top_p=0.7)) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
     assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False]
@@ -144,7 +144,7 @@ def test_bad_arguments_name_the_fix(gpt):
 
 
 def test_cache_shapes_and_unchanged_params(gpt):
-    model, params = gpt
+    model, _ = gpt
     cache = init_cache(model, batch=3, cache_len=16)["decoder"]["layers"]["self_attention"]
     assert cache["cached_key"].shape == (2, 3, 16, 4, 8)  # [layers, B, S, H, d_k]
     assert cache["cache_index"].shape == (2, 3)

@@ -189,7 +189,7 @@ def test_cross_attention_different_lengths_matches_numpy(which):
     else:
         mask = masks.cross_attention_mask(jnp.asarray(dec_seg), jnp.asarray(enc_seg))
         allowed = (dec_seg[:, :, None] == enc_seg[:, None, :]) & (enc_seg[:, None, :] > 0)
-    got, ref = _check_attention(cfg(), xq, xkv, mask, allowed, seed=4)
+    got, _ = _check_attention(cfg(), xq, xkv, mask, allowed, seed=4)
     assert got["weights"].shape == (B, H, tq, tk)
 
 

@@ -221,7 +221,7 @@ def test_packed_rows_are_prepared_once(corpus, monkeypatch):
 def test_mlm_masks_fifteen_percent_eighty_ten_ten(corpus):
     pipe = make(corpus, "encoder", seq_len=128, seed=2)
     batches = [pipe.batch(s) for s in range(60)]
-    get = lambda key: np.concatenate([b[key] for b in batches])  # noqa: E731
+    get = lambda key: np.concatenate([b[key] for b in batches])
     inputs, targets, selected = get("inputs"), get("targets"), get("loss_mask") > 0
     eligible = (targets != EOT) & (targets != PAD)
     assert not selected[~eligible].any()  # never a special or padding

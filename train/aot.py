@@ -22,7 +22,7 @@ import dataclasses
 import pickle
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 
@@ -116,7 +116,7 @@ def _load_problems(payload: dict, run, config) -> list[str]:
     return problems
 
 
-def load_train_step(path: str, run, config, warn: Callable[[str], None] = None,
+def load_train_step(path: str, run, config, warn: Optional[Callable[[str], None]] = None,
                     log: Callable[[str], None] = lambda msg: None) -> Callable:
     """The serialized step if it matches this run exactly, else `run.train_step` (jit
     compiles it on the first call) after a warning that says what differed."""
@@ -151,7 +151,7 @@ def load_train_step(path: str, run, config, warn: Callable[[str], None] = None,
     try:
         loaded = serialize_executable.deserialize_and_load(payload["executable"], in_tree, out_tree,
                                                            execution_devices=list(run.mesh.devices.flat))
-    except Exception as err:  # a runtime that cannot load it (other libtpu, other topology)
+    except Exception as err:  # noqa: BLE001 - a runtime that cannot load it (other libtpu, other topology)
         return fall_back(f"the runtime refused it: {str(err).splitlines()[0]}")
     expected = jax.tree.leaves((run.abstract_state, batch))
     got = jax.tree.leaves(loaded.args_info)

@@ -72,7 +72,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _parse_time(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.datetime.fromisoformat(text).timestamp()  # 3.11 reads the trailing Z
 
 
 class GcsLease:
@@ -213,7 +213,7 @@ class GcsLease:
             return
         try:
             self._request("DELETE", self._object_url(), params={"ifGenerationMatch": self.generation})
-        except Exception:  # noqa: BLE001 - an unreleased lease expires by itself after ttl
+        except Exception:  # noqa: BLE001, S110 - an unreleased lease expires by itself after ttl
             pass
         self.generation = None
 

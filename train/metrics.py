@@ -154,7 +154,7 @@ class MetricsWriter:
                 self._text = storage.read_text(self._path) if storage.exists(self._path) else ""
             else:
                 os.makedirs(workdir, exist_ok=True)
-                self._jsonl = open(self._path, "a", encoding="utf-8")
+                self._jsonl = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run, closed by close()
             try:
                 from tensorboardX import SummaryWriter
                 from tensorboardX.record_writer import register_writer_factory

@@ -45,7 +45,7 @@ class LockWarning(UserWarning):
 
 def holder_record(command: str | None = None) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:500]}
 
 

@@ -231,7 +231,7 @@ def retrying(fn: Callable[[], T], what: str, attempts: int | None = None, first_
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - only transient ones are retried
+        except Exception as err:  # only transient ones are retried (re-raised below otherwise)
             if not is_transient(err):
                 raise
             if attempt == attempts - 1:

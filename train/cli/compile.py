@@ -85,9 +85,9 @@ def report_compile(args, target: Target, devices: list) -> int:
                 raise
             raise ConfigError(f"--serialize {args.serialize!r} could not be written ({err.strerror or err}): give "
                               f"a path with room that you can write.") from None
-        lines += ["", f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
-                      f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
-                      f"(it checks the config, trees and shapes, and compiles instead if they differ)"]
+        lines += ["", (f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
+                       f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
+                       f"(it checks the config, trees and shapes, and compiles instead if they differ)")]
     print("\n".join(lines))
     return 0  # the compiler accepted it: on TPU that is its own HBM check
 

@@ -92,7 +92,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     # Locating the source file would make TFDS import `importlib_resources` (not
     # installed); it only wants it to find download checksums, and we download nothing.
     code_path = None
-    RELEASE_NOTES = {"1.0.0": "Text files of a local directory, split by path hash."}
+    RELEASE_NOTES = {"1.0.0": "Text files of a local directory, split by path hash."}  # noqa: RUF012 - TFDS API
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

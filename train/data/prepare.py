@@ -58,7 +58,9 @@ class Task:
 
 def _group(units: list[tuple[tuple, int]], limit: int) -> list[Task]:
     """Consecutive units into tasks of about `limit` (a unit larger than that is a task alone)."""
-    tasks, current, size = [], [], 0
+    tasks: list[Task] = []
+    current: list[tuple] = []
+    size = 0
     for unit, n in units:
         if current and size + n > limit:
             tasks.append(Task(len(tasks), tuple(current), size))

@@ -160,7 +160,7 @@ def list_source(source: str, fmt: str = "auto", pattern: str | None = None, text
     if single:  # that file alone (not same-named files below its folder)
         root, name = storage.parent(root) if remote else os.path.dirname(root), storage.basename(root)
         pattern = name
-        stats = ({name: v for name_, v in sources.remote_files(root, name).items() if name_ == name} if remote
+        stats = ({key: v for key, v in sources.remote_files(root, name).items() if key == name} if remote
                  else sources.file_stats(root, [name]))
     elif remote:
         stats = sources.remote_files(root, pattern)

@@ -86,7 +86,7 @@ class TrainingEvals:
         is already saved): {} then, and the next eval tries again."""
         try:
             scores = self.run(params)
-        except Exception as err:  # a task that only fails when scored (too long a generation, memory)
+        except Exception as err:  # noqa: BLE001 - a task that only fails when scored (too long a generation, memory)
             write(f"warning: step {step}: eval.tasks/eval.text failed, training goes on: {type(err).__name__}: "
                   f"{str(err)[:300]}")
             return {}

@@ -168,7 +168,8 @@ class Planned:
 def _shards(tensors: list[Planned], max_shard_bytes: Optional[int]) -> list[list[Planned]]:
     if not max_shard_bytes:
         return [tensors]
-    shards, size = [[]], 0
+    shards: list[list[Planned]] = [[]]
+    size = 0
     for t in tensors:
         nbytes = math.prod(t.shape) * t.dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:

@@ -97,7 +97,7 @@ def find_tokenizer(directory: str, model_type: str):
     if storage.path(path).is_file():
         try:
             return Tokenizer.from_str(storage.read_text(path)), config
-        except Exception as err:  # the Rust library's own exception type
+        except Exception as err:  # noqa: BLE001 - the Rust library's own exception type
             raise HFError(f"{path} cannot be read by the tokenizers library ({err}).") from None
     tok = _from_legacy(directory, model_type, config)
     if tok is None:

@@ -105,8 +105,8 @@ def budget_lines(tokens: float, params: int, flops_per_token: float, tokens_per_
     ours = flops_per_token * tokens
     lines = [f"training on {tokens:,.0f} tokens ({tokens / 1e9:,.4g}B)",
              f"  total FLOPs  {paper:.3e}  6 N D (Kaplan et al. 2020; GPT-3 Table D.1 counts this way)",
-             f"               {ours:.3e}  6 N + 12 L S h per token (attention's S x S products too: "
-             f"{ours / paper - 1:+.1%}); = {ours / 8.64e19:,.4g} PF-days"]
+             (f"               {ours:.3e}  6 N + 12 L S h per token (attention's S x S products too: "
+              f"{ours / paper - 1:+.1%}); = {ours / 8.64e19:,.4g} PF-days")]
     steps = math.ceil(tokens / tokens_per_step)
     lines.append(f"  steps        {steps:,} of {tokens_per_step:,} tokens")
     for label, seconds in step_times:

@@ -165,11 +165,11 @@ def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
         f", d_model {cfg.d_model}; compute {cfg.dtype}, params {cfg.param_dtype}"
         + (" (the TPU/GPU default, as magic train runs there)" if cfg.dtype == "bfloat16" else "")
         + f"; attention {cfg.attention_impl}",
-        "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + f" over {devices} device(s), "
-        f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)",
-        f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "
-        f"{paper:,}, {config.tokens_per_step / paper - 1:+.0%}: by default rounded down to a multiple of data x fsdp "
-        f"x microbatches; --batch sets it)",
+        "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + (f" over {devices} device(s), "
+        f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)"),
+        (f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "
+         f"{paper:,}, {config.tokens_per_step / paper - 1:+.0%}: by default rounded down to a multiple of data x "
+         f"fsdp x microbatches; --batch sets it)"),
     ]
 
 
@@ -209,8 +209,8 @@ def oom_fixes(config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: i
     """What could make it fit, leaving out what is already in use."""
     if hbm and est.state_bytes * chips / hbm > chips:  # even the fully sharded state is too big
         need = math.ceil(est.state_bytes * chips / hbm)
-        return [f"more chips: the state alone (params, grads, Adam) needs {est.state_bytes * chips / GiB:,.0f} GiB, "
-                f"i.e. at least {need} chips of {hbm / GiB:.0f} GiB before any activation"]
+        return [(f"more chips: the state alone (params, grads, Adam) needs {est.state_bytes * chips / GiB:,.0f} GiB, "
+                 f"i.e. at least {need} chips of {hbm / GiB:.0f} GiB before any activation")]
     fixes = []
     if config.model.remat_policy != "full":
         fixes.append("--remat full (or save_dots)")
@@ -261,8 +261,8 @@ def throughput_lines(est: Estimate, devices: int, peak: float, mfu: float, chip_
                      compiler_seconds: Optional[float]) -> list[str]:
     step = step_time(est.model_flops, devices, peak, mfu)
     lines = [f"throughput at {mfu:.0%} MFU ({chip_name}: {human(peak, 'FLOP/s')} peak per device)",
-             f"  step time    {seconds_text(step)}   tokens/s {est.tokens_per_step / step:,.0f}   "
-             f"(MFU counts 6N + 12LSh; remat recompute is extra work inside that time)"]
+             (f"  step time    {seconds_text(step)}   tokens/s {est.tokens_per_step / step:,.0f}   "
+              f"(MFU counts 6N + 12LSh; remat recompute is extra work inside that time)")]
     if compiler_seconds:
         lines.append(f"  compiler's own estimate (optimal_seconds, loop-corrected): {seconds_text(compiler_seconds)}/step "
                      f"= {est.tokens_per_step / compiler_seconds:,.0f} tokens/s")

@@ -131,8 +131,8 @@ def oom_explanation(outcome, config, devices: int, budget: Optional[float]) -> l
     else:
         total = outcome.memory.total
         lines = ["memory per device: DOES NOT FIT",
-                 f"  needs {total / GiB:.2f} GiB (compiled.memory_analysis(): arguments + outputs - aliased + "
-                 f"temporaries), budget {budget / GiB:.2f} GiB: short by {(total - budget) / GiB:.2f} GiB",
+                 (f"  needs {total / GiB:.2f} GiB (compiled.memory_analysis(): arguments + outputs - aliased + "
+                  f"temporaries), budget {budget / GiB:.2f} GiB: short by {(total - budget) / GiB:.2f} GiB"),
                  "  fix: " + ", ".join(plan.oom_fixes(config, est, budget, devices))]
         allocations = oom.hlo_allocations(outcome.compiled.as_text())
     return lines + [""] + oom.report_lines(allocations, config, devices, budget)
@@ -303,8 +303,8 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float, hbm:
     fit = sorted((r for r in rows if r["fits"]), key=est_seconds)
     head = f"{'mesh':24s} {'remat':10s} {'micro':>5s} {'memory':>10s} {'headroom':>10s} {'est. step':>11s} " \
            f"{'tokens/s':>12s} {'wall s':>7s}"
-    lines = [f"sweep on {target.spec}: {len(fit)} of {len(rows)} compiled configurations fit, fastest first "
-             f"(by the compiler's loop-corrected optimal_seconds, else its FLOPs / peak)", head, "-" * len(head)]
+    lines = [(f"sweep on {target.spec}: {len(fit)} of {len(rows)} compiled configurations fit, fastest first "
+              f"(by the compiler's loop-corrected optimal_seconds, else its FLOPs / peak)"), head, "-" * len(head)]
     for r in fit:
         s = est_seconds(r)
         room = f"{(hbm - r['memory']) / 2**30:8.2f}G" if hbm else "n/a"
