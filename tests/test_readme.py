@@ -1,6 +1,8 @@
-"""The READMEs as executable truth: every `magic` command in README.md and sharding/README.md runs,
-in order, in a fresh directory, after the quick-start, and exits as the README says (0, or the
-`# exit N` its comment names).
+"""The READMEs and docs as executable truth: every `magic` command in README.md, in docs/*.md and
+in sharding/README.md runs, in order (walked_pages), in a fresh directory, after the quick-start, and
+exits as its page says (0, or the `# exit N` its comment names). The README's tour repeats a few
+commands of docs/ (one per capability): a docs/ line that repeats a README line's command is the
+same step of the walk and does not run twice.
 
 To stay within a few CI minutes every `magic train`, `generate`, `explain` and `eval` gets the same
 step-count override (`--set steps=3 --set eval_batches=2 --set sample_tokens=16`), so the default
@@ -35,15 +37,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "sharding" / "README.md"]
+# The walk's order: what a later page runs finds what an earlier one made (runs/gpt2 is imported in
+# hugging-face.md and evaluated in evaluation.md; prose is prepared in data.md). Any other docs/*.md
+# follows in name order, before sharding/README.md.
+DOCS_ORDER = ["presets.md", "training.md", "data.md", "generation-and-explain.md", "hugging-face.md",
+              "evaluation.md", "sharding-and-pods.md", "planning.md"]
+
+
+def walked_pages() -> list[Path]:
+    docs = [ROOT / "docs" / name for name in DOCS_ORDER]
+    rest = sorted(p for p in (ROOT / "docs").glob("*.md") if p not in docs)
+    return [ROOT / "README.md", *docs, *rest, ROOT / "sharding" / "README.md"]
+
+
+READMES = walked_pages()
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 FAST = ["--set", "steps=3", "--set", "eval_batches=2", "--set", "sample_tokens=16"]
 MAGIC = str(Path(sys.executable).parent / "magic")
 
 
 def readme_commands() -> list[tuple[str, str]]:
-    """(README name, command line) of every shell line in a ```bash block; lines continued with a
-    backslash or inside an open double quote are joined; comments kept (they carry `# exit N`)."""
+    """(page name, command line) of every shell line in a ```bash block of the walked pages; lines
+    continued with a backslash or inside an open double quote are joined; comments kept (they carry
+    `# exit N`)."""
     out = []
     for path in READMES:
         block, pending = False, ""
@@ -59,6 +75,17 @@ def readme_commands() -> list[tuple[str, str]]:
             out.append((path.relative_to(ROOT).as_posix(), pending))
             pending = ""
     return out
+
+
+def command_key(line: str) -> str:
+    """A command line without its comment and with its spacing normalized."""
+    return " ".join(line.partition("#")[0].split())
+
+
+def tour_repeats(commands: list[tuple[str, str]]) -> set[int]:
+    """Indices of the docs/ lines whose command a README.md line already gave (the tour)."""
+    readme = {command_key(line) for page, line in commands if page == "README.md"}
+    return {i for i, (page, line) in enumerate(commands) if page.startswith("docs/") and command_key(line) in readme}
 
 
 def split_command(line: str) -> tuple[list[list[str]], int, str]:
@@ -151,26 +178,101 @@ def user_home(tmp_path, bucket):
     return home, work, env
 
 
+TRAIN = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/magic train"
+TEST = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest -n auto"
+
+
 def test_readme_commands_parse():
     commands = readme_commands()
-    assert commands[0] == ("README.md", "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/magic train")
+    assert commands[0] == ("README.md", TRAIN)
     joined = [line for _, line in commands if line.startswith("magic train --init-from")]
     assert joined and "--set optimizer.warmup_steps=50" in joined[0]  # continuation lines joined
     assert split_command("magic compile --preset x   # exit 3: does not fit")[1] == 3
+    assert {page for page, _ in commands} >= {"README.md", "sharding/README.md",
+                                              *(f"docs/{name}" for name in DOCS_ORDER)}
+    # The tour's commands come from the docs, except its export of the imported GPT-2 and the
+    # two commands at the top.
+    tour = [line for page, line in commands if page == "README.md"][2:]
+    repeated = {command_key(commands[i][1]) for i in tour_repeats(commands)}
+    assert [line for line in tour if command_key(line) not in repeated] == \
+        [next(line for line in tour if line.startswith("magic hf export"))]
+
+
+def test_readme_starts_with_the_two_commands_ci_runs():
+    """The README's first two commands are the main job and the test suite, in the form a new user
+    pastes; .ci/run installs the same extra and runs the same pytest command (in its own venv)."""
+    pages = [line for page, line in readme_commands() if page == "README.md"]
+    assert pages[:2] == [TRAIN, TEST]
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.findall(r"pip install .*-e '\.\[([\w,]+)\]'", ci)
+    assert extras and "test" in extras[0].split(","), extras  # CI may add extras (tpu), never drop test
+    assert re.search(r"^\.venv-ci/bin/pytest -n auto$", ci, re.M)
+    text = (ROOT / "README.md").read_text()
+    assert "Python 3.11 or newer" in text and 'requires-python = ">=3.11"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_readme_is_short_and_undated():
+    """README.md: at most 250 lines, no dated measurements (those live in docs/benchmarks*.md)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert not re.findall(r"\b20\d\d-\d\d-\d\d\b", text)
+    for page in re.findall(r"\]\(((?:docs|sharding|notebooks)/[^)#]+)", text):
+        assert (ROOT / page).is_file(), page
+
+
+def test_links_between_pages_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and a #section of a
+    Markdown page one of its headings (as GitHub writes their anchors)."""
+    def anchors(page: Path) -> set[str]:
+        heads = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text()):
+            path = (page.parent / target).resolve() if target else page
+            assert path.exists(), (page.name, target)
+            if anchor:
+                assert anchor in anchors(path), (page.name, target, anchor)
+
+
+def test_paths_the_pages_name_exist():
+    """A file or folder of this repository named in backticks in README.md, docs/*.md or
+    sharding/README.md exists (code moves; its pages follow)."""
+    top = "configs|model|sharding|train|tests|benchmarks|docs|notebooks"
+    for page in [ROOT / "README.md", ROOT / "sharding" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in re.findall(rf"`(?:python |\.venv/bin/python )?((?:{top})/[\w/.-]*\w/?)[`: ]", page.read_text()):
+            assert (ROOT / path).exists(), (page.name, path)
+
+
+def test_concept_table_names_modules_that_exist():
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (.+?) \| (`[^|]+`) \|$", text, re.M)
+    assert len(rows) >= 17, rows
+    for concept, where in rows:
+        for path in re.findall(r"`([\w/]+\.py)`", where):
+            assert (ROOT / path).is_file(), (concept, path)
 
 
 def test_readme_default_workdir_is_the_one_train_makes():
     from matrixmagic.train.run import resolve_config
 
-    named = re.findall(r"runs/gpt-tiny-[0-9a-f]{6}", (ROOT / "README.md").read_text())
-    assert named and set(named) == {resolve_config(None, [], platform="cpu").workdir}
+    readme = re.findall(r"runs/gpt-tiny-[0-9a-f]{6}", (ROOT / "README.md").read_text())
+    named = [m for page in READMES for m in re.findall(r"runs/gpt-tiny-[0-9a-f]{6}", page.read_text())]
+    assert readme and set(named) == {resolve_config(None, [], platform="cpu").workdir}
 
 
 @pytest.mark.slow
 def test_readme_commands_run_in_order(user_home):
     home, work, env = user_home
     walked, failures, outputs = [], [], []
-    for readme, line in readme_commands():
+    commands_of_pages = readme_commands()
+    repeats = tour_repeats(commands_of_pages)
+    for index, (readme, line) in enumerate(commands_of_pages):
+        if index in repeats:
+            walked.append(f"skip  {readme}: {line}  (README.md's tour walked this command above)")
+            print(walked[-1], flush=True)
+            continue
         commands, expected, why = split_command(line)
         if why:
             walked.append(f"skip  {readme}: {line}  ({why})")
@@ -214,10 +316,10 @@ def test_readme_commands_run_in_order(user_home):
             walked.append(f"exit {','.join(map(str, codes))}  {readme}: {line}" + (f"  ({why})" if why else ""))
         print(walked[-1], flush=True)  # pytest -s shows the walk as it goes
     assert not failures, "\n\n".join(failures)
-    # The training section's plain `magic train` repeats the quick-start: the same run, already done.
+    # docs/training.md's plain `magic train` repeats the quick-start: the same run, already done.
     again = [out for line, out in outputs if line.startswith("magic train  ")]
     assert again and "already finished at step 3" in again[0] and "sample from" not in again[0], again
-    assert sum(w.startswith("exit") for w in walked) >= 20
+    assert sum(w.startswith("exit") for w in walked) >= 36  # without libtpu; more with it
 
 
 def test_presets_table_is_what_magic_params_prints(capsys):
@@ -226,7 +328,7 @@ def test_presets_table_is_what_magic_params_prints(capsys):
 
     from matrixmagic.train.cli import main
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "presets.md").read_text()
     row = r"^\| ([a-z0-9.-]+) \| [0-9+]+ \| \d+\*? \| \d+\*? \| ([\d,]+)(?: \(\+([\d,]+) MLM head\))? \|"
     rows = re.findall(row, text, re.M)
     assert len(rows) == 16, rows
