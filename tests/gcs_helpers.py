@@ -17,9 +17,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port the kernel hands out (bind to 0) can be
+    taken, while the server is stopped, as the local end of any outgoing connection (a client retrying
+    this very server included), and the restart then fails with "address in use"; ports below the
+    range are only ever taken by an explicit bind."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default range starts here
+    for port in random.sample(range(10000, max(first, 10001)), k=min(200, max(first - 10000, 1))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {first}")
 
 
 class GcsServer:
