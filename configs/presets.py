@@ -228,7 +228,7 @@ def _transformer_recipe(d_model: int) -> PaperRecipe:
     )
 
 
-# Sized for the 10-minute default run on a 2-core CPU (measured, benchmarks/ and README):
+# Sized for a default run of minutes on a 2-core CPU (measured: docs/benchmarks.md):
 # at this budget a 0.8M-parameter model fed ~5M tokens beats a 3M one fed 2.5M
 # (Chinchilla's compute-optimal trade, Hoffmann et al. 2022, Table 3, at toy scale).
 # Peak lr 4e-3..8e-3 tied at 700 steps; 2e-3 was 0.13 nats worse.

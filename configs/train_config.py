@@ -230,7 +230,7 @@ class TrainConfig:
     seed: int = 0  # seeds the init, dropout and the data order
     batch_size: int = 32  # global, in sequences
     microbatches: int = 1  # gradient accumulation steps inside one train step
-    # The default run fits 10 minutes on the 2-core CPU (~0.36 s/step for gpt-tiny at 32 x 128).
+    # The default run fits minutes on a 2-core CPU (measured: docs/benchmarks.md).
     steps: int = 1300
     eval_every: int = 325  # steps between validation evals
     eval_batches: int = 16  # validation batches per eval; 0: no eval

@@ -158,7 +158,7 @@ def _unrolled(model: nn.Module, params):
     body XLA's CPU backend copies layer l's slice out of it before each matmul, and the
     scan writes the KV cache it carries into a fresh stacked buffer, on every decoded
     token: the weights cross memory three times instead of once. Unrolled, each layer
-    reads its own arrays (the README's Generation section has the measured before and
+    reads its own arrays (docs/benchmarks.md, generation, has the measured before and
     after). Same weights and maths; a second copy of the weights is held while generating.
     """
     cfg = model.config
@@ -168,8 +168,8 @@ def _unrolled(model: nn.Module, params):
     return unrolled, _unstack(params, cfg.num_layers)
 
 
-# Its own program, not part of a loop's: slicing the weights inside the loop's program took
-# XLA 4x longer to compile there (gpt2: 13 s instead of 3), and this one depends only on the
+# Its own program, not part of a loop's: slicing the weights inside the loop's program made
+# XLA's compile of that program several times longer, and this one depends only on the
 # parameter shapes, so `magic`'s persistent compile cache serves it for every prompt.
 _unstack = jax.jit(unstack_layers, static_argnums=1)
 

@@ -39,7 +39,7 @@ needs_libtpu = pytest.mark.skipif(not chips.libtpu_available(),
 
 def compile_config(preset: str, devices: int, *, mesh=None, batch=None, remat=None, microbatches=None,
                    assignments=(), platform="tpu"):
-    """What `magic compile` resolves for these flags (train.cli.compile._config), bytes data."""
+    """What `magic compile` resolves for these flags (train.cli.compile.config_for), bytes data."""
     args = argparse.Namespace(mesh=mesh, layout=None, batch=batch, remat=remat, microbatches=microbatches,
                               set=list(assignments))
     config = resolve_config(preset, config_assignments(args), devices=devices, platform=platform)

@@ -69,7 +69,7 @@ def test_generation_estimate_is_within_the_stated_factor_of_the_compiled_loop(ba
 def test_kv_cache_and_params_by_formula():
     cfg = get_preset("gpt2").model
     parts = fit.generation_parts(cfg, batch=2, prompt_len=5, cache_len=1024)
-    assert parts["params"] == 124_439_808 * 4  # the paper-exact count (README), float32
+    assert parts["params"] == 124_439_808 * 4  # the paper-exact count (docs/presets.md), float32
     assert parts["KV cache"] == 2 * 12 * 2 * 1024 * 768 * 4  # K and V, layers, rows, slots, d_model, float32
     assert parts["logits (float32)"] == 4 * 2 * 5 * cfg.vocab_size
 

@@ -224,7 +224,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
 
     # smoothing=0: the rate is steps done over the train time so far. Steps are dispatched ahead of
     # the device and the bar only waits at each log step, so a moving average of per-update rates
-    # swings from 4 it/s to 8 s/it (ETA '2:00:09' for a 10-minute run); eval time is taken out below.
+    # swings by orders of magnitude (and the ETA with it); eval time is taken out below.
     bar = tqdm(total=config.steps, initial=start, disable=not is_main or quiet, dynamic_ncols=True, smoothing=0,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [train {elapsed}<{remaining}, {rate_fmt}{postfix}]")
     window_start, window_steps, last_eval, preempted_at = time.perf_counter(), 0, None, None

@@ -223,9 +223,8 @@ DEFAULT_COMPILE_CACHE = "~/.cache/matrixmagic/jax"
 
 def use_compile_cache(env=os.environ) -> None:
     """Keep XLA's compiled programs on disk between runs (jax's persistent compilation cache),
-    so a second `magic generate`, `magic explain` or a resumed `magic train` skips its compiles:
-    `magic generate --preset gpt-tiny --max-new-tokens 100` takes 6.6 s cold and 3.1 s warm on
-    the 2-core CPU, of which the 100 tokens themselves are under 0.1 s. Set through jax's
+    so a second `magic generate`, `magic explain` or a resumed `magic train` skips its compiles,
+    which on a CPU are most of a short command's time. Set through jax's
     environment variables, so no jax is imported here, and an explicit JAX_COMPILATION_CACHE_DIR
     wins. MAGIC_COMPILE_CACHE=DIR moves it, =0 (or off) turns it off; an unwritable directory
     turns it off too (jax would warn on every compile). Capped at 4 GiB: jax then evicts the

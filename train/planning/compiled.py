@@ -149,9 +149,8 @@ def hlo_loop_corrected(compiled, raw: dict, peak: Optional[float] = None) -> Opt
     which has no TPU time model, so the step time is modelled as compute at the chip's `peak`
     plus bytes at the rate the compiler's own raw estimate implies,
         seconds = F / peak + B * (raw_seconds - F_raw / peak) / B_raw,
-    with F and B (FLOPs, bytes accessed) loop-corrected. On gpt3-175b / v5p-1024 (full remat,
-    4 microbatches) that gives 24.42 s where the 1- and 2-layer calibration compiles gave
-    22.84 s (+6.9%), and the FLOPs agree to 0.01%."""
+    with F and B (FLOPs, bytes accessed) loop-corrected. Its agreement with the 1- and 2-layer
+    calibration compiles is measured in docs/benchmarks.md (planning)."""
     costs: dict[str, dict] = {}
 
     def cost(text: str) -> dict:  # the whole module is costed once, for both figures

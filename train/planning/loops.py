@@ -4,7 +4,7 @@ Why: XLA's `cost_analysis()` counts each while-loop body once (checked on TPU an
 CPU), and a scanned model has three loops per step: the forward layer scan, its
 transpose in the backward pass, and the microbatch loop around both. The old
 correction compiled 1- and 2-layer unrolled copies of the step at full width
-(train/planning/compiled.py `calibration_configs`), ~105 s of ~170 s for 175B on v5p-1024.
+(train/planning/compiled.py `calibration_configs`), most of the compile time for 175B.
 
 Here no second compile is needed. The optimized HLO already says how often each
 loop runs (`known_trip_count` in the while's backend_config: scans have static
