@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Literal, Optional, get_args
+from typing import Literal, NoReturn, Optional, get_args
 
 # Every list of choices, once: the Literal types the fields (and --set, configs/overrides.py) read, and the
 # tuples that error messages, CLI choices and the model's tables are checked against.
@@ -66,7 +66,7 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def fail(field: str, value, fix: str):
+def fail(field: str, value, fix: str) -> NoReturn:
     """Raise the ConfigError every validation uses: the field, its value, the fix."""
     raise ConfigError(f"{field}={value!r} is invalid: {fix}")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, TypedDict, get_args
 
 from .model_config import ConfigError, ModelConfig, suggest
 
@@ -242,6 +242,20 @@ _TINY_RECIPE = PaperRecipe(
 )
 
 
+class _TinyShape(TypedDict):
+    """The ModelConfig fields the tiny presets share (a TypedDict so `**tiny` keeps each field's type)."""
+
+    vocab_size: int
+    d_model: int
+    num_heads: int
+    num_layers: int
+    d_ff: int
+    max_len: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    scan_unroll: int
+
+
 def _build() -> dict[str, Preset]:
     presets: dict[str, Preset] = {}
 
@@ -269,8 +283,9 @@ def _build() -> dict[str, Preset]:
     # Tiny presets for tests and the CPU demo. vocab 384 = 256 bytes + specials, padded to 128.
     # Fully unrolled scans: ~15% faster on CPU for 2-4 layers, same stacked weights.
     # 2 heads of 64 rather than 4 of 32: 1.416 vs 1.434 nats/byte after 1,400 default steps, 8% faster.
-    tiny = dict(vocab_size=384, d_model=128, num_heads=2, num_layers=4, d_ff=512, max_len=128,
-                dropout_rate=0.0, attention_dropout_rate=0.0, scan_unroll=4)
+    tiny = _TinyShape(vocab_size=384, d_model=128, num_heads=2, num_layers=4, d_ff=512, max_len=128,
+                      dropout_rate=0.0, attention_dropout_rate=0.0, scan_unroll=4)
+    tiny_2_layers: _TinyShape = {**tiny, "num_layers": 2, "scan_unroll": 2}
     add("gpt-tiny", ModelConfig(family="decoder", activation="gelu_tanh", norm_position="pre",
                                 positional="learned", **tiny), _TINY_RECIPE, None, "demo")
     add("bert-tiny", ModelConfig(family="encoder", activation="gelu", norm_position="post",
@@ -278,7 +293,7 @@ def _build() -> dict[str, Preset]:
         _TINY_RECIPE, None, "demo")
     add("transformer-tiny", ModelConfig(family="encoder_decoder", activation="relu", norm_position="post",
                                         positional="sinusoidal", scale_embeddings=True,
-                                        **{**tiny, "num_layers": 2, "scan_unroll": 2}),
+                                        **tiny_2_layers),
         _TINY_RECIPE, None, "demo")
     return presets
 
