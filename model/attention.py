@@ -117,7 +117,8 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "output_projection", out)
         return out
 
-    def _cached_keys_values(self, k: jnp.ndarray, v: jnp.ndarray, mask: Optional[jnp.ndarray]):
+    def _cached_keys_values(self, k: jnp.ndarray, v: jnp.ndarray, mask: Optional[jnp.ndarray]
+                            ) -> tuple[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]]:
         """KV cache for decoding: write this call's K, V rows, attend over the whole cache.
 
         Variables (collection 'cache'): cached_key, cached_value [B, S, H, d_k] and

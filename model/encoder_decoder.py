@@ -17,6 +17,7 @@ from flax import linen as nn
 from matrixmagic.configs import ModelConfig
 
 from .add_norm import LayerNorm, final_norm_params
+from .attention import Mask
 from .dropout import Dropout
 from .embeddings import TokenEmbedding, token_table_params
 from .layers import DecoderLayer, EncoderLayer, decoder_layer_params, encoder_layer_params
@@ -78,9 +79,10 @@ class EncoderDecoderLM(nn.Module):
                              "tokens); model/generate.py passes them.")
         x = self._embed(decoder_inputs, decoder_positions, deterministic)
         self_mask = None if decode else self_attention_mask(decoder_segment_ids, causal=True)
-        cross_mask = cross_attention_mask(None if decode else decoder_segment_ids, encoder_segment_ids)
+        cross_structure = cross_attention_mask(None if decode else decoder_segment_ids, encoder_segment_ids)
+        cross_mask: Mask = cross_structure
         if decode:  # a step's few queries: the dense path (attention_impl='splash' needs lengths of 128s)
-            cross_mask = cross_mask.dense(decoder_inputs.shape[1], encoded.shape[1])
+            cross_mask = cross_structure.dense(decoder_inputs.shape[1], encoded.shape[1])
         x = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
         if self.config.norm_position == "pre":
             x = self.decoder_norm(x)

@@ -48,7 +48,7 @@ _CAPTURED = (TokenEmbedding, *(kind.module for kind in POSITIONAL_KINDS.values()
 class Explanation:
     config: ModelConfig
     layer: int
-    labels: list  # token strings (None on shape-only runs without text)
+    labels: Optional[list]  # token strings (None on shape-only runs without text)
     stages: list
     shapes_only: bool
     label: Optional[Callable[[int], str]] = None  # id -> printable label (from the tokenizer)

@@ -77,6 +77,8 @@ class DecoderLayer(_Layer):
         attention = MultiHeadAttention(cfg, det, residual_std, self.decode, name="self_attention")
         x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))
         if self.cross_attention:
+            if encoded is None:  # the attention below would fail on None: say why instead
+                raise ValueError("a DecoderLayer with cross_attention=True needs encoded= (the encoder output)")
             # Queries from the decoder, keys and values from the encoder output.
             cross = MultiHeadAttention(cfg, det, name="cross_attention")
             x = self.sublayer("cross_attention", x, lambda h: cross(h, encoded, cross_mask))

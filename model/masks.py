@@ -27,7 +27,7 @@ def causal_mask(length: int) -> jnp.ndarray:
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
-def padding_mask(query_valid: jnp.ndarray, key_valid: jnp.ndarray) -> jnp.ndarray:
+def padding_mask(query_valid: Optional[jnp.ndarray], key_valid: jnp.ndarray) -> jnp.ndarray:
     """query_valid [B, Q], key_valid [B, K] (True = real token) -> [B, 1, Q, K].
 
     Padding queries keep all keys visible (their outputs are discarded by the loss

@@ -15,7 +15,9 @@ def logical_param(module: nn.Module, name: str, init, shape: tuple, axes: tuple,
     """module.param(...) whose value carries logical axis names for sharding."""
     if len(shape) != len(axes):
         raise ValueError(f"param {name!r}: shape {shape} and axes {axes} differ in rank")
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
+    # unbox=True is the default; spelled out, it selects flax's overload that types the result as the
+    # array rather than the LogicallyPartitioned box the initializer returns.
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype), unbox=True)
 
 
 def normal(std: float):

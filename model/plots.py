@@ -95,7 +95,8 @@ def plot_attention(weights: np.ndarray, labels: Optional[Sequence[str]], path, t
     return _save(fig, path, write)
 
 
-def positional_picture(explanation, positions: int = 256, dims: int = 512):
+def positional_picture(explanation, positions: int = 256, dims: int = 512
+                       ) -> Optional[tuple[np.ndarray, str, str]]:
     """(table [positions, dims], x label, title) of the model's own positional encodings, or None:
     the sinusoidal table of Vaswani et al. 3.5 for a sinusoidal model; for learned positions the
     rows P[pos] its forward pass used (none in a shape-only walk: a random table says nothing)."""

@@ -97,10 +97,10 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Atten
     [B, Tk, H, d_k] -> [B, Tq, H, d_k] in `dtype`. Padding queries (segment 0) attend the padding
     keys, unlike the dense paths (masks.AttentionMask.kernel_segments): only their outputs differ."""
     batch, q_len, _, d_k = q.shape
-    segments = mask.kernel_segments(batch, q_len, k.shape[1])
+    ids = mask.kernel_segments(batch, q_len, k.shape[1])
+    segments = () if ids is None else ids  # no segment ids: the kernel takes none
     q = (q.astype(jnp.float32) / math.sqrt(d_k)).astype(dtype)
     q, k, v = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, d_k]: the kernel's layout
-    segments = () if segments is None else segments
     largest = _INTERPRET.get()
     local = functools.partial(_local_attention, causal=mask.causal, largest=largest or BLOCKS[0],
                               interpret=largest is not None)
@@ -110,6 +110,7 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Atten
     else:
         # Batch and heads split as the rules split the activations (length and d_k whole).
         heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads", None, None))
+        assert heads is not None  # None only when the names passed are None
         rows = P(heads[0], None)
         out = jax.shard_map(local, mesh=mesh, in_specs=(heads,) * 3 + (rows,) * len(segments), out_specs=heads,
                             check_vma=False)(q, k, v, *segments)
