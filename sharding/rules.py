@@ -28,7 +28,8 @@ from .mesh import AXES
 
 BATCH_AXES = ("data", "fsdp")
 
-Rules = tuple[tuple[str, object], ...]
+MeshAxes = str | tuple[str, ...] | None  # one mesh axis, several at once, or unsplit
+Rules = tuple[tuple[str, MeshAxes], ...]
 
 
 def layout_rules(layout: str) -> Rules:
@@ -66,12 +67,12 @@ def layout_rules(layout: str) -> Rules:
 LOGICAL_NAMES = tuple(name for name, _ in layout_rules("dp"))
 
 
-def parse_rules_override(text: str) -> dict[str, object]:
+def parse_rules_override(text: str) -> dict[str, MeshAxes]:
     """'embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp' -> {logical name: mesh axes}.
 
     'none' leaves a dimension unsplit; 'a+b' splits it over two mesh axes at once.
     """
-    out: dict[str, object] = {}
+    out: dict[str, MeshAxes] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
