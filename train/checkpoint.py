@@ -148,7 +148,8 @@ class Checkpointer:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                                           n=1, keep_checkpoints_without_metrics=False))
         self._read_only = read_only
-        self._keep, self._in_flight, self._state_bytes, self._failed = keep, None, 0, False
+        self._keep, self._state_bytes, self._failed = keep, 0, False
+        self._in_flight: Optional[int] = None  # the step the last save started (named if it fails)
         quiet_checkpoint_noise()  # a damaged step's failed reads print nothing but our warning
         storage.bound_tensorstore_retries()
         self._options = ocp.CheckpointManagerOptions(
@@ -294,7 +295,7 @@ class Checkpointer:
                                       f"resumed: fine-tune it in a new run with `magic train --init-from "
                                       f"{self.workdir} --workdir NEW_RUN`.")
             self.check_compatible(step, abstract_state, config_json, saved_arrays)
-            if check_run:
+            if check_run and records is not None:  # records are read whenever check_run is given
                 check_run(step, *records)
             try:
                 state, data, config = self.restore(abstract_state, step)

@@ -9,6 +9,7 @@ the run's schedule, not a second implementation of it.
 from __future__ import annotations
 
 import math
+from typing import BinaryIO
 
 import jax
 import numpy as np
@@ -124,9 +125,9 @@ def summary_lines(config: TrainConfig, devices: int) -> list[str]:
     return lines
 
 
-def plot_schedule(config: TrainConfig, curve: dict, path: str) -> str:
+def plot_schedule(config: TrainConfig, curve: dict, path: str | BinaryIO) -> str | BinaryIO:
     """Learning rate and batch size against tokens seen: the whole schedule on the left, its start
-    (warmup and ramp) on the right."""
+    (warmup and ramp) on the right. `path`: a file name, or a binary file object to write into."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -39,6 +39,7 @@ def report_gpu(args, target: Target) -> int:
     from matrixmagic.train.planning import plan
     from matrixmagic.train.planning.search import NOT_FIT
 
+    assert target.chip is not None  # a GPU target always names its chip
     config = config_for(args, target.chips, "gpu")
     est = plan.estimate(config, target.chips)
     lines = plan.header(config, target, target.chips)

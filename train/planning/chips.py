@@ -93,6 +93,7 @@ class Target:
     def description(self) -> str:
         if self.kind == "cpu":
             return f"{self.chips} CPU device(s) of this host (a fake mesh: no HBM limit)"
+        assert self.chip is not None  # only the CPU mesh has no chip
         what = f"{self.chips} {self.chip.name} chip(s)"
         if self.kind == "gpu":
             return what + " (GPU cluster: analytic estimate, no compile)"
@@ -202,6 +203,7 @@ def tpu_devices(target: Target) -> list:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
+    assert target.chip is not None  # a TPU target always names its chip
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                             **dict(target.chip.topology_kwargs))

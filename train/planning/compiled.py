@@ -134,7 +134,7 @@ def hlo_cost(module_text: str) -> dict:
     TPU compiler's for the same module (checked: 51,019,772 vs 51,019,776 for a scanned MLP)."""
     import jax
     from jax._src.lib import _jax
-    from jaxlib import _hlo
+    from jaxlib import _hlo  # type: ignore[attr-defined]  # a compiled module: jaxlib ships no stub for it
 
     module = _hlo.hlo_module_from_text(module_text)
     return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
@@ -162,10 +162,12 @@ def hlo_loop_corrected(compiled, raw: dict, peak: Optional[float] = None) -> Opt
     try:
         text = compiled.as_text()
         counted = loop_corrected_cost(text, cost, keys=keys)
-        whole = cost(text) if counted else None
+        if not counted:
+            return None
+        whole = cost(text)
     except (ValueError, RuntimeError):  # a dialect jaxlib's parser rejects: fall back to the calibration
         return None
-    if not counted or not whole.get("flops"):
+    if not whole.get("flops"):
         return None
     ratio = counted["flops"] / float(whole["flops"])
     out = {"flops": raw.get("flops", float(whole["flops"])) * ratio}

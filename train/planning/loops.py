@@ -41,7 +41,7 @@ class HloModuleText:
         lines = text.splitlines()
         self.preamble: list[str] = []
         self.computations: dict[str, list[str]] = {}
-        self.entry: Optional[str] = None
+        entry: Optional[str] = None
         current = None
         for line in lines:
             if current is None:
@@ -50,15 +50,16 @@ class HloModuleText:
                     current = m[2]
                     self.computations[current] = [line[len(m[1]):] if m[1] else line]
                     if m[1]:
-                        self.entry = current
+                        entry = current
                 elif not self.computations and not line.startswith("HloModule"):
                     self.preamble.append(line)
                 continue
             self.computations[current].append(line)
             if line.rstrip() == "}":  # not `}}, metadata=`: a custom call's config may span lines
                 current = None
-        if self.entry is None:
+        if entry is None:
             raise ValueError("no ENTRY computation in the HLO text")
+        self.entry: str = entry
 
     def loops(self, name: str) -> list[tuple[str, Optional[int]]]:
         """(body, trip count or None) of each while loop run by `name`, including through

@@ -77,7 +77,8 @@ def hlo_allocations(text: str, top: int = 40) -> list[Allocation]:
             continue
         size = array_bytes(m[2])
         op = _OP_NAME.search(line)
-        key = (op[1] if op else m[1], _ARRAY.search(m[2])[0] if _ARRAY.search(m[2]) else m[2])
+        array = _ARRAY.search(m[2])
+        key = (op[1] if op else m[1], array[0] if array else m[2])
         if size and (key not in found or found[key].bytes < size):
             found[key] = Allocation(size, key[1], key[0])
     return sorted(found.values(), key=lambda a: -a.bytes)[:top]

@@ -193,7 +193,7 @@ def memory_lines(outcome, hbm: Optional[int]) -> list[str]:
     return lines
 
 
-def oom_lines(oom, config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: int) -> list[str]:
+def oom_lines(oom, config: TrainConfig, est: "Estimate", hbm: Optional[float], chips: int) -> list[str]:
     lines = ["memory per device: DOES NOT FIT", f"  the compiler refused: {oom.message[:300]}"]
     if oom.shortfall is not None:
         short = oom.shortfall
@@ -205,7 +205,7 @@ def oom_lines(oom, config: TrainConfig, est: "Estimate", hbm: Optional[int], chi
     return lines
 
 
-def oom_fixes(config: TrainConfig, est: "Estimate", hbm: Optional[int], chips: int) -> list[str]:
+def oom_fixes(config: TrainConfig, est: "Estimate", hbm: Optional[float], chips: int) -> list[str]:
     """What could make it fit, leaving out what is already in use."""
     if hbm and est.state_bytes * chips / hbm > chips:  # even the fully sharded state is too big
         need = math.ceil(est.state_bytes * chips / hbm)

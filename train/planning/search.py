@@ -8,7 +8,7 @@ them into configs; nothing here reads an argparse namespace.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from matrixmagic.configs import ConfigError
 from matrixmagic.model.accounting import training_flops_per_token
@@ -50,6 +50,7 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
         + ("" if outcome.fits else " (out of memory)"))
     if not outcome.fits:
         return outcome, None, None
+    assert outcome.cost is not None  # a compile that fits has its cost summary (aot.compile_step)
     start = time.perf_counter()
     try:
         peak = peak_flops_for_device_kind(outcome.devices[0].device_kind)
@@ -68,7 +69,9 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
         extra = [aot.compile_step(c, devices) for c in report.calibration_configs(config)]
         log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
         if all(e.fits for e in extra):
-            calib = {k: (extra[0].cost[k], extra[1].cost[k]) for k in extra[0].cost if k in extra[1].cost}
+            one, two = extra[0].cost, extra[1].cost
+            assert one is not None and two is not None  # compiles that fit have their cost summary
+            calib = {k: (one[k], two[k]) for k in one if k in two}
     corrected = {k: report.loop_corrected(outcome.cost[k], calib.get(k), config)
                  for k in ("flops", "optimal_seconds") if k in outcome.cost}
     return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
@@ -129,6 +132,7 @@ def oom_explanation(outcome, config, devices: int, budget: Optional[float]) -> l
             lines.append("  (the compiler's refusal lists no buffers: below, the analytic model's largest terms)")
             allocations = oom.analytic_allocations(config, devices)
     else:
+        assert budget is not None  # fits() refuses a step the compiler accepted only against a budget
         total = outcome.memory.total
         lines = ["memory per device: DOES NOT FIT",
                  (f"  needs {total / GiB:.2f} GiB (compiled.memory_analysis(): arguments + outputs - aliased + "
@@ -195,6 +199,7 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
     start = time.perf_counter()
     order, rows, smallest = ranked(candidates, target, devices, budget, max_compiles)
     if not order:
+        assert budget is not None  # without a budget every layout is kept, so none is left only against one
         config, est = smallest
         print(f"\nnothing fits: by the analytic memory model every one of {len(rows)} layouts needs more than "
               f"{PRUNE_MARGIN:.2f} x {budget / GiB:.2f} GiB per device; the smallest ({label(config)}) needs "
@@ -202,7 +207,9 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
               f"{est.activation_bytes / GiB:.2f} activations)\n  fix: "
               + ", ".join(plan.oom_fixes(config, est, budget, n)))
         return NOT_FIT
-    results, tried, queue = [], [], [list(g) for g in order]
+    results: list[dict[str, Any]] = []
+    tried: list[tuple[Any, report.CompileOutcome, Optional[float], Optional[float], bool]] = []  # config, ..., fits
+    queue = [list(g) for g in order]
     while queue and len(tried) < max_compiles and sum(t[4] for t in tried) < 2:
         group = queue.pop(0)
         config, est = group.pop(0)
@@ -230,6 +237,7 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
         print("\n".join(oom_explanation(outcome, config, n, budget)))
         return NOT_FIT
     best = winners[0]
+    assert best[1].memory is not None  # a compile that fits has its memory analysis (aot.compile_step)
     if len(winners) > 1:
         second = winners[1]
         print(f"runner-up: {label(second[0])}, {plan.seconds_text(_compiled_seconds(second, target, devices))}/step "
