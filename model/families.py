@@ -22,6 +22,7 @@ import numpy as np
 
 from matrixmagic.configs import ModelConfig
 from matrixmagic.configs.model_config import FAMILIES, FAMILY_SIDES, side_lengths
+from matrixmagic.configs.model_config import Family as FamilyName
 
 from . import decoder_only, encoder_decoder, encoder_only, objectives
 
@@ -41,7 +42,7 @@ def _keys(side: str, *names: str, **dtypes: str) -> tuple[BatchKey, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    name: str
+    name: FamilyName  # ModelConfig.family's value
     model: type  # the flax.linen Module; built as model(config)
     objective: str  # its name in objectives.py (printed in the run header)
     features: Callable[..., dict]  # objectives.<objective>_features: packed rows -> the batch

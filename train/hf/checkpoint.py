@@ -57,7 +57,11 @@ def plan_import(model_type: str, architecture: str, model: ModelConfig, vocab: i
     """Which file holds each tensor of ours; HFError for any tensor missing, mis-shaped or unknown."""
     tensors = tuple(names.hf_tensors(model_type, model, vocab))
     expected = _expected(tensors, model.num_layers)
-    sources, unknown, misshaped, notes, seen = {}, [], [], [], {}
+    sources: dict[str, TensorInfo] = {}
+    unknown: list[str] = []
+    misshaped: list[str] = []
+    notes: list[str] = []
+    seen: dict[str, str] = {}  # canonical name -> the checkpoint's name for it
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"} if model.tie_embeddings else set()
     for name, info in infos.items():
         canon = names.canonical(model_type, name)
@@ -84,7 +88,7 @@ def plan_import(model_type: str, architecture: str, model: ModelConfig, vocab: i
     if unknown:
         raise HFError(f"{len(unknown)} tensor(s) belong to no part of a {model_type} {architecture} this importer "
                       f"knows: {_listing(sorted(unknown))}. Is config.json the one of these weights?")
-    missing = {}
+    missing: dict[str, list[str]] = {}  # group -> its canonical names absent from the checkpoint
     for canon, (tensor, _) in expected.items():
         if canon not in sources:
             missing.setdefault(tensor.group, []).append(canon)
@@ -145,11 +149,11 @@ def place_params(plan: ImportPlan, model: ModelConfig, abstract_params, seed: in
             def fill(index):
                 return np.asarray(one(entries[0])[index], dtype)
         else:  # [layers, ...]: this shard's layers only
-            entries = sorted(entries, key=lambda e: e[0])
+            by_layer = sorted(entries, key=lambda e: e[0])
 
             def fill(index):
                 layers = range(abstract.shape[0])[index[0]]
-                return np.stack([np.asarray(one(entries[i])[index[1:]], dtype) for i in layers])
+                return np.stack([np.asarray(one(by_layer[i])[index[1:]], dtype) for i in layers])
         return jax.make_array_from_callback(abstract.shape, abstract.sharding, fill)
 
     leaves = []

@@ -15,10 +15,10 @@ the import pads it to a multiple of 128 together with the tokenizer's extra ids
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, cast
 
 from matrixmagic.configs import ModelConfig
-from matrixmagic.configs.model_config import suggest
+from matrixmagic.configs.model_config import DType, suggest
 from matrixmagic.model.families import FAMILY_RECORDS, family_of
 
 from .errors import HFError
@@ -131,7 +131,7 @@ def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
     try:
         model = ModelConfig(family=FAMILY_OF[model_type], tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                             scale_embeddings=False, use_bias=True, init_std=float(_get(hf, "initializer_range", 0.02)),
-                            param_dtype=param_dtype, **fields)
+                            param_dtype=cast(DType, param_dtype), **fields)  # ModelConfig checks the name
     except ValueError as err:  # ConfigError: e.g. hidden size not divisible by the heads
         raise HFError(f"config.json: {err}") from None
     return Translation(model, model_type, arch, tuple(notes))

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import struct
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -143,7 +143,7 @@ def read_checkpoint(directory: str) -> dict[str, TensorInfo]:
 def read(info: TensorInfo) -> np.ndarray:
     """The tensor's values (one positioned read; nothing else of the file is touched)."""
     out = np.empty(info.shape, DTYPES[info.dtype])
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data  # a memoryview of out's bytes, which readinto fills
     with storage.path(info.path).open("rb") as f:
         f.seek(info.begin)
         got = f.readinto(view)
@@ -184,7 +184,8 @@ def write_file(path: str, tensors: list[Planned], produce: Callable[[Planned], n
                metadata: Optional[dict] = None) -> int:
     """Write one safetensors file: the header first (the offsets follow from the shapes), then
     each tensor's bytes as `produce` returns them, one at a time. Returns the data bytes."""
-    entries, offset = {}, 0
+    entries: dict[str, dict[str, Any]] = {}  # name -> its header entry (strings, shapes, offsets)
+    offset = 0
     if metadata:
         entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for t in tensors:
