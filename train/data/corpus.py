@@ -191,7 +191,7 @@ def prepare_text_dir(
     stats = _scan(source, pattern)
     relpaths = sorted(stats)
     splits = assign_splits(relpaths, validation_fraction)
-    resolved = source if storage.is_remote(source) else str(source.resolve())
+    resolved = str(source) if storage.is_remote(source) else str(Path(source).resolve())
     fingerprint = sources.fingerprint(resolved, pattern, validation_fraction, stats)
     config = TextFilesConfig(
         name=sources.config_name(resolved, fingerprint),
@@ -342,17 +342,18 @@ def checked_data_dir(data_dir: str | os.PathLike | None) -> Path | str:
 def writable_data_dir(root: Path | str) -> None:
     """Create `root` and probe a write, so a read-only data dir fails before TFDS starts building."""
     if storage.is_remote(root):
-        remote.probe_write(root, "data.data_dir")
+        remote.probe_write(str(root), "data.data_dir")
         return
-    root.mkdir(parents=True, exist_ok=True)
-    if not os.access(root, os.W_OK):
+    local = Path(root)  # not remote: checked_data_dir gave a Path
+    local.mkdir(parents=True, exist_ok=True)
+    if not os.access(local, os.W_OK):
         raise PermissionError(13, "Permission denied")
-    probe = root / f".write-test-{os.getpid()}"
+    probe = local / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
 
 
-def _missing_catalog(name: str, data_dir: Path, why: str) -> CorpusError:
+def _missing_catalog(name: str, data_dir: Path | str, why: str) -> CorpusError:
     return CorpusError(
         f"source='tfds:{name}' is not available: {why}. Put the prepared dataset under "
         f"data_dir={str(data_dir)!r} (as {data_dir}/{name.split('/')[0]}/...). This machine has "

@@ -114,10 +114,11 @@ class LMPipeline:
     `seq_len` is the run's data.seq_len; the family record splits it between its sides.
     `ramp`: the run's BatchRamp (None: batch_size rows every step); `microbatches`: the
     step's, which decide where a ramp step's active rows go. `rows`: an array of rows (or
-    shards.PackedRows), or {name: rows} with `weights` {name: weight} for a mixture."""
+    shards.PackedRows), or {name: rows} with `weights` {name: weight} for a mixture.
+    `process_index`, `process_count`: None is jax's own (this process, all processes)."""
 
     def __init__(self, rows, family: str, seq_len: int, batch_size: int, seed: int,
-                 tokenizer: Tokenizer, process_index: int, process_count: int, mask_rate: float = 0.15,
+                 tokenizer: Tokenizer, process_index: int | None, process_count: int | None, mask_rate: float = 0.15,
                  ramp: BatchRamp | None = None, microbatches: int = 1, fingerprint: dict | None = None,
                  weights: dict[str, float] | None = None):
         self.sources = dict(rows) if isinstance(rows, dict) else {"": rows}

@@ -74,6 +74,8 @@ def _text(value, where: str, field: str) -> str:
 
 def jsonl_records(source: Source, relpath: str, start: int, end: int) -> Iterator[tuple[str, str]]:
     """(split, text) of each line whose first byte lies in [start, end)."""
+    field = source.text_field
+    assert field is not None  # jsonl and parquet sources name their field; only plain text has none
     with _open(source.root, relpath) as f:
         f = io.BufferedReader(f) if not hasattr(f, "peek") else f
         if start:
@@ -94,13 +96,15 @@ def jsonl_records(source: Source, relpath: str, start: int, end: int) -> Iterato
                     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise CorpusError(f"{where}: no field {source.text_field!r} (the line has {fields}): pass "
                                       f"--text-field NAME.")
-                text = _text(record[source.text_field], where, source.text_field)
+                text = _text(record[field], where, field)
                 split = "validation" if is_validation(f"{relpath}@{pos}", source.validation_fraction) else "train"
                 yield split, text
             pos = f.tell()
 
 
 def parquet_records(source: Source, relpath: str, group: int) -> Iterator[tuple[str, str]]:
+    field = source.text_field
+    assert field is not None  # jsonl and parquet sources name their field; only plain text has none
     with _open(source.root, relpath) as f:
         file = _parquet().ParquetFile(f)
         if source.text_field not in file.schema_arrow.names:
@@ -111,7 +115,7 @@ def parquet_records(source: Source, relpath: str, group: int) -> Iterator[tuple[
             for value in batch.column(0).to_pylist():
                 where = f"{storage.join(source.root, relpath)} row group {group} row {row}"
                 held = is_validation(f"{relpath}#{group}:{row}", source.validation_fraction)
-                yield "validation" if held else "train", _text(value, where, source.text_field)
+                yield "validation" if held else "train", _text(value, where, field)
                 row += 1
 
 

@@ -34,6 +34,7 @@ libraries allow decided the shape:
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -85,4 +86,4 @@ def upload_tree(local: str, target: str) -> None:
         if group:
             sources = [os.path.join(local, f) for f in group]
             targets = [storage.join(target, f) for f in group]
-            storage.retrying(lambda s=sources, t=targets: fs.put(s, t), f"uploading the dataset to {target}")
+            storage.retrying(functools.partial(fs.put, sources, targets), f"uploading the dataset to {target}")

@@ -17,6 +17,7 @@ small objects and one request at a time would spend the build waiting on round t
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import re
@@ -178,6 +179,6 @@ def read_files(root: str, relpaths: Iterable[str]) -> Iterator[tuple[str, bytes]
     for start in range(0, len(relpaths), READ_BATCH):
         batch = relpaths[start:start + READ_BATCH]
         names = [storage.join(root, p)[len("gs://"):] for p in batch]  # gcsfs keys its answer this way
-        got = storage.retrying(lambda n=names: fs.cat(n, on_error="raise"), f"reading data.source={root!r}")
+        got = storage.retrying(functools.partial(fs.cat, names, on_error="raise"), f"reading data.source={root!r}")
         for p, name in zip(batch, names):
             yield p, got[name]

@@ -253,25 +253,26 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer as _Tokenizer
 
-        path = storage.path(path)  # a gs:// run's tokenizer.json (`magic hf import --workdir gs://...`)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer={str(path)!r} does not exist: give the tokenizer.json of a Hugging "
+        json_path = storage.path(path)  # a gs:// run's tokenizer.json (`magic hf import --workdir gs://...`)
+        if not json_path.is_file():
+            raise TokenizerError(f"tokenizer={str(json_path)!r} does not exist: give the tokenizer.json of a Hugging "
                                  f"Face model (`magic hf import` puts one in the run directory).")
-        raw = path.read_bytes()
+        raw = json_path.read_bytes()
         try:
             self._tok = _Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as err:  # noqa: BLE001 - the Rust library's own exception type
-            raise TokenizerError(f"tokenizer={str(path)!r} is not a Hugging Face tokenizer.json ({err}).") from None
+            raise TokenizerError(f"tokenizer={str(json_path)!r} is not a Hugging Face tokenizer.json ({err}).") from None
         self._tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special
-        self.path = path
+        self.path = json_path
         self.cache_key = "hf-" + hashlib.sha256(raw).hexdigest()[:12]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        roles = self._roles(path.with_name("tokenizer_config.json"))
+        roles = self._roles(json_path.with_name("tokenizer_config.json"))
         extra = iter(range(self.vocab_size, self.vocab_size + 2))
-        self.eot_id = roles.get("eos_token", roles.get("cls_token"))
-        if self.eot_id is None:
-            raise TokenizerError(f"tokenizer={str(path)!r} has neither an eos_token nor a cls_token to mark where "
+        eot_id = roles.get("eos_token", roles.get("cls_token"))
+        if eot_id is None:
+            raise TokenizerError(f"tokenizer={str(json_path)!r} has neither an eos_token nor a cls_token to mark where "
                                  f"documents start; name one in tokenizer_config.json beside it.")
+        self.eot_id = eot_id
         self.bos_id = roles.get("bos_token", roles.get("cls_token", self.eot_id))
         pad = roles.get("pad_token")
         self.pad_id = pad if pad is not None and pad != self.eot_id else next(extra)
@@ -280,7 +281,7 @@ class HFTokenizer:
                              if i >= self.vocab_size}
         specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self.special_ids = tuple(sorted(specials | {self.eot_id, self.bos_id, self.pad_id, self.mask_id}))
-        self.prompt_prefix = (self.eot_id,)  # every document trained on here starts with it
+        self.prompt_prefix: tuple[int, ...] = (self.eot_id,)  # every document trained on here starts with it
         self.transformers_prefix = self._leading_specials(specials)
         self.imported = False
 
@@ -318,7 +319,7 @@ class HFTokenizer:
         missing = [f"{role}={names[role]!r}" for role, i in ids.items() if i is None]
         if missing:
             raise TokenizerError(f"{config_path} names {', '.join(missing)}, which the tokenizer's vocabulary lacks.")
-        return ids
+        return {role: i for role, i in ids.items() if i is not None}  # all of them: a None raised above
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
