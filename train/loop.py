@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -34,7 +34,7 @@ from .aot import load_train_step
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .data.tokenizers import prompt_start
-from .evals.during import open_training_evals
+from .evals.during import TrainingEvals, open_training_evals
 from .guards import NonFiniteMonitor, check_free_space
 from .lease import run_lock
 from .preemption import EXIT_PREEMPTED, PreemptionGuard
@@ -258,6 +258,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 jax.block_until_ready(state)  # the steps dispatched before the eval are train time
                 eval_start = time.perf_counter()
                 last_eval = evaluate(run.eval_step, state.params, eval_sets, run.put_batch)
+                assert last_eval is not None  # eval_sets holds batches: make_eval_sets refuses an empty split
                 if config.data.tokenizer == "bytes" and family_of(config.model).likelihood == "causal":
                     last_eval["bits_per_byte"] = last_eval["loss"] / math.log(2)
                 writer.write(done, "eval", last_eval)
@@ -283,6 +284,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
                 eval_start = time.perf_counter()
                 params_on_host = gather_params(state.params)  # a collective: every process joins
                 if is_main:
+                    assert isinstance(extra_evals, TrainingEvals)  # process 0's; the others get only the schedule
                     scores = extra_evals.run_logged(params_on_host, done, bar.write)
                     if scores:
                         writer.write(done, "evals", scores)
@@ -300,7 +302,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: f
         writer.close()
         ckpt.close()  # waits for the last async save to commit, also when a guard raised
 
-    summary = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
+    summary: dict[str, Any] = {"config": config_to_json(config), "final_eval": last_eval, "steps": config.steps}
     if preempted_at is not None:
         log(f"stopped by {guard.reason} after step {preempted_at}; checkpoint saved in {ckpt.directory}. "
             f"Rerun the same command to resume (exit code {EXIT_PREEMPTED}).")

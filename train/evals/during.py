@@ -11,6 +11,7 @@ as `magic eval` uses it on the finished run.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -22,6 +23,9 @@ from ..data.tokenizers import text_start
 from ..run import reading_model
 from .perplexity import perplexity, read_text, text_files
 from .scoring import Scorer
+
+if TYPE_CHECKING:  # harness.py imports lm-eval, the optional `eval` extra: only _tasks_module() loads it
+    from .harness import MatrixMagicLM
 
 
 def due(config: TrainConfig, done: int) -> bool:
@@ -48,7 +52,11 @@ class TrainingEvals:
         self.texts = []
         if self.spec.text:
             self.texts = [read_text(f) for f in text_files(self.spec.text)]  # a bad path fails before step 1
-        self.names, self.manager, self._lm, self._scorer = [], None, None, None
+        self.names: list[str] = []
+        self.manager = None
+        # Built at the first eval, then handed each eval's weights.
+        self._lm: MatrixMagicLM | None = None
+        self._scorer: Scorer | None = None
         if self.spec.tasks:
             tasks = _tasks_module()
             self.names = tasks.parse_tasks(self.spec.tasks, "eval.tasks")
@@ -94,7 +102,7 @@ class TrainingEvals:
         return scores
 
 
-def open_training_evals(config: TrainConfig, tokenizer, is_main: bool) -> TrainingEvals | None:
+def open_training_evals(config: TrainConfig, tokenizer, is_main: bool) -> TrainingEvals | _Schedule | None:
     """The evals, checked before the first step. Process 0 checks (task names, data, text paths)
     and scores; the others only learn whether the checks passed, so a bad eval.* stops every
     process instead of leaving them waiting in a collective."""
