@@ -95,6 +95,7 @@ def shape_mismatches(saved_tree, abstract_tree) -> list[str]:
     for name in sorted(set(saved) | set(wanted)):
         s, w = saved.get(name), wanted.get(name)
         if s is None:
+            assert w is not None  # every name comes from one of the two trees
             out.append(f"{name}: missing from the checkpoint (this run {tuple(w.shape)} {w.dtype})")
         elif w is None:
             out.append(f"{name}: in the checkpoint {tuple(s.shape)} {s.dtype}, absent in this run")

@@ -185,8 +185,10 @@ class GcsLease:
     def _renew_loop(self) -> None:
         renewed = time.monotonic()
         while not self._stop.wait(self.interval):
+            held = self.generation
+            assert held is not None  # acquire() sets it before starting this thread; release() clears it after
             try:
-                generation = self._write(self.generation)
+                generation = self._write(held)
             except Exception as err:  # noqa: BLE001 - a transient failure: the next tick tries again
                 if time.monotonic() - renewed >= self.ttl:
                     self._lost = f"it could not be renewed for {self.ttl:.0f} s ({storage.short(err)})"

@@ -167,6 +167,7 @@ class MetricsWriter:
     def _row(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
         if not self._remote:
+            assert self._jsonl is not None  # rows are written only when enabled, and then __init__ opened it
             self._jsonl.write(line)
             self._jsonl.flush()
             return

@@ -134,6 +134,7 @@ def split_microbatches(batch, num_microbatches: int):
             f"every array in batch needs the same leading batch dimension; got {sorted(map(str, sizes))}."
         )
     (size,) = sizes
+    assert size is not None  # refused above
     if size % k:
         raise ValueError(
             f"batch size {size} is not divisible by num_microbatches={k}; choose a "

@@ -88,7 +88,7 @@ def quiet_checkpoint_noise() -> None:
         def quiet(unraisable, previous=hook):
             _drop_closed_loop(unraisable, previous)
 
-        quiet._matrixmagic_quiet = True
+        quiet._matrixmagic_quiet = True  # type: ignore[attr-defined]  # mypy does not model function attributes
         sys.unraisablehook = quiet
     for name in ("absl", "orbax", "asyncio", "gcsfs"):
         logger = logging.getLogger(name)

@@ -81,7 +81,8 @@ def start_state(config, run, tx, ckpt: Checkpointer, train_data, is_main: bool,
                 allowed: frozenset = frozenset()) -> Start:
     """Resume (the same run: train/samerun.py), init-from, or init; then cut the metrics
     log back to the start step."""
-    config_json, found = config_to_json(config), {}
+    config_json = config_to_json(config)
+    found: dict[str, Any] = {}  # what same_run learns: "changes" (a dict) and "notes" (lines)
 
     def same_run(step: int, saved_config: dict, saved_data: dict) -> None:
         found["changes"], found["notes"] = check_same_run(ckpt.directory, step, saved_config, saved_data,

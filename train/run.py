@@ -283,7 +283,8 @@ def state_shardings(model_config, tx: optax.GradientTransformation, mesh, rules)
     abstract = jax.eval_shape(lambda: create_train_state(model_config, tx, jax.random.PRNGKey(0)))
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
                                 transform_non_params=lambda _: replicated(mesh))
-    return TrainState(step=replicated(mesh), params=params, opt_state=opt, rng=replicated(mesh))
+    # A TrainState whose leaves are shardings (jit's out_shardings), not the arrays its fields are typed as.
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt, rng=replicated(mesh))  # type: ignore[arg-type]
 
 
 def sharded_abstract_state(model_config, tx, shardings) -> TrainState:

@@ -103,10 +103,11 @@ def run_changes(saved_config: dict, config_json: dict, saved_fingerprint: dict |
     old, new = flatten(_normalized(saved_config)), flatten(config_json)
     out = [Change(k, k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
            if old.get(k) != new.get(k) and not harmless(k)]
-    for key in sorted(set(saved_fingerprint or {}) | set(fingerprint)) if saved_fingerprint is not None else ():
-        if saved_fingerprint.get(key) != fingerprint.get(key):
-            field = FINGERPRINT_FIELDS.get(key, "data.source")
-            out.append(Change(field, f"{field} ({key})", saved_fingerprint.get(key), fingerprint.get(key)))
+    if saved_fingerprint is not None:
+        for key in sorted(set(saved_fingerprint) | set(fingerprint)):
+            if saved_fingerprint.get(key) != fingerprint.get(key):
+                field = FINGERPRINT_FIELDS.get(key, "data.source")
+                out.append(Change(field, f"{field} ({key})", saved_fingerprint.get(key), fingerprint.get(key)))
     return out
 
 

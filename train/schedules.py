@@ -84,7 +84,7 @@ def make_schedule(
         raise ValueError(f"kind={kind!r} needs peak_learning_rate (a float >= 0); got None.")
     if kind == "constant":
         return _constant_with_warmup(peak_learning_rate, warmup_steps)
-    _check_decay(kind, warmup_steps, decay_steps)
+    decay_steps = _check_decay(kind, warmup_steps, decay_steps)
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
@@ -112,7 +112,8 @@ def _non_negative_int(name: str, value) -> int:
     return value
 
 
-def _check_decay(kind: str, warmup_steps: int, decay_steps: int | None) -> None:
+def _check_decay(kind: str, warmup_steps: int, decay_steps: int | None) -> int:
+    """decay_steps, checked to be given and past the warmup."""
     if decay_steps is None:
         raise ValueError(
             f"kind={kind!r} needs decay_steps (total schedule length in steps, "
@@ -124,6 +125,7 @@ def _check_decay(kind: str, warmup_steps: int, decay_steps: int | None) -> None:
             f"for kind={kind!r}: decay_steps counts from step 0 and includes the warmup, "
             "so increase decay_steps or reduce warmup_steps."
         )
+    return decay_steps
 
 
 def _constant_with_warmup(peak: float, warmup_steps: int) -> optax.Schedule:

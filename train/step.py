@@ -7,6 +7,7 @@ topology. Gradient accumulation runs inside the step as a lax.scan.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -47,6 +48,7 @@ def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax
                       label_smoothing=config.optimizer.label_smoothing)
     step_rng = jax.random.fold_in(state.rng, state.step)
     ramp = config.batch_ramp
+    rows: jax.Array | int  # traced under a ramp; without one, the fixed batch size
     if ramp.on:  # the same full-size batch every step; microbatches without an active row are skipped
         rows = ramp_at(ramp, state.step)[0]
         active = active_microbatches(rows, config.batch_size, config.microbatches)
@@ -64,7 +66,8 @@ def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax
         "learning_rate": make_learning_rate(config)(state.step),
         "batch_rows": jnp.asarray(rows, jnp.int32),  # sequences this step trained on
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # dataclasses.replace is what flax's state.replace() calls; mypy does not see the method flax adds.
+    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch: dict, *, config: TrainConfig) -> dict:
