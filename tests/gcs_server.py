@@ -20,10 +20,11 @@ usage: python tests/gcs_server.py PORT BUCKET [DATA_DIR]   (no DATA_DIR: in memo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from http import HTTPStatus
 
-from gcp_storage_emulator import server
+from gcp_storage_emulator import server, storage
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -92,11 +93,32 @@ def _install() -> None:
     objects.download = download  # objects.get's alt=media path calls it by this name
 
 
+def _atomic_files() -> None:
+    """On disk (DATA_DIR) the emulator rewrites its whole index (.meta) and each object's file in
+    place, so a server killed mid-write (what the stop-mid-save test does) can leave the index
+    truncated, and the restart dies reading it. GCS never loses what it acknowledged: every file is
+    written beside its place and renamed over it, so a kill leaves the old version or the new."""
+    write = storage._FileStore.write_bytes
+
+    def atomic(self, rel: str, content: bytes) -> None:
+        if self._use_memory:
+            return write(self, rel, content)
+        path = self._disk_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial.write_bytes(content)
+        os.replace(partial, path)
+        return None
+
+    storage._FileStore.write_bytes = atomic
+
+
 def main(argv: list[str]) -> None:
     port, bucket = int(argv[0]), argv[1]
     data_dir = argv[2] if len(argv) > 2 else None
     logging.basicConfig(level=logging.CRITICAL)  # the emulator logs every 404 as an error
     _install()
+    _atomic_files()
     srv = server.create_server("127.0.0.1", port, in_memory=data_dir is None, default_bucket=bucket,
                                data_dir=data_dir)
     print("ready", flush=True)
