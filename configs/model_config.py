@@ -14,9 +14,13 @@ from typing import Literal, NoReturn, Optional, get_args
 # Every list of choices, once: the Literal types the fields (and --set, configs/overrides.py) read, and the
 # tuples that error messages, CLI choices and the model's tables are checked against.
 Family = Literal["decoder", "encoder", "encoder_decoder"]
-Activation = Literal["relu", "gelu", "gelu_tanh"]
+# swiglu is the gated feed-forward (model/gated_ffn.py): three matrices instead of two.
+Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
 NormPosition = Literal["pre", "post"]
-Positional = Literal["learned", "sinusoidal"]
+Norm = Literal["layernorm", "rmsnorm"]
+# rope rotates queries and keys inside attention (model/rotary.py); the other two are added to the embeddings.
+Positional = Literal["learned", "sinusoidal", "rope"]
+RopeScaling = Literal["none", "llama3"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
 # How attention is computed (model/attention.py): "matrices" forms QK^T/sqrt(d_k), the mask,
@@ -24,8 +28,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 # shows); "fused" calls jax.nn.dot_product_attention, which never exposes the weights;
 # "splash" runs jax's Pallas splash-attention kernel (model/splash.py), TPU only.
 AttentionImpl = Literal["matrices", "fused", "splash"]
-FAMILIES, ACTIVATIONS, NORM_POSITIONS, POSITIONAL, REMAT_POLICIES, DTYPES, ATTENTION_IMPLS = (
-    get_args(t) for t in (Family, Activation, NormPosition, Positional, RematPolicy, DType, AttentionImpl))
+(FAMILIES, ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONAL, ROPE_SCALINGS, REMAT_POLICIES, DTYPES,
+ ATTENTION_IMPLS) = (get_args(t) for t in (Family, Activation, NormPosition, Norm, Positional, RopeScaling, RematPolicy,
+                                          DType, AttentionImpl))
 
 
 # The stacks of each family, in the order a packed row feeds them (model/families.py reads this).
@@ -94,7 +99,20 @@ class ModelConfig:
     max_len: int = 1024  # positions the model has (the longest sequence it reads)
     activation: Activation = "gelu_tanh"  # feed-forward nonlinearity: relu, gelu or gelu_tanh
     norm_position: NormPosition = "pre"  # LayerNorm before each sublayer (GPT-2) or after the residual add
-    positional: Positional = "learned"  # learned position embeddings or the fixed sinusoidal table
+    positional: Positional = "learned"  # learned position embeddings, the fixed sinusoidal table, or rotary (RoPE)
+    norm: Norm = "layernorm"  # LayerNorm, or RMSNorm (no mean, no bias: Llama)
+    # Grouped-query attention (Ainslie et al. 2023): this many key/value heads, each shared by
+    # num_heads // num_kv_heads query heads. None: one per query head (plain multi-head); 1: multi-query.
+    num_kv_heads: Optional[int] = None
+    rope_theta: float = 10000.0  # RoPE's base: pair i turns by pos / theta^(2i/head_dim) (Su et al. 2021)
+    # Llama 3.1's stretch of RoPE's slow frequencies for long contexts (model/rotary.py), and its four
+    # numbers, named as Hugging Face's rope_scaling dict names them (factor, low/high_freq_factor,
+    # original_max_position_embeddings).
+    rope_scaling: RopeScaling = "none"  # none, or llama3 (Llama 3.1's long-context frequency stretch)
+    rope_scaling_factor: float = 8.0  # llama3: slow frequencies are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_len / this are slow
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context length the model was pre-trained at
     tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani 3.4)
     type_vocab_size: int = 0  # BERT's segment (sentence A/B) embeddings; 0 = none
@@ -121,7 +139,9 @@ class ModelConfig:
             ("family", FAMILIES),
             ("activation", ACTIVATIONS),
             ("norm_position", NORM_POSITIONS),
+            ("norm", NORMS),
             ("positional", POSITIONAL),
+            ("rope_scaling", ROPE_SCALINGS),
             ("remat_policy", REMAT_POLICIES),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
@@ -139,6 +159,8 @@ class ModelConfig:
                 f"d_model={self.d_model} must be divisible by num_heads; "
                 f"pick a divisor of {self.d_model} (e.g. {near} heads of {self.d_model // near}).",
             )
+        self._check_kv_heads()
+        self._check_rope()
 
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
@@ -161,9 +183,47 @@ class ModelConfig:
                 not _count(self.num_valid_tokens) or not 0 < self.num_valid_tokens <= self.vocab_size):
             fail("num_valid_tokens", self.num_valid_tokens, f"use a count in 1..vocab_size={self.vocab_size}, or None.")
 
+    def _check_kv_heads(self) -> None:
+        kv = self.num_kv_heads
+        if kv is None:
+            return
+        if not _count(kv) or kv <= 0:
+            fail("num_kv_heads", kv, "use a positive integer (1: multi-query), or None for one per query head.")
+        if self.num_heads % kv:
+            groups = [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+            fail("num_kv_heads", kv, f"num_heads={self.num_heads} must be a multiple of it (each key/value head serves "
+                                     f"an equal group of query heads); choose one of {', '.join(map(str, groups))}.")
+
+    def _check_rope(self) -> None:
+        if not finite(self.rope_theta) or not self.rope_theta > 1:
+            fail("rope_theta", self.rope_theta, "use a base above 1, such as 10000 (Llama 2) or 500000 (Llama 3).")
+        if self.positional == "rope" and self.head_dim % 2:
+            fail("positional", "rope", f"rotary embeddings turn pairs of dimensions, so the head dimension d_model / "
+                                       f"num_heads = {self.head_dim} must be even; change d_model or num_heads.")
+        if self.rope_scaling == "none":
+            return
+        if self.positional != "rope":
+            fail("rope_scaling", self.rope_scaling, f"it scales rotary frequencies, but positional="
+                                                    f"{self.positional!r}; set positional=rope or rope_scaling=none.")
+        for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if not finite(value) or not value > 0:
+                fail(name, value, "use a positive number (Llama 3.1: factor 8, low 1, high 4).")
+        if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            fail("rope_high_freq_factor", self.rope_high_freq_factor,
+                 f"it must exceed rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4 and 1).")
+        if not _count(self.rope_original_max_len) or self.rope_original_max_len <= 0:
+            fail("rope_original_max_len", self.rope_original_max_len, "use the context length the model was "
+                                                                      "pre-trained at (Llama 3: 8192).")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or one per query head."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def has_decoder(self) -> bool:

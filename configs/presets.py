@@ -10,6 +10,14 @@ Sources (cited per preset below):
          lr 1e-4, 10k warmup, linear decay, 1M steps).
   Transformer: Vaswani et al. 2017, Table 3 (base/big shapes and 65M/213M params),
          Section 5.3 (eq. 3 schedule, warmup 4000), Section 5.1 (~25k+25k tokens a batch).
+  Llama 2: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models",
+         Table 1 (context 4k, GQA for 70B, lr, 2T tokens), Section 2.2 (AdamW 0.9/0.95,
+         eps 1e-5, cosine to 10%, 2000 warmup steps, wd 0.1, 4M-token batches); shapes and
+         exact parameter counts from the released checkpoints' config.json / model cards.
+  Llama 3: Llama Team 2024, "The Llama 3 Herd of Models", Table 3 (layers, widths, FFN,
+         heads, 8 KV heads, vocabulary 128k, RoPE base 500,000, lr) and Section 3.4.1
+         (405B: 4M-token batches at 4k, warmup 8000 steps, cosine); Llama 3.1's rope
+         scaling (factor 8, low 1, high 4, original 8192) from its released config.json.
 """
 
 from __future__ import annotations
@@ -256,6 +264,38 @@ class _TinyShape(TypedDict):
     scan_unroll: int
 
 
+def _llama(layers: int, d_model: int, heads: int, kv_heads: int, d_ff: int, vocab: int, max_len: int,
+           theta: float, scaled: bool = False) -> ModelConfig:
+    """Llama's decoder: RoPE, RMSNorm (eps 1e-5), SwiGLU, grouped-query attention, no biases,
+    untied output layer, no dropout."""
+    return ModelConfig(
+        family="decoder", vocab_size=vocab, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
+        num_layers=layers, d_ff=d_ff, max_len=max_len, activation="swiglu", norm_position="pre", norm="rmsnorm",
+        positional="rope", rope_theta=theta, rope_scaling="llama3" if scaled else "none", tie_embeddings=False,
+        use_bias=False, layer_norm_eps=1e-5, dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+def _llama_recipe(batch_tokens: int, lr: float, warmup_steps: int, decay_tokens: int, source: str) -> PaperRecipe:
+    # Llama 2 Section 2.2 and Llama 3 Section 3.4.1: AdamW 0.9/0.95, wd 0.1, cosine decay to 10% of peak
+    # (Llama 2 states eps 1e-5).
+    return PaperRecipe(batch_tokens=batch_tokens, peak_learning_rate=lr, schedule="cosine",
+                       warmup_tokens=warmup_steps * batch_tokens, decay_tokens=decay_tokens, adam_eps=1e-5,
+                       source=source)
+
+
+# (name, layers, d_model, heads, kv heads, d_ff, vocab, context, rope theta, llama3 scaling, lr, params)
+# Parameter counts: the released checkpoints' (Hugging Face model cards / safetensors index totals).
+_LLAMA_TABLE = [
+    ("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 1e4, False, 3.0e-4, 6_738_415_616),
+    ("llama2-13b", 40, 5120, 40, 40, 13824, 32000, 4096, 1e4, False, 3.0e-4, 13_015_864_320),
+    ("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 1e4, False, 1.5e-4, 68_976_648_192),
+    ("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 5e5, False, 3.0e-4, 8_030_261_248),
+    ("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, 5e5, False, 1.5e-4, 70_553_706_496),
+    # 405B exists only as Llama 3.1, whose released config scales RoPE for 128k contexts.
+    ("llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, 5e5, True, 8.0e-5, 405_853_388_800),
+]
+
+
 def _build() -> dict[str, Preset]:
     presets: dict[str, Preset] = {}
 
@@ -295,6 +335,17 @@ def _build() -> dict[str, Preset]:
                                         positional="sinusoidal", scale_embeddings=True,
                                         **tiny_2_layers),
         _TINY_RECIPE, None, "demo")
+    for name, layers, d, heads, kv, d_ff, vocab, context, theta, scaled, lr, params in _LLAMA_TABLE:
+        llama2 = name.startswith("llama2")
+        recipe = (_llama_recipe(4 * 2**20, lr, 2000, 2 * 10**12, "Llama 2 Table 1, Section 2.2") if llama2 else
+                  _llama_recipe(4 * 2**20, lr, 8000, 15 * 10**12, "Llama 3 Table 3, Section 3.4.1"))
+        add(name, _llama(layers, d, heads, kv, d_ff, vocab, context, theta, scaled), recipe, params,
+            "Touvron et al. 2023 (Llama 2), Table 1" if llama2 else "Llama Team 2024 (Llama 3), Table 3")
+    # The Llama options at gpt-tiny's size: 2 query heads sharing 1 key/value head (multi-query), an
+    # untied output layer and d_ff 368, so its parameters match gpt-tiny's within 0.3%.
+    add("llama-tiny", ModelConfig(family="decoder", activation="swiglu", norm_position="pre", norm="rmsnorm",
+                                  positional="rope", num_kv_heads=1, use_bias=False, tie_embeddings=False,
+                                  **{**tiny, "d_ff": 368}), _TINY_RECIPE, None, "demo")
     return presets
 
 

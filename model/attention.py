@@ -8,6 +8,12 @@ For each head h (d_k = d_model / num_heads):
     O_h = A_h V_h                                               weighted sum of values
     out = concat(O_1 .. O_H) W_o                                heads concatenated, projected
 X = Y gives self-attention; Y = the encoder output gives cross attention.
+Grouped-query attention (`num_kv_heads` = G < H; Ainslie et al. 2023): W_k and W_v
+have G heads, and key/value head g serves query heads g*H/G .. (g+1)*H/G - 1 (Hugging
+Face's repeat_kv order); G = 1 is multi-query attention (Shazeer 2019). Only G heads
+are projected and cached, so the KV cache shrinks by H/G.
+With rotary positions (rotary.py) Q and K are turned by their positions right after
+the projection, before K is cached.
 The mask arrives as structure (masks.AttentionMask: causal, segment ids) or, from the
 KV cache and hand-built callers, as a dense boolean array.
 `config.attention_impl` chooses how:
@@ -42,6 +48,7 @@ from .dropout import Dropout
 from .linear import Linear
 from .masks import AttentionMask, combine_masks
 from .params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
+from .rotary import Rotary, apply_rotary
 from .splash import splash_attention
 
 Mask = Optional[Union[AttentionMask, jnp.ndarray]]  # structure, or a dense [B or 1, 1, Tq, Tk] boolean array
@@ -69,9 +76,26 @@ def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Option
 
 
 def attention_params(config: ModelConfig) -> int:
-    """W_q, W_k, W_v, W_o, each [d_model, d_model] (heads side by side), and their biases."""
-    d = config.d_model
-    return 4 * d * d + 4 * d * int(config.use_bias)
+    """W_q and W_o [d_model, d_model] (heads side by side), W_k and W_v [d_model, kv_heads x d_k],
+    and their biases."""
+    d, kv = config.d_model, config.kv_heads * config.head_dim
+    return 2 * d * d + 2 * d * kv + (2 * d + 2 * kv) * int(config.use_bias)
+
+
+def qkv_width(config: ModelConfig) -> int:
+    """Output columns of W_q, W_k, W_v together: d_model for Q, kv_heads x d_k each for K and V."""
+    return config.d_model + 2 * config.kv_heads * config.head_dim
+
+
+def kv_cache_width(config: ModelConfig) -> int:
+    """Numbers the KV cache holds per token and layer: K and V of kv_heads heads (GQA's saving)."""
+    return 2 * config.kv_heads * config.head_dim
+
+
+def repeat_kv(x: jnp.ndarray, num_heads: int) -> jnp.ndarray:
+    """[B, T, G, d_k] -> [B, T, num_heads, d_k]: each key/value head copied for its group of queries."""
+    groups = num_heads // x.shape[2]
+    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -81,29 +105,42 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False  # autoregressive decoding: read and write the 'cache' collection
 
     @nn.compact
-    def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray, mask: Mask = None):
+    def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray, mask: Mask = None,
+                 rotary: Optional[Rotary] = None):
         cfg = self.config
-        heads, d_k = cfg.num_heads, cfg.head_dim
+        heads, kv_heads, d_k = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
-        def projection(name: str) -> Linear:
-            return Linear((cfg.d_model,), (heads, d_k), ("embed", "heads", "kv"), cfg.use_bias,
+        def projection(name: str, count: int) -> Linear:
+            # K/V heads fewer than the query heads get their own logical name: sharding/rules.py splits them
+            # over tensor only when they divide it.
+            axis = "heads" if count == heads else "kv_heads"
+            return Linear((cfg.d_model,), (count, d_k), ("embed", axis, "kv"), cfg.use_bias,
                           cfg.init_std, cfg.dtype, cfg.param_dtype, name=name)
 
-        q = constrain(projection("query")(inputs_q), HEADS_ACTIVATION)  # [B, Tq, H, d_k]
-        k = constrain(projection("key")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
-        v = constrain(projection("value")(inputs_kv), HEADS_ACTIVATION)  # [B, Tk, H, d_k]
+        grouped = kv_heads != heads
+        q = constrain(projection("query", heads)(inputs_q), HEADS_ACTIVATION)  # [B, Tq, H, d_k]
+        k = projection("key", kv_heads)(inputs_kv)  # [B, Tk, G, d_k]
+        v = projection("value", kv_heads)(inputs_kv)  # [B, Tk, G, d_k]
+        if not grouped:  # (fewer K/V heads than a tensor split keep the layout their weights give them)
+            k, v = constrain(k, HEADS_ACTIVATION), constrain(v, HEADS_ACTIVATION)
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if cfg.attention_impl == "splash" and isinstance(mask, AttentionMask) and not self.decode:
+            k, v = repeat_kv(k, heads), repeat_kv(v, heads)  # the kernel takes one K/V head per query head
             values = splash_attention(q, k, v, mask, cfg.dtype)  # the mask's structure, no [Tq, Tk] array
         else:
             if isinstance(mask, AttentionMask):
                 mask = mask.dense(q.shape[1], k.shape[1])
             if self.decode:
-                k, v, mask = self._cached_keys_values(k, v, mask)
+                k, v, mask = self._cached_keys_values(k, v, mask)  # the cache holds the G heads only
             if cfg.attention_impl in ("fused", "splash"):  # splash here: decoding against the cache
-                values = fused_attention(q, k, v, mask, cfg.dtype)
+                values = fused_attention(q, k, v, mask, cfg.dtype)  # jax groups the query heads itself
             else:
-                scores, weights = attention_weights(q, k, mask)
-                for name, value in (("q", q), ("k", k), ("v", v), ("scores", scores), ("weights", weights)):
+                for name, value in (("q", q), ("k", k), ("v", v)):  # K and V: their kv_heads heads
+                    self.sow("intermediates", name, value)
+                scores, weights = attention_weights(q, repeat_kv(k, heads), mask)
+                v = repeat_kv(v, heads)
+                for name, value in (("scores", scores), ("weights", weights)):
                     self.sow("intermediates", name, value)
                 weights = Dropout(cfg.attention_dropout_rate, self.deterministic)(weights)
                 values = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.dtype), v.astype(cfg.dtype))
@@ -121,7 +158,7 @@ class MultiHeadAttention(nn.Module):
                             ) -> tuple[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]]:
         """KV cache for decoding: write this call's K, V rows, attend over the whole cache.
 
-        Variables (collection 'cache'): cached_key, cached_value [B, S, H, d_k] and
+        Variables (collection 'cache'): cached_key, cached_value [B, S, G, d_k] (G = kv_heads) and
         cache_index [B], the number of filled slots per row. The cache length S is the
         sequence length `init` was called with (generate.init_cache: max_len by default).
         Each row writes its T new rows at slots cache_index[b] .. cache_index[b] + T - 1,

@@ -3,6 +3,9 @@
 tokens -> token embedding + learned positions -> dropout -> N x DecoderLayer
 (causal self-attention, no cross attention) -> final LayerNorm (pre-LN) ->
 logits over the vocabulary (tied to the token embedding).
+Llama is the same model with its options: rotary positions turning Q and K in each
+layer instead of a table added here, RMSNorm, SwiGLU, grouped-query attention, no
+biases and an untied output layer (configs/presets.py: llama-*).
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm, final_norm_params
+from .add_norm import final_norm_params, norm_layer
 from .dropout import Dropout
 from .embeddings import TokenEmbedding, token_table_params
 from .layers import DecoderLayer, decoder_layer_params
 from .masks import self_attention_mask
 from .output_head import OutputHead, unembedding_params
-from .positional import default_positions, position_table_params, positional_encoding
+from .positional import default_positions, embed_positions, position_table_params
 from .stack import LayerStack
-from .walk import captured, final_norm_stages, token_stages
+from .walk import captured, embedding_formula, final_norm_stages, token_stages
 
 
 def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
@@ -54,16 +57,15 @@ class DecoderOnlyLM(nn.Module):
         positions = default_positions(inputs) if positions is None else positions
         token_embedding = TokenEmbedding(cfg, name="token_embedding")
         tokens = token_embedding(inputs)
-        pos = positional_encoding(cfg, "position_embedding")(positions)
-        x = tokens + pos
+        x, rotary = embed_positions(cfg, tokens, positions, "position_embedding")
         self.sow("intermediates", "embeddings", x)
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
         mask = None if decode else self_attention_mask(segment_ids, causal=True)  # decoding: the cache masks
         stack = LayerStack(cfg, DecoderLayer, layer_kwargs=(("scaled_residual_init", True),), name="decoder")
-        x = stack(x, mask, deterministic=deterministic, decode=decode)
+        x = stack(x, mask, None, None, rotary, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
-            x = LayerNorm(cfg, name="final_norm")(x)
+            x = norm_layer(cfg, "final_norm")(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         shared = token_embedding if cfg.tie_embeddings else None
@@ -75,7 +77,8 @@ def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object
     tokens = captured(inter, "token_embedding", "__call__", 0)
     positions = captured(inter, "position_embedding", "__call__", 0)
     total = captured(inter, "embeddings", 0)
-    return token_stages(cfg, ids, tokens, positions, S) + [S("embeddings (sum)", "X = E[ids] + P", total)], total
+    formula = embedding_formula(cfg, "X = E[ids] + P")
+    return token_stages(cfg, ids, tokens, positions, S) + [S("embeddings (sum)", formula, total)], total
 
 
 def explain_head(cfg: ModelConfig, inter: dict, batch: int, length: int, S) -> list:

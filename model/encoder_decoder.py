@@ -16,16 +16,16 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm, final_norm_params
+from .add_norm import final_norm_params, norm_layer
 from .attention import Mask
 from .dropout import Dropout
 from .embeddings import TokenEmbedding, token_table_params
 from .layers import DecoderLayer, EncoderLayer, decoder_layer_params, encoder_layer_params
 from .masks import cross_attention_mask, self_attention_mask
 from .output_head import OutputHead, unembedding_params
-from .positional import default_positions, position_table_params, positional_encoding
+from .positional import default_positions, embed_positions, position_table_params, positional_encoding
 from .stack import LayerStack
-from .walk import add, captured, final_norm_stages, layer_output, token_stages
+from .walk import captured, embedding_sum, final_norm_stages, layer_output, token_stages
 
 
 def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
@@ -48,21 +48,21 @@ class EncoderDecoderLM(nn.Module):
         self.encoder = LayerStack(cfg, EncoderLayer)
         self.decoder = LayerStack(cfg, DecoderLayer, layer_kwargs=(("cross_attention", True),))
         if cfg.norm_position == "pre":
-            self.encoder_norm = LayerNorm(cfg)
-            self.decoder_norm = LayerNorm(cfg)
+            self.encoder_norm = norm_layer(cfg)
+            self.decoder_norm = norm_layer(cfg)
         self.output_head = OutputHead(cfg, self.shared_embedding if cfg.tie_embeddings else None)
 
     def _embed(self, ids, positions, deterministic):
         positions = default_positions(ids) if positions is None else positions
-        x = self.shared_embedding(ids) + self.positional(positions)
-        return self.dropout(x, deterministic=deterministic)
+        x, rotary = embed_positions(self.config, self.shared_embedding(ids), positions, None, self.positional)
+        return self.dropout(x, deterministic=deterministic), rotary
 
     def encode(self, encoder_inputs: jnp.ndarray, encoder_positions: Optional[jnp.ndarray] = None,
                encoder_segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
         """source ids [B, S] -> encoder output [B, S, d]."""
-        x = self._embed(encoder_inputs, encoder_positions, deterministic)
+        x, rotary = self._embed(encoder_inputs, encoder_positions, deterministic)
         mask = self_attention_mask(encoder_segment_ids, causal=False)
-        x = self.encoder(x, mask, deterministic=deterministic)
+        x = self.encoder(x, mask, rotary, deterministic=deterministic)
         return self.encoder_norm(x) if self.config.norm_position == "pre" else x
 
     def decode(self, encoded: jnp.ndarray, decoder_inputs: jnp.ndarray,
@@ -77,13 +77,13 @@ class EncoderDecoderLM(nn.Module):
         if decode and decoder_positions is None:
             raise ValueError("decode=True needs decoder_positions= ([B, T] positions of the new target "
                              "tokens); model/generate.py passes them.")
-        x = self._embed(decoder_inputs, decoder_positions, deterministic)
+        x, rotary = self._embed(decoder_inputs, decoder_positions, deterministic)
         self_mask = None if decode else self_attention_mask(decoder_segment_ids, causal=True)
         cross_structure = cross_attention_mask(None if decode else decoder_segment_ids, encoder_segment_ids)
         cross_mask: Mask = cross_structure
         if decode:  # a step's few queries: the dense path (attention_impl='splash' needs lengths of 128s)
             cross_mask = cross_structure.dense(decoder_inputs.shape[1], encoded.shape[1])
-        x = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
+        x = self.decoder(x, self_mask, encoded, cross_mask, rotary, deterministic=deterministic, decode=decode)
         if self.config.norm_position == "pre":
             x = self.decoder_norm(x)
         return self.output_head(x)
@@ -102,9 +102,10 @@ def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object
     encoder's output (the keys and values of cross attention) comes before its layer."""
     tokens = captured(inter, "shared_embedding", "__call__", 1)
     positions = captured(inter, "positional", "__call__", 1)
-    total = add(tokens, positions)  # the model adds these inline; the sum is not sown
+    # the model adds these inline; the sum is not sown
+    total, formula = embedding_sum(cfg, tokens, positions, "X = E[ids] + PE (dropout is off at inference)")
     stages = token_stages(cfg, ids, tokens, positions, S, note="; decoder input = [bos] + source[:-1]")
-    stages.append(S("embeddings (sum)", "X = E[ids] + PE (dropout is off at inference)", total))
+    stages.append(S("embeddings (sum)", formula, total))
     encoded = (captured(inter, "encoder_norm", "__call__", 0) if cfg.norm_position == "pre"
                else layer_output(inter, "encoder", cfg.num_layers - 1, cfg))
     stages.append(S("encoder output", f"{cfg.num_layers} encoder layers over the source "

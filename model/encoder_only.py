@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm, final_norm_params, norm_params
+from .add_norm import final_norm_params, norm_layer, norm_params
 from .dropout import Dropout
 from .embeddings import TokenEmbedding, token_table_params
 from .feed_forward import ACTIVATIONS
@@ -25,9 +25,9 @@ from .layers import EncoderLayer, encoder_layer_params
 from .linear import Linear
 from .masks import self_attention_mask
 from .output_head import OutputHead, unembedding_params
-from .positional import default_positions, position_table_params, positional_encoding
+from .positional import default_positions, embed_positions, position_table_params, positional_encoding
 from .stack import LayerStack
-from .walk import captured, token_stages
+from .walk import captured, embedding_formula, norm_name, token_stages
 
 
 def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
@@ -52,7 +52,7 @@ class MaskedLMHead(nn.Module):
         cfg = self.config
         h = Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), True, cfg.init_std, cfg.dtype,
                    cfg.param_dtype, name="transform")(hidden)
-        h = LayerNorm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
+        h = norm_layer(cfg, "transform_norm")(ACTIVATIONS[cfg.activation](h))
         return OutputHead(cfg, self.shared_embedding, use_bias=True, name="output_head")(h)
 
 
@@ -66,11 +66,11 @@ class EncoderOnlyLM(nn.Module):
         if cfg.type_vocab_size:
             self.token_type_embedding = TokenEmbedding(cfg, num_embeddings=cfg.type_vocab_size,
                                                        axes=("token_type", "embed"))
-        self.embedding_norm = LayerNorm(cfg)
+        self.embedding_norm = norm_layer(cfg)
         self.embedding_dropout = Dropout(cfg.dropout_rate)
         self.encoder = LayerStack(cfg, EncoderLayer)
         if cfg.norm_position == "pre":
-            self.final_norm = LayerNorm(cfg)
+            self.final_norm = norm_layer(cfg)
         self.pooler = Linear((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), True, cfg.init_std,
                              cfg.dtype, cfg.param_dtype)
         self.mlm_head = MaskedLMHead(cfg, self.token_embedding if cfg.tie_embeddings else None)
@@ -81,14 +81,14 @@ class EncoderOnlyLM(nn.Module):
         """inputs [B, T] -> (hidden states [B, T, d], pooled first-token vector [B, d])."""
         cfg = self.config
         positions = default_positions(inputs) if positions is None else positions
-        x = self.token_embedding(inputs) + self.position_embedding(positions)
+        x, rotary = embed_positions(cfg, self.token_embedding(inputs), positions, None, self.position_embedding)
         if cfg.type_vocab_size:
             types = jnp.zeros_like(inputs) if token_types is None else token_types
             x = x + self.token_type_embedding(types)
         self.sow("intermediates", "embeddings", x)
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
         mask = self_attention_mask(segment_ids, causal=False)
-        hidden = self.encoder(x, mask, deterministic=deterministic)
+        hidden = self.encoder(x, mask, rotary, deterministic=deterministic)
         if cfg.norm_position == "pre":
             hidden = self.final_norm(hidden)
         pooled = jnp.tanh(self.pooler(hidden[:, 0]))
@@ -111,13 +111,16 @@ def explain_prelude(cfg: ModelConfig, inter: dict, ids, S) -> tuple[list, object
     if cfg.type_vocab_size:
         stages.append(S("token type embeddings", "segment A/B table T[type]",
                         captured(inter, "token_type_embedding", "__call__", 0)))
-    stages.append(S("embeddings (sum)", "X = E[ids] + P + T", captured(inter, "embeddings", 0)))
+    formula = embedding_formula(cfg, "X = E[ids] + P")
+    stages.append(S("embeddings (sum)", formula + (" + T" if cfg.type_vocab_size else ""),
+                    captured(inter, "embeddings", 0)))
     normed = captured(inter, "embedding_norm", "__call__", 0)
-    stages.append(S("embedding LayerNorm", "LayerNorm(X): BERT normalizes the embedding sum", normed))
+    norm = norm_name(cfg)
+    stages.append(S(f"embedding {norm}", f"{norm}(X): BERT normalizes the embedding sum", normed))
     return stages, normed
 
 
 def explain_head(cfg: ModelConfig, inter: dict, batch: int, length: int, S) -> list:
     """BERT's prediction-head transform, between the last layer and the output layer."""
-    return [S("MLM transform", "LayerNorm(act(h W + b)): BERT's prediction-head transform",
+    return [S("MLM transform", f"{norm_name(cfg)}(act(h W + b)): BERT's prediction-head transform",
               captured(inter, "mlm_head", "transform_norm", "__call__", 0), 2 * batch * length * cfg.d_model ** 2)]

@@ -26,22 +26,22 @@ from flax import linen as nn
 from matrixmagic.configs import ModelConfig
 
 from .accounting import human
-from .add_norm import LayerNorm
+from .add_norm import NORMS
 from .build import abstract_variables, build_model, init_params
 from .embeddings import TokenEmbedding
 from .families import family_of
-from .feed_forward import FeedForward
+from .feed_forward import GATED, FeedForward, GatedFeedForward
 from .layers import DecoderLayer, EncoderLayer
 from .masks import self_attention_mask
 from .output_head import vocab_softmax
 from .positional import POSITIONAL_KINDS
-from .walk import Stage, add, captured, layer_output, layer_tree, stage
+from .walk import Stage, add, captured, layer_output, layer_tree, norm_name, stage
 
 # Above this many parameters, explain runs on shapes only (no weights allocated).
 MAX_MATERIALIZED_PARAMS = 200_000_000
 DEFAULT_TEXT = "Attention is all you need."
-_CAPTURED = (TokenEmbedding, *(kind.module for kind in POSITIONAL_KINDS.values()), LayerNorm, FeedForward,
-             EncoderLayer, DecoderLayer)
+_CAPTURED = (TokenEmbedding, *(kind.module for kind in POSITIONAL_KINDS.values()),
+             *(module for module, _ in NORMS.values()), FeedForward, GatedFeedForward, EncoderLayer, DecoderLayer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +112,23 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     """Q, K, V, scores, mask, weights, weighted values, concat, W_o, add & norm of one attention sublayer."""
     att = layer[kind]
     q, k, v = (captured(att, n, 0) for n in ("q", "k", "v"))
-    d, H, dk = cfg.d_model, cfg.num_heads, cfg.head_dim
+    d, H, G, dk = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     Tq, Tk = q.shape[1], k.shape[1]
+    norm = norm_name(cfg)
     stages = []
     if cfg.norm_position == "pre":
-        stages.append(S(f"{prefix}attention input (LayerNorm)", "pre-LN: LayerNorm(x) feeds Q, K, V",
+        stages.append(S(f"{prefix}attention input ({norm})", f"pre-LN: {norm}(x) feeds Q, K, V",
                         captured(layer, f"{kind}_norm", "__call__", 0)))
     src = "the encoder output" if kind == "cross_attention" else "X"
+    turned = kind == "self_attention" and not POSITIONAL_KINDS[cfg.positional].additive
+    rot = ("rotate(", ", pos) (RoPE: pairs (i, i + d_k/2) turned by pos w_i)") if turned else ("", "")
+    shared = (f"; {G} key/value head{'s' * (G > 1)} for {H} query heads, {H // G} queries per K/V head "
+              f"(grouped-query: attention repeats them)") if G != H else ""
     stages += [
-        S(f"{prefix}Q", "Q_h = X W_q[h] per head [B, T, d_k]", q, 2 * B * Tq * d * d, head_axis=2),
-        S(f"{prefix}K", f"K_h = {src} W_k[h] per head [B, T, d_k]", k, 2 * B * Tk * d * d, head_axis=2),
-        S(f"{prefix}V", f"V_h = {src} W_v[h] per head [B, T, d_k]", v, 2 * B * Tk * d * d, head_axis=2),
+        S(f"{prefix}Q", f"Q_h = {rot[0]}X W_q[h]{rot[1]} per head [B, T, d_k]", q, 2 * B * Tq * d * d, head_axis=2),
+        S(f"{prefix}K", f"K_g = {rot[0]}{src} W_k[g]{rot[1]} per head [B, T, d_k]{shared}", k,
+          2 * B * Tk * d * G * dk, head_axis=2),
+        S(f"{prefix}V", f"V_g = {src} W_v[g] per head [B, T, d_k]", v, 2 * B * Tk * d * G * dk, head_axis=2),
         S(f"{prefix}scores", "S_h = Q_h K_h^T / sqrt(d_k) [B, H, Tq, Tk], masked entries set to -1e9",
           captured(att, "scores", 0), 2 * B * H * Tq * Tk * dk),
     ]
@@ -141,10 +147,10 @@ def _attention_stages(cfg, layer, layer_input, mask, B, S, prefix="", kind="self
     name = f"add & norm ({kind.replace('_', ' ')})"
     if cfg.norm_position == "post":
         added = captured(layer, f"{kind}_norm", "__call__", 0)
-        stages.append(S(name, "LayerNorm(x + attention(x)) (post-LN)", added))
+        stages.append(S(name, f"{norm}(x + attention(x)) (post-LN)", added))
     else:  # pre-LN adds inline; the residual sum is not a module output
         added = add(layer_input, out)
-        stages.append(S(name, "x + attention(LayerNorm(x)) (pre-LN residual)", added))
+        stages.append(S(name, f"x + attention({norm}(x)) (pre-LN residual)", added))
     return stages, added
 
 
@@ -208,22 +214,38 @@ def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
         cross, x = _attention_stages(cfg, layer, x, None, B, S, prefix="cross ", kind="cross_attention")
         shown = {f"cross {part}" for part in ("Q", "K", "V", "attention weights", "output projection")}
         stages += [s for s in cross if s.name in shown] + [cross[-1]]
-    ffn = layer["feed_forward"]
-    if cfg.norm_position == "pre":
-        stages.append(S("FFN input (LayerNorm)", "pre-LN: LayerNorm(x) feeds the FFN",
-                        captured(layer, "feed_forward_norm", "__call__", 0)))
-    stages += [
-        S("FFN hidden", f"act(x W_1 + b_1), act = {cfg.activation} [B, T, d_ff]", captured(ffn, "activated", 0),
-          2 * B * T * d * f),
-        S("FFN output", "hidden W_2 + b_2 [B, T, d_model]", captured(ffn, "__call__", 0), 2 * B * T * f * d),
-        S("add & norm (FFN)", "LayerNorm(x + FFN(x))" if cfg.norm_position == "post" else "x + FFN(LayerNorm(x))",
-          layer_output(inter, stack, n, cfg), note=f"layer {n} output; {cfg.num_layers - n - 1} more layers follow"),
-    ]
+    stages += _ffn_stages(cfg, layer, inter, stack, n, B, T, S)
     stages += family.explain_head(cfg, inter, B, T, S)
     tied = "E^T (tied to the token embedding)" if cfg.tie_embeddings else "W_out"
     stages += [S("logits (final linear)", f"h {tied} [B, T, vocab]", logits, 2 * B * T * d * V),
                S("softmax over vocabulary", "p(next token) = softmax(logits) (float32)", probs)]
     return stages
+
+
+def _ffn_stages(cfg, layer, inter, stack, n, B, T, S) -> list:
+    """The FFN sublayer: its norm (pre-LN), hidden units (the gate first when gated), output, add & norm."""
+    d, f = cfg.d_model, cfg.d_ff
+    ffn, norm = layer["feed_forward"], norm_name(cfg)
+    stages = []
+    if cfg.norm_position == "pre":
+        stages.append(S(f"FFN input ({norm})", f"pre-LN: {norm}(x) feeds the FFN",
+                        captured(layer, "feed_forward_norm", "__call__", 0)))
+    if cfg.activation in GATED:
+        stages += [
+            S("FFN gate", "silu(x W_gate) [B, T, d_ff] (SwiGLU: a learned gate per hidden unit)",
+              captured(ffn, "gate_activated", 0), 2 * B * T * d * f),
+            S("FFN hidden", "silu(x W_gate) * (x W_up) [B, T, d_ff]", captured(ffn, "activated", 0),
+              2 * B * T * d * f),
+        ]
+    else:
+        stages.append(S("FFN hidden", f"act(x W_1 + b_1), act = {cfg.activation} [B, T, d_ff]",
+                        captured(ffn, "activated", 0), 2 * B * T * d * f))
+    down = "hidden W_down" if cfg.activation in GATED else "hidden W_2 + b_2"
+    return stages + [
+        S("FFN output", f"{down} [B, T, d_model]", captured(ffn, "__call__", 0), 2 * B * T * f * d),
+        S("add & norm (FFN)", f"{norm}(x + FFN(x))" if cfg.norm_position == "post" else f"x + FFN({norm}(x))",
+          layer_output(inter, stack, n, cfg), note=f"layer {n} output; {cfg.num_layers - n - 1} more layers follow"),
+    ]
 
 
 def _preview(stage: Stage, rows: int = 4, cols: int = 6) -> str:

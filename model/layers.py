@@ -4,7 +4,9 @@ EncoderLayer: self-attention (bidirectional) -> FFN. Used by BERT and by the
   encoder of the encoder-decoder.
 DecoderLayer: masked self-attention -> [cross attention to the encoder] -> FFN.
   Used by GPT (no cross attention) and by the encoder-decoder's decoder.
-Every sublayer is wrapped by `add_and_norm` (residual + LayerNorm, pre or post).
+Every sublayer is wrapped by `add_and_norm` (residual + norm, pre or post).
+`rotary` (positional=rope: the angles of rotary.py) turns the self-attention's
+queries and keys; cross attention relates two sequences and is not rotated.
 Layers return (x, None) so `nn.scan` can stack them.
 """
 
@@ -18,11 +20,12 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
-from .add_norm import LayerNorm, add_and_norm, norm_params
+from .add_norm import add_and_norm, norm_layer, norm_params
 from .attention import Mask, MultiHeadAttention, attention_params
 from .dropout import Dropout
-from .feed_forward import FeedForward, feed_forward_params
+from .feed_forward import feed_forward, feed_forward_params
 from .params import EMBED_ACTIVATION, constrain
+from .rotary import Rotary
 
 
 def residual_init_std(cfg: ModelConfig, scaled: bool) -> Optional[float]:
@@ -48,19 +51,19 @@ class _Layer(nn.Module):
 
     def sublayer(self, name: str, x: jnp.ndarray, fn) -> jnp.ndarray:
         cfg = self.config
-        norm = LayerNorm(cfg, name=f"{name}_norm")
+        norm = norm_layer(cfg, f"{name}_norm")
         dropout = Dropout(cfg.dropout_rate, self.deterministic)
         return constrain(add_and_norm(x, fn, norm, dropout, cfg.norm_position), EMBED_ACTIVATION)
 
 
 class EncoderLayer(_Layer):
     @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: Mask):
+    def __call__(self, x: jnp.ndarray, mask: Mask, rotary: Optional[Rotary] = None):
         cfg, det = self.config, self.deterministic
         residual_std = residual_init_std(cfg, self.scaled_residual_init)
         attention = MultiHeadAttention(cfg, det, residual_std, name="self_attention")
-        x = self.sublayer("self_attention", x, lambda h: attention(h, h, mask))
-        ffn = FeedForward(cfg, residual_std, name="feed_forward")
+        x = self.sublayer("self_attention", x, lambda h: attention(h, h, mask, rotary))
+        ffn = feed_forward(cfg, residual_std, "feed_forward")
         x = self.sublayer("feed_forward", x, ffn)
         return x, None
 
@@ -71,17 +74,17 @@ class DecoderLayer(_Layer):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, self_mask: Mask, encoded: Optional[jnp.ndarray] = None,
-                 cross_mask: Mask = None):
+                 cross_mask: Mask = None, rotary: Optional[Rotary] = None):
         cfg, det = self.config, self.deterministic
         residual_std = residual_init_std(cfg, self.scaled_residual_init)
         attention = MultiHeadAttention(cfg, det, residual_std, self.decode, name="self_attention")
-        x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask))
+        x = self.sublayer("self_attention", x, lambda h: attention(h, h, self_mask, rotary))
         if self.cross_attention:
             if encoded is None:  # the attention below would fail on None: say why instead
                 raise ValueError("a DecoderLayer with cross_attention=True needs encoded= (the encoder output)")
             # Queries from the decoder, keys and values from the encoder output.
             cross = MultiHeadAttention(cfg, det, name="cross_attention")
             x = self.sublayer("cross_attention", x, lambda h: cross(h, encoded, cross_mask))
-        ffn = FeedForward(cfg, residual_std, name="feed_forward")
+        ffn = feed_forward(cfg, residual_std, "feed_forward")
         x = self.sublayer("feed_forward", x, ffn)
         return x, None

@@ -103,9 +103,8 @@ def positional_picture(explanation, positions: int = 256, dims: int = 512
     cfg = explanation.config
     kind = positional_kind(cfg)
     if kind.fixed_table is not None:
-        return (kind.fixed_table(cfg)[:positions, :dims],
-                "embedding dimension i (even: sin, odd: cos)",
-                f"sinusoidal positional encoding PE[pos, i], d_model={cfg.d_model}")
+        return (kind.fixed_table(cfg)[:positions, :dims], kind.table_axis,
+                kind.table_title.format(d_model=cfg.d_model, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta))
     if explanation.shapes_only:
         return None
     table = np.asarray(explanation.stage("positional encodings").value)

@@ -1,16 +1,18 @@
 """Positional encodings: attention is order-blind, so each position gets a vector.
 
-Two kinds, both added element-wise to the token embeddings:
+Three kinds. Two are added element-wise to the token embeddings:
 - fixed sinusoids (Vaswani et al. 2017, section 3.5):
     PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d));
 - a learned [max_len, d_model] table (GPT-2/3, BERT).
-Both take explicit positions, so packed documents can restart at 0.
+The third, rotary (rotary.py: Llama), adds nothing: it turns queries and keys inside
+every self-attention sublayer, so `embed_positions` hands its angles to the layers.
+All take explicit positions, so packed documents can restart at 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from matrixmagic.configs import ModelConfig
 from matrixmagic.configs.model_config import POSITIONAL
 
 from .params import EMBED_ACTIVATION, constrain, logical_param, normal
+from .rotary import Rotary, RotaryEmbedding, rope_frequencies
 
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> np.ndarray:
@@ -62,6 +65,9 @@ class PositionalKind:
     learned_rows: Callable[[ModelConfig], int]  # rows of its trained [rows, d_model] table (0: no weights)
     formula: str  # how explain shows it
     fixed_table: Optional[Callable[[ModelConfig], np.ndarray]] = None  # a table known without weights
+    additive: bool = True  # added to the token embeddings (else: rotary angles for the attention sublayers)
+    table_axis: str = ""  # the fixed table's column meaning and its picture's title (model/plots.py)
+    table_title: str = ""
 
 
 POSITIONAL_KINDS: dict[str, PositionalKind] = {
@@ -69,7 +75,14 @@ POSITIONAL_KINDS: dict[str, PositionalKind] = {
                               "learned table P[pos], [max_len, d_model]"),
     "sinusoidal": PositionalKind(SinusoidalPositionalEncoding, lambda cfg: 0,
                                  "sinusoids PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)",
-                                 lambda cfg: sinusoidal_encoding(cfg.max_len, cfg.d_model)),
+                                 lambda cfg: sinusoidal_encoding(cfg.max_len, cfg.d_model),
+                                 table_axis="embedding dimension i (even: sin, odd: cos)",
+                                 table_title="sinusoidal positional encoding PE[pos, i], d_model={d_model}"),
+    "rope": PositionalKind(RotaryEmbedding, lambda cfg: 0,
+                           "rotary: Q and K pairs (i, i + d_k/2) turned by pos * theta^(-2i/d_k) in every self-attention",
+                           lambda cfg: np.cos(np.arange(cfg.max_len)[:, None] * rope_frequencies(cfg)),
+                           additive=False, table_axis="rotated pair i (frequency theta^(-2i/d_k), fast to slow)",
+                           table_title="rotary angles cos(pos * w_i), head_dim={head_dim}, theta={rope_theta:g}"),
 }
 
 
@@ -84,6 +97,17 @@ def position_table_params(config: ModelConfig) -> int:
 
 def positional_encoding(config: ModelConfig, name: Optional[str]) -> nn.Module:
     return positional_kind(config).module(config, name=name)
+
+
+def embed_positions(config: ModelConfig, tokens: jnp.ndarray, positions: jnp.ndarray, name: Optional[str],
+                    module: Optional[nn.Module] = None) -> tuple[jnp.ndarray, Optional[Rotary]]:
+    """(the stack's input, the rotary angles or None): token embeddings plus the position
+    vectors of an additive kind, or the tokens alone and the angles for attention (rope).
+    `module`: an already built positional module (setup-style models), else one named `name`."""
+    encoded: Union[jnp.ndarray, Rotary] = (module or positional_encoding(config, name))(positions)
+    if positional_kind(config).additive:
+        return tokens + encoded, None
+    return tokens, encoded
 
 
 def default_positions(ids: jnp.ndarray) -> jnp.ndarray:

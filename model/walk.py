@@ -17,7 +17,9 @@ import numpy as np
 
 from matrixmagic.configs import ModelConfig
 
+from .add_norm import NORMS
 from .positional import positional_kind
+from .rotary import Rotary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +80,39 @@ def layer_output(inter, stack, n, config):
     return captured(layer_tree(inter, stack, n, config), "__call__", 0, 0)
 
 
+def norm_name(cfg: ModelConfig) -> str:
+    """'LayerNorm' or 'RMSNorm': what the formulas call the model's normalization."""
+    return NORMS[cfg.norm][0].__name__
+
+
 def token_stages(cfg: ModelConfig, ids, tokens, positions, S, note: str = "") -> list:
-    """The first three stages every family shows: ids, their embedding rows, the positions' vectors."""
+    """The first three stages every family shows: ids, their embedding rows, the positions' vectors
+    (rotary positions: the cosines of their angles, [B, T, d_k / 2])."""
     scale = " x sqrt(d_model)" if cfg.scale_embeddings else ""
+    shown = positions.cos if isinstance(positions, Rotary) else positions
     return [
         S("tokens", f"ids [B, T]: token ids, rows 0..{cfg.vocab_size - 1} of the table{note}", ids),
         S("token embeddings", f"E[ids]{scale}: rows of the [vocab, d_model] table (a lookup, no matmul)", tokens),
-        S("positional encodings", positional_kind(cfg).formula, positions),
+        S("positional encodings", positional_kind(cfg).formula, shown),
     ]
 
 
+def embedding_sum(cfg: ModelConfig, tokens, positions, formula: str) -> tuple[Any, str]:
+    """The stack's input and its formula: tokens + positions, or the tokens alone when the
+    positions rotate Q and K inside attention instead (rope)."""
+    if positional_kind(cfg).additive:
+        return add(tokens, positions), formula
+    return tokens, "X = E[ids] (rotary positions add nothing here: they turn Q and K in every layer)"
+
+
+def embedding_formula(cfg: ModelConfig, formula: str) -> str:
+    """`formula` for models whose positions are added, else what rope's embedding stage is."""
+    return embedding_sum(cfg, None, None, formula)[1] if not positional_kind(cfg).additive else formula
+
+
 def final_norm_stages(cfg: ModelConfig, inter: dict, name: str, S) -> list:
-    """A pre-LN stack's closing LayerNorm, when it has one."""
+    """A pre-LN stack's closing norm, when it has one."""
     if cfg.norm_position != "pre":
         return []
-    return [S("final LayerNorm", "pre-LN stacks end with one more LayerNorm", captured(inter, name, "__call__", 0))]
+    norm = norm_name(cfg)
+    return [S(f"final {norm}", f"pre-LN stacks end with one more {norm}", captured(inter, name, "__call__", 0))]

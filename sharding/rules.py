@@ -54,6 +54,9 @@ def layout_rules(layout: str) -> Rules:
         # weights
         ("vocab", tensor),
         ("heads", tensor),
+        # grouped-query K/V heads (model/attention.py); when they do not divide tensor, validate.py says to
+        # replicate them ('kv_heads=none'): every tensor shard then projects all of them, as Megatron does
+        ("kv_heads", tensor),
         ("mlp", tensor),
         ("embed", fsdp),
         ("kv", None),

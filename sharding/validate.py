@@ -25,6 +25,8 @@ def model_dims(model) -> dict[str, tuple[str, int]]:
         "position": ("model.max_len", model.max_len),
         "layers": ("model.num_layers", model.num_layers),
     }
+    if model.kv_heads != model.num_heads:
+        dims["kv_heads"] = ("model.num_kv_heads", model.kv_heads)
     if model.type_vocab_size:
         dims["token_type"] = ("model.type_vocab_size", model.type_vocab_size)
     return dims
@@ -57,8 +59,11 @@ def check_model(model, sizes: dict[str, int], rules, layout: str) -> None:
         axes = mesh_axes_of(name, rules)
         ways = math.prod(sizes[a] for a in axes)
         if ways > 1 and size % ways:
-            hint = (" The training loop pads the byte/sentencepiece vocabulary to a multiple of 128, so a tensor "
-                    "size dividing 128 always fits." if name == "vocab" else "")
+            hint = {"vocab": " The training loop pads the byte/sentencepiece vocabulary to a multiple of 128, so a "
+                             "tensor size dividing 128 always fits.",
+                    "kv_heads": " Or keep every key/value head on each tensor shard (each then projects all "
+                                "of them; the query heads stay split): --set mesh.rules_override=kv_heads=none."
+                    }.get(name, "")
             raise ConfigError(f"{field}={size} is not divisible by {' x '.join(axes)} = {ways} (layout {layout!r} "
                               f"splits '{name}' over {'+'.join(axes)}): choose a mesh size dividing {size}, or "
                               f"change {field.split(' ')[0]}.{hint}")

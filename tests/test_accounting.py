@@ -41,16 +41,19 @@ def expected_params(cfg) -> tuple[int, int]:
     """(model, MLM head) from the architecture, written independently of model/accounting.py.
 
     Every Linear is x W + b (b only when use_bias; BERT's pooler and MLM transform always
-    have one); every LayerNorm has a scale and a bias of d_model each.
+    have one); every LayerNorm has a scale and a bias of d_model each, an RMSNorm a scale;
+    grouped-query K and V project to num_kv_heads heads of d_model / num_heads; SwiGLU has
+    a gate beside its two matrices; rotary positions have no weights.
     """
     d, f, vocab, layers = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_layers
+    kv = (cfg.num_kv_heads or cfg.num_heads) * (d // cfg.num_heads)
 
     def linear(n_in, n_out, bias=cfg.use_bias):
         return n_in * n_out + (n_out if bias else 0)
 
-    layer_norm = 2 * d
-    attention = linear(d, d) * 4  # W_q, W_k, W_v, W_o
-    ffn = linear(d, f) + linear(f, d)
+    layer_norm = d if cfg.norm == "rmsnorm" else 2 * d
+    attention = 2 * linear(d, d) + 2 * linear(d, kv)  # W_q, W_o; W_k, W_v
+    ffn = linear(d, f) + linear(f, d) + (linear(d, f) if cfg.activation == "swiglu" else 0)
     token_table = vocab * d
     positions = cfg.max_len * d if cfg.positional == "learned" else 0
     final_norm = layer_norm if cfg.norm_position == "pre" else 0
@@ -79,6 +82,14 @@ EXACT = {
     "gpt2-xl": 1_557_611_200,
     "bert-base": 109_482_240,
     "bert-large": 335_141_888,
+    # Llama: the released checkpoints (Llama 2 7B and Llama 3 8B as their model cards print them; the
+    # others: model.safetensors.index.json's total_size of the bf16 weights / 2 bytes)
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3-405b": 405_853_388_800,
 }
 # Brown et al. 2020, Table D.1 ("Total Params")
 GPT3_TABLE_D1 = {
@@ -155,6 +166,12 @@ VARIANTS = {
     "post_ln": dict(norm_position="post"),
     "no_token_types": dict(type_vocab_size=0),
     "untied_no_bias_pre_ln": dict(tie_embeddings=False, use_bias=False, norm_position="pre"),
+    "rope": dict(positional="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(activation="swiglu"),
+    "multi_query": dict(num_kv_heads=1),
+    "llama_options": dict(positional="rope", norm="rmsnorm", activation="swiglu", num_kv_heads=1, use_bias=False,
+                          tie_embeddings=False),
 }
 
 
@@ -184,6 +201,11 @@ def test_variants_change_the_count_by_the_expected_amount():
     assert base - tree_total(cfg.replace(positional="sinusoidal")) == max_len * d
     assert base - tree_total(cfg.replace(use_bias=False)) == layers * (4 * d + d_ff + d)
     assert base - tree_total(cfg.replace(norm_position="post")) == 2 * d  # the final LayerNorm
+    # gpt-tiny has 2 heads of 64: one K/V head halves W_k and W_v (and their biases)
+    assert base - tree_total(cfg.replace(num_kv_heads=1)) == layers * 2 * (d * 64 + 64)
+    assert tree_total(cfg.replace(activation="swiglu")) - base == layers * (d * d_ff + d_ff)  # W_gate and its bias
+    assert base - tree_total(cfg.replace(norm="rmsnorm")) == (2 * layers + 1) * d  # every norm loses its bias
+    assert base - tree_total(cfg.replace(positional="rope")) == max_len * d  # no table
 
 
 # ---------------------------------------------------------------- breakdown

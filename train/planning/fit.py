@@ -11,7 +11,7 @@ What is counted, per device:
             logits and their gradient (split out here, 8 bytes per token per vocab row / t).
   generate  the params, the unrolled copy the decoding loop reads (model/generate.py
             model/generate.holds_unrolled_copy), the KV cache (K and V per layer,
-            [B, cache, d_model] in the compute dtype) and the prefill's float32 logits.
+            [B, cache, kv_heads x head_dim] in the compute dtype) and the prefill's float32 logits.
   explain   the params and one forward pass with every intermediate kept (the walk
             reads them all): per layer ~ 10 d_model + 2 d_ff floats per token plus
             3 [T, T] score-sized arrays per head, and the logits and probabilities.
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from matrixmagic.configs import ConfigError, ModelConfig
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import closed_form_params
+from matrixmagic.model.attention import kv_cache_width
 from matrixmagic.model.families import family_of
 from matrixmagic.model.generate import holds_unrolled_copy
 
@@ -112,7 +113,7 @@ def generation_parts(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: i
     if holds_unrolled_copy(cfg):
         parts["unrolled copy of the params"] = parts["params"]
     if cfg.has_decoder:
-        parts["KV cache"] = 2 * cfg.num_layers * batch * cache_len * cfg.d_model * DTYPE_BYTES[cfg.dtype]
+        parts["KV cache"] = cfg.num_layers * batch * cache_len * kv_cache_width(cfg) * DTYPE_BYTES[cfg.dtype]
     parts["logits (float32)"] = 4 * batch * prompt_len * cfg.vocab_size
     return parts
 

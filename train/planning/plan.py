@@ -34,6 +34,8 @@ from matrixmagic.configs import get_preset
 from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
+from matrixmagic.model.attention import qkv_width
+from matrixmagic.model.feed_forward import up_width
 from matrixmagic.model.families import family_of
 from matrixmagic.sharding.mesh import AXES, axis_sizes
 
@@ -72,7 +74,7 @@ def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
     # on CPU keeps twice the bytes). The score terms are already float32 in this code.
     working = c / 2 * h * (10 + 24 / tensor) + 11 * a * row / tensor
     if cfg.remat_policy == "save_dots":
-        return c * (2 * h + 4 * h / tensor + cfg.d_ff / tensor) + 4 * a * row / tensor
+        return c * (2 * h + 4 * h / tensor + up_width(cfg) / tensor) + 4 * a * row / tensor
     if cfg.remat_policy in ("full", "save_dots_no_batch"):
         return c * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
     return working
@@ -126,12 +128,13 @@ def recompute_flops_per_token(cfg, seq_len: int) -> float:
     FFN up-projection (read by the activation's gradient). The attention output
     projection and the FFN down-projection only need their inputs, so XLA drops
     their recomputation as dead code: 6h^2 + 2 h d_ff + 4 S h, not the whole
-    forward (for GPT-3 shapes 14h^2 of 24h^2 per layer)."""
+    forward (for GPT-3 shapes 14h^2 of 24h^2 per layer). Grouped-query K/V and a gated
+    FFN change the first two terms: 2 h (Q + K + V columns) and 2 h (W_gate + W_up columns)."""
     if cfg.remat_policy not in ("full", "save_dots_no_batch"):
         return 0.0
     h = cfg.d_model
     ffns = family_of(cfg).ffn_sublayers * cfg.num_layers
-    return attention_layers(cfg) * (6 * h * h + 4 * seq_len * h) + ffns * 2 * h * cfg.d_ff
+    return attention_layers(cfg) * (2 * h * qkv_width(cfg) + 4 * seq_len * h) + ffns * 2 * h * up_width(cfg)
 
 
 def step_time(model_flops: float, devices: int, peak: float, mfu: float) -> float:
