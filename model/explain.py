@@ -201,7 +201,7 @@ def explain(config: ModelConfig, params=None, ids=None, layer: int = 0, batch: i
 
 def _stages(cfg, ids, logits, inter, probs, mask, n, shapes_only) -> list:
     B, T = ids.shape
-    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    d, V = cfg.d_model, cfg.vocab_size
     S = functools.partial(stage, shapes_only=shapes_only)
     family = family_of(cfg)
     stack = family.sides[-1]  # the stack the logits come from: the decoder, or BERT's encoder

@@ -35,8 +35,8 @@ from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
 from matrixmagic.model.attention import qkv_width
-from matrixmagic.model.feed_forward import up_width
 from matrixmagic.model.families import family_of
+from matrixmagic.model.feed_forward import up_width
 from matrixmagic.sharding.mesh import AXES, axis_sizes
 
 from .chips import GiB, Target
