@@ -42,7 +42,7 @@ def packed_batch(preset: str, seq_len: int = 16, batch: int = 3) -> dict:
     return family.make_batch(rows, TOK, seq_len)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny", "llama-tiny"])
 def test_fused_equals_matrices_forward_and_gradients(preset):
     matrices, fused = configs(preset)
     assert fused.attention_impl == "fused" and matrices.attention_impl == "matrices"

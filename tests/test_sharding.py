@@ -55,6 +55,19 @@ def test_every_layout_matches_one_device():
     assert "Involuntary full rematerialization" not in stderr
 
 
+def test_llama_options_on_every_split_match_one_device():
+    """RoPE + RMSNorm + SwiGLU + 2 K/V heads for 4 query heads: K/V heads split over tensor=2, and
+    replicated (rules_override kv_heads=none) under tensor=4, which they cannot divide."""
+    result, _ = run_worker("llama_equivalence")
+    for name, got in result["layouts"].items():
+        for a, b in zip(got["losses"], result["reference"]):
+            assert abs(a - b) <= LOSS_RTOL * abs(b), (name, got["losses"], result["reference"])
+        assert got["param_excess"] <= 1.0, (name, got)
+    assert result["key_specs"] == {"fsdp4xtp2": [None, "fsdp", "tensor", None],
+                                   "dp2xtp4_kv_replicated": [None, None, None, None]}
+    assert result["query_specs"]["dp2xtp4_kv_replicated"] == [None, None, "tensor", None]
+
+
 def test_param_shardings_follow_the_rules():
     specs, _ = run_worker("specs")
     fsdp = specs["fsdp-8"]
@@ -297,6 +310,36 @@ def _worker_equivalence() -> dict:
             "param_excess": max(float(np.max(np.abs(p - r) / (PARAM_ATOL + PARAM_RTOL * np.abs(r)))) for p, r in pairs),
         }
     return {"reference": reference, "layouts": layouts}
+
+
+LLAMA_LAYOUTS = {"fsdp4xtp2": ("fsdp+tp", dict(data=1, fsdp=4, tensor=2), ""),
+                 "dp2xtp4_kv_replicated": ("tp", dict(data=2, tensor=4), "kv_heads=none")}
+
+
+def _llama_config(layout="dp", override="", **mesh):
+    config = _config(layout, **mesh)
+    model = config.model.replace(positional="rope", norm="rmsnorm", activation="swiglu", num_kv_heads=2,
+                                 use_bias=False, tie_embeddings=False)
+    return dataclasses.replace(config, model=model, mesh=dataclasses.replace(config.mesh, rules_override=override))
+
+
+def _worker_llama_equivalence() -> dict:
+    import jax
+    import numpy as np
+
+    reference, ref_params = _train(_llama_config(), jax.devices()[:1])
+    layouts, key_specs, query_specs = {}, {}, {}
+    for name, (layout, mesh, override) in LLAMA_LAYOUTS.items():
+        config = _llama_config(layout, override, **mesh)
+        losses, params = _train(config)
+        pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+        layouts[name] = {"losses": losses, "param_excess": max(
+            float(np.max(np.abs(p - r) / (PARAM_ATOL + PARAM_RTOL * np.abs(r)))) for p, r in pairs)}
+        run = _run_for(config)
+        specs = _named_specs(run.state_shardings.params, run.abstract_state.params)
+        key_specs[name] = specs["decoder/layers/self_attention/key/kernel"]
+        query_specs[name] = specs["decoder/layers/self_attention/query/kernel"]
+    return {"reference": reference, "layouts": layouts, "key_specs": key_specs, "query_specs": query_specs}
 
 
 def _named_specs(shardings, abstract) -> dict:

@@ -67,7 +67,7 @@ def configs(preset: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "transformer-tiny", "llama-tiny"])
 def test_splash_equals_matrices_forward_and_gradients(preset):
     """Causal + segments + padding (GPT), bidirectional (BERT), and encoder-decoder self and
     cross attention by segment ids."""

@@ -132,6 +132,16 @@ CASES = [
          r"eval\.tasks=.*a BERT-style encoder gives no left-to-right likelihood", "24"),
     Case("eval.text that does not exist", ("train", "--set", "eval.text={tmp}/nope", "--set", "data.source={corpus}",
                                            "--set", "data.data_dir={data}"), r"--text .*nope' does not exist", "24"),
+    # issue 26: the Llama options
+    Case("num_kv_heads not dividing the heads", ("train", "--preset", "llama-tiny", "--set", "model.num_kv_heads=3"),
+         r"num_kv_heads=3 is invalid: num_heads=2 must be a multiple of it.*choose one of 1, 2", "26"),
+    Case("rope with an odd head dimension", ("train", "--preset", "llama-tiny", "--set", "model.num_heads=128"),
+         r"positional='rope' is invalid: .* the head dimension d_model / num_heads = 1 must be even", "26"),
+    Case("unknown rope scaling", ("train", "--preset", "llama-tiny", "--set", "model.rope_scaling=yarn"),
+         r"model\.rope_scaling=yarn'?: model\.rope_scaling must be one of none, llama3", "26"),
+    Case("kv heads not dividing tensor", ("compile", "--preset", "llama-tiny", "--topology", "v5p-8",
+                                          "--mesh", "fsdp=2,tensor=2"),
+         r"model\.num_kv_heads=1 is not divisible by tensor = 2.*mesh\.rules_override=kv_heads=none", "26"),
 ]
 
 
