@@ -151,4 +151,6 @@ def copy_tokenizer(source_json: str, directory: str, model_type: str, max_len: i
     storage.write_bytes(storage.join(directory, TOKENIZER_FILE), storage.read_bytes(source_json))
     config = _read_config(storage.parent(source_json), model_type)
     config.setdefault("tokenizer_class", DEFAULT_CONFIG[model_type]["tokenizer_class"])
+    if config["tokenizer_class"] == "TokenizersBackend":  # transformers 5's name; 4.x knows the same class as
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # this one, which 5 still reads
     _write_config(directory, {**config, "model_max_length": max_len})
