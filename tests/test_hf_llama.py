@@ -161,7 +161,7 @@ def test_exported_config_json_is_the_fixtures_and_translates_back_to_the_same_mo
 def test_config_translation_round_trips_every_llama_preset(preset):
     model = PRESETS[preset].model
     back = model_config_from_hf(hf_config_from_model(model, "LlamaForCausalLM", model.vocab_size, "float32"))
-    assert back.model == model.replace(init_std=back.model.init_std)
+    assert back.model == model.replace(init_std=back.model.init_std, scan_unroll=1)  # unroll: the run's choice
     assert back.model_type == "llama" and preset_for(back.model_type, back.model) == preset
 
 
