@@ -23,6 +23,7 @@ from typing import Optional, cast
 
 from matrixmagic.configs import ModelConfig
 from matrixmagic.configs.model_config import DType, suggest
+from matrixmagic.configs.model_config import Family as FamilyName
 from matrixmagic.model.families import FAMILY_RECORDS, family_of
 
 from .errors import HFError
@@ -41,7 +42,7 @@ LLAMA_OPTIONS = {"positional": "rope", "norm": "rmsnorm", "activation": "swiglu"
                  "scale_embeddings": False}
 # model_type -> our family: the family records' own hf_model_type (model/families.py: the decoder's
 # is gpt2, its default) and the Llama-shaped decoders.
-FAMILY_OF = {**{f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type},
+FAMILY_OF: dict[str, FamilyName] = {**{f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type},
              **{t: "decoder" for t in LLAMA_TYPES}}
 assert set(FAMILY_OF) == set(ARCHITECTURES), "each exported model_type needs its architectures here"
 # HF activation names (transformers.activations.ACT2FN) -> ours. gelu_new, gelu_fast and

@@ -20,14 +20,14 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 from .. import storage
 from .errors import HFError
 
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 # What transformers' GPT2Tokenizer and BertTokenizer default to when tokenizer_config.json is absent.
-DEFAULT_CONFIG = {
+DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
     "gpt2": {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
              "unk_token": "<|endoftext|>", "add_prefix_space": False},
     "bert": {"tokenizer_class": "BertTokenizer", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
