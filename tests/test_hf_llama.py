@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,12 @@ from matrixmagic.configs import PRESETS, ModelConfig
 from matrixmagic.model.attention import MASK_VALUE
 from matrixmagic.model.build import build_model
 from matrixmagic.model.generate import Sampling, generate
-from matrixmagic.train.data.tokenizers import prompt_start
+from matrixmagic.train.data.tokenizers import HFTokenizer, prompt_start
 from matrixmagic.train.hf.api import export_hf, import_hf, preset_for
 from matrixmagic.train.hf.config import exportable, hf_config_from_model, model_config_from_hf
 from matrixmagic.train.hf.errors import HFError
 from matrixmagic.train.hf.tensorfile import read_checkpoint
+from matrixmagic.train.hf.tokenizer import find_tokenizer, write_tokenizer
 from matrixmagic.train.integrity import flat_by_name
 from matrixmagic.train.reading import read_run
 from matrixmagic.train.run import load_run
@@ -42,6 +44,13 @@ FIXTURE_NAMES = ("llama", "llama3_scaled")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("imported")
     return {name: import_hf(os.path.join(FIXTURES, name), str(root / name)).path for name in FIXTURE_NAMES}
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict:
+    """Each imported fixture exported once (LlamaForCausalLM, float32), for the tests that read it."""
+    root = tmp_path_factory.mktemp("exported")
+    return {name: export_hf(run, str(root / name)).path for name, run in runs.items()}
 
 
 @pytest.fixture()
@@ -111,8 +120,8 @@ def test_magic_generate_starts_a_prompt_with_begin_of_text_as_transformers_does(
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_export_reproduces_the_checkpoint_bit_for_bit_and_reimports_bit_exactly(runs, name, tmp_path):
-    out = export_hf(runs[name], str(tmp_path / "out")).path
+def test_export_reproduces_the_checkpoint_bit_for_bit_and_reimports_bit_exactly(runs, exports, name, tmp_path):
+    out = exports[name]
     original, exported = tensors(os.path.join(FIXTURES, name)), tensors(out)
     assert exported.keys() == original.keys()
     for key, value in original.items():
@@ -126,18 +135,19 @@ def test_export_reproduces_the_checkpoint_bit_for_bit_and_reimports_bit_exactly(
 @pytest.mark.parametrize("entry,source,architecture", [
     ("LlamaForCausalLM", "llama", None), ("LlamaModel", "llama", "LlamaModel"),
     ("llama3_scaled/LlamaForCausalLM", "llama3_scaled", None)])  # tied: no lm_head.weight; biases
-def test_export_writes_exactly_the_names_and_shapes_save_pretrained_writes(runs, entry, source, architecture,
-                                                                           tmp_path):
+def test_export_writes_exactly_the_names_and_shapes_save_pretrained_writes(runs, exports, entry, source,
+                                                                           architecture, tmp_path):
     expected = keys()[entry]
     assert expected["loaded"] == {"missing_keys": [], "unexpected_keys": []}, "what transformers reported loading them"
-    out = export_hf(runs[source], str(tmp_path / "out"), architecture=architecture).path
+    out = export_hf(runs[source], str(tmp_path / "out"), architecture=architecture).path if architecture else \
+        exports[source]
     written = {name: list(info.shape) for name, info in read_checkpoint(out).items()}
     assert written == expected["saved"]
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_exported_config_json_is_the_fixtures_and_translates_back_to_the_same_model(runs, name, tmp_path):
-    out = export_hf(runs[name], str(tmp_path / "out")).path
+def test_exported_config_json_is_the_fixtures_and_translates_back_to_the_same_model(runs, exports, name):
+    out = exports[name]
     with open(os.path.join(FIXTURES, name, "config.json")) as f:
         theirs = json.load(f)
     with open(os.path.join(out, "config.json")) as f:
@@ -219,7 +229,8 @@ def test_qwen2_is_refused_for_its_attention_biases(tmp_path, no_reads):
 
 
 def test_a_llama_tokenizer_json_without_tokenizer_config_takes_its_roles_from_the_vocabulary(tmp_path):
-    source = variant("llama", str(tmp_path / "src"))
-    os.remove(os.path.join(source, "tokenizer_config.json"))
-    _, tokenizer = read_run(import_hf(source, str(tmp_path / "run")).path)
+    shutil.copy(os.path.join(FIXTURES, "llama", "tokenizer.json"), tmp_path)  # and no tokenizer_config.json
+    tok, config = find_tokenizer(str(tmp_path), "llama")
+    assert (config["bos_token"], config["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+    tokenizer = HFTokenizer(write_tokenizer(tok, config, str(tmp_path / "run"), 128)).as_imported()
     assert (tokenizer.bos_id, tokenizer.eot_id, tuple(prompt_start(tokenizer))) == (318, 319, (318,))
