@@ -6,9 +6,11 @@ GELU, a pooler and the masked-LM head; Llama (and Mistral without a sliding wind
 same network) is our decoder with pre-RMSNorm, RoPE (Llama 3's scaling or none), SwiGLU,
 grouped-query attention, usually no biases and an untied head. Qwen2 is recognized to be
 refused: its attention has q/k/v biases but no o_proj bias, which one `use_bias` cannot say.
-Which of gpt2 and llama a decoder exports as follows its options (`exportable`). Every HF field that changes the forward pass
-either maps to a field of ours or, when we cannot express it, is an error naming the
-field, its value and what we support (before any tensor is read). Fields that only
+Which of gpt2 and llama a decoder exports as follows its options (`exportable`).
+
+Every HF field that changes the forward pass either maps to a field of ours or, when we
+cannot express it, is an error naming the field, its value and what we support (before any
+tensor is read). Fields that only
 matter to training in PyTorch or to other heads are listed in `Translation.notes`.
 
 The embedding table is translated unpadded here (vocab_size = the checkpoint's rows);
@@ -42,8 +44,9 @@ LLAMA_OPTIONS = {"positional": "rope", "norm": "rmsnorm", "activation": "swiglu"
                  "scale_embeddings": False}
 # model_type -> our family: the family records' own hf_model_type (model/families.py: the decoder's
 # is gpt2, its default) and the Llama-shaped decoders.
-FAMILY_OF: dict[str, FamilyName] = {**{f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type},
-             **{t: "decoder" for t in LLAMA_TYPES}}
+FAMILY_OF: dict[str, FamilyName] = {
+    **{f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type},
+    **{t: "decoder" for t in LLAMA_TYPES}}
 assert set(FAMILY_OF) == set(ARCHITECTURES), "each exported model_type needs its architectures here"
 # HF activation names (transformers.activations.ACT2FN) -> ours. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are all 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel
@@ -179,8 +182,8 @@ def _llama(hf: dict, notes: list, model_type: str) -> dict:
     if window is not None and int(window) < max_len:
         _refuse(model_type, "sliding_window", window, f"attention here sees the whole context, and past "
                 f"{window} tokens this model sees only the last {window}. On contexts of at most {window} tokens the "
-                f"two agree: to use it so, set max_position_embeddings to {window} (or sliding_window to null) in "
-                f"config.json")
+                f"two agree: to use it so, set max_position_embeddings to {window} in config.json (setting "
+                f"sliding_window to null instead keeps the longer context, where the two differ)")
     if hf.get("head_dim") is not None and heads and int(hf["head_dim"]) != d // heads:
         _refuse(model_type, "head_dim", hf["head_dim"], f"a head here is hidden_size / num_attention_heads = "
                 f"{d} / {heads} = {d // heads} wide")
@@ -243,7 +246,7 @@ def exportable(model: ModelConfig) -> str:
                  "norm": "layernorm", "use_bias": True, "scale_embeddings": False, "kv_heads": model.num_heads}
         if model_type == "gpt2":
             needs["type_vocab_size"] = 0
-        why = f"{model_type} has no other"
+        why = f"the only one {model_type} has"
     for field, value in needs.items():
         if getattr(model, field) != value:
             name = "num_kv_heads" if field == "kv_heads" else field
