@@ -182,6 +182,11 @@ def test_a_decoder_with_some_of_llamas_options_names_the_field_the_export_needs(
             exportable(llama.replace(**{field: value}))
     with pytest.raises(HFError, match="model.num_kv_heads=2: gpt2 needs 4"):
         exportable(ModelConfig(d_model=32, num_heads=4, num_kv_heads=2))
+    with pytest.raises(HFError, match="'GPT2LMHeadModel': a llama run exports as LlamaForCausalLM or LlamaModel or "
+                                      "MistralForCausalLM or MistralModel"):
+        hf_config_from_model(llama, "GPT2LMHeadModel", 320, "float32")
+    with pytest.raises(HFError, match="model.use_bias=True: mistral has no biases"):
+        hf_config_from_model(llama.replace(use_bias=True), "MistralForCausalLM", 320, "float32")
 
 
 # ----------------------------------------------------------------------------- Mistral, and what is refused
