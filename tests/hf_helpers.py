@@ -13,7 +13,10 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
+from matrixmagic.train.hf.api import import_hf
+from matrixmagic.train.hf.errors import HFError
 from matrixmagic.train.hf.tensorfile import Planned, read, read_checkpoint, write_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
@@ -56,3 +59,17 @@ def variant(source: str, target: str, *, rename=None, drop=(), add=None, dtype=N
         with open(os.path.join(target, "config.json"), "w") as f:
             json.dump(merged, f)
     return target
+
+
+def rejected(source, tmp_path, match: str, **kwargs) -> str:
+    """The import of `source` fails with an HFError matching `match` and leaves nothing behind."""
+    target = tmp_path / "run"
+    with pytest.raises(HFError, match=match) as err:
+        import_hf(str(source), str(target), **kwargs)
+    assert not target.exists(), "nothing is left behind"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("run.importing")]
+    return str(err.value)
+
+
+def with_config(tmp_path, source: str, **fields) -> str:
+    return variant(source, str(tmp_path / "src"), config=fields)

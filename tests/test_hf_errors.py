@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_helpers import FIXTURES, tensors, variant
+from hf_helpers import FIXTURES, rejected, tensors, variant, with_config
 
 from matrixmagic.train.checkpoint import Checkpointer, CheckpointError
 from matrixmagic.train.cli import main
@@ -26,19 +26,6 @@ def no_reads(monkeypatch):
     monkeypatch.setattr("matrixmagic.train.hf.checkpoint.read", refuse)
 
 
-def rejected(source, tmp_path, match: str, **kwargs) -> str:
-    target = tmp_path / "run"
-    with pytest.raises(HFError, match=match) as err:
-        import_hf(str(source), str(target), **kwargs)
-    assert not target.exists(), "nothing is left behind"
-    assert not [p for p in os.listdir(tmp_path) if p.startswith("run.importing")]
-    return str(err.value)
-
-
-def with_config(tmp_path, source: str, **fields) -> str:
-    return variant(source, str(tmp_path / "src"), config=fields)
-
-
 def test_a_directory_without_config_json(tmp_path, no_reads):
     (tmp_path / "src").mkdir()
     shutil.copy(os.path.join(FIXTURES, "gpt2", "model.safetensors"), tmp_path / "src")
@@ -47,7 +34,7 @@ def test_a_directory_without_config_json(tmp_path, no_reads):
 
 
 def test_an_unsupported_model_type_or_head(tmp_path, no_reads):
-    rejected(with_config(tmp_path, "gpt2", model_type="llama"), tmp_path, r"model_type='llama' is not supported.*gpt2")
+    rejected(with_config(tmp_path, "gpt2", model_type="falcon"), tmp_path, r"model_type='falcon' is not supported.*gpt2")
     shutil.rmtree(tmp_path / "src")
     rejected(with_config(tmp_path, "bert", architectures=["BertForSequenceClassification"]), tmp_path,
              "BertForSequenceClassification has a head we do not have")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from matrixmagic.configs.model_config import DTYPES
 
-ARCHITECTURE_CHOICES = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "BertModel")
+ARCHITECTURE_CHOICES = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "BertModel", "LlamaForCausalLM",
+                        "LlamaModel", "MistralForCausalLM", "MistralModel")
 
 
 def add_hf_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="hf_command", required=True)
-    i = sub.add_parser("import", help="a Hugging Face GPT-2 or BERT directory -> a run directory")
+    i = sub.add_parser("import", help="a Hugging Face GPT-2, BERT, Llama or Mistral directory -> a run "
+                                         "directory")
     i.add_argument("source", metavar="DIR", help="the model folder (local or gs://): config.json, "
                                                  "model.safetensors (or model.safetensors.index.json and its "
                                                  "shards), tokenizer files")
@@ -30,7 +32,8 @@ def add_hf_arguments(parser) -> None:
     e.add_argument("--out", required=True, metavar="DIR", help="the folder to create, local or gs:// (must not "
                                                        "exist or be empty)")
     e.add_argument("--architecture", choices=ARCHITECTURE_CHOICES,
-                   help="default GPT2LMHeadModel for GPT runs, BertForMaskedLM for BERT runs")
+                   help="default GPT2LMHeadModel for GPT runs, LlamaForCausalLM for runs with "
+                                                      "Llama's options, BertForMaskedLM for BERT runs")
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the written tensors")
     e.add_argument("--max-shard-size", help="split model.safetensors into shards of at most this size, e.g. 5GB")
     e.set_defaults(hf_func=_export)

@@ -1,4 +1,4 @@
-"""matrixmagic.train.hf: Hugging Face GPT-2 and BERT checkpoints in and out.
+"""matrixmagic.train.hf: Hugging Face GPT-2, BERT and Llama (Mistral) checkpoints in and out.
 
   api.py         import_hf(dir, workdir) / export_hf(workdir, out): the Python API (`magic hf`)
   config.py      config.json <-> ModelConfig, with an error for what we cannot express

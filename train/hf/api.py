@@ -43,14 +43,16 @@ from ..checkpoint import Checkpointer, load_params, saved_run_config
 from ..data.tokenizers import HFTokenizer, round_up
 from ..run import VOCAB_MULTIPLE, model_assignments, resolve_config, run_tokenizer
 from .checkpoint import export_tensors, place_params, plan_import
-from .config import ARCHITECTURES, exportable, hf_config_from_model, model_config_from_hf
+from .config import ARCHITECTURES, export_type, exportable, hf_config_from_model, model_config_from_hf
 from .errors import HFError
 from .staging import check_fresh, staged
 from .tensorfile import read_checkpoint, write_checkpoint
 from .tokenizer import check_vocabulary, copy_tokenizer, find_tokenizer, write_tokenizer
 
-DEFAULT_PRESET = {"gpt2": "gpt2", "bert": "bert-base"}  # recipe of a shape no preset has
-SHAPE_FIELDS = ("family", "d_model", "num_heads", "num_layers", "d_ff", "max_len")
+# recipe of a shape no preset has
+DEFAULT_PRESET = {"gpt2": "gpt2", "bert": "bert-base", "llama": "llama3-8b", "mistral": "llama3-8b"}
+SHAPE_FIELDS = ("family", "d_model", "num_heads", "num_kv_heads", "num_layers", "d_ff", "max_len", "positional",
+                "norm", "activation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +180,15 @@ def export_hf(workdir: str, out: str, *, architecture: Optional[str] = None, dty
     `transformers.AutoModel*.from_pretrained(out)` loads with the same logits: config.json,
     model.safetensors (or shards + index past `max_shard_size`) and the tokenizer when the run
     has a Hugging Face one. `architecture`: GPT2LMHeadModel (default) or GPT2Model;
-    BertForMaskedLM (default) or BertModel. `dtype`: of the written tensors."""
+    BertForMaskedLM (default) or BertModel; LlamaForCausalLM (default), LlamaModel,
+    MistralForCausalLM or MistralModel. `dtype`: of the written tensors."""
     start = time.perf_counter()
     workdir, out = storage.normalize(workdir, "--workdir"), storage.normalize(out, "--out")
     storage.check_bucket(workdir, "--workdir")
     config = saved_run_config(workdir)  # the config alone: nothing is loaded if it cannot be exported
     model = config.model
-    model_type = exportable(model)
-    architecture = architecture or ARCHITECTURES[model_type][0]
+    architecture = architecture or ARCHITECTURES[exportable(model)][0]
+    model_type = export_type(model, architecture)
     if dtype not in DTYPES:
         raise HFError(f"dtype={dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
     vocab = model.num_valid_tokens or model.vocab_size
@@ -196,7 +199,7 @@ def export_hf(workdir: str, out: str, *, architecture: Optional[str] = None, dty
     shard_bytes = parse_size(max_shard_size)
     check_fresh(out, "--out", "exporting")
     notes = []
-    if architecture in ("GPT2Model", "BertModel"):
+    if architecture in ("GPT2Model", "BertModel", "LlamaModel", "MistralModel"):
         notes.append(f"{architecture} has no language-model head: the masked-LM/LM head weights were not written")
     if not isinstance(tokenizer, HFTokenizer):
         notes.append(f"tokenizer {config.data.tokenizer!r} has no Hugging Face form: only the model was written")

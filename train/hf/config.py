@@ -2,9 +2,15 @@
 
 GPT-2 is our decoder with pre-LN, learned positions, biases, GELU (tanh form) and a tied
 head; BERT is our encoder with post-LN, learned positions, segment embeddings, exact
-GELU, a pooler and the masked-LM head. Every HF field that changes the forward pass
-either maps to a field of ours or, when we cannot express it, is an error naming the
-field, its value and what we support (before any tensor is read). Fields that only
+GELU, a pooler and the masked-LM head; Llama (and Mistral without a sliding window, the
+same network) is our decoder with pre-RMSNorm, RoPE (Llama 3's scaling or none), SwiGLU,
+grouped-query attention, usually no biases and an untied head. Qwen2 is recognized to be
+refused: its attention has q/k/v biases but no o_proj bias, which one `use_bias` cannot say.
+Which of gpt2 and llama a decoder exports as follows its options (`exportable`).
+
+Every HF field that changes the forward pass either maps to a field of ours or, when we
+cannot express it, is an error naming the field, its value and what we support (before any
+tensor is read). Fields that only
 matter to training in PyTorch or to other heads are listed in `Translation.notes`.
 
 The embedding table is translated unpadded here (vocab_size = the checkpoint's rows);
@@ -19,6 +25,7 @@ from typing import Optional, cast
 
 from matrixmagic.configs import ModelConfig
 from matrixmagic.configs.model_config import DType, suggest
+from matrixmagic.configs.model_config import Family as FamilyName
 from matrixmagic.model.families import FAMILY_RECORDS, family_of
 
 from .errors import HFError
@@ -26,9 +33,20 @@ from .errors import HFError
 ARCHITECTURES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
     "bert": ("BertForMaskedLM", "BertForPreTraining", "BertModel"),
+    "llama": ("LlamaForCausalLM", "LlamaModel"),
+    "mistral": ("MistralForCausalLM", "MistralModel"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Model"),  # recognized, and refused by name (_qwen2)
 }
-# model_type -> our family, from the family records' own hf_model_type (model/families.py)
-FAMILY_OF = {f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type}
+# The Llama-shaped model types: one network (names.py has one table for them), our decoder with
+# the options below.
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_OPTIONS = {"positional": "rope", "norm": "rmsnorm", "activation": "swiglu", "norm_position": "pre",
+                 "scale_embeddings": False}
+# model_type -> our family: the family records' own hf_model_type (model/families.py: the decoder's
+# is gpt2, its default) and the Llama-shaped decoders.
+FAMILY_OF: dict[str, FamilyName] = {
+    **{f.hf_model_type: f.name for f in FAMILY_RECORDS.values() if f.hf_model_type},
+    **{t: "decoder" for t in LLAMA_TYPES}}
 assert set(FAMILY_OF) == set(ARCHITECTURES), "each exported model_type needs its architectures here"
 # HF activation names (transformers.activations.ACT2FN) -> ours. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are all 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel
@@ -123,14 +141,81 @@ def _bert(hf: dict, notes: list) -> dict:
                 attention_dropout_rate=float(_get(hf, "attention_probs_dropout_prob", 0.1)))
 
 
+def _rope(hf: dict, model_type: str) -> dict:
+    """RoPE's fields. transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; 4.x
+    wrote rope_theta and rope_scaling ({rope_type or type, ...} or null): both are read."""
+    params = hf.get("rope_parameters") or {}
+    spec, field = (params, "rope_parameters") if params else (hf.get("rope_scaling") or {}, "rope_scaling")
+    theta = float(_get(params, "rope_theta", _get(hf, "rope_theta", 10000.0)))
+    kind = _get(spec, "rope_type", "default", "type")
+    partial = _get(hf, "partial_rotary_factor", _get(spec, "partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        _refuse(model_type, "partial_rotary_factor", partial, "RoPE here turns every dimension of a head")
+    if kind == "default":
+        return dict(rope_theta=theta, rope_scaling="none")
+    if kind != "llama3":
+        _refuse(model_type, f"{field}.rope_type", kind, "the rope scalings here are none (rope_type default) and "
+                "llama3 (Llama 3.1's); linear, dynamic, yarn, longrope and the others would change the frequencies")
+    try:
+        return dict(rope_theta=theta, rope_scaling="llama3", rope_scaling_factor=float(spec["factor"]),
+                    rope_low_freq_factor=float(spec["low_freq_factor"]),
+                    rope_high_freq_factor=float(spec["high_freq_factor"]),
+                    rope_original_max_len=int(spec["original_max_position_embeddings"]))
+    except KeyError as err:
+        raise HFError(f"config.json: {model_type} {field} of rope_type llama3 has no {err.args[0]!r}; it needs factor, "
+                      f"low_freq_factor, high_freq_factor and original_max_position_embeddings.") from None
+
+
+def _qwen2(hf: dict) -> None:
+    raise HFError("config.json: qwen2 (Qwen2ForCausalLM) cannot be expressed here: its attention biases are "
+                  "q_proj, k_proj and v_proj with no o_proj bias (always: no config field turns them off), and "
+                  "model.use_bias here is one switch for every projection's bias, attention and feed-forward.")
+
+
+def _llama(hf: dict, notes: list, model_type: str) -> dict:
+    """Llama and Mistral: the same network (Mistral's sliding window aside)."""
+    if model_type == "qwen2":
+        _qwen2(hf)
+    d, heads = int(_get(hf, "hidden_size", 4096)), int(_get(hf, "num_attention_heads", 32))
+    max_len = int(_get(hf, "max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window is not None and int(window) < max_len:
+        _refuse(model_type, "sliding_window", window, f"attention here sees the whole context, and past "
+                f"{window} tokens this model sees only the last {window}. On contexts of at most {window} tokens the "
+                f"two agree: to use it so, set max_position_embeddings to {window} in config.json (setting "
+                f"sliding_window to null instead keeps the longer context, where the two differ)")
+    if hf.get("head_dim") is not None and heads and int(hf["head_dim"]) != d // heads:
+        _refuse(model_type, "head_dim", hf["head_dim"], f"a head here is hidden_size / num_attention_heads = "
+                f"{d} / {heads} = {d // heads} wide")
+    act = _get(hf, "hidden_act", "silu")
+    if act != "silu":
+        _refuse(model_type, "hidden_act", act, "the gated feed-forward here is SwiGLU, silu(x W_gate) * (x W_up)")
+    bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if bias != mlp_bias:
+        _refuse(model_type, "mlp_bias", hf.get("mlp_bias"), f"attention_bias={bias} differs, and model.use_bias here "
+                f"is one switch for the attention and the feed-forward projections' biases")
+    if int(_get(hf, "pretraining_tp", 1)) != 1:
+        notes.append(f"pretraining_tp={hf['pretraining_tp']}: PyTorch's split of the same matmuls; one matmul here")
+    return dict(vocab_size=int(_get(hf, "vocab_size", 32000)), d_model=d, num_heads=heads,
+                num_kv_heads=int(_get(hf, "num_key_value_heads", heads)),
+                num_layers=int(_get(hf, "num_hidden_layers", 32)), d_ff=int(_get(hf, "intermediate_size", 11008)),
+                max_len=max_len, use_bias=bias, layer_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+                dropout_rate=0.0, attention_dropout_rate=float(_get(hf, "attention_dropout", 0.0)), type_vocab_size=0,
+                **LLAMA_OPTIONS, **_rope(hf, model_type))
+
+
 def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
     """ModelConfig of a Hugging Face config.json (a dict); HFError for what we cannot express."""
     model_type, arch = architecture_of(hf)
     notes: list[str] = []
-    fields = _gpt2(hf, notes) if model_type == "gpt2" else _bert(hf, notes)
-    try:
-        model = ModelConfig(family=FAMILY_OF[model_type], tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                            scale_embeddings=False, use_bias=True, init_std=float(_get(hf, "initializer_range", 0.02)),
+    llama = model_type in LLAMA_TYPES
+    fields = (_llama(hf, notes, model_type) if llama else _gpt2(hf, notes) if model_type == "gpt2" else
+              _bert(hf, notes))
+    fields = {"use_bias": True, "scale_embeddings": False, **fields}
+    try:  # transformers' default for tie_word_embeddings: True for GPT-2 and BERT, False for Llama and Mistral
+        model = ModelConfig(family=FAMILY_OF[model_type],
+                            tie_embeddings=bool(hf.get("tie_word_embeddings", not llama)),
+                            init_std=float(_get(hf, "initializer_range", 0.02)),
                             param_dtype=cast(DType, param_dtype), **fields)  # ModelConfig checks the name
     except ValueError as err:  # ConfigError: e.g. hidden size not divisible by the heads
         raise HFError(f"config.json: {err}") from None
@@ -140,35 +225,85 @@ def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
 # ----------------------------------------------------------------------------- ours -> HF
 
 
+def _llama_like(model: ModelConfig) -> bool:
+    """A decoder with any of Llama's options exports as llama (then it needs all of them)."""
+    return model.family == "decoder" and any(getattr(model, f) == v for f, v in LLAMA_OPTIONS.items()
+                                             if f in ("positional", "norm", "activation"))
+
+
 def exportable(model: ModelConfig) -> str:
-    """The model_type a ModelConfig exports as, or an error naming the field that stops it."""
-    model_type = family_of(model).hf_model_type
+    """The model_type a ModelConfig exports as, or an error naming the field that stops it: a
+    decoder with RoPE, RMSNorm or SwiGLU is a llama, another decoder a gpt2, an encoder a bert."""
+    model_type = "llama" if _llama_like(model) else family_of(model).hf_model_type
     if model_type is None:
-        raise HFError(f"model.family={model.family} has no Hugging Face counterpart here; "
-                      + " and ".join(f"{t} ({f})" for t, f in FAMILY_OF.items()) + " export.")
-    norm = "pre" if model_type == "gpt2" else "post"
-    needs = {"norm_position": norm, "positional": "learned", "use_bias": True, "scale_embeddings": False}
-    if model_type == "gpt2":
-        needs["type_vocab_size"] = 0
+        raise HFError(f"model.family={model.family} has no Hugging Face counterpart here; decoder (gpt2, llama) and "
+                      f"encoder (bert) export.")
+    if model_type == "llama":
+        needs: dict = dict(LLAMA_OPTIONS)
+        why = "a decoder with rope, rmsnorm or swiglu exports as llama, which has all three"
+    else:
+        needs = {"norm_position": "pre" if model_type == "gpt2" else "post", "positional": "learned",
+                 "norm": "layernorm", "use_bias": True, "scale_embeddings": False, "kv_heads": model.num_heads}
+        if model_type == "gpt2":
+            needs["type_vocab_size"] = 0
+        why = f"the only one {model_type} has"
     for field, value in needs.items():
         if getattr(model, field) != value:
-            raise HFError(f"model.{field}={getattr(model, field)!r}: {model_type} needs {value!r}, so this run cannot "
-                          f"be exported as {model_type}.")
+            name = "num_kv_heads" if field == "kv_heads" else field
+            raise HFError(f"model.{name}={getattr(model, name)!r}: {model_type} needs {value!r} ({why}), so this run "
+                          f"cannot be exported as {model_type}.")
     return model_type
+
+
+def _rope_out(model: ModelConfig) -> tuple[dict, Optional[dict]]:
+    """(rope_parameters as transformers 5 writes it, rope_scaling as 4.x did); both are written."""
+    if model.rope_scaling == "none":
+        return {"rope_type": "default", "rope_theta": model.rope_theta}, None
+    scaling = {"rope_type": "llama3", "factor": model.rope_scaling_factor, "low_freq_factor": model.rope_low_freq_factor,
+               "high_freq_factor": model.rope_high_freq_factor,
+               "original_max_position_embeddings": model.rope_original_max_len}
+    return {**scaling, "rope_theta": model.rope_theta}, scaling
+
+
+def _llama_out(model: ModelConfig, model_type: str, specials: dict) -> dict:
+    if model_type == "mistral" and model.use_bias:
+        raise HFError("model.use_bias=True: mistral has no biases; export as LlamaForCausalLM (the default), whose "
+                      "attention_bias and mlp_bias say it.")
+    parameters, scaling = _rope_out(model)
+    fields = dict(hidden_size=model.d_model, intermediate_size=model.d_ff, num_hidden_layers=model.num_layers,
+                  num_attention_heads=model.num_heads, num_key_value_heads=model.kv_heads, head_dim=model.head_dim,
+                  hidden_act="silu", max_position_embeddings=model.max_len, rms_norm_eps=model.layer_norm_eps,
+                  rope_parameters=parameters, rope_theta=model.rope_theta, rope_scaling=scaling,
+                  attention_dropout=model.attention_dropout_rate, use_cache=True,
+                  bos_token_id=specials.get("bos_token_id"), eos_token_id=specials.get("eos_token_id"),
+                  pad_token_id=specials.get("pad_token_id"))
+    if model_type == "mistral":
+        return dict(fields, sliding_window=None)
+    return dict(fields, attention_bias=model.use_bias, mlp_bias=model.use_bias, pretraining_tp=1)
+
+
+def export_type(model: ModelConfig, architecture: str) -> str:
+    """The model_type `architecture` writes for this model (a llama run may be written as mistral)."""
+    model_type = exportable(model)
+    types = ("llama", "mistral") if model_type == "llama" else (model_type,)
+    for t in types:
+        if architecture in ARCHITECTURES[t]:
+            return t
+    choices = [a for t in types for a in ARCHITECTURES[t] if a != "BertForPreTraining"]
+    raise HFError(f"architecture={architecture!r}: a {model_type} run exports as {' or '.join(choices)}.")
 
 
 def hf_config_from_model(model: ModelConfig, architecture: str, vocab_size: int, dtype: str,
                          specials: Optional[dict] = None) -> dict:
     """config.json for `architecture` (one of ARCHITECTURES[model_type]) with `vocab_size` rows.
     `specials`: {'bos_token_id', 'eos_token_id', 'pad_token_id'} from the tokenizer."""
-    model_type = exportable(model)
-    if architecture not in ARCHITECTURES[model_type]:
-        raise HFError(f"architecture={architecture!r}: a {model_type} run exports as "
-                      f"{' or '.join(a for a in ARCHITECTURES[model_type] if a != 'BertForPreTraining')}.")
+    model_type = export_type(model, architecture)
     specials = specials or {}
     common = dict(architectures=[architecture], model_type=model_type, vocab_size=vocab_size, dtype=dtype,
                   torch_dtype=dtype,  # transformers < 5 reads torch_dtype, 5 reads dtype
                   initializer_range=model.init_std, tie_word_embeddings=model.tie_embeddings)
+    if model_type in LLAMA_TYPES:
+        return dict(common, **_llama_out(model, model_type, specials))
     if model_type == "gpt2":
         return dict(common, n_embd=model.d_model, n_head=model.num_heads, n_layer=model.num_layers,
                     n_inner=None if model.d_ff == 4 * model.d_model else model.d_ff, n_positions=model.max_len,

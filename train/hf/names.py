@@ -8,7 +8,10 @@ Both directions read the same table, so import and export cannot disagree:
 * export: `to_hf(tensor, arrays)`: our arrays (one layer's) -> the HF tensor.
 
 The conventions that differ (all checked against transformers in tests/fixtures/hf):
-* GPT-2's Conv1D stores weights [in, out]; BERT's nn.Linear stores [out, in] (transposed here).
+* GPT-2's Conv1D stores weights [in, out]; BERT's and Llama's nn.Linear store [out, in]
+  (transposed here).
+* Llama's q_proj and k_proj need no permutation: our RoPE pairs dimension i with i + d_k/2,
+  transformers' rotate_half convention. Its k_proj/v_proj have num_key_value_heads heads.
 * GPT-2 fuses Q, K and V in one `c_attn` [d, 3d]: three column blocks, each head-major.
 * Our projections keep heads as an axis: query [d, H, d_k], output [H, d_k, d].
 * Our embedding table (and BERT's output bias) is padded to a multiple of 128 rows; the
@@ -41,10 +44,16 @@ ARCHITECTURE_GROUPS = {
     "BertForMaskedLM": ("base", "mlm"),
     "BertForPreTraining": ("base", "pooler", "mlm", "nsp"),
     "BertModel": ("base", "pooler"),
+    "LlamaForCausalLM": ("base", "lm_head"),
+    "LlamaModel": ("base",),
+    "MistralForCausalLM": ("base", "lm_head"),
+    "MistralModel": ("base",),
 }
-PREFIX = {"gpt2": "transformer.", "bert": "bert."}  # the base model's prefix inside a model with a head
-PREFIXED = {"GPT2LMHeadModel", "BertForMaskedLM", "BertForPreTraining"}
+# the base model's prefix inside a model with a head
+PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model."}
+PREFIXED = {"GPT2LMHeadModel", "BertForMaskedLM", "BertForPreTraining", "LlamaForCausalLM", "MistralForCausalLM"}
 IGNORED = (
+    re.compile(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),  # Llama's RoPE buffer (transformers < 4.38)
     re.compile(r"^h\.\d+\.(attn|crossattention)\.(bias|masked_bias)$"),  # GPT-2's causal-mask buffers
     re.compile(r"^embeddings\.(position_ids|token_type_ids)$"),  # BERT's index buffers
     re.compile(r"^cls\.seq_relationship\.(weight|bias)$"),  # BERT's next-sentence head: we have none
@@ -157,9 +166,42 @@ def _bert(m: ModelConfig, vocab: int) -> list[HFTensor]:
     return tensors
 
 
+def _llama(m: ModelConfig, vocab: int) -> list[HFTensor]:
+    """Llama and Mistral (the same names): nn.Linear [out, in]; biases only with use_bias."""
+    d, heads, kv, dk, ff = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.d_ff
+    layer, hf = "decoder/{layer}", "layers.{i}"
+
+    def linear(hf_name, ours, n_in, n_out):
+        kernel, bias = _linear(ours, n_in, n_out, True)
+        return [HFTensor(f"{hf_name}.weight", (math.prod(n_out), math.prod(n_in)), "base", (kernel,)),
+                *([HFTensor(f"{hf_name}.bias", (math.prod(n_out),), "base", (bias,))] if m.use_bias else [])]
+
+    def norm(hf_name, ours):
+        return HFTensor(f"{hf_name}.weight", (d,), "base", (Piece(f"{ours}/scale", (d,)),))
+
+    tensors = [HFTensor("embed_tokens.weight", (vocab, d), "base",
+                        (Piece("token_embedding/embedding", (m.vocab_size, d), vocab_axis=0),)),
+               norm(f"{hf}.input_layernorm", f"{layer}/self_attention_norm")]
+    for name, ours, n_heads in (("q_proj", "query", heads), ("k_proj", "key", kv), ("v_proj", "value", kv)):
+        tensors += linear(f"{hf}.self_attn.{name}", f"{layer}/self_attention/{ours}", (d,), (n_heads, dk))
+    tensors += linear(f"{hf}.self_attn.o_proj", f"{layer}/self_attention/output", (heads, dk), (d,))
+    tensors.append(norm(f"{hf}.post_attention_layernorm", f"{layer}/feed_forward_norm"))
+    for name, ours in (("gate_proj", "gate"), ("up_proj", "hidden")):
+        tensors += linear(f"{hf}.mlp.{name}", f"{layer}/feed_forward/{ours}", (d,), (ff,))
+    tensors += linear(f"{hf}.mlp.down_proj", f"{layer}/feed_forward/output", (ff,), (d,))
+    tensors.append(norm("norm", "final_norm"))
+    if not m.tie_embeddings:
+        tensors.append(HFTensor("lm_head.weight", (vocab, d), "lm_head", (
+            Piece("output_head/unembedding/kernel", (d, m.vocab_size), transpose=True, vocab_axis=1),)))
+    return tensors
+
+
+TABLES = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "mistral": _llama}
+
+
 def hf_tensors(model_type: str, model: ModelConfig, vocab: int) -> list[HFTensor]:
     """Every tensor of the HF model of this shape (all groups), `vocab` rows in its tables."""
-    return _gpt2(model, vocab) if model_type == "gpt2" else _bert(model, vocab)
+    return TABLES[model_type](model, vocab)
 
 
 def saved_name(model_type: str, architecture: str, tensor: HFTensor, layer: Optional[int]) -> str:

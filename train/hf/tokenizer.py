@@ -20,19 +20,24 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 from .. import storage
 from .errors import HFError
 
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 # What transformers' GPT2Tokenizer and BertTokenizer default to when tokenizer_config.json is absent.
-DEFAULT_CONFIG = {
+DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
     "gpt2": {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
              "unk_token": "<|endoftext|>", "add_prefix_space": False},
     "bert": {"tokenizer_class": "BertTokenizer", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "mask_token": "[MASK]", "unk_token": "[UNK]", "do_lower_case": True},
+    # Llama 3 ships a PreTrainedTokenizerFast; its roles are named by what the vocabulary has (LLAMA_ROLES)
+    "llama": {"tokenizer_class": "PreTrainedTokenizerFast"},
 }
+DEFAULT_CONFIG["mistral"] = DEFAULT_CONFIG["llama"]
+# A Llama-shaped tokenizer.json without a tokenizer_config.json: Llama 3's names, else Llama 2's and Mistral's.
+LLAMA_ROLES = {"bos_token": ("<|begin_of_text|>", "<s>"), "eos_token": ("<|end_of_text|>", "</s>")}
 
 
 def _read_config(directory: str, model_type: str) -> dict:
@@ -96,13 +101,21 @@ def find_tokenizer(directory: str, model_type: str):
     path = storage.join(directory, TOKENIZER_FILE)
     if storage.path(path).is_file():
         try:
-            return Tokenizer.from_str(storage.read_text(path)), config
+            tok = Tokenizer.from_str(storage.read_text(path))
         except Exception as err:  # noqa: BLE001 - the Rust library's own exception type
             raise HFError(f"{path} cannot be read by the tokenizers library ({err}).") from None
+        if model_type in ("llama", "mistral"):
+            for role, candidates in LLAMA_ROLES.items():
+                found = [c for c in candidates if tok.token_to_id(c) is not None]
+                if role not in config and found:
+                    config[role] = found[0]
+        return tok, config
     tok = _from_legacy(directory, model_type, config)
     if tok is None:
-        legacy = "vocab.json + merges.txt" if model_type == "gpt2" else "vocab.txt"
-        raise HFError(f"{directory} has no tokenizer: looked for {TOKENIZER_FILE} and {legacy}. Copy the tokenizer "
+        legacy = {"gpt2": " and vocab.json + merges.txt", "bert": " and vocab.txt"}.get(model_type, "")
+        hint = ("" if legacy else " (tokenizer.model, SentencePiece, is not read here: transformers' "
+                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes the tokenizer.json of it)")
+        raise HFError(f"{directory} has no tokenizer: looked for {TOKENIZER_FILE}{legacy}{hint}. Copy the tokenizer "
                       f"files from the model's repository into it, or pass --tokenizer DIR.")
     return tok, config
 
@@ -138,4 +151,6 @@ def copy_tokenizer(source_json: str, directory: str, model_type: str, max_len: i
     storage.write_bytes(storage.join(directory, TOKENIZER_FILE), storage.read_bytes(source_json))
     config = _read_config(storage.parent(source_json), model_type)
     config.setdefault("tokenizer_class", DEFAULT_CONFIG[model_type]["tokenizer_class"])
+    if config["tokenizer_class"] == "TokenizersBackend":  # transformers 5's name; 4.x knows the same class as
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # this one, which 5 still reads
     _write_config(directory, {**config, "model_max_length": max_len})
