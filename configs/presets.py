@@ -341,11 +341,12 @@ def _build() -> dict[str, Preset]:
                   _llama_recipe(4 * 2**20, lr, 8000, 15 * 10**12, "Llama 3 Table 3, Section 3.4.1"))
         add(name, _llama(layers, d, heads, kv, d_ff, vocab, context, theta, scaled), recipe, params,
             "Touvron et al. 2023 (Llama 2), Table 1" if llama2 else "Llama Team 2024 (Llama 3), Table 3")
+    tiny_llama: _TinyShape = {**tiny, "d_ff": 368}
     # The Llama options at gpt-tiny's size: 2 query heads sharing 1 key/value head (multi-query), an
     # untied output layer and d_ff 368, so its parameters match gpt-tiny's within 0.3%.
     add("llama-tiny", ModelConfig(family="decoder", activation="swiglu", norm_position="pre", norm="rmsnorm",
                                   positional="rope", num_kv_heads=1, use_bias=False, tie_embeddings=False,
-                                  **{**tiny, "d_ff": 368}), _TINY_RECIPE, None, "demo")
+                                  **tiny_llama), _TINY_RECIPE, None, "demo")
     return presets
 
 

@@ -105,9 +105,9 @@ def embed_positions(config: ModelConfig, tokens: jnp.ndarray, positions: jnp.nda
     vectors of an additive kind, or the tokens alone and the angles for attention (rope).
     `module`: an already built positional module (setup-style models), else one named `name`."""
     encoded: Union[jnp.ndarray, Rotary] = (module or positional_encoding(config, name))(positions)
-    if positional_kind(config).additive:
-        return tokens + encoded, None
-    return tokens, encoded
+    if isinstance(encoded, Rotary):
+        return tokens, encoded
+    return tokens + encoded, None
 
 
 def default_positions(ids: jnp.ndarray) -> jnp.ndarray:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_modules import f64, randn, randomize
 
 from matrixmagic.configs import ConfigError, ModelConfig
 from matrixmagic.model import build_model, init_params
@@ -26,7 +27,6 @@ from matrixmagic.model.generate import Sampling, generate, init_cache
 from matrixmagic.model.masks import causal_mask
 from matrixmagic.model.rms_norm import RMSNorm
 from matrixmagic.model.rotary import apply_rotary, rope_frequencies, rotary_angles
-from test_modules import f64, randn, randomize
 
 B, T, D, H, F = 2, 7, 32, 4, 48
 
@@ -81,7 +81,7 @@ def test_rope_scores_depend_on_the_distance_alone():
     c = c.replace(d_model=8, num_heads=1)
 
     def score(m, n):
-        turn = lambda v, p: apply_rotary(jnp.asarray(v), rotary_angles(c, jnp.asarray([[p]])))  # noqa: E731
+        turn = lambda v, p: apply_rotary(jnp.asarray(v), rotary_angles(c, jnp.asarray([[p]])))
         return float((turn(q, m) * turn(k, n)).sum())
 
     assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
