@@ -13,7 +13,7 @@ it applies:
   positions, so its fine-tune also gets `--set data.seq_len=64`, and every `magic generate` without
   its own `--max-new-tokens` gets 16 (100 new tokens would not fit the stand-in's context).
 * A command whose --mesh needs more devices than this CPU has runs on that many fake CPU devices.
-* gpt3-175b compiles for a TPU slice take minutes each: they are checked for argument validity only
+* gpt3-175b and llama3-70b/405b compiles for a TPU slice take minutes each: they are checked for argument validity only
   (parsed, and the config resolved for the slice's chip count); TPU topologies need libtpu, and
   without it those commands are skipped with that reason.
 * Pod, Multislice, SLURM and hand-started multi-host commands cannot run here: skipped, with why.
@@ -129,9 +129,13 @@ def mesh_devices(argv: list[str]) -> int:
     return math.prod(s for s in sizes if s > 0)
 
 
+# Presets whose TPU-slice compiles take minutes each (a plan compiles up to four).
+SLOW_TO_COMPILE = ("gpt3-175b", "llama3-70b", "llama3-405b")
+
+
 def argument_check(argv: list[str]) -> None:
-    """A TPU-slice compile of gpt3-175b, checked without compiling: the flags parse and the
-    config resolves for the slice's chips on TPU."""
+    """A TPU-slice compile of a SLOW_TO_COMPILE preset, checked without compiling: the flags parse
+    and the config resolves for the slice's chips on TPU."""
     from matrixmagic.train.cli import build_parser
     from matrixmagic.train.cli.flags import config_assignments
     from matrixmagic.train.planning.chips import parse_target
@@ -140,7 +144,7 @@ def argument_check(argv: list[str]) -> None:
     args = build_parser().parse_args(argv[1:])
     config = resolve_config(args.preset, config_assignments(args), devices=parse_target(args.topology).chips,
                             platform="tpu")
-    assert config.preset == "gpt3-175b"
+    assert config.preset == args.preset in SLOW_TO_COMPILE
 
 
 @pytest.fixture
@@ -291,9 +295,9 @@ def test_readme_commands_run_in_order(user_home):
                 if tpu and importlib.util.find_spec("libtpu") is None:
                     why = "TPU topologies need libtpu (pip install -e '.[tpu]')"
                     break
-                if tpu and "gpt3-175b" in argv:
+                if tpu and any(name in argv for name in SLOW_TO_COMPILE):
                     argument_check(argv)
-                    why = "argument validity only (a 175B compile takes minutes)"
+                    why = "argument validity only (a compile at this size takes minutes)"
                     codes.append(expected)
                     continue
             if sub in ("train", "generate", "explain", "eval") and "--help-fields" not in argv:
@@ -331,7 +335,7 @@ def test_presets_table_is_what_magic_params_prints(capsys):
     text = (ROOT / "docs" / "presets.md").read_text()
     row = r"^\| ([a-z0-9.-]+) \| [0-9+]+ \| \d+\*? \| \d+\*? \| ([\d,]+)(?: \(\+([\d,]+) MLM head\))? \|"
     rows = re.findall(row, text, re.M)
-    assert len(rows) == 16, rows
+    assert len(rows) == 22, rows
     assert main(["params", "--json", *[name for name, *_ in rows]]) == 0
     printed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     for name, params, head in rows:

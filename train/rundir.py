@@ -39,7 +39,12 @@ BOOKKEEPING_FIELDS = ("workdir", "log_every", "eval_every", "checkpoint_every", 
                       "keep_best_checkpoint", "max_nonfinite_skips", "peak_flops", "sample_tokens", "eval")
 # Fields added after default directories were first named: at their default value they stay out
 # of the hash, so a run started before they existed resumes in the directory it started in.
-LATER_FIELDS = {("data", "mixture"): None}
+LATER_FIELDS = {("data", "mixture"): None,
+                # issue 26's model options
+                ("model", "norm"): "layernorm", ("model", "num_kv_heads"): None, ("model", "rope_theta"): 10000.0,
+                ("model", "rope_scaling"): "none", ("model", "rope_scaling_factor"): 8.0,
+                ("model", "rope_low_freq_factor"): 1.0, ("model", "rope_high_freq_factor"): 4.0,
+                ("model", "rope_original_max_len"): 8192}
 
 
 def config_digest(config: TrainConfig, length: int = 6) -> str:
