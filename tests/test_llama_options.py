@@ -258,3 +258,16 @@ def test_bad_llama_options_name_the_field(changes, field, words):
     with pytest.raises(ConfigError) as err:
         cfg(**changes)
     assert str(err.value).startswith(f"{field}=") and words in str(err.value)
+
+
+def test_the_kv_cache_memory_check_counts_kv_heads_only():
+    """llama3-70b, one 8192-token row in bfloat16: 80 layers x 8192 slots x (K + V) x 8 heads x 128
+    x 2 bytes = 2.5 GiB, 1/8 of what 64 K/V heads would hold (checked without allocating)."""
+    from matrixmagic.configs import get_preset
+    from matrixmagic.train.planning.fit import generation_parts
+
+    grouped = get_preset("llama3-70b").model.replace(dtype="bfloat16")
+    cache = generation_parts(grouped, batch=1, prompt_len=16, cache_len=8192)["KV cache"]
+    assert cache == 80 * 8192 * 2 * 8 * 128 * 2 == 2.5 * 2**30
+    full = generation_parts(grouped.replace(num_kv_heads=None), batch=1, prompt_len=16, cache_len=8192)["KV cache"]
+    assert full == 8 * cache
