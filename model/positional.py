@@ -12,7 +12,7 @@ All take explicit positions, so packed documents can restart at 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -105,9 +105,9 @@ def embed_positions(config: ModelConfig, tokens: jnp.ndarray, positions: jnp.nda
     vectors of an additive kind, or the tokens alone and the angles for attention (rope).
     `module`: an already built positional module (setup-style models), else one named `name`."""
     encoded: Union[jnp.ndarray, Rotary] = (module or positional_encoding(config, name))(positions)
-    if isinstance(encoded, Rotary):
-        return tokens, encoded
-    return tokens + encoded, None
+    if positional_kind(config).additive:  # the record says which, as it does for explain and accounting
+        return tokens + cast(jnp.ndarray, encoded), None
+    return tokens, cast(Rotary, encoded)
 
 
 def default_positions(ids: jnp.ndarray) -> jnp.ndarray:

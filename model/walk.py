@@ -97,17 +97,18 @@ def token_stages(cfg: ModelConfig, ids, tokens, positions, S, note: str = "") ->
     ]
 
 
+def embedding_formula(cfg: ModelConfig, formula: str) -> str:
+    """`formula` for models whose positions are added, else what rope's embedding stage is."""
+    if positional_kind(cfg).additive:
+        return formula
+    return "X = E[ids] (rotary positions add nothing here: they turn Q and K in every layer)"
+
+
 def embedding_sum(cfg: ModelConfig, tokens, positions, formula: str) -> tuple[Any, str]:
     """The stack's input and its formula: tokens + positions, or the tokens alone when the
     positions rotate Q and K inside attention instead (rope)."""
-    if positional_kind(cfg).additive:
-        return add(tokens, positions), formula
-    return tokens, "X = E[ids] (rotary positions add nothing here: they turn Q and K in every layer)"
-
-
-def embedding_formula(cfg: ModelConfig, formula: str) -> str:
-    """`formula` for models whose positions are added, else what rope's embedding stage is."""
-    return embedding_sum(cfg, None, None, formula)[1] if not positional_kind(cfg).additive else formula
+    summed = add(tokens, positions) if positional_kind(cfg).additive else tokens
+    return summed, embedding_formula(cfg, formula)
 
 
 def final_norm_stages(cfg: ModelConfig, inter: dict, name: str, S) -> list:
