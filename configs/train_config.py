@@ -35,7 +35,7 @@ TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .mo
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
 # Mesh axes, outermost first (sharding/mesh.py says why this order); MeshConfig has one field each.
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "context", "tensor")
 MESH_FLAG_KEYS = MESH_AXES + ("dcn_data",)  # what --mesh accepts
 
 def parse_mixture(text: str) -> tuple[tuple[str, float], ...]:
@@ -147,7 +147,9 @@ class OptimizerConfig:
 class MeshConfig:
     # Device-mesh axis sizes; -1 fills with the remaining devices.
     data: int = -1
+    stage: int = 1  # pipeline stages: devices that each hold a contiguous share of the layers
     fsdp: int = 1  # devices that split the batch and every weight matrix
+    context: int = 1  # devices that split the sequence (context parallelism)
     tensor: int = 1  # devices that split attention heads and the MLP (Megatron)
     layout: Layout = "dp"  # which weights the axes split: dp, fsdp, tp or fsdp+tp
     # Multi-slice TPU pods: how many slices (joined by the slower DCN) split the data axis.

@@ -1,8 +1,10 @@
-"""Device meshes from config axis sizes (data, fsdp, tensor), -1 auto-filled.
+"""Device meshes from config axis sizes (data, stage, fsdp, context, tensor), -1 auto-filled.
 
-Axis order is (data, fsdp, tensor): outermost = least communication. `tensor`
-all-reduces activations twice per layer, so it goes innermost (fastest links,
-one host); `data` only all-reduces gradients once per step, so on a multi-slice
+Axis order is outermost = least communication. `tensor` all-reduces activations
+twice per layer, so it goes innermost (fastest links, one host); `context` passes
+K/V blocks every layer; `fsdp` gathers weights every layer; `stage` sends one
+activation per microbatch to its neighbour; `data` only all-reduces gradients
+once per step, so on a multi-slice
 TPU pod it is the one axis that crosses the slow data-centre network (DCN):
 `mesh.dcn_data` = how many slices split the data axis.
 """
@@ -35,7 +37,7 @@ def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, in
         sizes = {**sizes, unknown[0]: device_count // known}
     if math.prod(sizes.values()) != device_count:
         raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {device_count} are available; "
-                          f"make the product of data x fsdp x tensor equal {device_count} (or use -1 for one axis).")
+                          f"make the product of the axis sizes equal {device_count} (or use -1 for one axis).")
     return sizes
 
 
@@ -81,9 +83,10 @@ def device_array(sizes: dict[str, int], dcn_data: int, devices) -> np.ndarray:
     shape = tuple(sizes[a] for a in AXES)
     check_dcn(sizes, dcn_data, devices)
     if dcn_data > 1:
-        ici = (sizes["data"] // dcn_data, sizes["fsdp"], sizes["tensor"])
+        ici = tuple(sizes[a] // dcn_data if a == "data" else sizes[a] for a in AXES)
+        dcn = tuple(dcn_data if a == "data" else 1 for a in AXES)
         attr, _ = granules(devices)
-        return mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1), devices,
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
                                                     process_is_granule=attr == "process_index")
     try:
         return mesh_utils.create_device_mesh(shape, devices)

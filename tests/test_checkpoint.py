@@ -297,7 +297,7 @@ def test_restore_under_another_mesh_gives_the_same_logits(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    assert result["fsdp4_tp2"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and result["one_device"]["devices"] == 1
+    assert result["fsdp4_tp2"]["mesh"] == {"data": 1, "stage": 1, "fsdp": 4, "context": 1, "tensor": 2} and result["one_device"]["devices"] == 1
     for name, r in result.items():
         assert r["placed"] and r["same_state"] and r["step"] == 2, (name, r)
         assert r["bitwise_vs_original_params_on_this_mesh"], (name, r)

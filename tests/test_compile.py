@@ -250,7 +250,7 @@ def test_cli_on_a_fake_multi_device_cpu_mesh():
     done = subprocess.run(cmd + [f"--set={a}" for a in MICRO], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "data=1 fsdp=2 tensor=2 over 4 device(s), layout fsdp+tp" in done.stdout
+    assert "data=1 stage=1 fsdp=2 context=1 tensor=2 over 4 device(s), layout fsdp+tp" in done.stdout
     assert "memory per device" in done.stdout and "compiler, cost_analysis() raw" in done.stdout
 
 

@@ -252,7 +252,7 @@ def test_print_config_resolves_without_data_or_compiling(tmp_path, capsys, monke
     assert resolved["schedule"]["warmup_ends_at_step"] > resolved["schedule"]["warmup_steps"]  # small steps first
     assert resolved["ramp"]["on"] and resolved["ramp"]["start_rows"] == 16
     assert resolved["ramp"]["compiled_step_shapes"] == 1
-    assert resolved["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert resolved["mesh"] == {"data": 1, "stage": 1, "fsdp": 1, "context": 1, "tensor": 1}
     assert resolved["dtype"] == "float32" and resolved["attention_impl"] == "matrices"
     assert config["model"]["vocab_size"] == 50304  # sized for the byte tokenizer, as train would
     assert not missing.exists() and not (tmp_path / "tfds").exists() and not (tmp_path / "run").exists()

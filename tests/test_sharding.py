@@ -152,7 +152,7 @@ def test_tensor_split_dimensions_are_checked():
     with pytest.raises(ConfigError, match="model.vocab_size=250.*multiple of 128"):
         validate_mesh(dataclasses.replace(config, model=config.model.replace(vocab_size=250)), 8)
     assert validate_mesh(dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, layout="dp")), 8) == \
-        {"data": 2, "fsdp": 1, "tensor": 4}  # unsplit under dp: any sizes fit
+        {"data": 2, "stage": 1, "fsdp": 1, "context": 1, "tensor": 4}  # unsplit under dp: any sizes fit
 
 
 def test_unknown_mesh_axis_names_the_allowed_ones(capsys):
@@ -201,12 +201,13 @@ def test_multi_slice_mesh_puts_only_data_across_slices():
 
     devices = [types.SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 2, platform="cpu",
                                      device_kind="cpu") for i in range(8)]
-    array = device_array({"data": 4, "fsdp": 2, "tensor": 1}, 2, devices)
-    assert array.shape == (4, 2, 1)
+    sizes = {"data": 4, "stage": 1, "fsdp": 2, "context": 1, "tensor": 1}
+    array = device_array(sizes, 2, devices)
+    assert array.shape == (4, 1, 2, 1, 1)
     slices = [[d.slice_index for d in row.ravel()] for row in array]
-    assert slices == [[0, 0], [0, 0], [1, 1], [1, 1]]  # fsdp and tensor stay inside one slice
+    assert slices == [[0, 0], [0, 0], [1, 1], [1, 1]]  # the other axes stay inside one slice
     with pytest.raises(ConfigError, match="span 2 slices: set mesh.dcn_data=2"):
-        device_array({"data": 4, "fsdp": 2, "tensor": 1}, 1, devices)
+        device_array(sizes, 1, devices)
     assert MeshConfig().dcn_data == 1
 
 

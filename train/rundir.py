@@ -44,7 +44,9 @@ LATER_FIELDS = {("data", "mixture"): None,
                 ("model", "norm"): "layernorm", ("model", "num_kv_heads"): None, ("model", "rope_theta"): 10000.0,
                 ("model", "rope_scaling"): "none", ("model", "rope_scaling_factor"): 8.0,
                 ("model", "rope_low_freq_factor"): 1.0, ("model", "rope_high_freq_factor"): 4.0,
-                ("model", "rope_original_max_len"): 8192}
+                ("model", "rope_original_max_len"): 8192,
+                # issue 27's mesh axes
+                ("mesh", "stage"): 1, ("mesh", "context"): 1}
 
 
 def config_digest(config: TrainConfig, length: int = 6) -> str:
