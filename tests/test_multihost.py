@@ -84,3 +84,16 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b.get("grad_norm", 0) == pytest.approx(a.get("grad_norm", 0), rel=1e-5)
     assert len([r for r in two if r["split"] == "train"]) == 5
+
+    # The same two processes as two "slices": mesh.dcn_data=2 puts only the data axis across
+    # them (a hybrid mesh, each process a granule, as on a multi-slice TPU pod)
+    dcn = [a if a != "data=2,fsdp=2,tensor=2" else "data=2,fsdp=2,tensor=2,dcn_data=2" for a in common]
+    port = _free_port()
+    procs = [_magic_train(dcn + ["--workdir", str(tmp_path / "slices"), "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", str(i)], devices=4) for i in range(2)]
+    [_finish(p) for p in procs]
+    slices = _history(tmp_path / "slices")
+    assert [(r["step"], r["split"]) for r in slices] == [(r["step"], r["split"]) for r in one]
+    for a, b in zip(one, slices):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b.get("grad_norm", 0) == pytest.approx(a.get("grad_norm", 0), rel=1e-5)

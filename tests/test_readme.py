@@ -137,13 +137,16 @@ def argument_check(argv: list[str]) -> None:
     """A TPU-slice compile of a SLOW_TO_COMPILE preset, checked without compiling: the flags parse
     and the config resolves for the slice's chips on TPU."""
     from matrixmagic.train.cli import build_parser
+    from matrixmagic.train.cli.compile import slice_assignments
     from matrixmagic.train.cli.flags import config_assignments
-    from matrixmagic.train.planning.chips import parse_target
+    from matrixmagic.train.planning.chips import parse_target, with_slices
     from matrixmagic.train.run import resolve_config
 
     args = build_parser().parse_args(argv[1:])
-    config = resolve_config(args.preset, config_assignments(args), devices=parse_target(args.topology).chips,
-                            platform="tpu")
+    target = with_slices(parse_target(args.topology), args.slices, args.dcn_gbps)
+    assignments = config_assignments(args)
+    assignments.update(slice_assignments(args.mesh, assignments, target.slices))
+    config = resolve_config(args.preset, assignments, devices=target.chips, platform="tpu")
     assert config.preset == args.preset in SLOW_TO_COMPILE
 
 

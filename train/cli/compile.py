@@ -19,7 +19,13 @@ from __future__ import annotations
 import time
 
 from matrixmagic.configs import ConfigError
-from matrixmagic.train.planning.chips import Target, parse_target, target_devices  # light import
+from matrixmagic.train.planning.chips import (  # light import
+    Target,
+    add_slices_arguments,
+    parse_target,
+    target_devices,
+    with_slices,
+)
 
 from .. import storage
 from .paths import check_output_file
@@ -31,8 +37,27 @@ def config_for(args, devices: int, platform: str, **flags):
     from ..run import resolve_config, run_tokenizer, sized_for_data
     from .flags import config_assignments
 
-    config = resolve_config(args.preset, config_assignments(args, **flags), devices=devices, platform=platform)
+    assignments = config_assignments(args, **flags)
+    slices = getattr(args, "slices", None) or 1
+    assignments.update(slice_assignments(flags.get("mesh", args.mesh), assignments, slices))
+    config = resolve_config(args.preset, assignments, devices=devices, platform=platform)
     return sized_for_data(config, run_tokenizer(config), devices)  # as train.loop.train does
+
+
+def slice_assignments(mesh_text, assignments: dict, slices: int) -> dict:
+    """`--slices N`: the slices split the data axis (mesh.dcn_data = N). A --mesh that does not
+    name `data` gets data = N (one replica per slice, the other axes inside each slice)."""
+    if slices == 1:
+        return {}
+    given = assignments.get("mesh.dcn_data")
+    if given is not None and given != slices:
+        raise ConfigError(f"--slices {slices} and mesh.dcn_data={given} disagree: the slices are what the data "
+                          f"axis crosses; drop mesh.dcn_data (--slices sets it) or make them equal.")
+    named = {item.partition("=")[0].strip() for item in (mesh_text or "").split(",")}
+    out = {"mesh.dcn_data": slices}
+    if mesh_text and "data" not in named:
+        out["mesh.data"] = slices
+    return out
 
 
 def report_gpu(args, target: Target) -> int:
@@ -73,7 +98,8 @@ def report_compile(args, target: Target, devices: list) -> int:
     lines.append(f"  analytic     {plan.gib(est.state_bytes)} state + {plan.gib(est.activation_bytes).strip()} "
                  f"activations (closed forms, train/planning/plan.py)")
     lines += [""] + plan.flops_lines(est, len(devices), outcome.cost.get("flops"), flops, config.model.remat_policy)
-    lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds)
+    lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds,
+                                          plan.dcn_seconds(config, target, outcome.dcn_bytes))
     if args.serialize:
         from ..aot import save_executable
 
@@ -131,7 +157,7 @@ def sweep_rows(args, target: Target, devices: list, log=None) -> list[dict]:
     rows, total = [], len(tensors) * len(remats)
     for i, (tensor, remat) in enumerate((t, r) for t in tensors for r in remats):
         for k in micro:
-            label = f"[{i + 1}/{total}] tensor={tensor} fsdp={n // tensor} remat={remat} microbatches={k}"
+            label = f"[{i + 1}/{total}] tensor={tensor} (fsdp the rest) remat={remat} microbatches={k}"
             try:
                 config = config_for(args, n, platform, mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
                                  microbatches=k, batch=base.batch_size)
@@ -141,7 +167,7 @@ def sweep_rows(args, target: Target, devices: list, log=None) -> list[dict]:
             start = time.perf_counter()
             log(f"{label}: compiling...")
             outcome, flops, seconds = search.compile_with_flops(config, devices, True, log=log)
-            row = dict(tensor=tensor, fsdp=n // tensor, remat=remat, microbatches=k, fits=outcome.fits,
+            row = dict(mesh=plan.mesh_text(config, n), tensor=tensor, remat=remat, microbatches=k, fits=outcome.fits,
                        memory=outcome.memory.total if outcome.fits else None, flops=flops, seconds=seconds,
                        shortfall=outcome.oom.shortfall if outcome.oom else None,
                        wall=time.perf_counter() - start, config=config)
@@ -162,7 +188,7 @@ def main(args) -> int:
                           "configuration alone with --serialize PATH.")
     if args.serialize:  # local or gs:// (a pod's hosts share only the bucket): checked by a real write
         args.serialize = check_output_file(args.serialize, "--serialize")
-    target = parse_target(args.topology)
+    target = with_slices(parse_target(args.topology), args.slices, args.dcn_gbps)
     if target.kind == "gpu":
         return report_gpu(args, target)
     devices = target_devices(target)
@@ -180,6 +206,7 @@ def add_compile_arguments(p) -> None:
     p.add_argument("--topology", required=True,
                    help="v5p-1024 (v4/v5p count TensorCores, 2 per chip), v5e-16 / v6e-64 (chips), v5p:8x8x8, "
                         "cpu-8 (this host's CPU devices), h100x64 (analytic estimate)")
+    add_slices_arguments(p)
     p.add_argument("--mfu", type=float, default=0.5, help="model FLOP utilization for the throughput estimate")
     p.add_argument("--serialize", metavar="PATH", help="save the compiled executable for magic train --compiled")
     p.add_argument("--no-calibrate", action="store_true",

@@ -25,7 +25,7 @@ from functools import partial
 
 from matrixmagic.configs import ConfigError
 from matrixmagic.train.planning.budget import check_price, parse_tokens  # light: no jax
-from matrixmagic.train.planning.chips import GiB, parse_target, target_devices
+from matrixmagic.train.planning.chips import GiB, add_slices_arguments, parse_target, target_devices, with_slices
 
 from .compile import config_for
 
@@ -33,6 +33,7 @@ from .compile import config_for
 def add_plan_arguments(p) -> None:
     p.add_argument("--topology", required=True, help="v5p-1024, v5e-16, v5p:8x8x8, cpu-8 (fake CPU mesh), "
                                                      "h100x64 / h200x64 (analytic estimate)")
+    add_slices_arguments(p)
     p.add_argument("--tokens", help="token target, e.g. 300B, 1.4T or 3e11: total FLOPs, steps, days, chip-hours")
     p.add_argument("--price-per-chip-hour", type=float, help="your price per chip-hour (any currency): adds the "
                                                              "cost; there are no built-in prices")
@@ -66,7 +67,7 @@ def main(args) -> int:
     price = check_price(args.price_per_chip_hour)
     if args.max_compiles < 1:
         raise ConfigError(f"--max-compiles {args.max_compiles} is invalid: compile at least 1 candidate.")
-    target = parse_target(args.topology)
+    target = with_slices(parse_target(args.topology), args.slices, args.dcn_gbps)
     budget = _budget_bytes(args, target)
     explicit = explicit_layout(args)
     if target.kind == "gpu":

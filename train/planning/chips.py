@@ -26,6 +26,12 @@ Sources (per-chip bf16 peak, HBM):
   A100 NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOP/s dense bf16, 80 GB HBM2e
 Google's pages write "GB" and "GiB" for the same TPU figures; we use GiB (XLA
 reports 95.74 GiB usable on a v5p). NVIDIA's GB are 10^9 bytes.
+
+Data-centre network (DCN) bandwidth per chip, what joins the slices of a multi-slice job:
+  v5p  https://cloud.google.com/tpu/docs/v5p : "Data center network (DCN) bandwidth per chip" 50 Gbps
+  v5e  https://cloud.google.com/tpu/docs/v5e : "Per-host NIC configuration" 2 x 100 Gbps, 8 chips per
+       host: 25 Gbps per chip
+  v4, v6e: not stated per chip on their pages; `--dcn-gbps` gives it.
 """
 
 from __future__ import annotations
@@ -50,12 +56,13 @@ class Chip:
     cores_per_chip: int  # TensorCores: what v4-N / v5p-N count
     topology_dims: int  # 3 (v4, v5p torus), 2 (v5e, v6e), 0 (GPU: no libtpu topology)
     topology_kwargs: tuple = ()  # extra get_topology_desc arguments
+    dcn_bits_per_s: Optional[float] = None  # per chip, between slices (sources above); None: not published
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", ("TPU v4",), 275e12, 32 * GiB, 2, 3, (("chip_config_name", "megacore"),)),
-    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, 1, 2),
-    Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, 2, 3),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, 1, 2, dcn_bits_per_s=2 * 100e9 / 8),
+    Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, 2, 3, dcn_bits_per_s=50e9),
     Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, 1, 2),
     Chip("h100", ("NVIDIA H100", "H100"), 989e12, 80 * 10**9, 1, 0),
     Chip("h200", ("NVIDIA H200", "H200"), 989e12, 141 * 10**9, 1, 0),
@@ -87,7 +94,9 @@ class Target:
     kind: Literal["tpu", "cpu", "gpu"]
     chips: int
     chip: Optional[Chip]  # None for the CPU mesh (no HBM, no peak from the table)
-    topology: str = ""  # libtpu topology string, e.g. "v5p:8x8x8"
+    topology: str = ""  # libtpu topology string of one slice, e.g. "v5p:8x8x8"
+    slices: int = 1  # identical slices joined by the data-centre network; chips counts all of them
+    dcn_bits_per_s: Optional[float] = None  # per chip between slices: the chip's, or --dcn-gbps
 
     @property
     def description(self) -> str:
@@ -98,7 +107,47 @@ class Target:
         if self.kind == "gpu":
             return what + " (GPU cluster: analytic estimate, no compile)"
         counted = "TensorCores, 2 per chip" if self.chip.cores_per_chip == 2 else "chips"
+        if self.slices > 1:
+            what += (f" in {self.slices} slices of {self.topology} joined by the data-centre network "
+                     f"({self.dcn_bits_per_s / 1e9:g} Gbps per chip)")
+            return f"{what} ({self.chip.name}-N counts {counted}; --topology names one slice)"
         return f"{what}, topology {self.topology} ({self.chip.name}-N counts {counted})"
+
+
+def with_slices(target: Target, slices: Optional[int], dcn_gbps: Optional[float] = None) -> Target:
+    """`--slices N` (and `--dcn-gbps`): N copies of the named TPU slice, joined by DCN.
+
+    Only the data axis crosses the slices (sharding/mesh.py), so a multi-slice plan is the
+    one-slice layout with `mesh.dcn_data = N` more data-parallel replicas."""
+    if dcn_gbps is not None and not (dcn_gbps > 0 and dcn_gbps != float("inf")):
+        raise ConfigError(f"--dcn-gbps {dcn_gbps} is invalid: give the data-centre network bandwidth per chip in "
+                          f"Gbit/s, e.g. --dcn-gbps 50.")
+    if slices is None or slices == 1:
+        if dcn_gbps is not None:
+            raise ConfigError("--dcn-gbps only matters with --slices N (N > 1): one slice uses no DCN.")
+        return target
+    if slices < 1:
+        raise ConfigError(f"--slices {slices} is invalid: use the number of TPU slices, 1 or more.")
+    if target.kind != "tpu":
+        where = ("a fake CPU mesh is one process, one slice (two processes with dcn_data=2 are tested in "
+                 "tests/test_multihost.py)" if target.kind == "cpu" else
+                 "GPU clusters have no slices: their nodes are the data-parallel replicas (--mesh data=...)")
+        raise ConfigError(f"--slices {slices} is for TPU multi-slice topologies (e.g. --topology v5p-1024 "
+                          f"--slices 2); {where}.")
+    assert target.chip is not None  # a TPU target always names its chip
+    bits = dcn_gbps * 1e9 if dcn_gbps is not None else target.chip.dcn_bits_per_s
+    if bits is None:
+        raise ConfigError(f"--slices {slices}: the {target.chip.name}'s data-centre network bandwidth per chip is "
+                          f"not published with its specs; give it with --dcn-gbps (e.g. --dcn-gbps 50).")
+    return dataclasses.replace(target, chips=target.chips * slices, slices=slices, dcn_bits_per_s=bits)
+
+
+def add_slices_arguments(p) -> None:
+    """`--slices` and `--dcn-gbps`, shared by `magic compile` and `magic plan`."""
+    p.add_argument("--slices", type=int, help="TPU multi-slice: this many copies of --topology joined by the "
+                                              "data-centre network (mesh.dcn_data); default 1")
+    p.add_argument("--dcn-gbps", type=float, help="data-centre network bandwidth per chip in Gbit/s (default: "
+                                                  "the chip's published figure, v5p 50, v5e 25)")
 
 
 def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -204,9 +253,9 @@ def tpu_devices(target: Target) -> list:
     from jax.experimental import topologies
 
     assert target.chip is not None  # a TPU target always names its chip
+    kwargs = dict(target.chip.topology_kwargs, **({"num_slices": target.slices} if target.slices > 1 else {}))
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                            **dict(target.chip.topology_kwargs))
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kwargs)
     except Exception as err:  # libtpu raises JaxRuntimeError with its own reason
         raise ConfigError(f"--topology {target.spec}: libtpu rejected topology {target.topology!r} "
                           f"({str(err).splitlines()[0]}); try a power-of-two slice such as v5p-128.") from err

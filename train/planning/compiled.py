@@ -110,6 +110,7 @@ class CompileOutcome:
     memory: Optional[MemoryBreakdown] = None
     cost: Optional[dict] = None  # flops, optimal_seconds (TPU), bytes accessed: raw, per device
     oom: Optional[OutOfMemory] = None
+    dcn_bytes: Optional[float] = None  # multi-slice: bytes per device sent across slices per step (the HLO's)
 
     @property
     def fits(self) -> bool:

@@ -175,3 +175,23 @@ def loop_trip_counts(text: str) -> list[Optional[int]]:
     module = HloModuleText(text)
     return [module.trip_count(comp, m) for comp, lines in module.computations.items() for line in lines[1:]
             if (m := _WHILE.search(line))]
+
+
+# A cross-slice transfer in libtpu's multi-slice HLO: a host-transfer `send` handled by the
+# "megascale" runtime (the DCN), tagged with its collective, e.g.
+#   %send = (f32[1,1,128]{...}, u32[], token[]) send(%x, %after-all), ..., _xla_megascale_transfer_type="ALL_REDUCE"
+_DCN_SEND = re.compile(r"=\s*\(([a-z]+\d*)\[([\d,]*)\].*?\)\s+send\(.*_xla_megascale_transfer_type=\"([A-Z_]+)\"")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+
+
+def dcn_send_bytes(text: str) -> dict:
+    """{"dcn bytes": bytes the module sends across slices}, loops counted once (a cost_fn for
+    `loop_corrected_cost`, which then counts each loop's sends trip-count times)."""
+    total = 0
+    for m in _DCN_SEND.finditer(text):
+        size = _DTYPE_BYTES.get(m[1], 4)
+        for d in m[2].split(",") if m[2] else ():
+            size *= int(d)
+        total += size
+    return {"dcn bytes": total}

@@ -137,6 +137,25 @@ def recompute_flops_per_token(cfg, seq_len: int) -> float:
     return attention_layers(cfg) * (2 * h * qkv_width(cfg) + 4 * seq_len * h) + ffns * 2 * h * up_width(cfg)
 
 
+def dcn_seconds(config: TrainConfig, target: Target, dcn_bytes: Optional[float] = None) -> Optional[float]:
+    """Seconds per step the slices spend all-reducing gradients over the data-centre network.
+
+    Only the data axis crosses slices (sharding/mesh.py), so the one cross-slice collective is
+    the data-parallel gradient reduction. `dcn_bytes`: what each device sends across slices per
+    step, read from the compiled HLO (train/planning/loops.py `dcn_send_bytes`); without it the
+    closed form: reduced hierarchically (inside each slice over ICI first), every chip carries
+    its 1/(chips per slice) share of the N p gradient bytes. A ring over S slices moves
+    2 (S - 1) / S times that per chip, at the chip's DCN bandwidth, not overlapped with
+    compute: an upper bound on what DCN adds."""
+    if target.slices <= 1 or not target.dcn_bits_per_s:
+        return None
+    if dcn_bytes is None:
+        counts = closed_form_params(config.model)
+        grad_bytes = (counts["model"] + counts["mlm_head"]) * DTYPE_BYTES[config.model.param_dtype]
+        dcn_bytes = grad_bytes / (target.chips // target.slices)
+    return 2 * (target.slices - 1) / target.slices * dcn_bytes * 8 / target.dcn_bits_per_s
+
+
 def step_time(model_flops: float, devices: int, peak: float, mfu: float) -> float:
     """Seconds per step at `mfu` of peak: MFU counts model FLOPs (6N + 12LSh), not recompute."""
     return model_flops / (devices * peak * mfu)
@@ -157,6 +176,12 @@ def count(n: float) -> str:
     return human(n).replace(" G", " B").strip()
 
 
+def mesh_text(config: TrainConfig, devices: int) -> str:
+    """'fsdp=64,tensor=8' (data, stage, context named when above 1): a row label and a --mesh value."""
+    sizes = axis_sizes(config.mesh, devices)
+    return ",".join(f"{a}={sizes[a]}" for a in AXES if sizes[a] > 1 or a in ("fsdp", "tensor"))
+
+
 def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
     cfg = config.model
     sizes = axis_sizes(config.mesh, devices)
@@ -168,7 +193,9 @@ def header(config: TrainConfig, target: Target, devices: int) -> list[str]:
         f", d_model {cfg.d_model}; compute {cfg.dtype}, params {cfg.param_dtype}"
         + (" (the TPU/GPU default, as magic train runs there)" if cfg.dtype == "bfloat16" else "")
         + f"; attention {cfg.attention_impl}",
-        "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES) + (f" over {devices} device(s), "
+        "  mesh     " + " ".join(f"{a}={sizes[a]}" for a in AXES)
+        + (f" (dcn_data={config.mesh.dcn_data}: the data axis spans the slices)" if config.mesh.dcn_data > 1 else "")
+        + (f" over {devices} device(s), "
         f"layout {config.mesh.layout}; remat {cfg.remat_policy}; {config.microbatches} microbatch(es)"),
         (f"  batch    {config.batch_size} x {config.data.seq_len} = {config.tokens_per_step:,} tokens/step (paper "
          f"{paper:,}, {config.tokens_per_step / paper - 1:+.0%}: by default rounded down to a multiple of data x "
@@ -261,12 +288,20 @@ def flops_lines(est: Estimate, devices: int, raw: Optional[float], corrected: Op
 
 
 def throughput_lines(est: Estimate, devices: int, peak: float, mfu: float, chip_name: str,
-                     compiler_seconds: Optional[float]) -> list[str]:
-    step = step_time(est.model_flops, devices, peak, mfu)
+                     compiler_seconds: Optional[float], dcn: Optional[float] = None) -> list[str]:
+    """Step time at the stated MFU and by the compiler; with several slices each plus the
+    cross-slice gradient all-reduce (`dcn_seconds`)."""
+    extra = dcn or 0.0
+    plus = " + DCN" if dcn else ""
+    step = step_time(est.model_flops, devices, peak, mfu) + extra
     lines = [f"throughput at {mfu:.0%} MFU ({chip_name}: {human(peak, 'FLOP/s')} peak per device)",
-             (f"  step time    {seconds_text(step)}   tokens/s {est.tokens_per_step / step:,.0f}   "
+             (f"  step time    {seconds_text(step)}{plus}   tokens/s {est.tokens_per_step / step:,.0f}   "
               f"(MFU counts 6N + 12LSh; remat recompute is extra work inside that time)")]
+    if dcn:
+        lines.append(f"  DCN          {seconds_text(dcn)}/step: the gradient all-reduce between slices over the "
+                     f"data-centre network, not overlapped (train/planning/plan.py dcn_seconds)")
     if compiler_seconds:
-        lines.append(f"  compiler's own estimate (optimal_seconds, loop-corrected): {seconds_text(compiler_seconds)}/step "
-                     f"= {est.tokens_per_step / compiler_seconds:,.0f} tokens/s")
+        lines.append(f"  compiler's own estimate (optimal_seconds, loop-corrected){plus}: "
+                     f"{seconds_text(compiler_seconds + extra)}/step "
+                     f"= {est.tokens_per_step / (compiler_seconds + extra):,.0f} tokens/s")
     return lines

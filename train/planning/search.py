@@ -7,6 +7,7 @@ them into configs; nothing here reads an argparse namespace.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Optional
 
@@ -19,6 +20,7 @@ from . import compiled as report
 from . import oom, plan
 from .budget import budget_lines
 from .chips import GiB, Target, peak_flops_for_device_kind
+from .loops import dcn_send_bytes, loop_corrected_cost
 
 NOT_FIT = 3  # exit status: a result (it does not fit), not an error
 PRUNE_MARGIN = 1.15  # the analytic model is a cross-check, not the verdict: compile what it puts within 15%
@@ -50,6 +52,8 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
         + ("" if outcome.fits else " (out of memory)"))
     if not outcome.fits:
         return outcome, None, None
+    if len(slice_groups(devices)) > 1:
+        return multi_slice(config, outcome, devices, calibrate, log)
     assert outcome.cost is not None  # a compile that fits has its cost summary (aot.compile_step)
     start = time.perf_counter()
     try:
@@ -75,6 +79,36 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
     corrected = {k: report.loop_corrected(outcome.cost[k], calib.get(k), config)
                  for k in ("flops", "optimal_seconds") if k in outcome.cost}
     return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
+
+
+def slice_groups(devices: list) -> list[list]:
+    """The devices of each TPU slice (one group when they carry no slice index)."""
+    groups: dict = {}
+    for d in devices:
+        groups.setdefault(getattr(d, "slice_index", 0), []).append(d)
+    return list(groups.values())
+
+
+def multi_slice(config, outcome, devices: list, calibrate: bool, log=log):
+    """(outcome with its DCN bytes, loop-corrected flops, step seconds WITHOUT the DCN) of a
+    multi-slice compile.
+
+    libtpu's cost model gives no time for the cross-slice (DCN) transfers: its optimal_seconds
+    comes out negative. So the time is the compiler's estimate for one slice running its own
+    share (batch / S over the same per-slice mesh: the same per-device program but for the DCN
+    all-reduce), and the DCN bytes are read from this program's HLO (loops.dcn_send_bytes) for
+    plan.dcn_seconds to charge at the network's bandwidth."""
+    sizes = dict(outcome.mesh_shape)
+    slices = config.mesh.dcn_data
+    groups = slice_groups(devices)
+    counted = loop_corrected_cost(outcome.compiled.as_text(), dcn_send_bytes, keys=("dcn bytes",))
+    outcome.dcn_bytes = counted["dcn bytes"] if counted else None
+    twin = dataclasses.replace(config, batch_size=config.batch_size // slices,
+                               mesh=dataclasses.replace(config.mesh, data=sizes["data"] // slices, dcn_data=1))
+    log(f"  one slice's share (batch {twin.batch_size}, data={twin.mesh.data}) for the compiler's step time, "
+        f"which it does not give across slices:")
+    one, flops, seconds = compile_with_flops(twin, groups[0], calibrate, log)
+    return outcome, (flops if one.fits else None), (seconds if one.fits else None)
 
 
 def candidate_configs(make_config: Callable, devices: int) -> list:
@@ -107,10 +141,12 @@ def fits(outcome, budget: Optional[float], explicit_budget: bool) -> bool:
     return not explicit_budget or budget is None or outcome.memory.total <= budget
 
 
-def step_times(est, devices: int, peak: float, mfu: float, compiler_seconds: Optional[float]) -> list:
-    times = [(f"at {mfu:.0%} MFU", plan.step_time(est.model_flops, devices, peak, mfu))]
+def step_times(est, devices: int, peak: float, mfu: float, compiler_seconds: Optional[float],
+               dcn: Optional[float] = None) -> list:
+    extra, plus = (dcn, " + DCN") if dcn else (0.0, "")
+    times = [(f"at {mfu:.0%} MFU{plus}", plan.step_time(est.model_flops, devices, peak, mfu) + extra)]
     if compiler_seconds:
-        times.append(("at the compiler's estimate", compiler_seconds))
+        times.append((f"at the compiler's estimate{plus}", compiler_seconds + extra))
     return times
 
 
@@ -155,8 +191,9 @@ def report_one(config, outcome, flops, seconds, target, devices, mfu, tokens, pr
     peak, chip_name = device_peak(target, devices)
     lines = plan.memory_lines(outcome, budget)
     lines += [""] + plan.flops_lines(est, n, outcome.cost.get("flops"), flops, config.model.remat_policy)
-    lines += [""] + plan.throughput_lines(est, n, peak, mfu, chip_name, seconds)
-    lines += [""] + token_lines(config, est, n, step_times(est, n, peak, mfu, seconds), tokens, price)
+    dcn = plan.dcn_seconds(config, target, outcome.dcn_bytes)
+    lines += [""] + plan.throughput_lines(est, n, peak, mfu, chip_name, seconds, dcn)
+    lines += [""] + token_lines(config, est, n, step_times(est, n, peak, mfu, seconds, dcn), tokens, price)
     print("\n".join(lines))
     return 0
 
@@ -221,7 +258,7 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
         tried.append((config, outcome, flops, seconds, ok))
         memory = outcome.memory.total if outcome.memory else None
         short = (memory - budget) if (memory and budget and not ok) else (outcome.oom.shortfall if outcome.oom else None)
-        results.append({"tensor": config.mesh.tensor, "fsdp": n // config.mesh.tensor,
+        results.append({"mesh": plan.mesh_text(config, n), "tensor": config.mesh.tensor,
                         "remat": config.model.remat_policy, "microbatches": config.microbatches, "fits": ok,
                         "memory": memory, "flops": flops, "seconds": seconds, "shortfall": short,
                         "wall": time.perf_counter() - t0, "config": config})
@@ -244,9 +281,10 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
               f"by the compiler ({_compiled_seconds(second, target, devices) / _compiled_seconds(best, target, devices):.2f}x "
               f"the winner's)")
     budget_text = f" of the {budget:,.0f}-byte budget" if budget else ""
+    slices = f" --slices {target.slices}" if target.slices > 1 else ""
     print(f"\nfastest that fits: {label(best[0])}, compiled: {best[1].memory.total:,} bytes per device{budget_text}"
-          f"\n  (magic plan ... --mesh fsdp=-1,tensor={best[0].mesh.tensor} --remat {best[0].model.remat_policy} "
-          f"--microbatches {best[0].microbatches})")
+          f"\n  (magic plan ... --mesh {plan.mesh_text(best[0], n)} --remat {best[0].model.remat_policy} "
+          f"--microbatches {best[0].microbatches}{slices})")
     print("\n".join(plan.header(best[0], target, n)))
     return report_one(best[0], best[1], best[2], best[3], target, devices, mfu, tokens, price, budget,
                       explicit_budget)
@@ -316,12 +354,12 @@ def sweep_table(rows: list[dict], target: Target, devices: int, mfu: float, hbm:
     for r in fit:
         s = est_seconds(r)
         room = f"{(hbm - r['memory']) / 2**30:8.2f}G" if hbm else "n/a"
-        lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} {r['microbatches']:5d} "
+        lines.append(f"{r['mesh']:24s} {r['remat']:10s} {r['microbatches']:5d} "
                      f"{r['memory'] / 2**30:9.2f}G {room:>10s} {plan.seconds_text(s):>11s} "
                      f"{r['config'].tokens_per_step / s:12,.0f} {r['wall']:7.0f}")
     for r in rows:
         if not r["fits"]:
             short = f"short by {r['shortfall'] / 2**30:.2f} GiB" if r["shortfall"] else "out of memory"
-            lines.append(f"{'fsdp=%d,tensor=%d' % (r['fsdp'], r['tensor']):24s} {r['remat']:10s} "
+            lines.append(f"{r['mesh']:24s} {r['remat']:10s} "
                          f"{r['microbatches']:5d}   does not fit: {short}")
     return "\n".join(lines)
