@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,53 @@ def test_hlo_text_cut_keeps_multiline_configs_and_reads_trip_counts_from_the_con
     total = loops.loop_corrected_cost(CUT, lambda text: {"flops": costs["main" if "ENTRY %main" in text
                                                                       else "body"]})
     assert total == {"flops": 10.0 + 6 * 3.0}  # the body counted 7 times, not once
+
+
+# A windowed-einsum loop as libtpu writes it (issue 28): i from 0, `i < 4`, `i += 2`: two trips.
+STEP2 = """HloModule m
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body (q: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %q = (s32[], f32[4]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %two = s32[] constant(2)
+  %next = s32[] add(%j, %two)
+  %v = f32[4] get-tuple-element(%q), index=1
+  ROOT %t = (s32[], f32[4]) tuple(%next, %v)
+}
+
+ENTRY %main () -> s32[] {
+  %zero = s32[] constant(0)
+  %v0 = f32[4] constant({1, 2, 3, 4})
+  %init = (s32[], f32[4]) tuple(%zero, %v0)
+  %w = (s32[], f32[4]) while(%init), condition=%cond, body=%body
+  ROOT %r = s32[] get-tuple-element(%w), index=0
+}
+"""
+
+
+def test_trip_counts_read_the_induction_variables_step():
+    assert loops.HloModuleText(STEP2).loops("main") == [("body", 2)]  # not 4: the counter steps by 2
+    assert loops.loop_corrected_cost(STEP2, lambda text: {"flops": 5.0 if "ENTRY %main" in text else 3.0}) == \
+        {"flops": 5.0 + 1 * 3.0}
+    le = STEP2.replace("direction=LT", "direction=LE").replace("constant(4)", "constant(5)")
+    assert loops.HloModuleText(le).loops("main") == [("body", 3)]  # 0, 2, 4 <= 5
+
+
+def test_a_jax_loop_stepping_by_two_is_counted_without_xlas_annotation():
+    def f(x):
+        return jax.lax.while_loop(lambda c: c[0] < 10, lambda c: (c[0] + 2, jnp.sin(c[1]) @ c[1]), (0, x))[1]
+
+    text = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+    stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\}', "", text)
+    assert "known_trip_count" not in stripped  # as on TPU, where the final HLO drops it
+    assert loops.loop_trip_counts(stripped) == loops.loop_trip_counts(text) == [5]
 
 
 # ----------------------------------------------------------------------------- the plan report

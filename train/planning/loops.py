@@ -81,22 +81,68 @@ class HloModuleText:
 
     def trip_count(self, comp: str, loop: re.Match) -> Optional[int]:
         """The loop's static trip count: XLA's `known_trip_count` where the backend keeps it (CPU),
-        else read off `i < N` in the condition with i's start value a constant in the operand
-        tuple (TPU's final HLO drops the annotation; jax's scans all have this form)."""
+        else from the loop's own induction variable (TPU's final HLO drops the annotation): its
+        start (a constant in the operand tuple), its bound (`i < N` or `i <= N` in the condition)
+        and its step (`i + c` in the body's root tuple). XLA's windowed einsums step by 2 (seen on
+        TPU: `i < 4`, `i += 2`, two trips), so the step is read, not assumed."""
         if trip := _TRIP.search(loop[4]):
             return int(trip[1])
         cond = self._defs(loop[2])
-        root = next((d for d in cond.values() if d[0] == "compare" and "direction=LT" in d[2]), None)
+        root = next((op for name in cond if (op := self._op(cond, name))[0] == "compare"
+                     and re.search(r"direction=L[TE]", op[2])), None)
         if root is None:
             return None
-        lhs, rhs = re.findall(r"%?([\w.\-]+)", root[1])[:2]
+        lhs, rhs = root[1][:2]
         index = re.search(r"index=(\d+)", cond.get(lhs, ("", "", ""))[2])
         end = self._constant(cond, rhs)
         operand = self._defs(comp).get(loop[1])
         if index is None or end is None or operand is None or operand[0] != "tuple":
             return None
         start = self._constant(self._defs(comp), re.findall(r"%?([\w.\-]+)", operand[1])[int(index[1])])
-        return end - start if start is not None and end > start else None
+        step = self._step(loop[3], int(index[1]))
+        if start is None or step is None or step <= 0:
+            return None
+        last = end + 1 if "direction=LE" in root[2] else end  # i <= N runs as i < N + 1
+        return max(0, -(-(last - start) // step))  # ceil((last - start) / step)
+
+    def _op(self, defs: dict, name: str) -> tuple[str, list[str], str]:
+        """(opcode, operand names, attributes) of instruction `name`, looking through a fusion of
+        one op (CPU wraps a loop's compare and increment so: `fusion(i, c), calls=%wrapped_add`)."""
+        op, operands, attrs = defs.get(name, ("", "", ""))
+        names = re.findall(r"%?([\w.\-]+)", operands)
+        called = re.search(r"calls=%?([\w.\-]+)", attrs)
+        if op != "fusion" or not called:
+            return op, names, attrs
+        lines = self.computations.get(called[1], [])
+        root = next((m for line in lines[1:] if line.lstrip().startswith("ROOT") and (m := _DEF.match(line))), None)
+        if root is None:
+            return op, names, attrs
+        params = {m[1]: int(p[1]) for line in lines[1:] if (m := _DEF.match(line)) and m[2] == "parameter"
+                  and (p := re.fullmatch(r"\s*(\d+)\s*", m[3]))}
+        inner = re.findall(r"%?([\w.\-]+)", root[3])
+        if not all(n in params and params[n] < len(names) for n in inner):
+            return op, names, attrs
+        return root[2], [names[params[n]] for n in inner], root[4]
+
+    def _step(self, body: str, index: int) -> Optional[int]:
+        """c in the body's `i' = i + c` for tuple element `index` (1 when the body's root is not a
+        tuple this can read: the old assumption, kept for hand-cut modules)."""
+        lines = self.computations.get(body, [])
+        root = next((m for line in lines[1:] if line.lstrip().startswith("ROOT") and (m := _DEF.match(line))), None)
+        if root is None or root[2] != "tuple":
+            return 1
+        defs = self._defs(body)
+        name = re.findall(r"%?([\w.\-]+)", root[3])[index]
+        for _ in range(8):  # through copies of the incremented value
+            op, operands, _attrs = defs.get(name, ("", "", ""))
+            if op not in ("copy", "bitcast", "convert"):
+                break
+            name = operands.strip().lstrip("%")
+        op, names, _attrs = self._op(defs, name)
+        if op != "add":
+            return 1 if op in ("get-tuple-element", "parameter") else None
+        found = [c for n in names[:2] if (c := self._constant(defs, n)) is not None]
+        return found[0] if len(found) == 1 else None
 
     def _defs(self, comp: str) -> dict[str, tuple[str, str, str]]:
         """{instruction: (opcode, operands, attributes)} of one computation."""
