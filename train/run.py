@@ -308,9 +308,10 @@ def shard_run(config: TrainConfig, tx, step_fn, eval_fn, devices=None) -> Sharde
     abstract = sharded_abstract_state(config.model, tx, shardings)
 
     init = jax.jit(partial(create_train_state, config.model, tx), out_shardings=shardings)
-    train = jax.jit(with_rules(step_fn, mesh, rules), in_shardings=(shardings, batch_sharding),
+    kind = config.mesh.context_attention  # how attention crosses a sequence split (model/context.py)
+    train = jax.jit(with_rules(step_fn, mesh, rules, kind), in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, None), donate_argnums=0)
-    evaluate = jax.jit(with_rules(partial(eval_fn, config=config), mesh, rules),
+    evaluate = jax.jit(with_rules(partial(eval_fn, config=config), mesh, rules, kind),
                        in_shardings=(shardings.params, batch_sharding))
     return ShardedRun(mesh, rules, shardings, batch_sharding, abstract, init, train, evaluate)
 
