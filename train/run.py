@@ -122,10 +122,13 @@ def _value(config, values: Mapping[str, Any], field: str):
 def platform_layer(platform: str, base: TrainConfig, above: Mapping[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
     """The platform's defaults for this run: `platform_defaults`, less the splash pair where the
     layers `above` chose the attention or the run's lengths do not tile (`_splash_by_default`),
-    and the layout the mesh implies."""
+    less splash itself under a context split (its attention dropout of 0 stays, so ring attention
+    fits), and the layout the mesh implies."""
     defaults = {**platform_defaults(platform), "mesh.layout": infer_layout(sizes)}
     if not _splash_by_default(_value(base, above, "model.family"), _value(base, above, "data.seq_len"), above):
         defaults = {k: v for k, v in defaults.items() if k not in SPLASH_DEFAULTS}
+    if sizes.get("context", 1) > 1:  # splash is not split over context (model/context.py): attention as the preset says
+        defaults.pop("model.attention_impl", None)
     return defaults
 
 
