@@ -85,12 +85,21 @@ def finish(state, dtype) -> jnp.ndarray:
     return (acc / total.transpose(0, 2, 1)[..., None]).astype(dtype)
 
 
+def _block_step(state, q, q_index, q_segments, block: Block, causal: bool, dtype):
+    k, v, kv_index, kv_segments = block
+    return update(state, q, k, v, block_mask(q_index, kv_index, q_segments, kv_segments, causal), dtype)
+
+
+# Rematerialized: the backward pass recomputes a block's scores and mask from its inputs instead of
+# keeping C blocks of [Tq, Tk] weights per layer (FlashAttention's recomputation, Dao et al. 2022).
+_checkpointed_step = jax.checkpoint(_block_step, static_argnums=(5, 6))
+
+
 def attend_blocks(q, q_index, q_segments, blocks, causal: bool, dtype) -> jnp.ndarray:
     """softmax(Q K^T / sqrt(d), masked) V over the K/V `blocks` (an iterable of Block), in order."""
     state = init_state(q)
-    for k, v, kv_index, kv_segments in blocks:
-        mask = block_mask(q_index, kv_index, q_segments, kv_segments, causal)
-        state = update(state, q, k, v, mask, dtype)
+    for block in blocks:
+        state = _checkpointed_step(state, q, q_index, q_segments, tuple(block), causal, dtype)
     return finish(state, dtype)
 
 
