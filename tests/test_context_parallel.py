@@ -175,6 +175,22 @@ def test_one_device_forward_is_unchanged_by_the_context_rules():
     assert out.shape == (2, 16, config.model.vocab_size) and bool(jnp.isfinite(out).all())
 
 
+def test_memory_model_divides_activations_by_context():
+    """train/planning/plan.py: a context split keeps S / C tokens per device (the logits too), plus
+    the whole sequence's K/V per layer that attention gathered or received."""
+    from matrixmagic.configs.train_config import MeshConfig
+    from matrixmagic.train.planning.plan import context_kv_bytes, estimate, logit_bytes
+
+    one = _config(context=1, seq_len=32, data=1)
+    two = dataclasses.replace(one, mesh=MeshConfig(data=1, context=2))
+    kv = context_kv_bytes(two, 2)
+    layers, rows, width = one.model.num_layers, one.batch_size, 2 * one.model.kv_heads * one.model.head_dim
+    assert kv == layers * rows * 32 * width * 4 and context_kv_bytes(one, 1) == 0  # float32 K and V
+    assert logit_bytes(two, 2) == logit_bytes(one, 1) / 2
+    assert estimate(two, 2).activation_bytes - kv == pytest.approx(estimate(one, 1).activation_bytes / 2)
+    assert estimate(two, 2).state_bytes == estimate(one, 1).state_bytes  # weights are not split by context
+
+
 # ----------------------------------------------------------------------------- 8 devices
 
 
