@@ -37,6 +37,9 @@ LAYOUTS = get_args(Layout)
 # Mesh axes, outermost first (sharding/mesh.py says why this order); MeshConfig has one field each.
 MESH_AXES = ("data", "stage", "fsdp", "context", "tensor")
 MESH_FLAG_KEYS = MESH_AXES + ("dcn_data",)  # what --mesh accepts
+# How attention sees the keys of other context shards (model/context.py, model/ring_attention.py).
+ContextAttention = Literal["all_gather", "ring"]
+CONTEXT_ATTENTION: tuple[str, ...] = get_args(ContextAttention)
 
 def parse_mixture(text: str) -> tuple[tuple[str, float], ...]:
     """'code:0.7,prose:0.3' -> (('code', 0.7), ('prose', 0.3)); errors name data.mixture."""
@@ -156,6 +159,41 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
+    # With context > 1, how each shard's queries reach the other shards' keys: all_gather (every
+    # shard gathers all K/V, Llama 3 section 3.3.2) or ring (K/V blocks passed round, Liu et al. 2023).
+    context_attention: ContextAttention = "all_gather"
+
+    def __post_init__(self):
+        if self.context_attention not in CONTEXT_ATTENTION:
+            fail("mesh.context_attention", self.context_attention,
+                 f"choose one of {', '.join(CONTEXT_ATTENTION)}.{suggest(self.context_attention, CONTEXT_ATTENTION)}")
+
+
+def check_context_split(config, context: int) -> None:
+    """What a sequence split over `context` devices needs (its size resolved: sharding/validate.py
+    calls this again once a -1 is filled in). The sequence is cut into 2 x context chunks, shard i
+    holding chunks i and 2C-1-i (load-balanced causal striping, model/context.py)."""
+    if context <= 1:
+        return
+    model, seq = config.model, config.data.seq_len
+    if model.family != "decoder":
+        fail("mesh.context", context, f"context parallelism splits the sequence of decoder-only models, and "
+                                      f"model.family={model.family!r} (bidirectional or cross attention) is not "
+                                      f"supported yet: use mesh.context=1.")
+    if model.attention_impl == "splash":
+        fail("model.attention_impl", "splash", f"the splash kernel is not split over the context axis "
+                                               f"(mesh.context={context}): use model.attention_impl=matrices or "
+                                               f"fused, or mesh.context=1.")
+    if seq % (2 * context):
+        fail("mesh.context", context, f"data.seq_len={seq} must cut into 2 x mesh.context = {2 * context} equal "
+                                      f"chunks (each context shard holds one early and one late chunk, so causal "
+                                      f"work is balanced): use a data.seq_len that is a multiple of {2 * context}, "
+                                      f"or a mesh.context dividing {seq // 2}.")
+    if config.mesh.context_attention == "ring" and model.attention_dropout_rate:
+        fail("mesh.context_attention", "ring", f"ring attention never forms the attention weights, so it cannot "
+                                               f"drop them out (model.attention_dropout_rate="
+                                               f"{model.attention_dropout_rate}): set model.attention_dropout_rate=0, "
+                                               f"or mesh.context_attention=all_gather.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +332,7 @@ class TrainConfig:
                  f"the splash kernel tiles attention in blocks of {SPLASH_BLOCK}, and data.seq_len={self.data.seq_len} "
                  f"gives {', '.join(f'{side} length {n}' for side, n in untiled.items())}: use a data.seq_len that "
                  f"is a multiple of {len(lengths) * SPLASH_BLOCK}, or model.attention_impl=matrices or fused.")
+        check_context_split(self, self.mesh.context)
         positions_needed = max(lengths.values())
         if positions_needed > self.model.max_len:
             fail("data.seq_len", self.data.seq_len,

@@ -27,6 +27,9 @@ KV cache and hand-built callers, as a dense boolean array.
   mask's structure. It needs lengths that are multiples of 128; KV-cache decoding
   (one new query row against the cache, dense mask) runs the fused path instead.
 fused and splash never return the weights: no attention dropout, nothing to sow.
+With the sequence split over the mesh's `context` axis (context.py; the mask then carries the
+tokens' original `order`), K and V are all-gathered before the matrices / fused path, or the
+ring (ring_attention.py) passes them round the shards instead (`mesh.context_attention`).
 With `decode=True` (self-attention only) K and V are also written to a KV cache
 (see `_cached_keys_values`), so generation computes one new row per step.
 Each intermediate is `sow`n under 'intermediates' so `magic explain` can show
@@ -44,10 +47,12 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
+from . import context
 from .dropout import Dropout
 from .linear import Linear
 from .masks import AttentionMask, combine_masks
 from .params import EMBED_ACTIVATION, HEADS_ACTIVATION, constrain
+from .ring_attention import ring_attention
 from .rotary import Rotary, apply_rotary
 from .splash import splash_attention
 
@@ -125,10 +130,17 @@ class MultiHeadAttention(nn.Module):
             k, v = constrain(k, HEADS_ACTIVATION), constrain(v, HEADS_ACTIVATION)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        if cfg.attention_impl == "splash" and isinstance(mask, AttentionMask) and not self.decode:
+        split = isinstance(mask, AttentionMask) and mask.order is not None and not self.decode
+        axis, shards = context.context_split() if split else (None, 1)
+        if shards > 1 and context.attention_kind() == "ring":
+            assert isinstance(mask, AttentionMask)
+            values = ring_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), mask, axis, shards, cfg.dtype)
+        elif cfg.attention_impl == "splash" and isinstance(mask, AttentionMask) and not self.decode:
             k, v = repeat_kv(k, heads), repeat_kv(v, heads)  # the kernel takes one K/V head per query head
             values = splash_attention(q, k, v, mask, cfg.dtype)  # the mask's structure, no [Tq, Tk] array
         else:
+            if shards > 1:  # all_gather: every context shard's queries against all keys
+                k, v = context.gather_keys_values(k, v, grouped)
             if isinstance(mask, AttentionMask):
                 mask = mask.dense(q.shape[1], k.shape[1])
             if self.decode:

@@ -3,6 +3,8 @@
 tokens -> token embedding + learned positions -> dropout -> N x DecoderLayer
 (causal self-attention, no cross attention) -> final LayerNorm (pre-LN) ->
 logits over the vocabulary (tied to the token embedding).
+Under context parallelism (context.py) the token ids, positions and segment ids are striped on
+entry and the final hidden states put back in order before the output head.
 Llama is the same model with its options: rotary positions turning Q and K in each
 layer instead of a table added here, RMSNorm, SwiGLU, grouped-query attention, no
 biases and an untied output layer (configs/presets.py: llama-*).
@@ -17,6 +19,7 @@ from flax import linen as nn
 
 from matrixmagic.configs import ModelConfig
 
+from . import context
 from .add_norm import final_norm_params, norm_layer
 from .dropout import Dropout
 from .embeddings import TokenEmbedding, token_table_params
@@ -55,17 +58,24 @@ class DecoderOnlyLM(nn.Module):
             raise ValueError("decode=True needs positions= ([B, T] absolute positions of the new tokens, "
                              "equal to each row's cache slots); model/generate.py passes them.")
         positions = default_positions(inputs) if positions is None else positions
+        _, shards = (1, 1) if decode else context.context_split()
+        order = None
+        if shards > 1:  # load-balanced striping: each context shard one early and one late chunk
+            order = context.stripe_order(inputs.shape[1], shards)
+            inputs, positions = context.stripe(inputs, shards), context.stripe(positions, shards)
+            segment_ids = None if segment_ids is None else context.stripe(segment_ids, shards)
         token_embedding = TokenEmbedding(cfg, name="token_embedding")
         tokens = token_embedding(inputs)
         x, rotary = embed_positions(cfg, tokens, positions, "position_embedding")
         self.sow("intermediates", "embeddings", x)
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
-        mask = None if decode else self_attention_mask(segment_ids, causal=True)  # decoding: the cache masks
+        mask = None if decode else self_attention_mask(segment_ids, True, order)  # decoding: the cache masks
         stack = LayerStack(cfg, DecoderLayer, layer_kwargs=(("scaled_residual_init", True),), name="decoder")
         x = stack(x, mask, None, None, rotary, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
             x = norm_layer(cfg, "final_norm")(x)
+        x = context.unstripe(x, shards)  # back in order: targets and the loss never see the striping
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         shared = token_embedding if cfg.tie_embeddings else None

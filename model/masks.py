@@ -22,9 +22,13 @@ import jax.numpy as jnp
 from flax import struct
 
 
-def causal_mask(length: int) -> jnp.ndarray:
-    """[1, 1, T, T] lower-triangular."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+def causal_mask(length: int, order: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """[1, 1, T, T] lower-triangular; with `order` [T] (each token's original index, when the
+    sequence is reordered for context parallelism: context.py) key k is visible to query q when
+    order[k] <= order[q]."""
+    if order is None:
+        return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    return (order[None, :] <= order[:, None])[None, None]
 
 
 def padding_mask(query_valid: Optional[jnp.ndarray], key_valid: jnp.ndarray) -> jnp.ndarray:
@@ -61,6 +65,8 @@ class AttentionMask:
     causal:      query t sees keys <= t (self-attention only: Q = K);
     q_segments:  [B, Q] segment ids of the queries, or None;
     kv_segments: [B, K] segment ids of the keys (0 = padding), or None.
+    order:       [T] original index of each token when the sequence is reordered (context
+                 parallelism's striping, context.py), or None: plain order. Causal masks compare it.
     Both segment ids: a query sees the keys of its own, non-padding segment. Key ids
     alone: every query sees every non-padding key (cross attention while decoding,
     where the new target tokens carry no segment ids). Neither: no segment masking.
@@ -69,6 +75,7 @@ class AttentionMask:
     causal: bool = struct.field(pytree_node=False, default=False)
     q_segments: Optional[jnp.ndarray] = None
     kv_segments: Optional[jnp.ndarray] = None
+    order: Optional[jnp.ndarray] = None
 
     def _check(self, q_len: int, kv_len: int) -> None:
         # Checked where the mask is used, not in __post_init__: jax rebuilds pytrees with placeholder leaves.
@@ -86,7 +93,7 @@ class AttentionMask:
             by_segment = padding_mask(None, self.kv_segments > 0)
         else:
             by_segment = segment_mask(self.q_segments, self.kv_segments)
-        return combine_masks(causal_mask(q_len) if self.causal else None, by_segment)
+        return combine_masks(causal_mask(q_len, self.order) if self.causal else None, by_segment)
 
     def kernel_segments(self, batch: int, q_len: int, kv_len: int) -> Optional[tuple[jnp.ndarray, jnp.ndarray]]:
         """(q ids [B, Q], kv ids [B, K]) for a kernel that lets a query see the keys of an EQUAL id
@@ -111,6 +118,8 @@ def cross_attention_mask(decoder_segments: Optional[jnp.ndarray],
     return AttentionMask(q_segments=decoder_segments, kv_segments=encoder_segments)
 
 
-def self_attention_mask(segment_ids: Optional[jnp.ndarray], causal: bool) -> AttentionMask:
-    """The mask a stack's self-attention uses: causal (decoders) and/or segment/padding."""
-    return AttentionMask(causal, segment_ids, segment_ids)
+def self_attention_mask(segment_ids: Optional[jnp.ndarray], causal: bool,
+                        order: Optional[jnp.ndarray] = None) -> AttentionMask:
+    """The mask a stack's self-attention uses: causal (decoders) and/or segment/padding; `order`:
+    the tokens' original indices when striped for context parallelism."""
+    return AttentionMask(causal, segment_ids, segment_ids, order)

@@ -20,6 +20,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from matrixmagic.model import context
 from matrixmagic.model.build import abstract_variables
 
 from .rules import mesh_axes_of
@@ -46,10 +47,12 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def with_rules(fn, mesh, rules):
+def with_rules(fn, mesh, rules, context_attention: str = "all_gather"):
     """fn traced with the rule table and the mesh in context, so the model's
-    logical activation constraints become sharding constraints."""
+    logical activation constraints become sharding constraints; a sequence split over
+    the `context` axis attends as `context_attention` says (model/context.py)."""
     def wrapped(*args):
-        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                context.using(context_attention):
             return fn(*args)
     return wrapped

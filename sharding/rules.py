@@ -42,7 +42,8 @@ def layout_rules(layout: str) -> Rules:
     return (
         # activations: the batch is always split over every data-parallel axis
         ("activation_batch", BATCH_AXES),
-        ("activation_length", None),
+        # context parallelism: the sequence split over `context` (size 1 by default: whole)
+        ("activation_length", "context"),
         ("activation_embed", None),
         ("activation_heads", tensor),
         ("activation_kv", None),
@@ -50,7 +51,7 @@ def layout_rules(layout: str) -> Rules:
         ("activation_vocab", tensor),
         # inputs (token ids, positions, masks)
         ("batch", BATCH_AXES),
-        ("length", None),
+        ("length", "context"),
         # weights
         ("vocab", tensor),
         ("heads", tensor),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from matrixmagic.configs.model_config import ConfigError
+from matrixmagic.configs.train_config import check_context_split
 
 from .mesh import axis_sizes, check_dcn_divides
 from .rules import BATCH_AXES, mesh_axes_of, rules_for
@@ -76,4 +77,5 @@ def validate_mesh(config, device_count: int, process_count: int = 1) -> dict[str
     check_dcn_divides(sizes, config.mesh.dcn_data)
     check_batch(config, sizes, process_count)
     check_model(config.model, sizes, rules, config.mesh.layout)
+    check_context_split(config, sizes["context"])  # again with a -1 resolved
     return sizes

@@ -142,6 +142,19 @@ CASES = [
     Case("kv heads not dividing tensor", ("compile", "--preset", "llama-tiny", "--topology", "v5p-8",
                                           "--mesh", "fsdp=2,tensor=2"),
          r"model\.num_kv_heads=1 is not divisible by tensor = 2.*mesh\.rules_override=kv_heads=none", "26"),
+    # issue 27's context parallelism
+    Case("context split not dividing the sequence", ("compile", "--preset", "gpt-tiny", "--topology", "h100x8",
+                                                     "--mesh", "data=2,context=4", "--set", "data.seq_len=100"),
+         r"mesh\.context=4 is invalid: data\.seq_len=100 must cut into 2 x mesh\.context = 8", "27"),
+    Case("context split of an encoder", ("compile", "--preset", "bert-tiny", "--topology", "h100x8", "--mesh",
+                                         "data=4,context=2"), r"mesh\.context=2 is invalid: .*decoder-only", "27"),
+    Case("ring attention with attention dropout", ("compile", "--preset", "gpt-tiny", "--topology", "h100x8",
+                                                   "--mesh", "data=4,context=2", "--set",
+                                                   "mesh.context_attention=ring", "--set",
+                                                   "model.attention_dropout_rate=0.1"),
+         r"mesh\.context_attention='ring' is invalid: .*model\.attention_dropout_rate=0", "27"),
+    Case("unknown context attention", ("train", "--set", "mesh.context_attention=rign"),
+         r"mesh\.context_attention must be one of all_gather, ring\. Did you mean 'ring'", "27"),
 ]
 
 

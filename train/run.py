@@ -122,10 +122,13 @@ def _value(config, values: Mapping[str, Any], field: str):
 def platform_layer(platform: str, base: TrainConfig, above: Mapping[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
     """The platform's defaults for this run: `platform_defaults`, less the splash pair where the
     layers `above` chose the attention or the run's lengths do not tile (`_splash_by_default`),
-    and the layout the mesh implies."""
+    less splash itself under a context split (its attention dropout of 0 stays, so ring attention
+    fits), and the layout the mesh implies."""
     defaults = {**platform_defaults(platform), "mesh.layout": infer_layout(sizes)}
     if not _splash_by_default(_value(base, above, "model.family"), _value(base, above, "data.seq_len"), above):
         defaults = {k: v for k, v in defaults.items() if k not in SPLASH_DEFAULTS}
+    if sizes.get("context", 1) > 1:  # splash is not split over context (model/context.py): attention as the preset says
+        defaults.pop("model.attention_impl", None)
     return defaults
 
 
@@ -308,9 +311,10 @@ def shard_run(config: TrainConfig, tx, step_fn, eval_fn, devices=None) -> Sharde
     abstract = sharded_abstract_state(config.model, tx, shardings)
 
     init = jax.jit(partial(create_train_state, config.model, tx), out_shardings=shardings)
-    train = jax.jit(with_rules(step_fn, mesh, rules), in_shardings=(shardings, batch_sharding),
+    kind = config.mesh.context_attention  # how attention crosses a sequence split (model/context.py)
+    train = jax.jit(with_rules(step_fn, mesh, rules, kind), in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, None), donate_argnums=0)
-    evaluate = jax.jit(with_rules(partial(eval_fn, config=config), mesh, rules),
+    evaluate = jax.jit(with_rules(partial(eval_fn, config=config), mesh, rules, kind),
                        in_shardings=(shardings.params, batch_sharding))
     return ShardedRun(mesh, rules, shardings, batch_sharding, abstract, init, train, evaluate)
 

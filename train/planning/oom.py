@@ -137,19 +137,20 @@ def analytic_allocations(config, devices: int) -> list[Allocation]:
     t = sizes["tensor"]
     rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
     seq, c = config.data.seq_len, _DTYPE_BYTES["bf16" if cfg.dtype == "bfloat16" else "f32"]
+    local = seq // sizes.get("context", 1)  # a context split keeps S / C tokens per device (queries: rows of S keys)
     kept = cfg.num_layers if cfg.remat_policy == "none" else 1
     layers = f"{kept},{rows}" if kept > 1 else f"{rows}"
     dtype = "bf16" if c == 2 else "f32"
     out = []
     if cfg.attention_impl == "matrices":  # float32 scores and softmax weights, S x S per head
-        out.append(Allocation(kept * rows * cfg.num_heads // t * seq * seq * 8,
-                              f"f32[{layers},{cfg.num_heads // t},{seq},{seq}]", "(analytic) self_attention scores"))
-    out.append(Allocation(kept * rows * seq * cfg.d_ff // t * c * 2, f"{dtype}[{layers},{seq},{cfg.d_ff // t}]",
+        out.append(Allocation(kept * rows * cfg.num_heads // t * local * seq * 8,
+                              f"f32[{layers},{cfg.num_heads // t},{local},{seq}]", "(analytic) self_attention scores"))
+    out.append(Allocation(kept * rows * local * cfg.d_ff // t * c * 2, f"{dtype}[{layers},{local},{cfg.d_ff // t}]",
                           "(analytic) feed_forward hidden + GELU"))
-    out.append(Allocation(rows * seq * cfg.vocab_size // t * 8, f"f32[{rows},{seq},{cfg.vocab_size // t}]",
+    out.append(Allocation(rows * local * cfg.vocab_size // t * 8, f"f32[{rows},{local},{cfg.vocab_size // t}]",
                           "(analytic) output_head logits + gradient"))
-    out.append(Allocation(cfg.num_layers * rows * seq * cfg.d_model * c,
-                          f"{dtype}[{cfg.num_layers},{rows},{seq},{cfg.d_model}]", "(analytic) layer inputs"))
+    out.append(Allocation(cfg.num_layers * rows * local * cfg.d_model * c,
+                          f"{dtype}[{cfg.num_layers},{rows},{local},{cfg.d_model}]", "(analytic) layer inputs"))
     return sorted(out, key=lambda a: -a.bytes)
 
 

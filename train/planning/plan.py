@@ -7,7 +7,7 @@ the closed forms here are the cross-check, and the only answer for GPU clusters.
 Analytic memory per device (bytes; N parameters, p = bytes per parameter dtype,
 c = bytes per compute dtype, s = ways the state is sharded, t = mesh.tensor,
 h = d_model, a = heads, S = sequence length, L = layers, V = vocab,
-x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S):
+C = mesh.context, x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S / C):
   state        4 p N / s              params + grads + Adam's two moments
   activations  x (L A + 8 V / t)      8 V / t: the fp32 logits and their gradient
     A (per token per layer), adapted from Korthikanti et al. 2022 ("Reducing
@@ -19,6 +19,10 @@ x = tokens per device per microbatch = batch / (data * fsdp) / microbatches * S)
     (the paper's h-terms count 2-byte activations, hence c/2: float32 compute doubles them)
     With splash attention no [S, S] matrix exists: each head keeps one float32
     logsumexp per token instead of S scores, so S becomes 1 in the a S terms.
+  context parallelism (C > 1, model/context.py): each device keeps its S / C tokens, each
+    query still a row of S scores; plus, per layer, the K/V of all S tokens that reached it
+    (all-gathered, or the ring's blocks kept for the backward pass): L rows S 2 g d_k c
+    (g = K/V heads; remat none and save_dots; none under full remat).
 FLOPs: 6N + 12 L S h per token (PaLM, model/accounting.py); full remat adds the
 forward matmuls whose outputs the backward pass reads: + L (6h^2 + 2 h d_ff + 4 S h)
 per token (see `recompute_flops_per_token`).
@@ -34,7 +38,7 @@ from matrixmagic.configs import get_preset
 from matrixmagic.configs.model_config import side_lengths
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
-from matrixmagic.model.attention import qkv_width
+from matrixmagic.model.attention import kv_cache_width, qkv_width
 from matrixmagic.model.families import family_of
 from matrixmagic.model.feed_forward import up_width
 from matrixmagic.sharding.mesh import AXES, axis_sizes
@@ -96,7 +100,19 @@ def logit_bytes(config: TrainConfig, devices: int) -> float:
     sizes = axis_sizes(config.mesh, devices)
     rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
     out_len = list(side_lengths(config.model.family, config.data.seq_len).values())[-1]
-    return 8 * rows * out_len * config.model.vocab_size / sizes["tensor"]
+    return 8 * rows * out_len / sizes.get("context", 1) * config.model.vocab_size / sizes["tensor"]
+
+
+def context_kv_bytes(config: TrainConfig, devices: int) -> float:
+    """Under a context split (C > 1): the K/V of the whole sequence each device keeps per layer
+    for the backward pass (gathered, or received round the ring); 0 without a split or under
+    full remat (one layer's at a time)."""
+    cfg, sizes = config.model, axis_sizes(config.mesh, devices)
+    if sizes.get("context", 1) == 1 or cfg.remat_policy in ("full", "save_dots_no_batch"):
+        return 0.0
+    rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
+    heads_split = sizes["tensor"] if cfg.kv_heads % sizes["tensor"] == 0 else 1
+    return cfg.num_layers * rows * config.data.seq_len * kv_cache_width(cfg) / heads_split * DTYPE_BYTES[cfg.dtype]
 
 
 def estimate(config: TrainConfig, devices: int) -> Estimate:
@@ -110,7 +126,9 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
     lengths = side_lengths(cfg.family, seq)  # an encoder-decoder's stacks each see half the window
     t = sizes["tensor"]
-    acts = sum(cfg.num_layers * rows * n * activation_bytes_per_token_layer(cfg, t, n) for n in lengths.values())
+    context = sizes.get("context", 1)  # the sequence split: S / C tokens per device, each a row of S scores
+    acts = sum(cfg.num_layers * rows * n / context * activation_bytes_per_token_layer(cfg, t, n)
+               for n in lengths.values()) + context_kv_bytes(config, devices)
     if family_of(cfg).cross_attention:  # each decoder layer's cross attention, over the encoder's keys
         acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(cfg, t, lengths["encoder"])
     acts += logit_bytes(config, devices)
