@@ -26,6 +26,7 @@ from .model_config import (
 )
 from .overrides import field_types as _field_types  # noqa: F401 (tests/test_fields.py reads it here)
 from .overrides import parse_assignments, with_values
+from .pipeline import check_pipeline
 from .presets import SCHEDULES, Schedule, get_preset
 from .ramp import BatchRamp
 
@@ -156,6 +157,10 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
+    # Pipeline (mesh.stage > 1; configs/pipeline.py): microbatches each step's batch is cut into
+    # (0: one per stage) and how many times each loops through the stages (circular schedule).
+    pipeline_microbatches: int = 0
+    pipeline_repeats: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +279,8 @@ class TrainConfig:
             fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         self._check_ramp()
+        if self.mesh.stage > 0:  # -1 (fill) is checked once resolved: sharding/validate.py
+            check_pipeline(self, self.mesh.stage)
         if self.eval.active and self.model.family == "encoder":
             field = "eval.tasks" if self.eval.tasks else "eval.text"
             fail(field, getattr(self.eval, field.split(".")[1]),
