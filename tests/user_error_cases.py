@@ -142,6 +142,19 @@ CASES = [
     Case("kv heads not dividing tensor", ("compile", "--preset", "llama-tiny", "--topology", "v5p-8",
                                           "--mesh", "fsdp=2,tensor=2"),
          r"model\.num_kv_heads=1 is not divisible by tensor = 2.*mesh\.rules_override=kv_heads=none", "26"),
+    # issue 27: pipeline parallelism (compile --topology h100x64: a mesh of 64 devices without them)
+    Case("pipeline stages not dividing the layers", ("compile", "--preset", "gpt-tiny", "--topology", "h100x64",
+                                                     "--mesh", "stage=8,data=-1"),
+         r"mesh\.stage=8 is invalid: model\.num_layers=4 must split into .* 8 x 1 = 8 equal chunks", "27"),
+    Case("pipeline on an encoder-decoder", ("compile", "--preset", "transformer-tiny", "--topology", "h100x64",
+                                            "--mesh", "stage=2,data=-1"),
+         r"mesh\.stage=2 is invalid: .* 'encoder_decoder' family is not pipelined", "27"),
+    Case("circular pipeline with too few microbatches",
+         ("compile", "--preset", "gpt-tiny", "--topology", "h100x64", "--mesh", "stage=2,data=-1",
+          "--set", "mesh.pipeline_repeats=2", "--set", "mesh.pipeline_microbatches=1"),
+         r"mesh\.pipeline_microbatches=1 is invalid: .* at least mesh\.stage=2 microbatches", "27"),
+    Case("pipeline repeats without stages", ("train", "--set", "mesh.pipeline_repeats=2"),
+         r"mesh\.pipeline_repeats=2 is invalid: .* mesh\.stage=1 runs none", "27"),
 ]
 
 
