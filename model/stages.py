@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from matrixmagic.configs.pipeline import Schedule
 
@@ -54,13 +55,18 @@ class Pipeline(NamedTuple):
 LayerFn = Callable  # (one layer's params, x [rows, T, D], args, dropout key or None) -> x
 
 
-def stage_weights(params, schedule: Schedule):
-    """[L, ...] in model order -> [S, R, K, ...]: stage s, repeat r, layer k is layer r S K + s K + k."""
+def stage_weights(params, schedule: Schedule, spmd_axis: Optional[str] = None):
+    """[L, ...] in model order -> [S, R, K, ...]: stage s, repeat r, layer k is layer r S K + s K + k.
+    On a mesh the [S] dim is pinned to the stage axis (the other dims left as the rules split
+    them): with R > 1 XLA would otherwise keep the split on R and run every stage everywhere."""
     S, R, _ = schedule
 
     def regroup(a):
         K = a.shape[0] // (S * R)
-        return a.reshape(R, S, K, *a.shape[1:]).swapaxes(0, 1)
+        w = a.reshape(R, S, K, *a.shape[1:]).swapaxes(0, 1)
+        if spmd_axis is None:
+            return w
+        return jax.lax.with_sharding_constraint(w, P(spmd_axis, *(P.UNCONSTRAINED,) * (w.ndim - 1)))
     return jax.tree.map(regroup, params)
 
 
@@ -92,7 +98,7 @@ def pipeline_apply(layer_fn: LayerFn, params, x: jnp.ndarray, args: tuple, pipel
     the pipeline schedule runs them. Same result as scanning the layers (up to rounding)."""
     S, R, M = schedule = pipeline.schedule
     B = x.shape[0]
-    weights = stage_weights(params, schedule)  # [S, R, K, ...]
+    weights = stage_weights(params, schedule, pipeline.spmd_axis)  # [S, R, K, ...]
     leaves, treedef = jax.tree.flatten(args)
     per_row = [getattr(a, "ndim", 0) > 0 and a.shape[0] == B for a in leaves]
     split_leaves = [split_rows(a, M) if row else a for a, row in zip(leaves, per_row)]

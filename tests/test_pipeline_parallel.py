@@ -225,7 +225,7 @@ def _worker_equivalence() -> dict:
     for name, mesh in PIPELINES.items():
         config = _config("fsdp" if mesh.get("fsdp", 1) > 1 else "dp", **mesh)
         run, state, losses, grads = _train(config)
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.batch_sharding),
+        batch = jax.tree.map(lambda x, s=run.batch_sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              _synthetic_batch(np.random.default_rng(0), config.batch_size, 16, 128))
         hlo = run.train_step.lower(run.abstract_state, batch).compile().as_text()
         out[name] = {"losses": losses, "layers_spec": _layers_spec(run),
