@@ -43,8 +43,9 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, *args, deterministic: bool = True, decode: bool = False):
         cfg = self.config
-        if self.pipeline is not None and cfg.scan_layers and not decode and not self.is_initializing():
-            return self.pipelined(x, args, deterministic)
+        pipeline = self.pipeline
+        if pipeline is not None and cfg.scan_layers and not decode and not self.is_initializing():
+            return self.pipelined(x, args, deterministic, pipeline)
         layer_cls = self.layer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
@@ -66,7 +67,7 @@ class LayerStack(nn.Module):
         return x
 
 
-    def pipelined(self, x, args: tuple, deterministic: bool):
+    def pipelined(self, x, args: tuple, deterministic: bool, pipeline: Pipeline):
         """The scanned weights ([L, ...] under 'layers', created by init's scan) applied by the
         pipeline: each layer an unbound module applied functionally, remat per layer as above."""
         cfg = self.config
@@ -79,7 +80,7 @@ class LayerStack(nn.Module):
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         params = nn.meta.unbox(self.variables["params"]["layers"])
         rng = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
-        return pipeline_apply(layer_fn, params, x, args, self.pipeline, rng)
+        return pipeline_apply(layer_fn, params, x, args, pipeline, rng)
 
 
 def unstack_layers(params, num_layers: int):

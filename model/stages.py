@@ -106,7 +106,7 @@ def pipeline_apply(layer_fn: LayerFn, params, x: jnp.ndarray, args: tuple, pipel
 
     def stage_fn(w, r, h, row_leaves, key):
         it = iter(row_leaves)
-        stage_args = treedef.unflatten([next(it) if row else a for a, row in zip(split_leaves, per_row)])
+        stage_args = jax.tree.unflatten(treedef, [next(it) if row else a for a, row in zip(split_leaves, per_row)])
         chunk = jax.tree.map(lambda a: a[r], w)  # this stage's weights for the repeat it runs now
         return run_stage(layer_fn, chunk, h, stage_args, key)
 
