@@ -157,10 +157,10 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
-    # Pipeline (mesh.stage > 1; configs/pipeline.py): microbatches each step's batch is cut into
-    # (0: one per stage) and how many times each loops through the stages (circular schedule).
+    # Pipeline (mesh.stage > 1; configs/pipeline.py): microbatches each step's (or accumulation
+    # microbatch's) rows are cut into as they flow through the stages; 0: one per stage.
     pipeline_microbatches: int = 0
-    pipeline_repeats: int = 1
+    pipeline_repeats: int = 1  # times each microbatch loops through the stages (circular schedule)
 
 
 @dataclasses.dataclass(frozen=True)
