@@ -160,7 +160,7 @@ def test_unknown_mesh_axis_names_the_allowed_ones(capsys):
 
     assert main(["train", "--mesh", "data=2,foo=2"]) == 2
     err = capsys.readouterr().err
-    assert "unknown mesh axis 'foo'" in err and "data, fsdp, tensor" in err
+    assert "unknown mesh axis 'foo'" in err and "data, stage, fsdp, context, tensor" in err
 
 
 def test_magic_train_rejects_a_bad_mesh_before_data_or_compile(tmp_path, monkeypatch, capsys):
