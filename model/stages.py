@@ -48,7 +48,7 @@ class Pipeline(NamedTuple):
     schedule: Schedule
     # The mesh axis the rule table gives 'activation_stage' ('stage'), so the vmap over stages
     # keeps that dim split through the layers' own constraints (jax.vmap's spmd_axis_name);
-    # None off a mesh. train/step.py reads it from the rules: the model never names mesh axes.
+    # None off a mesh. sharding/pipeline_parallel.py reads it from the rules: the model never names one.
     spmd_axis: Optional[str] = None
 
 
