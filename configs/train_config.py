@@ -26,6 +26,7 @@ from .model_config import (
 )
 from .overrides import field_types as _field_types  # noqa: F401 (tests/test_fields.py reads it here)
 from .overrides import parse_assignments, with_values
+from .pipeline import check_pipeline
 from .presets import SCHEDULES, Schedule, get_preset
 from .ramp import BatchRamp
 
@@ -159,6 +160,10 @@ class MeshConfig:
     dcn_data: int = 1
     # Replace rule-table entries (sharding/rules.py), e.g. "embed=fsdp,mlp=tensor,heads=none".
     rules_override: str = ""
+    # Pipeline (mesh.stage > 1; configs/pipeline.py): microbatches each step's (or accumulation
+    # microbatch's) rows are cut into as they flow through the stages; 0: one per stage.
+    pipeline_microbatches: int = 0
+    pipeline_repeats: int = 1  # times each microbatch loops through the stages (circular schedule)
     # With context > 1, how each shard's queries reach the other shards' keys: all_gather (every
     # shard gathers all K/V, Llama 3 section 3.3.2) or ring (K/V blocks passed round, Liu et al. 2023).
     context_attention: ContextAttention = "all_gather"
@@ -312,6 +317,8 @@ class TrainConfig:
             fail("microbatches", self.microbatches,
                   f"batch_size={self.batch_size} must be divisible by it; pick a divisor of {self.batch_size}.")
         self._check_ramp()
+        if self.mesh.stage > 0:  # -1 (fill) is checked once resolved: sharding/validate.py
+            check_pipeline(self, self.mesh.stage)
         if self.eval.active and self.model.family == "encoder":
             field = "eval.tasks" if self.eval.tasks else "eval.text"
             fail(field, getattr(self.eval, field.split(".")[1]),

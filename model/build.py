@@ -7,6 +7,8 @@ GPT-3 175B is counted on a laptop and how sharding/ derives partition specs.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -14,10 +16,15 @@ from flax import linen as nn
 from matrixmagic.configs import ModelConfig
 
 from .families import family_of
+from .stages import Pipeline
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    return family_of(config).model(config)
+def build_model(config: ModelConfig, pipeline: Optional[Pipeline] = None) -> nn.Module:
+    """The family's model; `pipeline` (decoder-only: configs/pipeline.py checks) runs its layer
+    stack as pipeline stages (stages.py) in training, with the same params."""
+    if pipeline is None:
+        return family_of(config).model(config)
+    return family_of(config).model(config, pipeline=pipeline)
 
 
 def example_inputs(config: ModelConfig, batch: int = 1, length: int | None = None) -> dict:

@@ -28,6 +28,7 @@ from .masks import self_attention_mask
 from .output_head import OutputHead, unembedding_params
 from .positional import default_positions, embed_positions, position_table_params
 from .stack import LayerStack
+from .stages import Pipeline
 from .walk import captured, embedding_formula, final_norm_stages, token_stages
 
 
@@ -40,6 +41,7 @@ def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
 
 class DecoderOnlyLM(nn.Module):
     config: ModelConfig
+    pipeline: Optional[Pipeline] = None  # pipeline parallelism's schedule (model/stages.py)
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
@@ -71,7 +73,8 @@ class DecoderOnlyLM(nn.Module):
         x = Dropout(cfg.dropout_rate, deterministic)(x)
 
         mask = None if decode else self_attention_mask(segment_ids, True, order)  # decoding: the cache masks
-        stack = LayerStack(cfg, DecoderLayer, layer_kwargs=(("scaled_residual_init", True),), name="decoder")
+        stack = LayerStack(cfg, DecoderLayer, layer_kwargs=(("scaled_residual_init", True),),
+                           pipeline=self.pipeline, name="decoder")
         x = stack(x, mask, None, None, rotary, deterministic=deterministic, decode=decode)
         if cfg.norm_position == "pre":
             x = norm_layer(cfg, "final_norm")(x)

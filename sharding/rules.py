@@ -49,6 +49,8 @@ def layout_rules(layout: str) -> Rules:
         ("activation_kv", None),
         ("activation_mlp", tensor),
         ("activation_vocab", tensor),
+        # pipeline (model/stages.py): the leading [stages] dim of the activations in flight
+        ("activation_stage", "stage"),
         # inputs (token ids, positions, masks)
         ("batch", BATCH_AXES),
         ("length", "context"),
@@ -106,7 +108,16 @@ def logical_rules(layout: str, override: str = "") -> Rules:
 
 
 def rules_for(mesh_config) -> Rules:
-    return logical_rules(mesh_config.layout, mesh_config.rules_override)
+    """The run's table. With pipeline stages the scanned weights' 'layers' dim is split over
+    'stage' (stage s holds its contiguous block of layers: configs/pipeline.py); at stage=1
+    the entry stays None, so a run without a pipeline has exactly the shardings it had."""
+    table = logical_rules(mesh_config.layout)
+    if mesh_config.stage != 1:
+        table = tuple((name, "stage" if name == "layers" else axes) for name, axes in table)
+    if not mesh_config.rules_override:
+        return table
+    changes = parse_rules_override(mesh_config.rules_override)
+    return tuple((name, changes.get(name, axes)) for name, axes in table)
 
 
 def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:

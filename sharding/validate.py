@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from matrixmagic.configs.model_config import ConfigError
+from matrixmagic.configs.pipeline import check_pipeline, schedule_of
 from matrixmagic.configs.train_config import check_context_split
 
 from .mesh import axis_sizes, check_dcn_divides
@@ -70,12 +71,29 @@ def check_model(model, sizes: dict[str, int], rules, layout: str) -> None:
                               f"change {field.split(' ')[0]}.{hint}")
 
 
+def check_stages(config, sizes: dict[str, int]) -> None:
+    """The pipeline's checks with mesh.stage resolved (it may be -1), and each pipeline microbatch
+    splits evenly over data x fsdp like the rest of the batch."""
+    check_pipeline(config, sizes["stage"])
+    if sizes["stage"] == 1:
+        return
+    _, _, micro = schedule_of(config.mesh, sizes["stage"])
+    rows = config.batch_size // config.microbatches // micro
+    dp = math.prod(sizes[a] for a in BATCH_AXES)
+    if rows % dp:
+        raise ConfigError(f"mesh.pipeline_microbatches={micro} leaves {rows} sequences per pipeline microbatch, not "
+                          f"divisible by the data-parallel size (mesh.data x mesh.fsdp = {dp}); lower "
+                          f"mesh.pipeline_microbatches or raise batch_size to a multiple of "
+                          f"{dp * micro * config.microbatches}.")
+
+
 def validate_mesh(config, device_count: int, process_count: int = 1) -> dict[str, int]:
     """All mesh errors for a TrainConfig, before compiling; returns the resolved axis sizes."""
     sizes = axis_sizes(config.mesh, device_count)
     rules = rules_for(config.mesh)
     check_dcn_divides(sizes, config.mesh.dcn_data)
     check_batch(config, sizes, process_count)
+    check_stages(config, sizes)
     check_model(config.model, sizes, rules, config.mesh.layout)
     check_context_split(config, sizes["context"])  # again with a -1 resolved
     return sizes

@@ -155,6 +155,19 @@ CASES = [
          r"mesh\.context_attention='ring' is invalid: .*model\.attention_dropout_rate=0", "27"),
     Case("unknown context attention", ("train", "--set", "mesh.context_attention=rign"),
          r"mesh\.context_attention must be one of all_gather, ring\. Did you mean 'ring'", "27"),
+    # issue 27: pipeline parallelism (compile --topology h100x64: a mesh of 64 devices without them)
+    Case("pipeline stages not dividing the layers", ("compile", "--preset", "gpt-tiny", "--topology", "h100x64",
+                                                     "--mesh", "stage=8,data=-1"),
+         r"mesh\.stage=8 is invalid: model\.num_layers=4 must split into .* 8 x 1 = 8 equal chunks", "27"),
+    Case("pipeline on an encoder-decoder", ("compile", "--preset", "transformer-tiny", "--topology", "h100x64",
+                                            "--mesh", "stage=2,data=-1"),
+         r"mesh\.stage=2 is invalid: .* 'encoder_decoder' family is not pipelined", "27"),
+    Case("circular pipeline with too few microbatches",
+         ("compile", "--preset", "gpt-tiny", "--topology", "h100x64", "--mesh", "stage=2,data=-1",
+          "--set", "mesh.pipeline_repeats=2", "--set", "mesh.pipeline_microbatches=1"),
+         r"mesh\.pipeline_microbatches=1 is invalid: .* at least mesh\.stage=2 microbatches", "27"),
+    Case("pipeline repeats without stages", ("train", "--set", "mesh.pipeline_repeats=2"),
+         r"mesh\.pipeline_repeats=2 is invalid: .* mesh\.stage=1 runs none", "27"),
 ]
 
 

@@ -46,7 +46,8 @@ LATER_FIELDS = {("data", "mixture"): None,
                 ("model", "rope_low_freq_factor"): 1.0, ("model", "rope_high_freq_factor"): 4.0,
                 ("model", "rope_original_max_len"): 8192,
                 # issue 27's mesh axes
-                ("mesh", "stage"): 1, ("mesh", "context"): 1, ("mesh", "context_attention"): "all_gather"}
+                ("mesh", "stage"): 1, ("mesh", "context"): 1, ("mesh", "context_attention"): "all_gather",
+                ("mesh", "pipeline_microbatches"): 0, ("mesh", "pipeline_repeats"): 1}
 
 
 def config_digest(config: TrainConfig, length: int = 6) -> str:

@@ -17,6 +17,7 @@ import optax
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model import build_model, objectives
 from matrixmagic.model.families import family_of
+from matrixmagic.sharding.pipeline_parallel import pipeline_for
 
 from .optimizer import accumulate_gradients, make_optimizer
 from .ramp import active_microbatches, ramp_at, ramped_schedule
@@ -42,8 +43,9 @@ def make_tx(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def train_step(state: TrainState, batch: dict, *, config: TrainConfig, tx: optax.GradientTransformation):
-    """One optimizer update on a global batch -> (new state, metrics)."""
-    model = build_model(config.model)
+    """One optimizer update on a global batch -> (new state, metrics). With mesh.stage > 1 the
+    layer stack runs as pipeline stages (model/stages.py); evals run it unpipelined."""
+    model = build_model(config.model, pipeline_for(config))
     loss_fn = partial(objectives.loss_fn, family_of(config.model), model, train=True,
                       label_smoothing=config.optimizer.label_smoothing)
     step_rng = jax.random.fold_in(state.rng, state.step)
