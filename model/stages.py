@@ -26,7 +26,7 @@ Choices, and why:
 - Dropout draws one key per (step, stage, layer), so masks differ from the unpipelined
   stack's: equivalence checks run with dropout 0.
 - Arguments besides the activations (the attention mask's segment ids, RoPE angles) are
-  split into microbatches when their leading dim is the batch's, else passed whole.
+  split into microbatches when they are [B, T, ...] arrays, else passed whole.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def pipeline_apply(layer_fn: LayerFn, params, x: jnp.ndarray, args: tuple, pipel
     B = x.shape[0]
     weights = stage_weights(params, schedule, pipeline.spmd_axis)  # [S, R, K, ...]
     leaves, treedef = jax.tree.flatten(args)
-    per_row = [getattr(a, "ndim", 0) > 0 and a.shape[0] == B for a in leaves]
+    # per row: [B, T, ...] (segment ids, RoPE angles); a [T] vector (context striping's token order)
+    # is shared by every row even when T happens to equal B
+    per_row = [getattr(a, "ndim", 0) > 1 and a.shape[0] == B for a in leaves]
     split_leaves = [split_rows(a, M) if row else a for a, row in zip(leaves, per_row)]
     stages = jnp.arange(S)
 

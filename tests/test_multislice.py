@@ -115,3 +115,39 @@ def test_two_slices_compile_with_dcn_bytes_and_the_compiler_time(capsys):
     assert 0 < seconds <= grads * 8 / 25e9
     estimate = next(line for line in out.splitlines() if "compiler's own estimate" in line)
     assert "+ DCN" in estimate and "-" not in estimate.split(":")[1]  # libtpu's own is negative across slices
+
+
+def test_the_search_considers_stages_and_context_splits_and_says_why():
+    """Candidates include pipeline stages (with 4 microbatches per stage) and, for long sequences
+    only, context splits; the search's summary names each kind's best against the best without."""
+    from functools import partial
+
+    from matrixmagic.train.cli import build_parser
+    from matrixmagic.train.cli.compile import config_for
+    from matrixmagic.train.planning import search
+
+    def candidates(*sets):
+        args = build_parser().parse_args(["plan", "--preset", "gpt-tiny", "--topology", "cpu-8", "--batch", "8",
+                                          *[f"--set={s}" for s in (*MICRO[:-2], "model.max_len=8192", *sets)]])
+        return search.candidate_configs(partial(config_for, args, 8, "cpu"), 8)
+
+    short = candidates("data.seq_len=64")
+    assert {c.mesh.stage for c in short} == {1, 2}  # 2 layers: 4 stages do not divide them
+    assert {c.mesh.context for c in short} == {1}  # a 64-token sequence is not split
+    # the most pipeline microbatches per stage (4, 2, 1) the step splits into: 8 rows over fsdp=2
+    # (tensor=2) take 4, over fsdp=4 (tensor=1) 2
+    assert {(c.mesh.tensor, c.mesh.pipeline_microbatches) for c in short
+            if c.mesh.stage == 2 and c.microbatches == 1} == {(2, 4), (1, 2)}
+    long = candidates("data.seq_len=8192")
+    assert {c.mesh.context for c in long} == {1, 2, 4, 8}
+    rows = [(c, plan.estimate(c, 8)) for c in long]
+    lines = search.split_lines(rows, rows, 8, 1e12)
+    assert lines[0].startswith("  stage splits:") and "bubble" in lines[0]
+    assert lines[1].startswith("  context splits:") and "for the best without" in lines[1]
+    # the bubble stretches a pipelined layout's analytic time by 1 / (1 - (S - 1) / (M + S - 1))
+    staged = next(c for c in short if c.mesh.stage == 2 and c.mesh.pipeline_microbatches == 2)
+    est = plan.estimate(staged, 8)
+    assert search.analytic_seconds(staged, est, 8, 1e12) == pytest.approx(
+        est.executed_flops / 8e12 / (1 - 1 / (2 + 1)))
+    assert "none considered (data.seq_len=64 is under 8,192" in search.split_lines(
+        [(c, plan.estimate(c, 8)) for c in short], [], 8, 1e12)[1]

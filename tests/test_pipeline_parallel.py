@@ -1,6 +1,7 @@
 """Pipeline parallelism (issue 27; model/stages.py, configs/pipeline.py): on 8 fake CPU devices
-a stage=2 run (plain and circular) trains like one device, its checkpoint restores bit-exactly
-onto stage=1 and fsdp=8, and bad pipelines fail naming the field. (tests/test_pipeline.py is
+a stage=2 run (plain, circular, with fsdp=2, and with context=2 and fsdp=2) trains like one
+device, its checkpoint restores bit-exactly onto stage=1 and fsdp=8, and bad pipelines fail
+naming the field. (tests/test_pipeline.py is
 the data pipeline.)
 
 The 8-device checks run this file as a script in a subprocess with
@@ -27,7 +28,9 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 PIPELINES = {"stage2": dict(data=4, stage=2),
              "stage2_circular": dict(data=4, stage=2, pipeline_repeats=2, pipeline_microbatches=4),
-             "stage2_fsdp2": dict(data=2, stage=2, fsdp=2, pipeline_microbatches=2)}
+             "stage2_fsdp2": dict(data=2, stage=2, fsdp=2, pipeline_microbatches=2),
+             # all three splits at once (issue 27): the striped sequence's token order rides through the stages
+             "stage2_context2_fsdp2": dict(data=1, stage=2, fsdp=2, context=2, pipeline_microbatches=2)}
 
 
 def run_worker(name: str, *args: str, timeout: int = 900) -> dict:

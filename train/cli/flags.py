@@ -53,7 +53,8 @@ def config_assignments(args, **flags) -> dict[str, Any]:
     mesh = mesh_assignments(flag("mesh")) if flag("mesh") else []  # unknown axis -> an error naming the allowed ones
     # One parse for --mesh and --set together: a later --set of a mesh axis replaces --mesh's (none share a
     # field with `typed`, so --mesh is still below the other flags).
-    return {**typed, **parse_assignments(TrainConfig, [*mesh, *(args.set or [])])}
+    # A search's candidate `sets` sit under the user's own --set (theirs win)
+    return {**typed, **parse_assignments(TrainConfig, [*mesh, *flags.get("sets", ()), *(args.set or [])])}
 
 
 def add_memory_check_argument(p) -> None:

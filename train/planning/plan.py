@@ -36,6 +36,7 @@ from typing import Optional
 
 from matrixmagic.configs import get_preset
 from matrixmagic.configs.model_config import side_lengths
+from matrixmagic.configs.pipeline import schedule_of
 from matrixmagic.configs.train_config import TrainConfig
 from matrixmagic.model.accounting import attention_layers, closed_form_params, human, training_flops_per_token
 from matrixmagic.model.attention import kv_cache_width, qkv_width
@@ -122,12 +123,13 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     counts = closed_form_params(cfg)
     n = counts["model"] + counts["mlm_head"]
     seq = config.data.seq_len
-    state = 4 * DTYPE_BYTES[cfg.param_dtype] * n / _state_shards(config.mesh.layout, sizes)
+    stage = sizes["stage"]  # pipeline stages each hold L / stage layers (the embeddings, small at scale, too)
+    state = 4 * DTYPE_BYTES[cfg.param_dtype] * n / _state_shards(config.mesh.layout, sizes) / stage
     rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
     lengths = side_lengths(cfg.family, seq)  # an encoder-decoder's stacks each see half the window
     t = sizes["tensor"]
     context = sizes.get("context", 1)  # the sequence split: S / C tokens per device, each a row of S scores
-    acts = sum(cfg.num_layers * rows * n / context * activation_bytes_per_token_layer(cfg, t, n)
+    acts = sum(cfg.num_layers / stage * rows * n / context * activation_bytes_per_token_layer(cfg, t, n)
                for n in lengths.values()) + context_kv_bytes(config, devices)
     if family_of(cfg).cross_attention:  # each decoder layer's cross attention, over the encoder's keys
         acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(cfg, t, lengths["encoder"])
@@ -136,6 +138,12 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     model_flops = training_flops_per_token(cfg, n, seq) * tokens_step
     recompute = recompute_flops_per_token(cfg, seq) * tokens_step
     return Estimate(n, state, acts, model_flops, model_flops + recompute, tokens_step)
+
+
+def bubble(config: TrainConfig, devices: int) -> float:
+    """The pipeline's idle share of the step, (S - 1) / (R M + S - 1) (configs/pipeline.py); 0 unpipelined."""
+    stages = axis_sizes(config.mesh, devices)["stage"]
+    return schedule_of(config.mesh, stages).bubble if stages > 1 else 0.0
 
 
 def recompute_flops_per_token(cfg, seq_len: int) -> float:

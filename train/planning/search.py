@@ -27,6 +27,10 @@ PRUNE_MARGIN = 1.15  # the analytic model is a cross-check, not the verdict: com
 MAX_TENSOR = 16  # Megatron-style splits beyond 16 spend more on all-reduces than they save (8 is typical)
 REMATS = ("none", "save_dots", "full")  # cheapest recompute first
 MICROBATCHES = (1, 2, 4, 8, 16, 32)
+STAGES = (1, 2, 4)  # pipeline stages: each costs a bubble, so only a few, for when nothing else fits
+PIPELINE_MICROBATCHES = 4  # per stage: a bubble of (S - 1) / (4 S + S - 1), about 1/5 (configs/pipeline.py)
+CONTEXTS = (1, 2, 4, 8)
+LONG_CONTEXT = 8192  # tokens: below this the [S, S] scores of one sequence fit a chip; context splits are skipped
 
 
 def log(message: str) -> None:
@@ -112,26 +116,77 @@ def multi_slice(config, outcome, devices: list, calibrate: bool, log=log):
 
 
 def candidate_configs(make_config: Callable, devices: int) -> list:
-    """Every (tensor, remat, microbatches) layout that resolves, with the same global batch.
+    """Every (tensor, stage, context, remat, microbatches) layout that resolves, with the same
+    global batch; fsdp fills the rest of the devices.
 
     `make_config(**flags)`: the config `magic train` would run with the user's flags and these
-    overrides (mesh, layout, remat, microbatches, batch); ConfigError when it does not resolve."""
+    overrides (mesh, layout, remat, microbatches, batch, sets); ConfigError when it does not
+    resolve. Pipeline stages come with PIPELINE_MICROBATCHES x stage microbatches in flight (a
+    bubble of about 1/PIPELINE_MICROBATCHES); context splits only for sequences of LONG_CONTEXT
+    tokens or more, where the sequence, not the batch, is what no longer fits one chip."""
     base = make_config()
-    heads = base.model.num_heads
-    out = []
+    heads, layers, seq = base.model.num_heads, base.model.num_layers, base.data.seq_len
+    decoder = base.model.family == "decoder"
     tensors = [t for t in (1, 2, 4, 8, 16) if t <= min(devices, MAX_TENSOR) and devices % t == 0 and heads % t == 0]
-    for tensor in tensors:
+    stages = [s for s in STAGES if s == 1 or (decoder and layers % s == 0)]
+    contexts = [c for c in CONTEXTS if c == 1 or (decoder and seq >= LONG_CONTEXT and seq % (2 * c) == 0)]
+    out = []
+    for tensor, stage, context in ((t, s, c) for t in tensors for s in stages for c in contexts):
+        if devices % (tensor * stage * context):
+            continue
+        mesh = f"fsdp=-1,tensor={tensor}" + (f",stage={stage}" if stage > 1 else "") + \
+            (f",context={context}" if context > 1 else "")
+        # the most pipeline microbatches (4, 2, then 1 per stage) that the batch splits into
+        pipelines = [(f"mesh.pipeline_microbatches={m * stage}",) for m in (PIPELINE_MICROBATCHES, 2, 1)] \
+            if stage > 1 else [()]
         for remat in REMATS:
             for k in MICROBATCHES:
-                try:
-                    out.append(make_config(mesh=f"fsdp=-1,tensor={tensor}", layout=None, remat=remat,
-                                           microbatches=k, batch=base.batch_size))
-                except ConfigError:
-                    continue  # the batch does not split into k microbatches over fsdp: not a candidate
+                for sets in pipelines:
+                    try:
+                        out.append(make_config(mesh=mesh, layout=None, remat=remat, microbatches=k,
+                                               batch=base.batch_size, sets=sets))
+                        break
+                    except ConfigError:
+                        continue  # the batch does not split into k (pipeline) microbatches: not a candidate
     if not out:
         raise ConfigError(f"no layout of {devices} devices splits the batch of {base.batch_size}: give --batch "
                           f"a multiple of {devices}.")
     return out
+
+
+def analytic_seconds(config, est, devices: int, peak: float) -> float:
+    """FLOPs with remat recompute at peak, stretched by the pipeline's bubble: the search's ranking."""
+    return est.executed_flops / (devices * peak) / (1 - plan.bubble(config, devices))
+
+
+def split_lines(rows: list, kept: list, devices: int, peak: float) -> list[str]:
+    """Why the search did or did not favour pipeline stages and context splits: each kind's best
+    analytic candidate beside the best without it."""
+    def best(pick):
+        chosen = [(c, e) for c, e in kept if pick(c)]
+        return min(chosen, key=lambda r: analytic_seconds(r[0], r[1], devices, peak)) if chosen else None
+
+    lines = []
+    plain = best(lambda c: c.mesh.stage == 1 and c.mesh.context == 1)
+    for name, pick in (("stage", lambda c: c.mesh.stage > 1), ("context", lambda c: c.mesh.context > 1)):
+        considered = [c for c, _ in rows if pick(c)]
+        if not considered:
+            why = ("the model is not decoder-only, or no stage count divides its layers" if name == "stage" else
+                   f"data.seq_len={rows[0][0].data.seq_len} is under {LONG_CONTEXT:,} tokens: the sequence fits "
+                   f"one chip, and splitting it only adds K/V traffic")
+            lines.append(f"  {name} splits: none considered ({why})")
+            continue
+        top = best(pick)
+        if top is None:
+            lines.append(f"  {name} splits: {len(considered)} considered, all pruned by the memory model")
+            continue
+        config, est = top
+        extra = f", bubble {plan.bubble(config, devices):.0%}" if name == "stage" else ""
+        versus = (f" vs {plan.seconds_text(analytic_seconds(*plain, devices, peak))} for the best without "
+                  f"({label(plain[0])})" if plain else " (nothing without it fits the memory model)")
+        lines.append(f"  {name} splits: {len(considered)} considered; best {label(config)} "
+                     f"{plan.seconds_text(analytic_seconds(config, est, devices, peak))}{extra}{versus}")
+    return lines
 
 
 def fits(outcome, budget: Optional[float], explicit_budget: bool) -> bool:
@@ -199,7 +254,8 @@ def report_one(config, outcome, flops, seconds, target, devices, mfu, tokens, pr
 
 
 def label(config) -> str:
-    return (f"tensor={config.mesh.tensor} (fsdp the rest) remat={config.model.remat_policy} "
+    splits = "".join(f" {a}={getattr(config.mesh, a)}" for a in ("stage", "context") if getattr(config.mesh, a) > 1)
+    return (f"tensor={config.mesh.tensor}{splits} (fsdp the rest) remat={config.model.remat_policy} "
             f"microbatches={config.microbatches}")
 
 
@@ -214,16 +270,20 @@ def ranked(candidates: list, target, devices: list, budget: Optional[float], max
     keep = [r for r in rows if budget is None or r[1].total_bytes <= PRUNE_MARGIN * budget]
     groups: dict = {}
     for config, est in sorted(keep, key=lambda r: r[0].microbatches):
-        groups.setdefault((config.mesh.tensor, config.model.remat_policy), []).append((config, est))
+        key = (config.mesh.tensor, config.mesh.stage, config.mesh.context, config.model.remat_policy)
+        groups.setdefault(key, []).append((config, est))
 
-    def rank(group):  # FLOPs with recompute at peak (3 digits); among equals, the most headroom first
+    def rank(group):  # FLOPs with recompute at peak, with the bubble (3 digits); then the most headroom
         config, est = group[0]
-        return (float(f"{est.executed_flops / (n * peak):.3g}"), est.total_bytes, config.mesh.tensor)
+        return (float(f"{analytic_seconds(config, est, n, peak):.3g}"), est.total_bytes, config.mesh.tensor)
 
     order = sorted(groups.values(), key=rank)
     log(f"search: {len(rows)} layouts; {len(rows) - len(keep)} pruned by the analytic memory model "
-        f"(over {PRUNE_MARGIN:.2f} x the budget); {len(order)} (tensor, remat) groups left, ranked by analytic "
-        f"step time (FLOPs with remat recompute at peak), then by headroom; compiling at most {max_compiles}")
+        f"(over {PRUNE_MARGIN:.2f} x the budget); {len(order)} (tensor, stage, context, remat) groups left, ranked "
+        f"by analytic step time (FLOPs with remat recompute at peak, over 1 - the pipeline bubble), then by "
+        f"headroom; compiling at most {max_compiles}")
+    for line in split_lines(rows, keep, n, peak):
+        log(line)
     return order, rows, smallest
 
 
@@ -251,7 +311,8 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
         group = queue.pop(0)
         config, est = group.pop(0)
         log(f"[{len(tried) + 1}/{max_compiles}] {label(config)}: analytic {est.total_bytes / GiB:.2f} GiB, "
-             f"{plan.seconds_text(est.executed_flops / (n * device_peak(target, devices)[0]))} at peak; compiling...")
+             f"{plan.seconds_text(analytic_seconds(config, est, n, device_peak(target, devices)[0]))} at peak; "
+             f"compiling...")
         t0 = time.perf_counter()
         outcome, flops, seconds = compile_with_flops(config, devices, calibrate)
         ok = fits(outcome, budget, explicit_budget)
@@ -282,6 +343,8 @@ def search(candidates: list, target, devices: list, *, mfu: float, max_compiles:
               f"the winner's)")
     budget_text = f" of the {budget:,.0f}-byte budget" if budget else ""
     slices = f" --slices {target.slices}" if target.slices > 1 else ""
+    if best[0].mesh.stage > 1:
+        slices += f" --set mesh.pipeline_microbatches={best[0].mesh.pipeline_microbatches}"
     print(f"\nfastest that fits: {label(best[0])}, compiled: {best[1].memory.total:,} bytes per device{budget_text}"
           f"\n  (magic plan ... --mesh {plan.mesh_text(best[0], n)} --remat {best[0].model.remat_policy} "
           f"--microbatches {best[0].microbatches}{slices})")
@@ -330,7 +393,7 @@ def _gpu_ranked(candidates: list, target, budget):
     rows = [(c, plan.estimate(c, n)) for c in candidates]
     smallest = min(rows, key=lambda r: r[1].total_bytes)
     keep = [r for r in rows if budget is None or r[1].total_bytes <= budget]
-    order = sorted(keep, key=lambda r: (r[1].executed_flops / (n * peak), REMATS.index(r[0].model.remat_policy),
+    order = sorted(keep, key=lambda r: (analytic_seconds(r[0], r[1], n, peak), REMATS.index(r[0].model.remat_policy),
                                         r[0].microbatches, r[0].mesh.tensor))
     return order, rows, smallest
 
