@@ -108,6 +108,7 @@ class Target:
             return what + " (GPU cluster: analytic estimate, no compile)"
         counted = "TensorCores, 2 per chip" if self.chip.cores_per_chip == 2 else "chips"
         if self.slices > 1:
+            assert self.dcn_bits_per_s is not None  # with_slices sets it for every multi-slice target
             what += (f" in {self.slices} slices of {self.topology} joined by the data-centre network "
                      f"({self.dcn_bits_per_s / 1e9:g} Gbps per chip)")
             return f"{what} ({self.chip.name}-N counts {counted}; --topology names one slice)"

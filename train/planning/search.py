@@ -182,7 +182,7 @@ def split_lines(rows: list, kept: list, devices: int, peak: float) -> list[str]:
             continue
         config, est = top
         extra = f", bubble {plan.bubble(config, devices):.0%}" if name == "stage" else ""
-        versus = (f" vs {plan.seconds_text(analytic_seconds(*plain, devices, peak))} for the best without "
+        versus = (f" vs {plan.seconds_text(analytic_seconds(plain[0], plain[1], devices, peak))} for the best without "
                   f"({label(plain[0])})" if plain else " (nothing without it fits the memory model)")
         lines.append(f"  {name} splits: {len(considered)} considered; best {label(config)} "
                      f"{plan.seconds_text(analytic_seconds(config, est, devices, peak))}{extra}{versus}")
