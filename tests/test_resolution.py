@@ -146,7 +146,7 @@ def test_the_cli_flags_become_typed_values_and_set_wins():
     args = build_parser().parse_args(["train", "--batch", "8", "--microbatches", "2", "--mesh", "fsdp=-1",
                                       "--set", "mesh.fsdp=2", "--set", "batch_size=4", "--layout", "fsdp"])
     assert config_assignments(args) == {"batch_size": 4, "microbatches": 2, "mesh.layout": "fsdp", "mesh.data": 1,
-                                        "mesh.tensor": 1, "mesh.fsdp": 2}
+                                        "mesh.stage": 1, "mesh.context": 1, "mesh.tensor": 1, "mesh.fsdp": 2}
     assert config_assignments(build_parser().parse_args(["train"])) == {}
 
 
