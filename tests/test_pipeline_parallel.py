@@ -19,6 +19,10 @@ import sys
 
 import pytest
 
+# the batch contract (two packed documents a row, so segment ids matter) and the sharded run,
+# built as the 8-device sharding checks build them
+from test_sharding import _run_for, _synthetic_batch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STEPS, LOSS_RTOL = 5, 1e-5
@@ -151,26 +155,6 @@ def test_stage1_keeps_its_rules_and_the_pipeline_its_params():
 
 
 # ----------------------------------------------------------------------------- subprocess workers
-
-
-def _synthetic_batch(rng, batch: int, length: int, vocab: int) -> dict:
-    """Two packed documents a row, so the segment ids (split per microbatch) matter."""
-    import numpy as np
-
-    tokens = rng.integers(0, vocab, (batch, length + 1), dtype=np.int32)
-    half = length // 2
-    segments = np.repeat(np.array([[1] * half + [2] * (length - half)], np.int32), batch, axis=0)
-    positions = np.repeat(np.array([list(range(half)) + list(range(length - half))], np.int32), batch, axis=0)
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions, segment_ids=segments,
-                loss_mask=np.ones((batch, length), np.float32))
-
-
-def _run_for(config, devices=None):
-    from matrixmagic.train.run import shard_run
-    from matrixmagic.train.step import bind_train_step, eval_step
-
-    tx, step_fn = bind_train_step(config)
-    return shard_run(config, tx, step_fn, eval_step, devices=devices)
 
 
 def _grad_fn(config, run):
