@@ -167,6 +167,11 @@ class MeshConfig:
     # With context > 1, how each shard's queries reach the other shards' keys: all_gather (every
     # shard gathers all K/V, Llama 3 section 3.3.2) or ring (K/V blocks passed round, Liu et al. 2023).
     context_attention: ContextAttention = "all_gather"
+    # With a tp layout and tensor > 1: the residual stream between the tensor-parallel blocks (norm and
+    # dropout inputs, each layer's saved input) split over `tensor` along the sequence, as Megatron's
+    # sequence parallelism does (Korthikanti et al. 2022, section 4.2.2): each all-reduce becomes a
+    # reduce-scatter + all-gather pair of the same traffic, and those activations take 1/tensor the memory.
+    sequence_parallel: bool = True
 
     def __post_init__(self):
         if self.context_attention not in CONTEXT_ATTENTION:

@@ -126,8 +126,11 @@ class MultiHeadAttention(nn.Module):
         q = constrain(projection("query", heads)(inputs_q), HEADS_ACTIVATION)  # [B, Tq, H, d_k]
         k = projection("key", kv_heads)(inputs_kv)  # [B, Tk, G, d_k]
         v = projection("value", kv_heads)(inputs_kv)  # [B, Tk, G, d_k]
-        if not grouped:  # (fewer K/V heads than a tensor split keep the layout their weights give them)
-            k, v = constrain(k, HEADS_ACTIVATION), constrain(v, HEADS_ACTIVATION)
+        # Grouped K/V heads are laid out as their weights are ('kv_heads': split over tensor only when
+        # they divide it), and over the whole sequence like the queries: left to propagation, a
+        # sequence-parallel input would hand them its sequence split instead.
+        kv_names = HEADS_ACTIVATION if not grouped else (*HEADS_ACTIVATION[:2], "kv_heads", HEADS_ACTIVATION[3])
+        k, v = constrain(k, kv_names), constrain(v, kv_names)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         split = isinstance(mask, AttentionMask) and mask.order is not None and not self.decode

@@ -25,7 +25,9 @@ def normal(std: float):
 
 
 # Logical names of activations (sharding/rules.py maps them; weights use their own names).
-EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+# The residual stream [batch, length, d_model] names its length apart from the blocks' inputs, so a
+# rule table can split it further between the blocks (sequence parallelism) than inside them.
+EMBED_ACTIVATION = ("activation_batch", "activation_residual_length", "activation_embed")
 HEADS_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 MLP_ACTIVATION = ("activation_batch", "activation_length", "activation_mlp")
 VOCAB_ACTIVATION = ("activation_batch", "activation_length", "activation_vocab")

@@ -9,6 +9,13 @@ which mesh axis, if any, splits each name:
   tp       Megatron: heads and MLP hidden split over tensor (one all-reduce
            after attention and one after the MLP), batch over data
   fsdp+tp  both
+Under tp, `mesh.sequence_parallel` (on by default) also splits the residual stream's
+sequence over tensor between the blocks (Megatron's sequence parallelism,
+Korthikanti et al. 2022, section 4.2.2): attention and the MLP read the whole
+sequence ('activation_length'), everything between them ('activation_residual_length':
+the norms, dropout, the residual adds and each layer's saved input) holds T / tensor
+tokens, so XLA all-gathers before each block and reduce-scatters after it instead of
+one all-reduce, the same bytes on the wire.
 Activations keep separate names from weights so the two can be laid out
 independently: a weight's 'embed' is split over fsdp, but the activations'
 'activation_embed' stays whole (FSDP gathers weights, not activations).
@@ -32,8 +39,8 @@ MeshAxes = str | tuple[str, ...] | None  # one mesh axis, several at once, or un
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 
-def layout_rules(layout: str) -> Rules:
-    """The base table for a named layout (no overrides)."""
+def layout_rules(layout: str, sequence_parallel: bool = True) -> Rules:
+    """The base table for a named layout (no overrides); `sequence_parallel` matters under tp only."""
     if layout not in LAYOUTS:
         raise ConfigError(f"mesh.layout={layout!r} is invalid: choose one of {', '.join(LAYOUTS)}."
                           f"{suggest(layout, LAYOUTS)}")
@@ -44,6 +51,8 @@ def layout_rules(layout: str) -> Rules:
         ("activation_batch", BATCH_AXES),
         # context parallelism: the sequence split over `context` (size 1 by default: whole)
         ("activation_length", "context"),
+        # the residual stream between the blocks: also split over tensor under sequence parallelism
+        ("activation_residual_length", ("context", tensor) if tensor and sequence_parallel else "context"),
         ("activation_embed", None),
         ("activation_heads", tensor),
         ("activation_kv", None),
@@ -98,9 +107,9 @@ def parse_rules_override(text: str) -> dict[str, MeshAxes]:
     return out
 
 
-def logical_rules(layout: str, override: str = "") -> Rules:
+def logical_rules(layout: str, override: str = "", sequence_parallel: bool = True) -> Rules:
     """The layout's table with `override` entries replacing its own, order kept."""
-    table = layout_rules(layout)
+    table = layout_rules(layout, sequence_parallel)
     if not override:
         return table
     changes = parse_rules_override(override)
@@ -111,13 +120,18 @@ def rules_for(mesh_config) -> Rules:
     """The run's table. With pipeline stages the scanned weights' 'layers' dim is split over
     'stage' (stage s holds its contiguous block of layers: configs/pipeline.py); at stage=1
     the entry stays None, so a run without a pipeline has exactly the shardings it had."""
-    table = logical_rules(mesh_config.layout)
+    table = logical_rules(mesh_config.layout, sequence_parallel=mesh_config.sequence_parallel)
     if mesh_config.stage != 1:
         table = tuple((name, "stage" if name == "layers" else axes) for name, axes in table)
     if not mesh_config.rules_override:
         return table
     changes = parse_rules_override(mesh_config.rules_override)
     return tuple((name, changes.get(name, axes)) for name, axes in table)
+
+
+def sequence_parallel(mesh_config, tensor: int) -> bool:
+    """Whether the run splits its residual stream over `tensor` (the axis resolved to `tensor` devices)."""
+    return mesh_config.sequence_parallel and tensor > 1 and "tp" in mesh_config.layout
 
 
 def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:

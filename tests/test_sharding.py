@@ -31,10 +31,11 @@ STEPS, LOSS_RTOL = 5, 1e-5
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
 
 
-def run_worker(name: str, devices: int = 8, timeout: int = 900) -> tuple[dict, str]:
+def run_worker(name: str, devices: int = 8, timeout: int = 900, script: str = __file__) -> tuple[dict, str]:
+    """`_worker_<name>()` of `script` (a test file) run on `devices` fake CPU devices: (its JSON, stderr)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), name], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -393,7 +394,7 @@ def _worker_tp_hlo() -> dict:
     from matrixmagic.model import build_model
     from matrixmagic.train.run import with_rules
 
-    config = _config("tp", data=4, tensor=2)
+    config = _config("tp", data=4, tensor=2, sequence_parallel=False)  # Megatron's all-reduces (SP: test_sequence_parallel)
     config = dataclasses.replace(config, model=config.model.replace(scan_layers=False))
     run, model = _run_for(config), build_model(config.model)
     forward = jax.jit(with_rules(lambda p, x: model.apply({"params": p}, x), run.mesh, run.rules),

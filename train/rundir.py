@@ -47,7 +47,9 @@ LATER_FIELDS = {("data", "mixture"): None,
                 ("model", "rope_original_max_len"): 8192,
                 # issue 27's mesh axes
                 ("mesh", "stage"): 1, ("mesh", "context"): 1, ("mesh", "context_attention"): "all_gather",
-                ("mesh", "pipeline_microbatches"): 0, ("mesh", "pipeline_repeats"): 1}
+                ("mesh", "pipeline_microbatches"): 0, ("mesh", "pipeline_repeats"): 1,
+                # issue 28's sequence parallelism
+                ("mesh", "sequence_parallel"): True}
 
 
 def config_digest(config: TrainConfig, length: int = 6) -> str:

@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from matrixmagic.model.build import abstract_variables
 from matrixmagic.sharding.mesh import axis_sizes
-from matrixmagic.sharding.rules import mesh_axes_of, rules_for
+from matrixmagic.sharding.rules import mesh_axes_of, rules_for, sequence_parallel
 
 from .chips import GiB
 
@@ -121,6 +121,9 @@ def classify(alloc: Allocation, config, tensor: int = 1) -> Allocation:
     elif stacked:
         what = "residual stream [batch, S, d_model] saved per layer"
         knob = f"{remat}; {micro}"
+        if not sequence_parallel(config.mesh, tensor):  # Megatron's sequence parallelism splits S over tensor
+            knob += ("; or --set mesh.sequence_parallel=true" if tensor > 1 and "tp" in config.mesh.layout else
+                     "; or a tensor split (--mesh fsdp=-1,tensor=N): sequence parallelism then splits S N ways")
     else:
         what, knob = "other (embeddings, norms, optimizer update scratch)", micro
     if stacked:

@@ -17,6 +17,9 @@ C = mesh.context, x = tokens per device per microbatch = batch / (data * fsdp) /
       save_dots  c (2h + 4h/t + d_ff/t) + 4 a S / t   (matmul outputs + layer input)
       full       c h, + one layer's `none` working set while it is recomputed
     (the paper's h-terms count 2-byte activations, hence c/2: float32 compute doubles them)
+  sequence parallelism (mesh.sequence_parallel under tp, sharding/rules.py): the terms above
+    that tensor does not split (10 h of `none`, 2 h of save_dots, the h of full) are the
+    residual stream's, now split over t too (the paper's Table 2: sbh (34/t + 5as/(ht)))
     With splash attention no [S, S] matrix exists: each head keeps one float32
     logsumexp per token instead of S scores, so S becomes 1 in the a S terms.
   context parallelism (C > 1, model/context.py): each device keeps its S / C tokens, each
@@ -43,6 +46,7 @@ from matrixmagic.model.attention import kv_cache_width, qkv_width
 from matrixmagic.model.families import family_of
 from matrixmagic.model.feed_forward import up_width
 from matrixmagic.sharding.mesh import AXES, axis_sizes
+from matrixmagic.sharding.rules import sequence_parallel
 
 from .chips import GiB, Target
 from .compiled import MemoryBreakdown
@@ -71,28 +75,30 @@ def _state_shards(layout: str, sizes: dict[str, int]) -> int:
     return (sizes["fsdp"] if "fsdp" in layout else 1) * (sizes["tensor"] if "tp" in layout else 1)
 
 
-def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int) -> float:
+def activation_bytes_per_token_layer(cfg, tensor: int, seq_len: int, sequence_parallel: bool = False) -> float:
     """A in the module doc: bytes one token keeps per layer for the backward pass."""
     h, a, c = cfg.d_model, cfg.num_heads, DTYPE_BYTES[cfg.dtype]
     row = 1 if cfg.attention_impl == "splash" else seq_len  # per token and head: a score row, or a logsumexp
+    residual = tensor if sequence_parallel else 1  # how many ways the residual stream's terms are split
     # Korthikanti's h-terms count 16-bit activations: they scale with the compute dtype (float32
     # on CPU keeps twice the bytes). The score terms are already float32 in this code.
-    working = c / 2 * h * (10 + 24 / tensor) + 11 * a * row / tensor
+    working = c / 2 * h * (10 / residual + 24 / tensor) + 11 * a * row / tensor
     if cfg.remat_policy == "save_dots":
-        return c * (2 * h + 4 * h / tensor + up_width(cfg) / tensor) + 4 * a * row / tensor
+        return c * (2 * h / residual + 4 * h / tensor + up_width(cfg) / tensor) + 4 * a * row / tensor
     if cfg.remat_policy in ("full", "save_dots_no_batch"):
-        return c * h + working / cfg.num_layers  # inputs kept; one layer's set live at a time
+        return c * h / residual + working / cfg.num_layers  # inputs kept; one layer's set live at a time
     return working
 
 
-def cross_attention_bytes_per_token(cfg, tensor: int, encoder_len: int) -> float:
+def cross_attention_bytes_per_token(cfg, tensor: int, encoder_len: int, sequence_parallel: bool = False) -> float:
     """What a decoder token keeps for one cross-attention sublayer: Korthikanti's attention-block
-    h-terms (11 h, of which 2 h of input are not split by tensor parallelism) and its scores
-    over the encoder's keys (remat none; full remat keeps none of it)."""
+    h-terms (11 h, of which 2 h of input are split by tensor parallelism only under sequence
+    parallelism) and its scores over the encoder's keys (remat none; full remat keeps none of it)."""
     if cfg.remat_policy in ("full", "save_dots_no_batch"):
         return 0.0
     row = 1 if cfg.attention_impl == "splash" else encoder_len
-    return DTYPE_BYTES[cfg.dtype] / 2 * cfg.d_model * (2 + 9 / tensor) + 11 * cfg.num_heads * row / tensor
+    residual = tensor if sequence_parallel else 1
+    return DTYPE_BYTES[cfg.dtype] / 2 * cfg.d_model * (2 / residual + 9 / tensor) + 11 * cfg.num_heads * row / tensor
 
 
 def logit_bytes(config: TrainConfig, devices: int) -> float:
@@ -128,11 +134,13 @@ def estimate(config: TrainConfig, devices: int) -> Estimate:
     rows = config.batch_size // (sizes["data"] * sizes["fsdp"]) // config.microbatches
     lengths = side_lengths(cfg.family, seq)  # an encoder-decoder's stacks each see half the window
     t = sizes["tensor"]
+    sp = sequence_parallel(config.mesh, t)
     context = sizes.get("context", 1)  # the sequence split: S / C tokens per device, each a row of S scores
-    acts = sum(cfg.num_layers / stage * rows * n / context * activation_bytes_per_token_layer(cfg, t, n)
+    acts = sum(cfg.num_layers / stage * rows * n / context * activation_bytes_per_token_layer(cfg, t, n, sp)
                for n in lengths.values()) + context_kv_bytes(config, devices)
     if family_of(cfg).cross_attention:  # each decoder layer's cross attention, over the encoder's keys
-        acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(cfg, t, lengths["encoder"])
+        acts += cfg.num_layers * rows * lengths["decoder"] * cross_attention_bytes_per_token(
+            cfg, t, lengths["encoder"], sp)
     acts += logit_bytes(config, devices)
     tokens_step = config.tokens_per_step
     model_flops = training_flops_per_token(cfg, n, seq) * tokens_step
