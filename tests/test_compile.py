@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,28 @@ def test_tpu_out_of_memory_is_a_result_with_the_shortfall(capsys):
     assert main(args + [f"--set={a}" for a in big]) == 3
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "short by" in out and "GB) per device" in out
+
+
+@needs_libtpu
+def test_calibrate_takes_the_step_time_from_the_one_and_two_layer_compiles(capsys):
+    """--calibrate: k (c1 + (L - 1)(c2 - c1)) from the TPU compiler's own optimal_seconds of the 1- and
+    2-layer unrolled steps (compiled here again, independently), not the loop correction's model."""
+    from matrixmagic.train.planning.compiled import calibration_configs
+
+    flags = ["--preset", "gpt-tiny", "--topology", "v5e-4", "--mesh", "fsdp=2,tensor=2", "--batch", "8",
+             "--microbatches", "2", *[f"--set={a}" for a in MICRO], "--set=model.num_layers=4", "--set=model.scan_unroll=1"]
+    assert main(["compile", *flags, "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    value, unit = re.search(r"compiler's own estimate \(optimal_seconds, 1- and 2-layer compiles\): ([\d.]+) "
+                            r"(s|ms|us)/step", out).groups()
+    got = float(value) * {"s": 1, "ms": 1e-3, "us": 1e-6}[unit]
+    config = compile_config("gpt-tiny", 4, mesh="fsdp=2,tensor=2", batch=8, microbatches=2,
+                            assignments=MICRO + ("model.num_layers=4", "model.scan_unroll=1"))
+    c1, c2 = (aot.compile_step(c, chips.target_devices(chips.parse_target("v5e-4"))).cost["optimal_seconds"]
+              for c in calibration_configs(config))
+    assert got == pytest.approx(2 * (c1 + 3 * (c2 - c1)), rel=2e-3)  # printed to 3 decimals
+    assert main(["compile", *flags, "--calibrate", "--no-calibrate"]) == 2
+    assert "--calibrate and --no-calibrate do not combine" in capsys.readouterr().err
 
 
 def test_sweep_on_a_cpu_mesh_prints_a_ranked_table(capsys):

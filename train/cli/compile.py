@@ -85,7 +85,8 @@ def report_compile(args, target: Target, devices: list) -> int:
     hbm = target.chip.hbm_bytes if target.chip else None
     print("\n".join(plan.header(config, target, len(devices))), flush=True)
     print("  compiling the train step `magic train` runs (train.run.train_run)...", flush=True)
-    outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate)
+    outcome, flops, seconds = compile_with_flops(config, devices, not args.no_calibrate,
+                                                 calibrated_time=args.calibrate)
     print()
     est = plan.estimate(config, len(devices))
     if not outcome.fits:
@@ -99,7 +100,8 @@ def report_compile(args, target: Target, devices: list) -> int:
                  f"activations (closed forms, train/planning/plan.py)")
     lines += [""] + plan.flops_lines(est, len(devices), outcome.cost.get("flops"), flops, config.model.remat_policy)
     lines += [""] + plan.throughput_lines(est, len(devices), peak, args.mfu, chip_name, seconds,
-                                          plan.dcn_seconds(config, target, outcome.dcn_bytes))
+                                          plan.dcn_seconds(config, target, outcome.dcn_bytes),
+                                          "1- and 2-layer compiles" if calibrated(args, config) else "loop-corrected")
     if args.serialize:
         from ..aot import save_executable
 
@@ -120,6 +122,14 @@ def report_compile(args, target: Target, devices: list) -> int:
 
 
 # ----------------------------------------------------------------------------- sweep
+
+
+def calibrated(args, config) -> bool:
+    """Whether --calibrate's 1- and 2-layer compiles gave the step time (a scanned layer loop to
+    calibrate; with the layers unrolled the loop correction stands, and search.py logs why)."""
+    from matrixmagic.train.planning.compiled import needs_calibration
+
+    return args.calibrate and needs_calibration(config)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -186,6 +196,10 @@ def main(args) -> int:
     if args.sweep and args.serialize:
         raise ConfigError("--sweep and --serialize do not combine: sweep first, then compile the chosen "
                           "configuration alone with --serialize PATH.")
+    if args.calibrate and (args.no_calibrate or args.sweep or (args.slices or 1) > 1):
+        other = "--no-calibrate" if args.no_calibrate else "--sweep" if args.sweep else f"--slices {args.slices}"
+        raise ConfigError(f"--calibrate and {other} do not combine: --calibrate times one slice's single "
+                          f"compile; drop one of them.")
     if args.serialize:  # local or gs:// (a pod's hosts share only the bucket): checked by a real write
         args.serialize = check_output_file(args.serialize, "--serialize")
     target = with_slices(parse_target(args.topology), args.slices, args.dcn_gbps)
@@ -212,6 +226,9 @@ def add_compile_arguments(p) -> None:
     p.add_argument("--no-calibrate", action="store_true",
                    help="for a loop without a static trip count (rare), skip the 1- and 2-layer compiles "
                         "that would correct cost_analysis")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also compile 1 and 2 unrolled layers and take the step time from them: the TPU "
+                        "compiler's own figure, where the default (loop-corrected) step time is a model")
     p.add_argument("--sweep", action="store_true", help="search meshes x remat x microbatches; table of what fits")
     p.add_argument("--sweep-tensor", default="1,4,8,16", help="mesh.tensor sizes to try (fsdp fills the rest)")
     p.add_argument("--sweep-remat", default="none,save_dots,full", help="remat policies to try")

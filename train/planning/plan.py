@@ -322,9 +322,10 @@ def flops_lines(est: Estimate, devices: int, raw: Optional[float], corrected: Op
 
 
 def throughput_lines(est: Estimate, devices: int, peak: float, mfu: float, chip_name: str,
-                     compiler_seconds: Optional[float], dcn: Optional[float] = None) -> list[str]:
-    """Step time at the stated MFU and by the compiler; with several slices each plus the
-    cross-slice gradient all-reduce (`dcn_seconds`)."""
+                     compiler_seconds: Optional[float], dcn: Optional[float] = None,
+                     seconds_from: str = "loop-corrected") -> list[str]:
+    """Step time at the stated MFU and by the compiler (`seconds_from` says how its figure was
+    made whole); with several slices each plus the cross-slice gradient all-reduce (`dcn_seconds`)."""
     extra = dcn or 0.0
     plus = " + DCN" if dcn else ""
     step = step_time(est.model_flops, devices, peak, mfu) + extra
@@ -335,7 +336,7 @@ def throughput_lines(est: Estimate, devices: int, peak: float, mfu: float, chip_
         lines.append(f"  DCN          {seconds_text(dcn)}/step: the gradient all-reduce between slices over the "
                      f"data-centre network, not overlapped (train/planning/plan.py dcn_seconds)")
     if compiler_seconds:
-        lines.append(f"  compiler's own estimate (optimal_seconds, loop-corrected){plus}: "
+        lines.append(f"  compiler's own estimate (optimal_seconds, {seconds_from}){plus}: "
                      f"{seconds_text(compiler_seconds + extra)}/step "
                      f"= {est.tokens_per_step / (compiler_seconds + extra):,.0f} tokens/s")
     return lines

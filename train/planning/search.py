@@ -44,13 +44,16 @@ def device_peak(target: Target, devices: list) -> tuple[float, str]:
     return peak_flops_per_device(devices), "CPU: this host's measured matmul peak split over the fake devices"
 
 
-def compile_with_flops(config, devices: list, calibrate: bool, log=log):
+def compile_with_flops(config, devices: list, calibrate: bool, log=log, calibrated_time: bool = False):
     """(outcome, loop-corrected flops, loop-corrected optimal_seconds) for one config.
 
     cost_analysis() counts each loop body once. The correction reads every loop's trip count
     from the optimized HLO and costs its body on its own (train/planning/loops.py): no extra compile.
     Only a loop without a static trip count falls back to the old calibration, two more
-    compiles with 1 and 2 unrolled layers (skipped when `calibrate` is False)."""
+    compiles with 1 and 2 unrolled layers (skipped when `calibrate` is False).
+    `calibrated_time`: compile those two anyway and take the step time from them, the TPU
+    compiler's own figure for every op (the loop correction's time is a model: compute at the
+    peak plus bytes at one rate, which over-charges loops that overlap collectives with matmuls)."""
     outcome = aot.compile_step(config, devices)
     log(f"  compile  lowered in {outcome.lower_seconds:.1f} s, compiled in {outcome.compile_seconds:.1f} s"
         + ("" if outcome.fits else " (out of memory)"))
@@ -67,13 +70,17 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
     fixed = report.hlo_loop_corrected(outcome.compiled, outcome.cost, peak)
     if fixed is not None:
         log(f"  loop-corrected the cost from the HLO's loop trip counts in {time.perf_counter() - start:.1f} s")
-        return outcome, fixed.get("flops"), fixed.get("optimal_seconds")
-    if report.needs_calibration(config) and not calibrate:
+        if calibrated_time and not report.needs_calibration(config):
+            log("  --calibrate: the layers are unrolled (no layer loop to calibrate): the loop-corrected time stands")
+        if not (calibrated_time and report.needs_calibration(config) and "optimal_seconds" in fixed):
+            return outcome, fixed.get("flops"), fixed.get("optimal_seconds")
+        log(f"  loop-corrected step time (model): {fixed['optimal_seconds']:.3f} s")
+    elif report.needs_calibration(config) and not calibrate:
         return outcome, None, None
     calib = {}
     if report.needs_calibration(config):
-        log("  calibrating FLOPs (a loop without a static trip count): compiling 1 and 2 unrolled layers, "
-            "one microbatch...")
+        log("  calibrating (" + ("--calibrate" if fixed is not None else "a loop without a static trip count")
+            + "): compiling 1 and 2 unrolled layers, one microbatch...")
         extra = [aot.compile_step(c, devices) for c in report.calibration_configs(config)]
         log(f"  calibration compiled in {' + '.join(f'{e.compile_seconds:.1f}' for e in extra)} s")
         if all(e.fits for e in extra):
@@ -82,7 +89,8 @@ def compile_with_flops(config, devices: list, calibrate: bool, log=log):
             calib = {k: (one[k], two[k]) for k in one if k in two}
     corrected = {k: report.loop_corrected(outcome.cost[k], calib.get(k), config)
                  for k in ("flops", "optimal_seconds") if k in outcome.cost}
-    return outcome, corrected.get("flops"), corrected.get("optimal_seconds")
+    flops = fixed["flops"] if fixed is not None else corrected.get("flops")
+    return outcome, flops, corrected.get("optimal_seconds")
 
 
 def slice_groups(devices: list) -> list[list]:
