@@ -28,7 +28,10 @@ HEADER = """# Bad input: what a user sees
 Every row is a mistake a new user makes, run through the real `magic` command by
 `docs/bad_input_table.py` (generated from the cases `tests/test_user_errors.py` checks: each
 exits 2 with one message and no traceback). Paths under the test's temporary folder are
-shown as `<tmp>`. Cases marked 16 are issue 16's list.
+shown as `<tmp>`. Cases marked 16 are issue 16's list. Not a row, since it is no mistake but a
+risk: a `magic train --compiled` file is code (jax's executable format is a pickle), so a file this
+user's key did not seal is refused before it is opened; treat serialized executables as code
+(docs/planning.md, tests/test_compiled_file.py).
 
 | case | issue | command | exit | message |
 |---|---|---|---|---|

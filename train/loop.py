@@ -30,7 +30,7 @@ from matrixmagic.train.planning.fit import check_training_fits
 
 from . import metrics as metrics_lib
 from . import storage
-from .aot import load_train_step
+from .aot import CompiledFile, load_train_step, open_compiled
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .data.tokenizers import prompt_start
@@ -161,11 +161,14 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     `allow_change`: config fields a resume may change (`--allow-change`; train/resume.py).
     `check_memory`: refuse a step the analytic memory model says cannot fit (train/planning/fit.py).
     The run directory is locked for the whole call: a second writer fails at once."""
+    # A --compiled file not signed by this user's key is refused here, unloaded, before anything
+    # is written (train/sealed.py).
+    executable = open_compiled(compiled) if compiled else None
     check_workdir(config.workdir)
     allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
     lock = lock_run(config.workdir)
     try:
-        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory, lock=lock)
+        return _train(config, quiet=quiet, compiled=executable, allowed=allowed, check_memory=check_memory, lock=lock)
     except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
         if not is_disk_full(err):
             raise
@@ -177,7 +180,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
             lock.release()
 
 
-def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset,
+def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, allowed: frozenset,
            check_memory: bool, lock=None) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile
