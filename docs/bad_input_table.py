@@ -106,10 +106,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         inputs = make_inputs(Path(root))
         for case in CASES:
-            done = run_cli(command(case, inputs), inputs["tmp"])
+            done = run_cli(command(case, inputs), inputs["tmp"], case.env)
             message = next((line for line in done.stderr.splitlines() if line.startswith("magic ")), done.stderr)
             argv = " ".join(shown(a) if " " not in a else repr(shown(a)) for a in command(case, inputs))
-            row = [case.name, case.issue, f"`magic {argv}`", str(done.returncode), message]
+            env = "".join(f"{name}={value} " for name, value in case.env)
+            row = [case.name, case.issue, f"`{env}magic {argv}`", str(done.returncode), message]
             rows.append("| " + " | ".join(cell(c.replace(root, "<tmp>")) for c in row) + " |")
             print(f"{done.returncode}  {case.name}", file=sys.stderr)
         staged = situations(root)

@@ -41,10 +41,13 @@ from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
-from .rundir import finished_line, record_start
-from .runlock import RunInUseError
+from .rundir import COMMAND_FILE, CONFIG_FILE, finished_line, record_start
+from .runlock import LOCK_FILE, RunInUseError
 from .samerun import check_allowed
 from .step import summarize_eval
+
+# The files a run keeps at the top of its directory (the lock, the log, what made it, the curve).
+RUN_FILES = (LOCK_FILE, metrics_lib.METRICS_FILE, COMMAND_FILE, CONFIG_FILE, "loss_curve.png")
 
 
 def check_workdir(workdir: str) -> None:
@@ -59,6 +62,10 @@ def check_workdir(workdir: str) -> None:
         except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
             raise storage.classify(err, workdir, "workdir") from None
         return
+    for name in RUN_FILES:  # a folder where the run keeps a file fails deep inside the lock or the log
+        if os.path.isdir(os.path.join(workdir, name)):
+            raise ConfigError(f"workdir={workdir!r}: {name} there is a directory, and the run keeps a file of that "
+                              f"name: remove it (or move it aside) and rerun, or choose another --workdir.")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")

@@ -301,6 +301,20 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def backend_refused(err: BaseException, env=os.environ) -> str | None:
+    """The one line for jax refusing a backend that JAX_PLATFORMS asks for and this machine
+    lacks (JAX_PLATFORMS=tpu without libtpu, =gpu without CUDA): jax raises a bare RuntimeError
+    from the first call that needs a device, so it is recognized by its words; None otherwise."""
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not platforms or not isinstance(err, RuntimeError) or "Unable to initialize backend" not in text:
+        return None
+    reason = text.split(" (set JAX_PLATFORMS=")[0]
+    return (f"JAX_PLATFORMS={platforms} asks for a backend this machine cannot start ({reason}): unset "
+            f"JAX_PLATFORMS (or set JAX_PLATFORMS=cpu) to use the devices that are here, or install that backend "
+            f"(pip install -e '.[cuda]' for NVIDIA GPUs, '.[tpu]' on a TPU VM).")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
@@ -333,9 +347,12 @@ def main(argv=None) -> int:
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    except Exception:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
+    except Exception as err:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
         if os.environ.get("MAGIC_DEBUG"):
             raise
+        if message := backend_refused(err):  # the user's JAX_PLATFORMS, not a bug
+            print(f"magic {args.command}: error: {message}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"magic {args.command}: internal error, please report it with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL

@@ -74,10 +74,16 @@ class Report:
 
 
 def _load_json(path: str) -> dict:
+    """A JSON object (every Hugging Face config file is one); HFError for anything else."""
     try:
-        return json.loads(storage.read_text(path))
+        value = json.loads(storage.read_text(path))
     except ValueError as err:
         raise HFError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise HFError(f"{path} holds {kind}, not a JSON object of settings "
+                      f"({{\"model_type\": ...}}): give the config.json that save_pretrained wrote.")
+    return value
 
 
 def _source(path: str, field: str) -> str:
