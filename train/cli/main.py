@@ -32,7 +32,7 @@ from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import train_config_for
 
 from ..preemption import EXIT_PREEMPTED  # light: no jax
-from ..storage import StorageUnavailable  # light: no jax; sets the emulator's variables for tensorstore
+from ..storage import StorageUnavailable, is_url  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .data import add_parsers as add_data_parsers  # light: argparse only, no jax
 from .evaluate import add_eval_arguments  # light: argparse only, no jax
@@ -232,6 +232,10 @@ def use_compile_cache(env=os.environ) -> None:
     path = env.get(COMPILE_CACHE_ENV, DEFAULT_COMPILE_CACHE).strip()
     if path.lower() in ("", "0", "off", "false", "no"):
         return
+    if is_url(path):  # os.makedirs would make a local folder named `gs:`; compiled programs are per machine
+        raise ConfigError(f"{COMPILE_CACHE_ENV}={path!r} is a URL, and the compile cache is a local directory (each "
+                          f"machine keeps the programs it compiled): give a local path, e.g. "
+                          f"{COMPILE_CACHE_ENV}={DEFAULT_COMPILE_CACHE}, or {COMPILE_CACHE_ENV}=0 to turn it off.")
     path = os.path.abspath(os.path.expanduser(path))
     try:
         os.makedirs(path, exist_ok=True)
@@ -285,7 +289,11 @@ def console_main(argv=None) -> int:
     if not argv or argv[0] not in TOPOLOGY_COMMANDS:
         # `magic compile` and `magic plan` report compile times, which a cache hit would falsify,
         # and a TPU topology's cached executable cannot be loaded without a TPU (jax warns on each).
-        use_compile_cache()
+        try:
+            use_compile_cache()
+        except ConfigError as err:  # before main()'s handler: the same one line and exit 2
+            print(f"{' '.join(['magic', *argv[:1]])}: error: {err}", file=sys.stderr)
+            return 2
         cpu_only_when_no_accelerator()
     return main(argv)
 
