@@ -31,6 +31,7 @@ from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import train_config_for
 
+from ..interrupts import Terminated, raised_as_exceptions, stopped  # light: no jax
 from ..preemption import EXIT_PREEMPTED  # light: no jax
 from ..storage import StorageUnavailable, is_url  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
@@ -333,9 +334,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:
-        with warnings.catch_warnings():  # restores the caller's showwarning afterwards
+        # restores the caller's showwarning afterwards; Ctrl-C and SIGTERM become exceptions (train/interrupts.py)
+        with warnings.catch_warnings(), raised_as_exceptions():
             warnings.showwarning = show_warning
             return args.func(args)
+    except (KeyboardInterrupt, Terminated) as err:  # a signal outside the train loop: the cleanups ran
+        code, said = stopped(err)
+        print(f"magic {args.command}: {said}", file=sys.stderr)
+        return code
     except StorageUnavailable as err:  # the bucket stopped answering mid-run: rerunning is the fix
         if os.environ.get("MAGIC_DEBUG"):
             raise
