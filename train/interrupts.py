@@ -76,7 +76,7 @@ def raised_as_exceptions() -> Iterator[None]:
 def stopped(err: BaseException) -> tuple[int, str] | None:
     """(exit code, what to say) for a signal's exception; None for anything else."""
     if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted (Ctrl-C); nothing half-written was kept: rerun the same command to redo it."
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C): rerun the same command to finish (nothing half-written is used)."
     if isinstance(err, Terminated):
-        return EXIT_PREEMPTED, "stopped by SIGTERM; nothing half-written was kept: rerun the same command to redo it."
+        return EXIT_PREEMPTED, "stopped by SIGTERM: rerun the same command to finish (nothing half-written is used)."
     return None

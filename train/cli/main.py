@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_check_argument(t)
     t.epilog = ("exit codes: 0 done; 2 config/workdir/checkpoint error (before training); 3 loss or gradient norm "
                 "became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM, Ctrl-C or a TPU preemption "
-                "notice after saving a checkpoint: rerun the same command to resume.")
+                "notice after saving a checkpoint: rerun the same command to resume; 130 a second Ctrl-C, or one "
+                "before the first step.")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("compile", help="AOT-compile the train step for a TPU slice (or CPU mesh): memory, "
