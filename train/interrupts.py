@@ -73,10 +73,8 @@ def raised_as_exceptions() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def stopped(err: BaseException) -> tuple[int, str] | None:
-    """(exit code, what to say) for a signal's exception; None for anything else."""
+def stopped(err: KeyboardInterrupt | Terminated) -> tuple[int, str]:
+    """(exit code, what to say) for a signal's exception."""
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C): rerun the same command to finish (nothing half-written is used)."
-    if isinstance(err, Terminated):
-        return EXIT_PREEMPTED, "stopped by SIGTERM: rerun the same command to finish (nothing half-written is used)."
-    return None
+    return EXIT_PREEMPTED, "stopped by SIGTERM: rerun the same command to finish (nothing half-written is used)."

@@ -68,12 +68,16 @@ def _create_key(path: str) -> bytes:
     return key
 
 
-def signing_key(create: bool, env=os.environ) -> bytes | None:
-    """MAGIC_EXECUTABLE_KEY, else the key file (made now when `create`); None when neither exists."""
+def existing_key(env=os.environ) -> bytes | None:
+    """MAGIC_EXECUTABLE_KEY, else the key file; None when neither exists."""
     if env.get(KEY_ENV):
         return env[KEY_ENV].encode()
-    path = key_path(env)
-    return _read_key(path) or (_create_key(path) if create else None)
+    return _read_key(key_path(env))
+
+
+def signing_key(env=os.environ) -> bytes:
+    """The key to seal with: the existing one, else a key file made now."""
+    return existing_key(env) or _create_key(key_path(env))
 
 
 def _tag(key: bytes, digest: bytes) -> bytes:
@@ -85,7 +89,7 @@ def seal(metadata: dict, executable: bytes, env=os.environ) -> bytes:
     meta = json.dumps(metadata, sort_keys=True).encode()
     body = meta + executable
     digest = hashlib.sha256(body).digest()
-    return HEADER.pack(MAGIC, VERSION, digest, _tag(signing_key(True, env), digest), len(meta)) + body
+    return HEADER.pack(MAGIC, VERSION, digest, _tag(signing_key(env), digest), len(meta)) + body
 
 
 def _refuse(path: str, why: str, fix: str = RECOMPILE) -> CompiledFileRefused:
@@ -105,7 +109,7 @@ def unseal(path: str, data: bytes, env=os.environ) -> tuple[dict, bytes]:
     body = data[HEADER.size:]
     if not hmac.compare_digest(hashlib.sha256(body).digest(), digest) or meta_len > len(body):
         raise _refuse(path, "is damaged or was altered (its SHA-256 does not match its header)")
-    key = signing_key(False, env)
+    key = existing_key(env)
     if key is None or not hmac.compare_digest(_tag(key, digest), tag):
         raise _refuse(path, f"was not signed with this machine's key ({KEY_ENV}, else {key_path(env)}), so it "
                             f"was written elsewhere or by someone else",
