@@ -28,7 +28,10 @@ HEADER = """# Bad input: what a user sees
 Every row is a mistake a new user makes, run through the real `magic` command by
 `docs/bad_input_table.py` (generated from the cases `tests/test_user_errors.py` checks: each
 exits 2 with one message and no traceback). Paths under the test's temporary folder are
-shown as `<tmp>`. Cases marked 16 are issue 16's list.
+shown as `<tmp>`. Cases marked 16 are issue 16's list. Not a row, since it is no mistake but a
+risk: a `magic train --compiled` file is code (jax's executable format is a pickle), so a file this
+user's key did not seal is refused before it is opened; treat serialized executables as code
+(docs/planning.md, tests/test_compiled_file.py).
 
 | case | issue | command | exit | message |
 |---|---|---|---|---|
@@ -103,10 +106,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         inputs = make_inputs(Path(root))
         for case in CASES:
-            done = run_cli(command(case, inputs), inputs["tmp"])
+            done = run_cli(command(case, inputs), inputs["tmp"], case.env)
             message = next((line for line in done.stderr.splitlines() if line.startswith("magic ")), done.stderr)
             argv = " ".join(shown(a) if " " not in a else repr(shown(a)) for a in command(case, inputs))
-            row = [case.name, case.issue, f"`magic {argv}`", str(done.returncode), message]
+            env = "".join(f"{name}={value} " for name, value in case.env)
+            row = [case.name, case.issue, f"`{env}magic {argv}`", str(done.returncode), message]
             rows.append("| " + " | ".join(cell(c.replace(root, "<tmp>")) for c in row) + " |")
             print(f"{done.returncode}  {case.name}", file=sys.stderr)
         staged = situations(root)

@@ -18,17 +18,17 @@ def inputs(tmp_path_factory):
     return make_inputs(tmp_path_factory.mktemp("bad-input"))
 
 
-def run_cli(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+def run_cli(argv: list[str], cwd: str, env: tuple[tuple[str, str], ...] = ()) -> subprocess.CompletedProcess:
     """The command as a user runs it; in an empty folder, so a case that wrongly starts a run writes
-    nowhere that matters, and with a timeout that such a run would hit."""
-    env = {**os.environ, "MAGIC_DEBUG": ""}
+    nowhere that matters, and with a timeout that such a run would hit. `env`: the case's variables."""
+    env = {**os.environ, "MAGIC_DEBUG": "", **dict(env)}
     return subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=240, check=False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_user_error_is_one_message_and_exit_2(case, inputs):
-    done = run_cli(command(case, inputs), inputs["tmp"])
+    done = run_cli(command(case, inputs), inputs["tmp"], case.env)
     output = done.stdout + done.stderr
     assert "Traceback" not in output, output[-3000:]
     assert done.returncode == 2, output[-3000:]

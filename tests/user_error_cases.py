@@ -5,7 +5,9 @@ traceback); docs/bad_input_table.py runs them again to write docs/bad-input.md.
 Placeholders in the commands are filled by `make_inputs`: {file} a plain file, {ro} a folder
 this process cannot write, {corpus} a small text corpus with {data} its data dir (prepared, with
 a SentencePiece model), {tiny} a corpus of a few bytes, {bad_model} a corrupt .model,
-{wide} a corpus of more distinct characters than 300 ids can hold, {tmp} an empty folder.
+{wide} a corpus of more distinct characters than 300 ids can hold, {tmp} an empty folder,
+{hf_list} a model folder whose config.json is a JSON list, {lock_dir} / {metrics_dir} run folders
+whose run.lock / metrics.jsonl is a directory. A case's `env` is set for its command only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Case:
     argv: tuple[str, ...]
     expect: str  # a regular expression the error message must match
     issue: str = ""  # where the case comes from (issue 16's list), else a new user's guess
+    env: tuple[tuple[str, str], ...] = ()  # environment variables the command runs with (NAME, value)
 
 
 CASES = [
@@ -168,6 +171,21 @@ CASES = [
          r"mesh\.pipeline_microbatches=1 is invalid: .* at least mesh\.stage=2 microbatches", "27"),
     Case("pipeline repeats without stages", ("train", "--set", "mesh.pipeline_repeats=2"),
          r"mesh\.pipeline_repeats=2 is invalid: .* mesh\.stage=1 runs none", "27"),
+    # issue 29: a second sweep (tracebacks before)
+    Case("plan for zero GPUs", ("plan", "--preset", "gpt-tiny", "--topology", "h100x0"),
+         r"--topology 'h100x0' is invalid: use at least one GPU", "29"),
+    Case("hf import of a config.json that is a list", ("hf", "import", "{hf_list}", "--workdir", "{tmp}/../imported"),
+         r"config\.json holds an array, not a JSON object of settings", "29"),
+    Case("JAX_PLATFORMS=gpu without a GPU", ("train", "--set", "steps=1", "--workdir", "{tmp}/../gpu-run"),
+         r"JAX_PLATFORMS=gpu asks for a backend this machine cannot start .*unset JAX_PLATFORMS", "29",
+         env=(("JAX_PLATFORMS", "gpu"),)),
+    Case("JAX_PLATFORMS=tpu without a TPU", ("params", "gpt-tiny"),
+         r"JAX_PLATFORMS=tpu asks for a backend this machine cannot start .*unset JAX_PLATFORMS", "29",
+         env=(("JAX_PLATFORMS", "tpu"),)),
+    Case("run.lock that is a directory", ("train", "--workdir", "{lock_dir}", "--set", "steps=1"),
+         r"workdir=.*: run\.lock there is a directory.*remove it", "29"),
+    Case("metrics.jsonl that is a directory", ("train", "--workdir", "{metrics_dir}", "--set", "steps=1"),
+         r"workdir=.*: metrics\.jsonl there is a directory.*remove it", "29"),
 ]
 
 
@@ -222,6 +240,10 @@ def make_inputs(root: Path) -> dict[str, str]:
     (lost / "lost.yaml").write_text(f"task: lost_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                                     f"    test: {root / 'no-such-file.jsonl'}\noutput_type: loglikelihood\n"
                                     f"test_split: test\ndoc_to_text: '{{{{q}}}}'\ndoc_to_target: '{{{{a}}}}'\n")
+    (root / "hf_list").mkdir()  # a config.json that parses but is no object of settings
+    (root / "hf_list" / "config.json").write_text("[1, 2]\n")
+    for run, name in (("lock_dir", "run.lock"), ("metrics_dir", "metrics.jsonl")):  # a folder where a file goes
+        (root / run / name).mkdir(parents=True)
     from matrixmagic.train.data.prepare import prepare
     from matrixmagic.train.data.tokenizers import ByteTokenizer
 
@@ -229,7 +251,8 @@ def make_inputs(root: Path) -> dict[str, str]:
     prepare(str(corpus), str(root / "truncated"), ByteTokenizer(), workers=0, progress=False)
     shard = root / "truncated" / "train-00000.bin"
     shard.write_bytes(shard.read_bytes()[:1000])
-    return {"lost_tasks": str(lost), "empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
+    return {"hf_list": str(root / "hf_list"), "lock_dir": str(root / "lock_dir"),
+            "metrics_dir": str(root / "metrics_dir"), "lost_tasks": str(lost), "empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
             "prepared": str(root / "prepared"), "truncated": str(root / "truncated"), "file": str(root / "file"),
             "bad_model": str(root / "bad.model"), "corpus": str(corpus),
             "data": str(root / "data"), "tiny": str(tiny), "wide": str(wide), "tmp": str(root / "tmp"),

@@ -13,13 +13,16 @@ devices, trees and shapes match it exactly, and otherwise compiles, saying why.
 X may be a local path or a `gs://` URL (train/storage.py): a pod's hosts share no disk,
 so the file compiled on a laptop reaches them through the bucket. It is read and written
 whole, as bytes (an object appears whole when written; a local file through a temporary
-name), so a reader never sees half of it.
+name), so a reader never sees half of it. The file is sealed (train/sealed.py: header, SHA-256,
+a keyed tag) and checked before anything in it is loaded: an executable is code, so a file
+this user's key did not sign is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
+import json
+import os
 import time
 import warnings
 from typing import Callable, Optional
@@ -29,7 +32,7 @@ import jax
 from matrixmagic.sharding.mesh import axis_sizes
 from matrixmagic.train.planning.compiled import CompileOutcome, cost_summary, memory_breakdown, parse_out_of_memory
 
-from . import storage
+from . import sealed, storage
 from .run import abstract_batch, train_run
 
 
@@ -59,9 +62,6 @@ def compile_step(config, devices=None) -> CompileOutcome:
 
 # ----------------------------------------------------------------------------- serialize
 
-FORMAT = "matrixmagic-executable-v1"
-
-
 def step_signature(config, devices: int) -> dict:
     """The config fields baked into a compiled step (shapes, optimizer constants, schedule,
     batch ramp, mesh: its resolved sizes, so data=-1 and data=1 on one device compare equal)."""
@@ -86,25 +86,28 @@ def signature_differences(saved: dict, current: dict) -> list[str]:
 
 
 def save_executable(path: str, outcome: "CompileOutcome") -> int:
-    """Write the executable plus what a loader must check; returns the file size.
-
-    Only load files you made: deserializing an executable runs pickle."""
+    """Write the executable, sealed with what a loader must check; returns the file size.
+    The metadata is JSON (train/sealed.py): the only pickle in the file is jax's own."""
     from jax.experimental import serialize_executable
 
     blob, in_tree, out_tree = serialize_executable.serialize(outcome.compiled)
     device = outcome.devices[0]
-    payload = {"format": FORMAT, "jax": jax.__version__, "platform": device.platform,
-               "device_kind": device.device_kind, "num_devices": len(outcome.devices),
-               "signature": step_signature(outcome.config, len(outcome.devices)),
-               "in_tree": str(in_tree), "out_tree": str(out_tree), "executable": blob}
-    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    metadata = {"jax": jax.__version__, "platform": device.platform,
+                "device_kind": device.device_kind, "num_devices": len(outcome.devices),
+                "signature": step_signature(outcome.config, len(outcome.devices)),
+                "in_tree": str(in_tree), "out_tree": str(out_tree)}
+    data = sealed.seal(metadata, blob)
     storage.write_bytes(path, data)
     return len(data)
 
 
+def _as_json(value):
+    """What a value reads back as from the file's JSON metadata (tuples become lists), so a
+    loaded signature compares equal to this run's."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 def _load_problems(payload: dict, run, config) -> list[str]:
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        return ["not a `magic compile --serialize` file"]
     problems = []
     if payload["jax"] != jax.__version__:
         problems.append(f"compiled with jax {payload['jax']}, running jax {jax.__version__}")
@@ -112,31 +115,51 @@ def _load_problems(payload: dict, run, config) -> list[str]:
     if payload["num_devices"] != len(devices) or payload["platform"] != devices[0].platform:
         problems.append(f"compiled for {payload['num_devices']} {payload['platform']} device(s), this mesh has "
                         f"{len(devices)} {devices[0].platform} device(s)")
-    problems += signature_differences(payload["signature"], step_signature(config, len(devices)))
+    problems += signature_differences(payload["signature"], _as_json(step_signature(config, len(devices))))
     return problems
 
 
-def load_train_step(path: str, run, config, warn: Optional[Callable[[str], None]] = None,
-                    log: Callable[[str], None] = lambda msg: None) -> Callable:
-    """The serialized step if it matches this run exactly, else `run.train_step` (jit
-    compiles it on the first call) after a warning that says what differed."""
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+@dataclasses.dataclass(frozen=True)
+class CompiledFile:
+    """A --compiled file read and checked (train/sealed.py); `unreadable` says why it could not be read."""
+    path: str
+    metadata: Optional[dict] = None
+    executable: bytes = b""
+    unreadable: str = ""
+
+
+def open_compiled(path: str) -> CompiledFile:
+    """Read and check a --compiled file before any work: a file that is not ours, damaged or
+    signed with another key is refused (sealed.CompiledFileRefused, exit 2), unloaded; one that
+    cannot be read at all is reported later, and the step is compiled instead."""
     if storage.is_url(path):  # another scheme is refused naming the flag; gs:// needs credentials
         path = storage.normalize(path, "--compiled")
         storage.check_credentials(path, "--compiled")
+    else:
+        path = os.path.abspath(os.path.expanduser(path))
+    try:
+        data = storage.read_bytes(path)
+    except Exception as err:  # noqa: BLE001 - missing, unreadable, or storage not answering: compile instead
+        return CompiledFile(path, unreadable=f"cannot read it: {storage.short(err)}")
+    metadata, executable = sealed.unseal(path, data)
+    return CompiledFile(path, metadata, executable)
+
+
+def load_train_step(source: "str | CompiledFile", run, config, warn: Optional[Callable[[str], None]] = None,
+                    log: Callable[[str], None] = lambda msg: None) -> Callable:
+    """The serialized step if it matches this run exactly, else `run.train_step` (jit
+    compiles it on the first call) after a warning that says what differed. A file that is
+    not ours is refused before this (open_compiled)."""
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    file = source if isinstance(source, CompiledFile) else open_compiled(source)
+    path, payload = file.path, file.metadata
 
     def fall_back(reason: str) -> Callable:
         warn(f"--compiled {path}: not used ({reason}); compiling the train step instead.")
         return run.train_step
 
-    try:
-        data = storage.read_bytes(path)
-    except Exception as err:  # noqa: BLE001 - missing, unreadable, or storage not answering: compile instead
-        return fall_back(f"cannot read it: {storage.short(err)}")
-    try:
-        payload = pickle.loads(data)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        return fall_back(f"cannot read it: {err}")
+    if payload is None:
+        return fall_back(file.unreadable)
     if problems := _load_problems(payload, run, config):
         return fall_back("; ".join(problems[:6]))
     batch = abstract_batch(config, run.batch_sharding)
@@ -149,7 +172,7 @@ def load_train_step(path: str, run, config, warn: Optional[Callable[[str], None]
     from jax.experimental import serialize_executable
 
     try:
-        loaded = serialize_executable.deserialize_and_load(payload["executable"], in_tree, out_tree,
+        loaded = serialize_executable.deserialize_and_load(file.executable, in_tree, out_tree,
                                                            execution_devices=list(run.mesh.devices.flat))
     except Exception as err:  # noqa: BLE001 - a runtime that cannot load it (other libtpu, other topology)
         return fall_back(f"the runtime refused it: {str(err).splitlines()[0]}")

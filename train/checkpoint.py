@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import os
 import shutil
 import threading
@@ -200,9 +201,19 @@ class Checkpointer:
         if self._failed:  # reported once; what is left to wait for failed with it
             with contextlib.suppress(Exception):
                 self.manager.close()
+            self._remove_partial(self._in_flight)  # again: the failed save's other writers may have gone on
             return
         self.wait()
         self.manager.close()
+
+    def _remove_partial(self, step: Optional[int]) -> None:
+        """The failed save's `<step>.orbax-checkpoint-tmp*` on a local disk: never committed, so no
+        reader uses it, and left in place it keeps the disk full until the next run's orbax clears it.
+        (On GCS an unfinished step takes no local space; the next run clears it.)"""
+        if step is None or storage.is_remote(self.directory):
+            return
+        for partial in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _reporting_disk_full(self, fn: Callable, *args, **kwargs):
         """fn(...), with a full disk (the previous async save's, surfacing here) as one DiskFullError,
@@ -221,6 +232,7 @@ class Checkpointer:
             if self._failed or not is_disk_full(err):
                 raise
             self._failed = True
+            self._remove_partial(self._in_flight)  # it holds the space the user is about to free
             free = shutil.disk_usage(self.directory).free
             raise DiskFullError(
                 f"the disk of {self.directory} is full: saving checkpoint step {self._in_flight} failed (no space "

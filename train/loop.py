@@ -30,7 +30,7 @@ from matrixmagic.train.planning.fit import check_training_fits
 
 from . import metrics as metrics_lib
 from . import storage
-from .aot import load_train_step
+from .aot import CompiledFile, load_train_step, open_compiled
 from .checkpoint import Checkpointer, DiskFullError
 from .data import pipeline
 from .data.tokenizers import prompt_start
@@ -41,10 +41,13 @@ from .preemption import EXIT_PREEMPTED, PreemptionGuard
 from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
-from .rundir import finished_line, record_start
-from .runlock import RunInUseError
+from .rundir import COMMAND_FILE, CONFIG_FILE, finished_line, record_start
+from .runlock import LOCK_FILE, RunInUseError
 from .samerun import check_allowed
 from .step import summarize_eval
+
+# The files a run keeps at the top of its directory (the lock, the log, what made it, the curve).
+RUN_FILES = (LOCK_FILE, metrics_lib.METRICS_FILE, COMMAND_FILE, CONFIG_FILE, "loss_curve.png")
 
 
 def check_workdir(workdir: str) -> None:
@@ -59,6 +62,10 @@ def check_workdir(workdir: str) -> None:
         except Exception as err:  # noqa: BLE001 - gcsfs raises OSError, HttpError or ValueError
             raise storage.classify(err, workdir, "workdir") from None
         return
+    for name in RUN_FILES:  # a folder where the run keeps a file fails deep inside the lock or the log
+        if os.path.isdir(os.path.join(workdir, name)):
+            raise ConfigError(f"workdir={workdir!r}: {name} there is a directory, and the run keeps a file of that "
+                              f"name: remove it (or move it aside) and rerun, or choose another --workdir.")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -161,11 +168,14 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     `allow_change`: config fields a resume may change (`--allow-change`; train/resume.py).
     `check_memory`: refuse a step the analytic memory model says cannot fit (train/planning/fit.py).
     The run directory is locked for the whole call: a second writer fails at once."""
+    # A --compiled file not signed by this user's key is refused here, unloaded, before anything
+    # is written (train/sealed.py).
+    executable = open_compiled(compiled) if compiled else None
     check_workdir(config.workdir)
     allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
     lock = lock_run(config.workdir)
     try:
-        return _train(config, quiet=quiet, compiled=compiled, allowed=allowed, check_memory=check_memory, lock=lock)
+        return _train(config, quiet=quiet, compiled=executable, allowed=allowed, check_memory=check_memory, lock=lock)
     except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
         if not is_disk_full(err):
             raise
@@ -177,7 +187,7 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
             lock.release()
 
 
-def _train(config: TrainConfig, *, quiet: bool, compiled: str | None, allowed: frozenset,
+def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, allowed: frozenset,
            check_memory: bool, lock=None) -> dict:
     tokenizer = process_zero_first(lambda: run_tokenizer(config))
     config = sized_for_data(config, tokenizer, jax.device_count(), jax.process_count())  # before data or compile

@@ -22,6 +22,7 @@ from matrixmagic.train.planning.chips import peak_flops_for_device_kind
 from . import storage
 from .quiet import is_disk_full
 
+METRICS_FILE = "metrics.jsonl"
 PEAK_CACHE = "~/.cache/matrixmagic/cpu_matmul_peak.json"
 _PROBE_N = 2048  # a 2048^2 f32 matmul: 17 GFLOP, ~0.1 s on a 2-core CPU, large enough to reach the peak
 
@@ -147,7 +148,7 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         self._remote = storage.is_remote(workdir)
-        self._path = storage.join(workdir, "metrics.jsonl")
+        self._path = storage.join(workdir, METRICS_FILE)
         self._text, self._flushed = "", time.monotonic()
         if enabled:
             if self._remote:
@@ -211,7 +212,7 @@ class MetricsWriter:
 
 
 def read_history(workdir: str) -> list[dict]:
-    path = storage.join(workdir, "metrics.jsonl")
+    path = storage.join(workdir, METRICS_FILE)
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

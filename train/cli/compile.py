@@ -27,7 +27,7 @@ from matrixmagic.train.planning.chips import (  # light import
     with_slices,
 )
 
-from .. import storage
+from .. import sealed, storage
 from .paths import check_output_file
 
 
@@ -116,7 +116,9 @@ def report_compile(args, target: Target, devices: list) -> int:
                               f"a path with room that you can write.") from None
         lines += ["", (f"serialized the executable to {args.serialize} ({size / 2**20:.1f} MiB). On the pod, with "
                        f"the same flags: magic train --preset {config.preset} ... --compiled {args.serialize} "
-                       f"(it checks the config, trees and shapes, and compiles instead if they differ)")]
+                       f"(it checks the config, trees and shapes, and compiles instead if they differ). It is "
+                       f"sealed with this machine's key, and only a machine with the same key loads it: on the "
+                       f"pod, set the same {sealed.KEY_ENV} (or copy {sealed.key_path()})")]
     print("\n".join(lines))
     return 0  # the compiler accepted it: on TPU that is its own HBM check
 

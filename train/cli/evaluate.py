@@ -62,7 +62,7 @@ def _check_flags(args) -> None:
     if args.tasks and args.stride is not None:
         raise ConfigError("--stride applies to --text; lm-eval's rolling tasks use disjoint windows: drop it.")
     if args.output:
-        check_output_file(args.output, "--output")  # before anything is scored
+        args.output = check_output_file(args.output, "--output")  # before anything is scored
 
 
 def _output_path(args, run: str | None, name: str) -> str | None:

@@ -31,8 +31,9 @@ from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import train_config_for
 
+from ..interrupts import Terminated, raised_as_exceptions, stopped  # light: no jax
 from ..preemption import EXIT_PREEMPTED  # light: no jax
-from ..storage import StorageUnavailable  # light: no jax; sets the emulator's variables for tensorstore
+from ..storage import StorageUnavailable, is_url  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
 from .data import add_parsers as add_data_parsers  # light: argparse only, no jax
 from .evaluate import add_eval_arguments  # light: argparse only, no jax
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_check_argument(t)
     t.epilog = ("exit codes: 0 done; 2 config/workdir/checkpoint error (before training); 3 loss or gradient norm "
                 "became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM, Ctrl-C or a TPU preemption "
-                "notice after saving a checkpoint: rerun the same command to resume.")
+                "notice after saving a checkpoint: rerun the same command to resume; 130 a second Ctrl-C, or one "
+                "before the first step.")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("compile", help="AOT-compile the train step for a TPU slice (or CPU mesh): memory, "
@@ -232,6 +234,10 @@ def use_compile_cache(env=os.environ) -> None:
     path = env.get(COMPILE_CACHE_ENV, DEFAULT_COMPILE_CACHE).strip()
     if path.lower() in ("", "0", "off", "false", "no"):
         return
+    if is_url(path):  # os.makedirs would make a local folder named `gs:`; compiled programs are per machine
+        raise ConfigError(f"{COMPILE_CACHE_ENV}={path!r} is a URL, and the compile cache is a local directory (each "
+                          f"machine keeps the programs it compiled): give a local path, e.g. "
+                          f"{COMPILE_CACHE_ENV}={DEFAULT_COMPILE_CACHE}, or {COMPILE_CACHE_ENV}=0 to turn it off.")
     path = os.path.abspath(os.path.expanduser(path))
     try:
         os.makedirs(path, exist_ok=True)
@@ -285,7 +291,11 @@ def console_main(argv=None) -> int:
     if not argv or argv[0] not in TOPOLOGY_COMMANDS:
         # `magic compile` and `magic plan` report compile times, which a cache hit would falsify,
         # and a TPU topology's cached executable cannot be loaded without a TPU (jax warns on each).
-        use_compile_cache()
+        try:
+            use_compile_cache()
+        except ConfigError as err:  # before main()'s handler: the same one line and exit 2
+            print(f"{' '.join(['magic', *argv[:1]])}: error: {err}", file=sys.stderr)
+            return 2
         cpu_only_when_no_accelerator()
     return main(argv)
 
@@ -301,6 +311,20 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def backend_refused(err: BaseException, env=os.environ) -> str | None:
+    """The one line for jax refusing a backend that JAX_PLATFORMS asks for and this machine
+    lacks (JAX_PLATFORMS=tpu without libtpu, =gpu without CUDA): jax raises a bare RuntimeError
+    from the first call that needs a device, so it is recognized by its words; None otherwise."""
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not platforms or not isinstance(err, RuntimeError) or "Unable to initialize backend" not in text:
+        return None
+    reason = text.split(" (set JAX_PLATFORMS=")[0]
+    return (f"JAX_PLATFORMS={platforms} asks for a backend this machine cannot start ({reason}): unset "
+            f"JAX_PLATFORMS (or set JAX_PLATFORMS=cpu) to use the devices that are here, or install that backend "
+            f"(pip install -e '.[cuda]' for NVIDIA GPUs, '.[tpu]' on a TPU VM).")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
@@ -311,9 +335,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:
-        with warnings.catch_warnings():  # restores the caller's showwarning afterwards
+        # restores the caller's showwarning afterwards; Ctrl-C and SIGTERM become exceptions (train/interrupts.py)
+        with warnings.catch_warnings(), raised_as_exceptions():
             warnings.showwarning = show_warning
             return args.func(args)
+    except (KeyboardInterrupt, Terminated) as err:  # a signal outside the train loop: the cleanups ran
+        code, said = stopped(err)
+        print(f"magic {args.command}: {said}", file=sys.stderr)
+        return code
     except StorageUnavailable as err:  # the bucket stopped answering mid-run: rerunning is the fix
         if os.environ.get("MAGIC_DEBUG"):
             raise
@@ -333,9 +362,12 @@ def main(argv=None) -> int:
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    except Exception:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
+    except Exception as err:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
         if os.environ.get("MAGIC_DEBUG"):
             raise
+        if message := backend_refused(err):  # the user's JAX_PLATFORMS, not a bug
+            print(f"magic {args.command}: error: {message}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"magic {args.command}: internal error, please report it with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL

@@ -42,8 +42,9 @@ def is_dir(path: str) -> bool:
 
 
 def output_path(path: str, flag: str) -> str:
-    """A gs:// URL normalized (another scheme refused, naming `flag`); a local path as given."""
-    return storage.normalize(path, flag) if storage.is_url(path) else path
+    """A gs:// URL normalized (another scheme refused, naming `flag`); a local path with `~`
+    expanded, since a quoted '~/x' reaches us unexpanded and would become a folder named `~`."""
+    return storage.normalize(path, flag) if storage.is_url(path) else os.path.expanduser(path)
 
 
 def check_output_file(path: str, flag: str) -> str:

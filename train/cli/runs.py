@@ -122,7 +122,7 @@ def cli_explain(args) -> int:
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: use 1 or more sequences (default 1).")
     if args.plot:
-        check_output_dir(args.plot, "--plot")
+        args.plot = check_output_dir(args.plot, "--plot")
     run, default = trained_run(args.preset, args.set or (), args.workdir)
     if run:
         config, tokenizer = read_run(run)  # no array read yet: the request is checked first

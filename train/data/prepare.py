@@ -20,11 +20,14 @@ order, which is exactly what the old in-memory packer concatenated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import warnings
 from concurrent import futures
@@ -147,6 +150,10 @@ def _worker_init(source: Source, out: str, tokenizer_ref: str, dtype: str, open_
     """A worker's state: its tokenizer, and for a corpus source the corpus, reopened with
     `open_corpus` (corpus.py's, passed by reference: only such a worker imports TFDS)."""
     storage.use_emulator()
+    # A terminal's Ctrl-C reaches every process of the group: the main process stops the prepare
+    # (one line, exit 130) and the finished shards are kept; a worker finishes its shard instead
+    # of printing a traceback of its own (also set at its start: _workers_ignore_ctrl_c).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # a tokenizer.json's batch encoder: one core per worker
     corpus = None if open_corpus is None else open_corpus(
         source.root, source.data_dir, text_field=source.text_field, max_documents=source.max_documents)
@@ -245,12 +252,29 @@ def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: 
                   sum(t.size for t in pending) if unit == "B" else 0)
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Workers started in this block ignore SIGINT from their first instruction: Python keeps a
+    SIGINT it inherits as ignored, which _worker_init would set too late for a Ctrl-C that comes
+    while a worker still imports (a traceback from each). The main process's own Ctrl-C in this
+    short block is lost; before and after it stops the prepare."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_in_workers(pending: list[Task], workers: int, done: dict, bar, init_args: tuple) -> None:
     """The tasks in spawned worker processes. A worker that dies (killed, out of memory) fails the
     prepare with a message, instead of leaving its task's result waited on forever."""
     context = multiprocessing.get_context("spawn")  # no forked JAX/gcsfs state in the workers
     with futures.ProcessPoolExecutor(workers, context, initializer=_worker_init, initargs=init_args) as pool:
-        running = [pool.submit(_worker_task, task) for task in pending]
+        with _workers_ignore_ctrl_c():
+            running = [pool.submit(_worker_task, task) for task in pending]  # submit starts the workers
         try:
             for future in futures.as_completed(running):
                 task, records = future.result()

@@ -19,6 +19,7 @@ is refused naming its flag before any work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -74,10 +75,16 @@ class Report:
 
 
 def _load_json(path: str) -> dict:
+    """A JSON object (every Hugging Face config file is one); HFError for anything else."""
     try:
-        return json.loads(storage.read_text(path))
+        value = json.loads(storage.read_text(path))
     except ValueError as err:
         raise HFError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise HFError(f"{path} holds {kind}, not a JSON object of settings "
+                      f"({{\"model_type\": ...}}): give the config.json that save_pretrained wrote.")
+    return value
 
 
 def _source(path: str, field: str) -> str:
@@ -147,9 +154,14 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
                                   param_shardings(config.model, mesh_, rules_for(config.mesh)))
         params = place_params(plan, config.model, abstract, seed)  # one tensor at a time, into its shards
         ckpt = Checkpointer(tmp, async_save=False)
-        ckpt.save(0, {"params": params}, {"params_only": True, "imported_from": source, "model_type": model_type,
-                                          "architecture": translation.architecture, "notes": notes + list(plan.notes)},
-                  config)
+        try:
+            ckpt.save(0, {"params": params}, {"params_only": True, "imported_from": source, "model_type": model_type,
+                                              "architecture": translation.architecture,
+                                              "notes": notes + list(plan.notes)}, config)
+        except BaseException:  # Ctrl-C or SIGTERM included: orbax's threads stop before staged() removes tmp
+            with contextlib.suppress(Exception):
+                ckpt.close()
+            raise
         ckpt.close()  # on GCS the commit of step 0 is what makes the run usable (staging.py)
     files = sorted([storage.basename(written), "tokenizer_config.json", "checkpoints"])
     return Report(workdir, model_type, translation.architecture, _count(params), time.perf_counter() - start,

@@ -1,7 +1,11 @@
 """Where `hf import` and `hf export` write, and how the result becomes visible: all or nothing.
 
 On a local disk the tree is written into a temporary sibling (`RUN.importing-<pid>`) and
-renamed into place at the end: a failure removes the sibling, and the rename is atomic.
+renamed into place at the end: a failure removes the sibling (Ctrl-C and SIGTERM too: they
+are exceptions then, train/interrupts.py), and the rename is atomic. The sibling holds the same
+marker as a bucket (below), removed just before the rename; a process killed outright (kill -9,
+a power cut) leaves the sibling, and the next run for that target from this host removes it
+once that process is gone. A sibling without our marker, or another host's, is left alone.
 
 Cloud Storage has no rename (a "move" is a copy and a delete per object, which a crash can
 stop halfway, leaving parts at both names), so a `gs://` target is written in place, and
@@ -90,8 +94,43 @@ def check_fresh(target: str, flag: str, verb: str) -> None:
                   f"directory or remove that one.")
 
 
-def _finish_local(tmp: str, target: str) -> None:
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _is_stale_sibling(path: str, pid: int, verb: str) -> bool:
+    """Our own unfinished tree (its marker names this host and `pid`) whose process is gone."""
     try:
+        with open(os.path.join(path, f".{verb}"), encoding="utf-8") as f:
+            owner = json.load(f)
+        ours = owner["host"] == socket.gethostname() and int(owner["pid"]) == pid
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return ours and not _pid_alive(pid)
+
+
+def clear_stale_siblings(target: str, verb: str) -> list[str]:
+    """Remove `target.<verb>-<pid>` folders that a killed run of ours left (see the module
+    docstring); returns what was removed."""
+    parent, prefix = os.path.dirname(target) or ".", f"{os.path.basename(target)}.{verb}-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        pid = name[len(prefix):]
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and pid.isdigit() and _is_stale_sibling(path, int(pid), verb):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _finish_local(tmp: str, target: str, verb: str) -> None:
+    try:
+        os.remove(_marker(tmp, verb))  # the finished tree carries no "unfinished" marker
         if os.path.isdir(target):
             os.rmdir(target)  # empty (checked first): the rename needs the name free
         os.rename(tmp, target)
@@ -106,9 +145,7 @@ def staged(target: str, verb: str) -> Iterator[str]:
     tree is in place, on any failure (Ctrl-C included) nothing of it is left."""
     if storage.is_remote(target):
         marker = _marker(target, verb)
-        owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                 "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        storage.write_text(marker, json.dumps(owner))
+        storage.write_text(marker, json.dumps(_owner()))
         try:
             yield target
             storage.path(marker).unlink()
@@ -117,12 +154,15 @@ def staged(target: str, verb: str) -> Iterator[str]:
                 storage.remove_tree(target)
             raise
         return
+    clear_stale_siblings(target, verb)
     tmp = f"{target}.{verb}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
+        with open(_marker(tmp, verb), "w", encoding="utf-8") as f:
+            json.dump(_owner(), f)
         yield tmp
-        _finish_local(tmp, target)
+        _finish_local(tmp, target, verb)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

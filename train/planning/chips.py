@@ -183,6 +183,8 @@ def parse_target(spec: str) -> Target:
             gpus = [c.name for c in CHIPS.values() if not c.topology_dims]
             raise ConfigError(f"--topology {spec!r}: unknown GPU {m[1]!r}; use one of {', '.join(gpus)} "
                               f"(e.g. h100x64).{suggest(m[1], gpus)}")
+        if int(m[2]) < 1:  # every later split divides by the count
+            raise ConfigError(f"--topology {spec!r} is invalid: use at least one GPU, e.g. {m[1]}x1 or {m[1]}x8.")
         return Target(spec, "gpu", int(m[2]), chip)
     if m := re.fullmatch(r"(v\d[a-z]?):(\d+(?:x\d+){1,2})", text):
         return _raw_topology(spec, m[1], m[2])

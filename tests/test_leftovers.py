@@ -1,0 +1,148 @@
+"""Signals and failures outside the train loop end in one line and leave nothing behind (issue 29).
+
+Ctrl-C (SIGINT) -> exit 130, SIGTERM -> exit 75 (as the train loop's), each one line without a
+traceback (train/interrupts.py); `hf import`/`hf export` remove their `*.importing-<pid>` /
+`*.exporting-<pid>` sibling on the way out, and a rerun removes one a killed run of this host left
+(train/hf/staging.py); a save that fills the disk removes its partial `N.orbax-checkpoint-tmp*`.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from hf_helpers import FIXTURES
+from run_helpers import magic_env
+
+from matrixmagic.train.hf.staging import clear_stale_siblings
+
+GPT2 = os.path.join(FIXTURES, "gpt2")
+
+
+def launch(*argv, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "matrixmagic.train.cli", *argv], cwd=cwd,
+                            env=magic_env(MAGIC_DEBUG=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(proc: subprocess.Popen, pattern: str, signum: int) -> tuple[int, str]:
+    """Send `signum` once `pattern` exists (the command is mid-write); (exit code, stderr)."""
+    deadline = time.monotonic() + 240
+    while not glob.glob(pattern):
+        assert proc.poll() is None, f"ended before writing {pattern}: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
+
+
+def assert_one_line(err: str, words: str) -> None:
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and words in lines[0], err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> str:
+    run = str(tmp_path_factory.mktemp("imported") / "run")
+    done = subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", "hf", "import", GPT2, "--workdir", run],
+                          env=magic_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("signum, code, words", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                                 (signal.SIGTERM, 75, "stopped by SIGTERM")])
+def test_a_signal_during_hf_import_is_one_line_and_leaves_nothing(signum, code, words, tmp_path):
+    proc = launch("hf", "import", GPT2, "--workdir", "run", cwd=tmp_path)
+    returncode, err = signal_when(proc, str(tmp_path / "run.importing-*"), signum)
+    assert returncode == code, err[-3000:]
+    assert_one_line(err, f"magic hf: {words}")
+    assert os.listdir(tmp_path) == []  # neither the run nor its temporary sibling
+
+
+def test_sigterm_during_hf_export_is_one_line_and_leaves_nothing(imported, tmp_path):
+    proc = launch("hf", "export", "--workdir", imported, "--out", "out", cwd=tmp_path)
+    returncode, err = signal_when(proc, str(tmp_path / "out.exporting-*"), signal.SIGTERM)
+    assert returncode == 75, err[-3000:]
+    assert_one_line(err, "magic hf: stopped by SIGTERM")
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    proc = launch("train", "--workdir", "run", "--set", "steps=1", cwd=tmp_path)
+    time.sleep(1.5)  # importing jax, resolving the config: no step to finish yet
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    assert_one_line(err, "magic train: interrupted (Ctrl-C)")
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def sibling(parent, name: str, verb: str, host: str, pid: int) -> str:
+    path = os.path.join(parent, f"{name}.{verb}-{pid}")
+    os.makedirs(os.path.join(path, "checkpoints"))
+    with open(os.path.join(path, f".{verb}"), "w") as f:
+        json.dump({"host": host, "pid": pid, "started": "then"}, f)
+    return path
+
+
+def test_only_our_own_dead_siblings_are_removed(tmp_path):
+    """A killed run's sibling (this host, its pid gone) goes; a live process's, another host's, or
+    one without our marker stays: nothing anyone may still be writing is deleted."""
+    here, target = socket.gethostname(), str(tmp_path / "run")
+    dead = sibling(tmp_path, "run", "importing", here, dead_pid())
+    alive = sibling(tmp_path, "run", "importing", here, os.getpid())
+    elsewhere = sibling(tmp_path, "run", "importing", "another-host", dead_pid())
+    unmarked = str(tmp_path / f"run.importing-{dead_pid()}")
+    os.makedirs(unmarked)
+    other_target = sibling(tmp_path, "run2", "importing", here, dead_pid())
+    assert clear_stale_siblings(target, "importing") == [dead]
+    assert all(os.path.isdir(p) for p in (alive, elsewhere, unmarked, other_target))
+
+
+def test_a_rerun_removes_what_a_killed_import_left(tmp_path):
+    left = sibling(tmp_path, "run", "importing", socket.gethostname(), dead_pid())  # as kill -9 leaves it
+    done = subprocess.run([sys.executable, "-m", "matrixmagic.train.cli", "hf", "import", GPT2, "--workdir", "run"],
+                          cwd=tmp_path, env=magic_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not os.path.exists(left)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert ".importing" not in os.listdir(tmp_path / "run")  # the marker does not outlive the write
+
+
+def test_a_save_that_fills_the_disk_removes_its_partial_step(tmp_path, monkeypatch):
+    """The metadata write of orbax's background save thread raises ENOSPC, as on a full disk
+    (as in test_resume_checks.py): the partial `2.orbax-checkpoint-tmp*` is gone with the error."""
+    from orbax.checkpoint._src.path import async_path
+    from test_checkpoint import small_state
+
+    from matrixmagic.configs.train_config import TrainConfig
+    from matrixmagic.train.checkpoint import Checkpointer, DiskFullError
+
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=2)
+    ckpt.save(1, small_state(1), {}, TrainConfig())
+    ckpt.wait()
+
+    async def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(async_path, "write_text", full)
+    ckpt.save(2, small_state(2), {}, TrainConfig())
+    with pytest.raises(DiskFullError):
+        ckpt.save(3, small_state(3), {}, TrainConfig())
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]

@@ -1,0 +1,80 @@
+"""Signals outside the train loop: one line, a conventional exit code, and nothing half-written.
+
+The train loop stops at a step boundary and saves (train/preemption.py: SIGTERM or Ctrl-C ->
+exit 75). Every other command (`magic data`, `hf import/export`, start-up before the loop)
+has no step to finish, so a signal ends it where it is, through the cleanups on its way out:
+`hf` writes into a temporary sibling that an exception removes (train/hf/staging.py). Why
+this shape:
+
+* SIGTERM becomes `Terminated`, a BaseException like KeyboardInterrupt: the default action
+  (death by signal) skips every `finally`, which is how `*.importing-<pid>/` folders were
+  left behind; `except Exception` handlers still let it through.
+* Exit codes: 130 for Ctrl-C (128 + SIGINT, what a shell shows for an interrupted command),
+  75 for SIGTERM (EXIT_PREEMPTED, as the train loop: stopped on request, rerun to redo).
+* Python ignores an exception raised inside a gc callback (jax registers one), printing it as
+  "Exception ignored in ..." with a traceback, and the command then went on to exit 0: a
+  Ctrl-C that lands there is delivered again, so it reaches the code that runs next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from .preemption import EXIT_PREEMPTED
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the train loop (which handles it itself)."""
+
+
+_EXCEPTIONS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+
+
+def _handle(signum, frame) -> None:
+    raise _EXCEPTIONS[signum]()
+
+
+def _redelivering(previous_hook):
+    """sys.unraisablehook that sends a swallowed interrupt again instead of printing it."""
+
+    def hook(unraisable) -> None:
+        for signum, kind in _EXCEPTIONS.items():
+            if isinstance(unraisable.exc_value, kind):
+                # Sent again from another thread: signal.raise_signal or os.kill here would run the
+                # handler at once, inside this hook, where its exception is ignored too.
+                threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+                return
+        previous_hook(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def raised_as_exceptions() -> Iterator[None]:
+    """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated while the block runs (main thread
+    only); the previous handlers and hook are restored after (tests call `main()` in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _handle) for sig in _EXCEPTIONS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redelivering(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stopped(err: KeyboardInterrupt | Terminated) -> tuple[int, str]:
+    """(exit code, what to say) for a signal's exception."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C): rerun the same command to finish (nothing half-written is used)."
+    return EXIT_PREEMPTED, "stopped by SIGTERM: rerun the same command to finish (nothing half-written is used)."
