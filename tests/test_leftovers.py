@@ -77,15 +77,6 @@ def test_sigterm_during_hf_export_is_one_line_and_leaves_nothing(imported, tmp_p
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
-    proc = launch("train", "--workdir", "run", "--set", "steps=1", cwd=tmp_path)
-    time.sleep(1.5)  # importing jax, resolving the config: no step to finish yet
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, err[-3000:]
-    assert_one_line(err, "magic train: interrupted (Ctrl-C)")
-
-
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

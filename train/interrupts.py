@@ -41,6 +41,17 @@ def _handle(signum, frame) -> None:
     raise _EXCEPTIONS[signum]()
 
 
+# Set once a signal's exception leaves `raised_as_exceptions`: the command is stopping, so a
+# redelivery still in flight must not arrive after the default handler is back (it would kill the
+# process by SIGINT at exit, -2, after the one line was printed).
+_stopping = threading.Event()
+
+
+def _resend(signum: int) -> None:
+    if not _stopping.is_set():
+        os.kill(os.getpid(), signum)
+
+
 def _redelivering(previous_hook):
     """sys.unraisablehook that sends a swallowed interrupt again instead of printing it."""
 
@@ -49,7 +60,7 @@ def _redelivering(previous_hook):
             if isinstance(unraisable.exc_value, kind):
                 # Sent again from another thread: signal.raise_signal or os.kill here would run the
                 # handler at once, inside this hook, where its exception is ignored too.
-                threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+                threading.Timer(0.01, _resend, (signum,)).start()
                 return
         previous_hook(unraisable)
 
@@ -65,8 +76,12 @@ def raised_as_exceptions() -> Iterator[None]:
         return
     previous = {sig: signal.signal(sig, _handle) for sig in _EXCEPTIONS}
     previous_hook, sys.unraisablehook = sys.unraisablehook, _redelivering(sys.unraisablehook)
+    _stopping.clear()
     try:
         yield
+    except (KeyboardInterrupt, Terminated):
+        _stopping.set()
+        raise
     finally:
         sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
