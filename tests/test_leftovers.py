@@ -8,7 +8,6 @@ traceback (train/interrupts.py); `hf import`/`hf export` remove their `*.importi
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
@@ -113,27 +112,3 @@ def test_a_rerun_removes_what_a_killed_import_left(tmp_path):
     assert not os.path.exists(left)
     assert sorted(os.listdir(tmp_path)) == ["run"]
     assert ".importing" not in os.listdir(tmp_path / "run")  # the marker does not outlive the write
-
-
-def test_a_save_that_fills_the_disk_removes_its_partial_step(tmp_path, monkeypatch):
-    """The metadata write of orbax's background save thread raises ENOSPC, as on a full disk
-    (as in test_resume_checks.py): the partial `2.orbax-checkpoint-tmp*` is gone with the error."""
-    from orbax.checkpoint._src.path import async_path
-    from test_checkpoint import small_state
-
-    from matrixmagic.configs.train_config import TrainConfig
-    from matrixmagic.train.checkpoint import Checkpointer, DiskFullError
-
-    ckpt = Checkpointer(str(tmp_path / "run"), keep=2)
-    ckpt.save(1, small_state(1), {}, TrainConfig())
-    ckpt.wait()
-
-    async def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(async_path, "write_text", full)
-    ckpt.save(2, small_state(2), {}, TrainConfig())
-    with pytest.raises(DiskFullError):
-        ckpt.save(3, small_state(3), {}, TrainConfig())
-    ckpt.close()
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]

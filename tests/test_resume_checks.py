@@ -232,3 +232,5 @@ def test_a_full_disk_during_a_save_is_one_error_with_the_space_needed(tmp_path, 
     assert "The last good checkpoint is step 1" in message
     ckpt.close()  # reported once: closing does not raise it again
     assert not [r for r in caplog.records if r.exc_info], "orbax's ENOSPC tracebacks are dropped"
+    # the partial `2.orbax-checkpoint-tmp*` is gone with the error: it would keep the disk full
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
