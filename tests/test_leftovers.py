@@ -3,7 +3,7 @@
 Ctrl-C (SIGINT) -> exit 130, SIGTERM -> exit 75 (as the train loop's), each one line without a
 traceback (train/interrupts.py); `hf import`/`hf export` remove their `*.importing-<pid>` /
 `*.exporting-<pid>` sibling on the way out, and a rerun removes one a killed run of this host left
-(train/hf/staging.py); a save that fills the disk removes its partial `N.orbax-checkpoint-tmp*`.
+(train/hf/staging.py). A save that fills the disk removing its partial step: tests/test_resume_checks.py.
 """
 
 from __future__ import annotations
