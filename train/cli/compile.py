@@ -209,10 +209,10 @@ def main(args) -> int:
         return report_gpu(args, target)
     devices = target_devices(target)
     if args.sweep:
-        from matrixmagic.train.planning.search import NOT_FIT, sweep_table
+        from matrixmagic.train.planning.search import NOT_FIT, device_peak, sweep_table
 
-        rows = sweep_rows(args, target, devices)
-        print("\n" + sweep_table(rows, target, len(devices), args.mfu))
+        rows = sweep_rows(args, target, devices)  # a CPU mesh has no chip peak: the host's measured one
+        print("\n" + sweep_table(rows, target, len(devices), args.mfu, peak=device_peak(target, devices)[0]))
         return 0 if any(r["fits"] for r in rows) else NOT_FIT
     return report_compile(args, target, devices)
 
