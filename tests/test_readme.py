@@ -344,3 +344,18 @@ def test_presets_table_is_what_magic_params_prints(capsys):
     for name, params, head in rows:
         assert int(params.replace(",", "")) == printed[name]["params"], name
         assert int((head or "0").replace(",", "")) == printed[name]["mlm_head"], name
+
+
+def test_gpt3_schedule_figures_in_training_md_are_what_the_commands_resolve():
+    """docs/training.md quotes gpt3-175b's tokens per step, warmup and decay steps for 256 devices
+    (its `magic schedule --devices 256` line) and for one (its `--print-config` line)."""
+    from matrixmagic.train.run import resolve_config
+
+    text = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    for devices in (256, 1):
+        config = resolve_config("gpt3-175b", {}, devices=devices, platform="cpu")
+        rows, tokens = config.batch_size, config.tokens_per_step
+        assert f"{rows} × {config.data.seq_len} = {tokens:,}" in text, (devices, rows, tokens)
+        steps = (f"warms up for {config.warmup_steps} steps and decays over {config.decay_steps:,}" if devices > 1
+                 else f"prints {config.warmup_steps} and {config.decay_steps:,}")
+        assert steps in text, (devices, steps)
