@@ -9,6 +9,7 @@ traceback (train/interrupts.py); `hf import`/`hf export` remove their `*.importi
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import signal
@@ -74,6 +75,51 @@ def test_sigterm_during_hf_export_is_one_line_and_leaves_nothing(imported, tmp_p
     assert returncode == 75, err[-3000:]
     assert_one_line(err, "magic hf: stopped by SIGTERM")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 2.5, 4.0])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay, tmp_path):
+    """Ctrl-C while `magic train` imports jax (0.5 s), builds the dataset or compiles its first step
+    (2.5 and 4 s; the loop starts after ~10 s here): 130 and the one line, whichever phase it hits.
+    Before: about 1 in 3 gave a traceback, and one 3-6 s in crashed after the line (SIGSEGV, 139)
+    while XLA was compiling: the process now leaves without finalizing (interrupts.leave)."""
+    proc = launch("train", "--workdir", "run", "--set", "steps=1", cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    said = "\n".join(line for line in err.splitlines() if not line.startswith("warning: "))  # e.g. the corpus's
+    assert_one_line(said, "magic train: interrupted (Ctrl-C)")
+
+
+def test_a_ctrl_c_a_library_wrapped_in_its_own_error_is_still_one_line(monkeypatch, capsys):
+    """A library that catches the KeyboardInterrupt and raises its own error from it: the one line
+    and 130, not an internal error's traceback."""
+    from matrixmagic.train.interrupts import signal_in_chain
+
+    cli = importlib.import_module("matrixmagic.train.cli.main")  # the module (the package exports its main())
+
+    def wrapped(_args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("a library's own error") from err
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), wrapped))
+    assert cli.main(["params", "gpt-tiny"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "magic params: interrupted (Ctrl-C): rerun the same command to " \
+        "finish (nothing half-written is used)."
+    assert signal_in_chain(ValueError()) is None
+
+
+def _with_func(parser, func):
+    """`parser` whose `params` subcommand runs `func`."""
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub.choices["params"].set_defaults(func=func)
+    return parser
 
 
 def dead_pid() -> int:

@@ -11,6 +11,12 @@ this shape:
   left behind; `except Exception` handlers still let it through.
 * Exit codes: 130 for Ctrl-C (128 + SIGINT, what a shell shows for an interrupted command),
   75 for SIGTERM (EXIT_PREEMPTED, as the train loop: stopped on request, rerun to redo).
+* After the one line the process leaves with os._exit (`leave`): the cleanups have run on the
+  way out, but a compile or data thread may still be inside XLA, and the interpreter's
+  finalization under it crashed (SIGSEGV, exit 139 after the line, Ctrl-C 3-6 s into
+  `magic train`, while the first step compiled).
+* A library that catches the KeyboardInterrupt and raises its own error from it would make a
+  traceback: `signal_in_chain` finds the signal behind it.
 * Python ignores an exception raised inside a gc callback (jax registers one), printing it as
   "Exception ignored in ..." with a traceback, and the command then went on to exit 0: a
   Ctrl-C that lands there is delivered again, so it reaches the code that runs next.
@@ -79,13 +85,38 @@ def raised_as_exceptions() -> Iterator[None]:
     _stopping.clear()
     try:
         yield
-    except (KeyboardInterrupt, Terminated):
-        _stopping.set()
+    except BaseException as err:
+        if signal_in_chain(err):
+            _stopping.set()
         raise
     finally:
         sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def signal_in_chain(err: BaseException) -> KeyboardInterrupt | Terminated | None:
+    """The Ctrl-C or SIGTERM that `err` was raised from or while handling, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def leave(code: int) -> int:
+    """`code`, or, when a signal stopped the command, exit with it at once (flushing the console
+    first) instead of through interpreter finalization: see the module docstring. Called by the
+    entry points, after main(), never by main() itself (tests call that in-process)."""
+    if _stopping.is_set():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def stopped(err: KeyboardInterrupt | Terminated) -> tuple[int, str]:

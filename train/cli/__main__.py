@@ -2,6 +2,7 @@
 
 import sys
 
+from ..interrupts import leave
 from .main import main
 
-sys.exit(main())
+sys.exit(leave(main()))

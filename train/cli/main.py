@@ -31,7 +31,7 @@ from matrixmagic.configs import PRESETS, ConfigError, get_preset
 from matrixmagic.configs.fields import field_help
 from matrixmagic.configs.train_config import train_config_for
 
-from ..interrupts import Terminated, raised_as_exceptions, stopped  # light: no jax
+from ..interrupts import Terminated, leave, raised_as_exceptions, signal_in_chain, stopped  # light: no jax
 from ..preemption import EXIT_PREEMPTED  # light: no jax
 from ..storage import StorageUnavailable, is_url  # light: no jax; sets the emulator's variables for tensorstore
 from .compile import add_compile_arguments  # light: argparse only, no jax
@@ -297,7 +297,7 @@ def console_main(argv=None) -> int:
             print(f"{' '.join(['magic', *argv[:1]])}: error: {err}", file=sys.stderr)
             return 2
         cpu_only_when_no_accelerator()
-    return main(argv)
+    return leave(main(argv))
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -365,6 +365,10 @@ def main(argv=None) -> int:
     except Exception as err:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
         if os.environ.get("MAGIC_DEBUG"):
             raise
+        if signal_err := signal_in_chain(err):  # a library turned the Ctrl-C into its own error
+            code, said = stopped(signal_err)
+            print(f"magic {args.command}: {said}", file=sys.stderr)
+            return code
         if message := backend_refused(err):  # the user's JAX_PLATFORMS, not a bug
             print(f"magic {args.command}: error: {message}", file=sys.stderr)
             return 2
