@@ -49,7 +49,7 @@ def train_step_tokens_per_second(config, steps: int = 30, warmup: int = 3) -> tu
 def main() -> None:
     from matrixmagic.train.data.tokenizers import ByteTokenizer
     from matrixmagic.train.loop import flops_per_step
-    from matrixmagic.train.metrics import cpu_matmul_peak, measure_cpu_matmul_peak, peak_flops_per_device
+    from matrixmagic.train.metrics import cpu_matmul_peak, peak_flops_per_device, probe_cpu_matmul_peak
     from matrixmagic.train.run import resolve_config, with_tokenizer_vocab
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,8 +65,8 @@ def main() -> None:
     line = (f"train step ({args.preset}, batch {config.batch_size} x {config.data.seq_len}, {platform}): "
             f"{per_step * 1e3:.1f} ms/step, {step_rate:,.0f} tokens/s, {flops / per_step / 1e9:.1f} GFLOP/s")
     if platform == "cpu":  # the peak measured now, in this run, not a figure from another day
-        peak = measure_cpu_matmul_peak()
-        cpu_matmul_peak(measured=peak)  # and the best one seen kept for magic train's MFU
+        probe = probe_cpu_matmul_peak()
+        peak = cpu_matmul_peak(measured=probe)  # and kept for magic train's MFU if the probe was quiet
         line += f" = {flops / per_step / peak:.1%} of this CPU's f32 matmul peak, {peak / 1e9:.0f} GFLOP/s"
     else:  # accelerators: MFU against the chip table's dense bf16 peak (train/planning/chips.py cites it)
         peak = peak_flops_per_device(jax.devices()) * jax.device_count()

@@ -7,7 +7,9 @@ greedy continuation, and the tensor names save_pretrained writes. No torch here.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +19,18 @@ import pytest
 from hf_helpers import FIXTURES, golden, keys, tensors, variant
 
 from matrixmagic.configs import PRESETS
+from matrixmagic.configs.train_config import config_from_json
 from matrixmagic.model.attention import MASK_VALUE
 from matrixmagic.model.build import build_model
 from matrixmagic.model.generate import Sampling, generate
+from matrixmagic.train.checkpoint import saved_run_config
 from matrixmagic.train.data.tokenizers import HFTokenizer, load_tokenizer
 from matrixmagic.train.hf.api import export_hf, import_hf, preset_for
 from matrixmagic.train.hf.config import hf_config_from_model, model_config_from_hf
 from matrixmagic.train.hf.tensorfile import read_checkpoint
 from matrixmagic.train.hf.tokenizer import find_tokenizer
 from matrixmagic.train.integrity import flat_by_name
-from matrixmagic.train.run import load_run
+from matrixmagic.train.run import load_run, resolve_config
 
 TOL = 1e-4  # float32 logits of two implementations (measured here: ~2e-6)
 G = golden()
@@ -75,6 +79,32 @@ def test_bert_pooler_equals_transformers_when_the_checkpoint_has_one(runs):
     _, state = build_model(config).apply({"params": params}, jnp.asarray(G["bert_ids"]),
                                          token_types=jnp.asarray(G["bert_token_types"]), mutable=["intermediates"])
     np.testing.assert_allclose(state["intermediates"]["pooled"][0], G["bert_pretraining_pooled"], atol=TOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def test_an_imported_run_records_its_command_and_config_as_every_run_does(runs, tmp_path):
+    """RUN/command.txt and RUN/config.json (docs/training.md), config.json as `magic train`
+    writes it: it reads back as the config the checkpoint holds."""
+    for run in runs.values():
+        with open(os.path.join(run, "config.json")) as f:
+            assert config_from_json(json.load(f)) == saved_run_config(run)
+        assert Path(run, "command.txt").read_text().count("\n") == 1
+    argv = ["/venv/bin/magic", "hf", "import", os.path.join(FIXTURES, "gpt2"), "--workdir", str(tmp_path / "r")]
+    run = import_hf(os.path.join(FIXTURES, "gpt2"), str(tmp_path / "r"), argv=argv).path
+    assert Path(run, "command.txt").read_text() == \
+        f"magic hf import {os.path.join(FIXTURES, 'gpt2')} --workdir {tmp_path / 'r'}\n"
+    with open(os.path.join(run, "config.json")) as f:
+        config = config_from_json(json.load(f))
+    assert config == saved_run_config(run) and config.workdir == run and config.preset == "gpt2"
+
+
+def test_a_fine_tune_of_an_imported_run_decays_over_its_own_steps(runs):
+    """Not over GPT-2's 260B tokens of pre-training (docs/hugging-face.md's fine-tune command)."""
+    config = resolve_config(None, [f"init_from={runs['gpt2']}", "batch_size=8", "steps=500",
+                                   "optimizer.learning_rate=1e-4"], devices=1, platform="cpu")
+    assert (config.warmup_steps, config.decay_steps) == (50, 500)
 
 
 # ----------------------------------------------------------------------------- export

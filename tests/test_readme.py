@@ -193,7 +193,7 @@ def test_readme_commands_parse():
     commands = readme_commands()
     assert commands[0] == ("README.md", TRAIN)
     joined = [line for _, line in commands if line.startswith("magic train --init-from")]
-    assert joined and "--set optimizer.warmup_steps=50" in joined[0]  # continuation lines joined
+    assert joined and "--set optimizer.learning_rate=1e-4" in joined[0]  # continuation lines joined
     assert split_command("magic compile --preset x   # exit 3: does not fit")[1] == 3
     assert {page for page, _ in commands} >= {"README.md", "sharding/README.md",
                                               *(f"docs/{name}" for name in DOCS_ORDER)}

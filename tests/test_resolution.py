@@ -15,7 +15,9 @@ from matrixmagic.configs.train_config import TrainConfig, apply_overrides, recip
 from matrixmagic.train import run
 from matrixmagic.train.cli.flags import config_assignments
 from matrixmagic.train.cli.main import build_parser
+from matrixmagic.train.loop import schedule_line
 from matrixmagic.train.run import layered, resolve_config
+from matrixmagic.train.step import make_learning_rate
 
 # ----------------------------------------------------------------------------- the precedence
 
@@ -60,13 +62,16 @@ def test_recipe_over_the_preset():
 
 @pytest.fixture
 def source_runs(monkeypatch):
-    """Two fake run directories for --init-from: a gpt-tiny variant with attention dropout 0.1,
-    and one without (saved_run_config and the checkpoint probe replaced)."""
+    """Fake run directories for --init-from: a gpt-tiny variant with attention dropout 0.1, one
+    without, and the first as `magic hf import` records it (saved_run_records and the checkpoint
+    probe replaced)."""
     trained = apply_overrides(train_config_for("gpt-tiny"), [
         "model.d_model=64", "model.num_heads=4", "model.attention_dropout_rate=0.1", "data.seq_len=64",
         "data.tokenizer=/tmp/tok.model", "model.dtype=float16"])
-    runs = {"/runs/a": trained, "/runs/b": apply_overrides(trained, ["model.attention_dropout_rate=0"])}
-    monkeypatch.setattr(run, "saved_run_config", lambda workdir: runs[workdir])
+    runs = {"/runs/a": trained, "/runs/b": apply_overrides(trained, ["model.attention_dropout_rate=0"]),
+            "/runs/imported": trained}
+    records = {"/runs/imported": {"params_only": True, "imported_from": "/models/gpt2"}}
+    monkeypatch.setattr(run, "saved_run_records", lambda workdir: (runs[workdir], records.get(workdir, {})))
     monkeypatch.setattr(run.storage, "is_dir", lambda path: True)
     return runs
 
@@ -81,6 +86,30 @@ def test_recipe_inherited_from_a_run_over_the_preset_and_the_platform(source_run
     assert model.dtype == "bfloat16"  # ... the compute dtype is the platform's: not inherited (RUN_CHOICES)
     b = resolve_config(None, ["init_from=/runs/b", "data.seq_len=128"], devices=8, platform="tpu").model
     assert (b.attention_impl, b.attention_dropout_rate) == ("splash", 0.0)  # nothing inherited chose the attention
+
+
+def test_a_fine_tune_of_an_imported_run_decays_over_its_own_steps(source_runs):
+    """The preset's paper schedule in tokens is the pre-training that made the checkpoint: a
+    fine-tune of an imported run warms up and decays over its own steps (docs/hugging-face.md)."""
+    sets = ["steps=500", "batch_size=8", "optimizer.learning_rate=1e-4"]  # as the docs' fine-tune command
+    config = resolve_config(None, ["init_from=/runs/imported", *sets], devices=1, platform="cpu")
+    assert (config.warmup_steps, config.decay_steps) == (50, 500)
+    assert schedule_line(config).startswith("cosine schedule, peak lr 0.0001: warmup 50 steps (10% of the decay, "
+                                            "at most 100 steps), decay 500 steps (steps=500)")
+    schedule = make_learning_rate(config)
+    peak = config.optimizer.learning_rate
+    assert float(schedule(50)) == pytest.approx(peak)
+    assert float(schedule(500)) == pytest.approx(peak * config.optimizer.final_ratio)  # decayed within the run
+    # without a warmup flag: 10% of the steps, and explicit schedule flags still win
+    short = resolve_config(None, ["init_from=/runs/imported", "steps=300", "optimizer.warmup_steps=7"],
+                           devices=1, platform="cpu")
+    assert (short.warmup_steps, short.decay_steps) == (7, 300)
+    pinned = resolve_config(None, ["init_from=/runs/imported", "steps=300", "optimizer.decay_tokens=1000000"],
+                            devices=1, platform="cpu")
+    assert pinned.decay_steps == round(1_000_000 / pinned.tokens_per_step)
+    # a run trained here keeps its preset's schedule in tokens
+    trained = resolve_config(None, ["init_from=/runs/a", *sets], devices=1, platform="cpu")
+    assert trained.optimizer.decay_tokens == train_config_for("gpt-tiny").optimizer.decay_tokens
 
 
 def test_flag_over_the_recipe(source_runs):

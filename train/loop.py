@@ -259,6 +259,12 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, a
                 values["tokens_per_second"] = window_tokens / elapsed
                 if peak:  # unknown peak: no MFU recorded, and the bar says n/a
                     values["mfu"] = token_flops * window_tokens / elapsed / (peak * jax.device_count())
+                    if not config.peak_flops:  # a measured CPU peak under 100% MFU is too low: once, probed again
+                        peak, note = metrics_lib.recheck_cpu_peak(jax.local_devices(), values["mfu"], peak)
+                        if note:
+                            values["mfu"] = token_flops * window_tokens / elapsed / (peak * jax.device_count())
+                            if is_main:
+                                bar.write(note)
                 writer.write(done, "train", values)
                 monitor.check(last_good(ckpt))  # raises NonFiniteError past max_nonfinite_skips
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:.0f}",

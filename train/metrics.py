@@ -6,6 +6,7 @@ produces one log, not one per host.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -38,49 +39,130 @@ def _cpu_key() -> str:
     return f"{model} x{os.cpu_count()} jax {jax.__version__}"
 
 
-def measure_cpu_matmul_peak(n: int = _PROBE_N, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` jitted n x n float32 matmuls on this host's CPU."""
+# What makes a probe "quiet", so its figure may be cached for later runs: its repeats agree
+# (the median within QUIET_SPREAD of the best: another process taking the cores mid-probe
+# slows some repeats and not others) and the machine was not oversubscribed (1-minute load
+# average below its core count: steady competition slows every repeat alike, which the spread
+# cannot see). A probe on a busy machine once cached 49.9 GFLOP/s against 170-215 quiet, and
+# every later run printed MFU 105-115%.
+QUIET_SPREAD = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakProbe:
+    """One probe of the matmul peak: its best rate and the evidence of whether it was quiet."""
+
+    flops: float  # FLOP/s of the fastest repeat
+    spread: float  # median repeat time over the fastest, minus 1
+    load: float  # 1-minute load average at the probe (0.0 where the OS has none)
+    cores: int
+
+    @property
+    def quiet(self) -> bool:
+        return not self.noise()
+
+    def noise(self) -> str:
+        """Why the probe is not quiet ('' when it is)."""
+        if self.spread > QUIET_SPREAD:
+            return f"its repeats differ by {self.spread:.0%}"
+        if self.load >= self.cores:
+            return f"load average {self.load:.1f} on {self.cores} cores"
+        return ""
+
+
+def _matmul_seconds(n: int, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` jitted n x n float32 matmuls on this host's CPU (compiled first)."""
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     matmul = jax.jit(jnp.matmul)
     matmul(a, a).block_until_ready()  # compile
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
-def cpu_matmul_peak(measured: Optional[float] = None) -> float:
-    """This machine's f32 matmul peak (FLOP/s), measured once and cached per processor and jax
-    version: CPUs differ too much (~200 vs ~460 GFLOP/s on two boxes of one kind) for a constant.
-    The cache keeps the best figure seen, so a probe slowed by a busy machine is superseded by a
-    later one: benchmarks measure in every run and pass theirs as `measured`. 0.0 if it cannot
-    be measured, and MFU is then reported as unknown."""
-    path = os.path.expanduser(PEAK_CACHE)
-    key = _cpu_key()
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # no load average on this OS: the spread alone decides
+        return 0.0
+
+
+def probe_cpu_matmul_peak(n: int = _PROBE_N, repeats: int = 5) -> PeakProbe:
+    seconds = sorted(_matmul_seconds(n, repeats))
+    best, median = seconds[0], seconds[len(seconds) // 2]
+    return PeakProbe(2 * n**3 / best, median / best - 1, _load_average(), os.cpu_count() or 1)
+
+
+def measure_cpu_matmul_peak(n: int = _PROBE_N, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted n x n float32 matmuls on this host's CPU."""
+    return probe_cpu_matmul_peak(n, repeats).flops
+
+
+def _read_cache(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             cached = json.load(f)
-        cached = cached if isinstance(cached, dict) else {}
+        return cached if isinstance(cached, dict) else {}
     except (OSError, ValueError):
-        cached = {}
-    if cached.get(key) and measured is None:
-        return float(cached[key])
-    try:
-        peak = max(measured or measure_cpu_matmul_peak(), float(cached.get(key) or 0.0))
-    except Exception:  # noqa: BLE001 (no CPU backend, out of memory): MFU unknown, never a failed run
-        return float(cached.get(key) or 0.0)
+        return {}
+
+
+def _cache(probe: PeakProbe) -> bool:
+    """Keep a quiet probe's figure for later runs (replacing the one there); True if kept."""
+    if not probe.quiet:
+        return False
+    path = os.path.expanduser(PEAK_CACHE)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({**cached, key: peak}, f)
+            json.dump({**_read_cache(path), _cpu_key(): probe.flops}, f)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only home: measured again next time
-    return peak
+        return False  # a read-only home: measured again next time
+    return True
+
+
+def cpu_matmul_peak(measured: Optional[PeakProbe] = None) -> float:
+    """This machine's f32 matmul peak (FLOP/s), measured and cached per processor and jax
+    version: CPUs differ too much (~200 vs ~460 GFLOP/s on two boxes of one kind) for a constant.
+    Only a quiet probe is cached (`PeakProbe.quiet`); a busy one serves this run alone, and the
+    next run probes again. Benchmarks probe in every run and pass theirs as `measured`. 0.0 if it
+    cannot be measured, and MFU is then reported as unknown."""
+    cached = _read_cache(os.path.expanduser(PEAK_CACHE)).get(_cpu_key())
+    if cached and measured is None:
+        return float(cached)
+    try:
+        probe = measured or probe_cpu_matmul_peak()
+    except Exception:  # noqa: BLE001 (no CPU backend, out of memory): MFU unknown, never a failed run
+        return float(cached or 0.0)
+    _cache(probe)
+    return probe.flops
+
+
+_RECHECKED: set[int] = set()  # this process's re-measures (one at most: `recheck_cpu_peak`)
+
+
+def recheck_cpu_peak(devices, mfu: float, peak: float) -> tuple[float, str]:
+    """(per-device peak, log line) after an MFU above 100% on CPU, which says the peak it was
+    computed against (a cached probe) is too low: probed again, once per process, the cache
+    replaced when the new probe is quiet, and the higher of the two used from now on. (peak, '')
+    when there is nothing to do: MFU within 100%, an accelerator, or already re-measured."""
+    if mfu <= 1.0 or devices[0].platform != "cpu" or os.getpid() in _RECHECKED:
+        return peak, ""
+    _RECHECKED.add(os.getpid())
+    try:
+        probe = probe_cpu_matmul_peak()
+    except Exception:  # noqa: BLE001 as cpu_matmul_peak: MFU stays as it was, never a failed run
+        return peak, ""
+    kept = "cached" if _cache(probe) else f"not cached: {probe.noise() or 'the cache is not writable'}"
+    new = max(peak, probe.flops / max(1, len(devices)))
+    return new, (f"MFU {mfu:.0%} is above 100%, so the cached CPU matmul peak {peak * len(devices) / 1e9:.1f} "
+                 f"GFLOP/s was re-measured: {probe.flops / 1e9:.1f} GFLOP/s ({kept}); MFU {mfu * peak / new:.0%}")
 
 
 def peak_flops_per_device(devices) -> float:

@@ -32,7 +32,7 @@ from matrixmagic.sharding.rules import BATCH_AXES, rules_for
 from matrixmagic.sharding.validate import validate_mesh
 
 from . import storage
-from .checkpoint import load_params, resolve_checkpoint, saved_run_config
+from .checkpoint import load_params, resolve_checkpoint, saved_run_records
 from .data.pipeline import open_tokenizer
 from .data.tokenizers import round_up
 from .guards import skip_nonfinite
@@ -93,21 +93,32 @@ def model_assignments(model: ModelConfig, skip: Sequence[str] = RUN_CHOICES) -> 
     return [f"{field}={value}" for field, value in model_values(model, skip).items()]
 
 
+# What a fine-tune of a `magic hf import` run inherits in place of its preset's schedule in tokens.
+IMPORTED_SCHEDULE: dict[str, Any] = {"optimizer.warmup_tokens": None, "optimizer.decay_tokens": None}
+
+
 def inherited_values(path: str) -> tuple[str, dict[str, Any]]:
     """(preset, typed values) a run started with --init-from PATH inherits from that run: its
     model (the params fit no other shapes), its sequence length, and its tokenizer unless that
     lives beside a dataset ('sentencepiece' is then named by its file). A run imported with
-    `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`."""
+    `magic hf import` so fine-tunes with `magic train --init-from RUN --set data.source=DIR`.
+
+    From an imported run the schedule also drops the preset's paper lengths in tokens
+    (`IMPORTED_SCHEDULE`): GPT-2's decay over 260B tokens is the pre-training that made the
+    checkpoint, and on a fine-tune of a few hundred steps it meant a learning rate that never
+    decayed. The fine-tune then warms up over 10% of its steps (at most 100) and decays over its
+    `steps`, as a run without a recipe does; explicit optimizer.* flags still win."""
     workdir, _ = resolve_checkpoint(path)
     if not storage.is_dir(storage.join(workdir, "checkpoints")):
         raise ConfigError(f"--init-from {path!r}: no checkpoint found there; give a run directory (its checkpoints/ "
                           f"holds numbered steps) or a step directory like RUN/checkpoints/500.")
-    source = saved_run_config(workdir)
+    source, record = saved_run_records(workdir)
     tokenizer = source.data.tokenizer
     if tokenizer == "sentencepiece":
         tokenizer = str(run_tokenizer(source).path)
+    schedule = IMPORTED_SCHEDULE if record.get("imported_from") else {}
     return source.preset, {**model_values(source.model), "data.seq_len": source.data.seq_len,
-                           "data.tokenizer": tokenizer}
+                           "data.tokenizer": tokenizer, **schedule}
 
 
 def _value(config, values: Mapping[str, Any], field: str):

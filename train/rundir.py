@@ -78,16 +78,19 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join(argv)
 
 
-def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence[str]] = None) -> None:
+def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence[str]] = None,
+                 directory: Optional[str] = None) -> None:
     """Append this start's command line to RUN/command.txt (a resume says from which step) and
-    write RUN/config.json if this is the run's first start."""
+    write RUN/config.json if this is the run's first start. `directory`: where RUN is being
+    written when that is not yet config.workdir (`magic hf import` stages it beside the target)."""
+    directory = directory or config.workdir
     line = command_line(argv)
     if resumed_from:
         line += f"   # resumed at step {resumed_from}"
-    commands = storage.join(config.workdir, COMMAND_FILE)
+    commands = storage.join(directory, COMMAND_FILE)
     before = storage.read_text(commands) if storage.exists(commands) else ""  # no append on GCS: rewritten
     storage.write_text(commands, before + line + "\n")
-    path = storage.join(config.workdir, CONFIG_FILE)
+    path = storage.join(directory, CONFIG_FILE)
     if not storage.exists(path):
         storage.write_text(path, json.dumps(config_to_json(config), indent=2) + "\n")
 

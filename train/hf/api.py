@@ -25,7 +25,7 @@ import json
 import math
 import re
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 from flax import linen as nn
@@ -43,6 +43,7 @@ from .. import storage
 from ..checkpoint import Checkpointer, load_params, saved_run_config
 from ..data.tokenizers import HFTokenizer, round_up
 from ..run import VOCAB_MULTIPLE, model_assignments, resolve_config, run_tokenizer
+from ..rundir import COMMAND_FILE, CONFIG_FILE, record_start
 from .checkpoint import export_tensors, place_params, plan_import
 from .config import ARCHITECTURES, export_type, exportable, hf_config_from_model, model_config_from_hf
 from .errors import HFError
@@ -114,12 +115,13 @@ def _count(params) -> int:
 
 
 def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, param_dtype: str = "float32",
-              mesh: str = "fsdp=-1", seed: int = 0) -> Report:
+              mesh: str = "fsdp=-1", seed: int = 0, argv: Optional[Sequence[str]] = None) -> Report:
     """A Hugging Face model directory (config.json, model.safetensors or a sharded index, the
     tokenizer files) -> a run directory at `workdir`. `tokenizer`: another directory to take
     the tokenizer files from. `mesh`: how the params are sharded while they are placed (as
     `magic train --mesh`; by default split over every device). `seed` initializes heads the
-    checkpoint lacks (BertForMaskedLM's pooler)."""
+    checkpoint lacks (BertForMaskedLM's pooler). `argv`: the command line RUN/command.txt
+    records (default: this process's, as `magic train` records its own)."""
     start = time.perf_counter()
     workdir = storage.normalize(workdir, "--workdir")
     source = _source(source, "source")
@@ -153,6 +155,7 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
         abstract = with_shardings(nn.meta.unbox(abstract_variables(config.model)["params"]),
                                   param_shardings(config.model, mesh_, rules_for(config.mesh)))
         params = place_params(plan, config.model, abstract, seed)  # one tensor at a time, into its shards
+        record_start(config, 0, argv, directory=tmp)  # command.txt and config.json, as every run directory has
         ckpt = Checkpointer(tmp, async_save=False)
         try:
             ckpt.save(0, {"params": params}, {"params_only": True, "imported_from": source, "model_type": model_type,
@@ -163,7 +166,7 @@ def import_hf(source: str, workdir: str, *, tokenizer: Optional[str] = None, par
                 ckpt.close()
             raise
         ckpt.close()  # on GCS the commit of step 0 is what makes the run usable (staging.py)
-    files = sorted([storage.basename(written), "tokenizer_config.json", "checkpoints"])
+    files = sorted([storage.basename(written), "tokenizer_config.json", "checkpoints", COMMAND_FILE, CONFIG_FILE])
     return Report(workdir, model_type, translation.architecture, _count(params), time.perf_counter() - start,
                   tuple(files), tuple(notes) + plan.notes)
 
