@@ -93,6 +93,27 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay, tmp_path):
     assert_one_line(said, "magic train: interrupted (Ctrl-C)")
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_in_training_is_one_line_and_exit_130(tmp_path):
+    """The first Ctrl-C asks the loop to stop after saving; a second one leaves at once: 130 and
+    the one line (beside the progress bar and warnings), no traceback."""
+    proc = launch("train", "--workdir", "run", "--set", "steps=100000", "--set", "log_every=1", cwd=tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"step"' in metrics.read_text()):  # the loop has run a step
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no step"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith("warning: ") and "it/s" not in ln and "s/it" not in ln and "%|" not in ln]
+    assert_one_line("\n".join(lines), "magic train: interrupted (Ctrl-C)")
+
+
 def test_a_ctrl_c_a_library_wrapped_in_its_own_error_is_still_one_line(monkeypatch, capsys):
     """A library that catches the KeyboardInterrupt and raises its own error from it: the one line
     and 130, not an internal error's traceback."""
