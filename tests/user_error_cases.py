@@ -186,6 +186,18 @@ CASES = [
          r"workdir=.*: run\.lock there is a directory.*remove it", "29"),
     Case("metrics.jsonl that is a directory", ("train", "--workdir", "{metrics_dir}", "--set", "steps=1"),
          r"workdir=.*: metrics\.jsonl there is a directory.*remove it", "29"),
+    # issue 29: generate, hf import, data
+    Case("generate --seed past 32 bits", ("generate", "--preset", "gpt-tiny", "--prompt", "hi", "--seed",
+                                          "1099511627776"),
+         r"--seed 1099511627776 is invalid: use an integer in 0\.\.4294967295 \(jax keys take 32-bit seeds", "29"),
+    Case("generate --length-penalty nan", ("generate", "--preset", "transformer-tiny", "--source", "hi",
+                                           "--beam-size", "2", "--length-penalty", "nan"),
+         r"--length-penalty nan is invalid: use a finite number", "29"),
+    Case("generate --length-penalty inf", ("generate", "--preset", "transformer-tiny", "--source", "hi",
+                                           "--length-penalty", "inf"), r"--length-penalty inf is invalid", "29"),
+    Case("generate a prompt longer than the context", ("generate", "--preset", "gpt-tiny", "--prompt", "a" * 100_000),
+         r"--prompt is 100,00\d tokens.*, and the model's context holds at most 128 \(model\.max_len\): shorten it",
+         "29"),
 ]
 
 
