@@ -198,6 +198,9 @@ CASES = [
     Case("generate a prompt longer than the context", ("generate", "--preset", "gpt-tiny", "--prompt", "a" * 100_000),
          r"--prompt is 100,00\d tokens.*, and the model's context holds at most 128 \(model\.max_len\): shorten it",
          "29"),
+    Case("data --source an empty folder", ("data", "--source", "{empty}", "--data-dir", "{tmp}/../data-empty"),
+         r"source=.*empty' holds no files to read .*put the corpus there as text files, one document per file, of any "
+         r"name or extension", "29"),
 ]
 
 
