@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -186,3 +187,17 @@ def test_a_whole_count_written_as_a_float_is_read():
 def test_a_fractional_layer_count_is_refused_before_anything_is_read(tmp_path, no_reads):
     rejected(with_config(tmp_path, "gpt2", n_layer=2.5), tmp_path, r"config\.json n_layer=2\.5 is invalid")
 
+
+def test_a_tensor_of_nans_is_named_and_nothing_is_left_behind(tmp_path):
+    """A damaged checkpoint: one tensor NaN, another inf. The import stops at the first it reads,
+    naming it, and removes its temporary sibling (issue 29)."""
+    values = tensors(os.path.join(FIXTURES, "gpt2"))
+    name = "transformer.h.0.attn.c_attn.weight"
+    src = variant("gpt2", str(tmp_path / "src"), add={name: np.full_like(values[name], np.nan)})
+    rejected(src, tmp_path, rf"model\.safetensors: tensor '{re.escape(name)}' holds NaN or inf values: the checkpoint "
+                            rf"is damaged")
+    shutil.rmtree(src)
+    weights = values["transformer.wte.weight"].copy()
+    weights[3, 5] = np.inf
+    src = variant("gpt2", str(tmp_path / "src"), add={"transformer.wte.weight": weights}, dtype=np.float16)
+    rejected(src, tmp_path, r"tensor 'transformer\.wte\.weight' holds NaN or inf values")

@@ -7,7 +7,8 @@ this process cannot write, {corpus} a small text corpus with {data} its data dir
 a SentencePiece model), {tiny} a corpus of a few bytes, {bad_model} a corrupt .model,
 {wide} a corpus of more distinct characters than 300 ids can hold, {tmp} an empty folder,
 {hf_list} a model folder whose config.json is a JSON list, {hf_half_layer} / {hf_nan_eps} /
-{hf_no_width} tests/fixtures/hf/gpt2 with n_layer 2.5 / layer_norm_epsilon NaN / no n_embd, {lock_dir} / {metrics_dir} run folders
+{hf_no_width} / {hf_nan_weights} tests/fixtures/hf/gpt2 with n_layer 2.5 / layer_norm_epsilon NaN /
+no n_embd / one tensor all NaN, {lock_dir} / {metrics_dir} run folders
 whose run.lock / metrics.jsonl is a directory. A case's `env` is set for its command only.
 """
 
@@ -208,6 +209,9 @@ CASES = [
          r"config\.json layer_norm_epsilon=nan is invalid: a constant must be a finite number", "29"),
     Case("hf import without n_embd", ("hf", "import", "{hf_no_width}", "--workdir", "{tmp}/../hf-run"),
          r"config\.json has no 'n_embd' \(or 'hidden_size'\): a gpt2 config\.json gives it", "29"),
+    Case("hf import of NaN weights", ("hf", "import", "{hf_nan_weights}", "--workdir", "{tmp}/../hf-run"),
+         r"model\.safetensors: tensor 'transformer\.h\.0\.attn\.c_attn\.weight' holds NaN or inf values: the "
+         r"checkpoint is damaged", "29"),
 ]
 
 
@@ -287,7 +291,7 @@ def make_inputs(root: Path) -> dict[str, str]:
     (root / "hf_list" / "config.json").write_text("[1, 2]\n")
     hf = {name: _gpt2_variant(root / name, **changes) for name, changes in (
         ("hf_half_layer", {"n_layer": 2.5}), ("hf_nan_eps", {"layer_norm_epsilon": float("nan")}),
-        ("hf_no_width", {"n_embd": None}))}
+        ("hf_no_width", {"n_embd": None}), ("hf_nan_weights", {"nan": "transformer.h.0.attn.c_attn.weight"}))}
     for run, name in (("lock_dir", "run.lock"), ("metrics_dir", "metrics.jsonl")):  # a folder where a file goes
         (root / run / name).mkdir(parents=True)
     from matrixmagic.train.data.prepare import prepare
