@@ -32,6 +32,10 @@ from .ramp import BatchRamp
 
 # The train state's step counter is int32 (train/state.py): a run of more steps would wrap.
 MAX_STEPS = 2**31 - 1
+# jax's PRNG keys take 32-bit seeds, and a larger one wraps onto another (2**40 gives seed 0's
+# draws): every seed a user gives (--set seed, magic generate --seed) is refused past this.
+MAX_SEED = 2**32 - 1
+SEED_FIX = f"use an integer in 0..{MAX_SEED} (jax keys take 32-bit seeds: larger ones wrap onto others)."
 TOKENIZER_NAMES = ("bytes", "sentencepiece")  # or a path to a sentencepiece .model or a Hugging Face tokenizer.json
 Layout = Literal["dp", "fsdp", "tp", "fsdp+tp"]  # how weights split over the mesh (sharding/rules.py)
 LAYOUTS = get_args(Layout)
@@ -307,9 +311,8 @@ class TrainConfig:
         for name in ("steps", "eval_every", "log_every", "checkpoint_every"):
             if getattr(self, name) > MAX_STEPS:
                 fail(name, getattr(self, name), f"use at most {MAX_STEPS:,} steps (the step counter is int32).")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            fail("seed", self.seed, "use an integer in 0..4294967295 (jax keys take 32-bit seeds: larger ones wrap "
-                                    "onto others).")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            fail("seed", self.seed, SEED_FIX)
         if not finite(self.peak_flops) or self.peak_flops < 0:
             fail("peak_flops", self.peak_flops, "use 0 (measure it) or a device's peak FLOP/s such as 4.59e14.")
         if self.sample_tokens < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from matrixmagic.train.checkpoint import Checkpointer, CheckpointError
 from matrixmagic.train.cli import main
 from matrixmagic.train.hf import api
 from matrixmagic.train.hf.api import import_hf
+from matrixmagic.train.hf.config import ALIASES, REQUIRED, model_config_from_hf
 from matrixmagic.train.hf.errors import HFError
 
 
@@ -141,3 +143,61 @@ def test_init_from_an_imported_gpt2_fine_tunes_on_text_files_with_its_tokenizer(
         config = json.load(f)
     assert config["preset"] == "gpt2" and config["model"]["d_model"] == 32 and config["data"]["seq_len"] == 64
     assert config["data"]["tokenizer"] == os.path.join(run, "tokenizer.json")
+
+
+def _fixture_config(source: str) -> dict:
+    with open(os.path.join(FIXTURES, source, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("source", ["gpt2", "bert", "llama", "refusals/mistral"])
+def test_a_config_without_a_shape_key_names_it(source):
+    """Each key that fixes a tensor's shape is named when config.json lacks it, instead of a
+    default (GPT-2's 768) that surfaces as every tensor mis-shaped (issue 29)."""
+    hf = _fixture_config(source)
+    for key in REQUIRED[hf["model_type"]]:
+        without = {k: v for k, v in hf.items() if k not in (key, *ALIASES.get(key, ()))}
+        with pytest.raises(HFError, match=f"^config.json has no '{key}'.*the config.json saved with these weights"):
+            model_config_from_hf(without)
+
+
+@pytest.mark.parametrize("source,changes,match", [
+    ("gpt2", {"n_layer": 2.5}, r"^config\.json n_layer=2\.5 is invalid: a count must be a whole number\.$"),
+    ("gpt2", {"n_head": True}, r"n_head=True is invalid: a count must be a whole number"),
+    ("gpt2", {"n_embd": "32"}, r"n_embd='32' is invalid: a count"),
+    ("bert", {"num_hidden_layers": 1.5}, r"num_hidden_layers=1\.5 is invalid: a count"),
+    ("llama", {"num_key_value_heads": 1.5}, r"num_key_value_heads=1\.5 is invalid: a count"),
+    ("gpt2", {"layer_norm_epsilon": float("nan")}, r"layer_norm_epsilon=nan is invalid: a constant must be a finite"),
+    ("bert", {"layer_norm_eps": float("inf")}, r"layer_norm_eps=inf is invalid: a constant must be a finite"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+     r"^config\.json rope_parameters\.rope_theta=inf is invalid: a constant must be a finite number\.$"),
+    ("llama", {"rope_parameters": None, "rope_theta": float("nan")}, r"^config\.json rope_theta=nan is invalid"),
+    ("llama", {"rms_norm_eps": float("-inf")}, r"rms_norm_eps=-inf is invalid"),
+])
+def test_a_count_that_is_not_whole_or_a_constant_that_is_not_finite(source, changes, match):
+    """int() read 2.5 layers as 2, and NaN epsilons went through to a model of NaNs (issue 29)."""
+    with pytest.raises(HFError, match=match):
+        model_config_from_hf({**_fixture_config(source), **changes})
+
+
+def test_a_whole_count_written_as_a_float_is_read():
+    assert model_config_from_hf({**_fixture_config("gpt2"), "n_layer": 2.0}).model.num_layers == 2
+
+
+def test_a_fractional_layer_count_is_refused_before_anything_is_read(tmp_path, no_reads):
+    rejected(with_config(tmp_path, "gpt2", n_layer=2.5), tmp_path, r"config\.json n_layer=2\.5 is invalid")
+
+
+def test_a_tensor_of_nans_is_named_and_nothing_is_left_behind(tmp_path):
+    """A damaged checkpoint: one tensor NaN, another inf. The import stops at the first it reads,
+    naming it, and removes its temporary sibling (issue 29)."""
+    values = tensors(os.path.join(FIXTURES, "gpt2"))
+    name = "transformer.h.0.attn.c_attn.weight"
+    src = variant("gpt2", str(tmp_path / "src"), add={name: np.full_like(values[name], np.nan)})
+    rejected(src, tmp_path, rf"model\.safetensors: tensor '{re.escape(name)}' holds NaN or inf values: the checkpoint "
+                            rf"is damaged")
+    shutil.rmtree(src)
+    weights = values["transformer.wte.weight"].copy()
+    weights[3, 5] = np.inf
+    src = variant("gpt2", str(tmp_path / "src"), add={"transformer.wte.weight": weights}, dtype=np.float16)
+    rejected(src, tmp_path, r"tensor 'transformer\.wte\.weight' holds NaN or inf values")

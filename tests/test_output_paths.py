@@ -54,3 +54,43 @@ def test_a_compile_cache_url_is_refused_in_one_line(url, tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"magic params: error: MAGIC_COMPILE_CACHE={url!r} is a URL") and "=0" in err
     assert os.listdir(tmp_path) == []  # no folder named `gs:` or `s3:`
+
+
+def test_a_quoted_tilde_data_source_is_under_home(tmp_path):
+    """`magic data --source '~/texts' --data-dir '~/data'` reads and writes under HOME."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "texts").mkdir(parents=True)
+    cwd.mkdir()
+    for i in range(3):
+        (home / "texts" / f"doc{i}.txt").write_text(f"document {i}\n" * 50)
+    done = magic_at(cwd, home, "data", "--source", "~/texts", "--data-dir", "~/data")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"dir:{home / 'texts'}" in done.stdout and (home / "data" / "text_files").is_dir()
+    assert os.listdir(cwd) == []  # no folder named `~`
+
+
+def test_a_quoted_tilde_lm_eval_output_path_is_under_home(monkeypatch):
+    """`magic lm-eval ... --output_path '~/out'`: the harness reads its own flags, so the path is
+    expanded in the command line handed to it (both spellings, and -o); URLs are left alone."""
+    from matrixmagic.train.cli.evaluate import LM_EVAL_PATH_FLAGS
+    from matrixmagic.train.cli.paths import expanded_path_flags
+
+    monkeypatch.setenv("HOME", "/home/me")
+    argv = ["--model", "matrixmagic", "--output_path", "~/out", "--tasks", "~task", "-o=~/o.json",
+            "--output_path=gs://b/~x", "-o", "~"]
+    assert expanded_path_flags(argv, LM_EVAL_PATH_FLAGS) == [
+        "--model", "matrixmagic", "--output_path", "/home/me/out", "--tasks", "~task", "-o=/home/me/o.json",
+        "--output_path=gs://b/~x", "-o", "/home/me"]
+
+
+def test_magic_lm_eval_hands_the_expanded_path_to_the_harness(monkeypatch):
+    import lm_eval.__main__ as harness
+
+    from matrixmagic.train.cli.evaluate import lm_eval_main
+
+    seen = []
+    monkeypatch.setenv("HOME", "/home/me")
+    monkeypatch.setattr(harness, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # lm_eval_main sets it for the harness
+    assert lm_eval_main(["--model", "matrixmagic", "--output_path", "~/out"]) == 0
+    assert seen == [["lm_eval", "--model", "matrixmagic", "--output_path", "/home/me/out"]]

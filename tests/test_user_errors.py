@@ -81,3 +81,21 @@ def test_our_error_from_the_same_place_is_one_line_and_exit_2(monkeypatch, capsy
     assert main(["params", "gpt-tiny"]) == 2
     assert capsys.readouterr().err == ("magic params: error: model.d_model=30 is not a multiple of "
                                        "model.num_heads=4: pick a multiple\n")
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`magic train --help-fields | head -1`: the output (12 kB) overflows a one-page pipe, so the
+    command is still writing when the reader closes it; it ends with 141, as `cat` would, and no
+    BrokenPipeError traceback (issue 29). The pipe is made small before the command starts."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    with subprocess.Popen([sys.executable, "-m", "matrixmagic.train.cli", "train", "--help-fields"], stdout=write_end,
+                          stderr=subprocess.PIPE, cwd=tmp_path, env={**os.environ, "MAGIC_DEBUG": ""}) as proc:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            assert reader.readline()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err

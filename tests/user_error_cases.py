@@ -6,7 +6,9 @@ Placeholders in the commands are filled by `make_inputs`: {file} a plain file, {
 this process cannot write, {corpus} a small text corpus with {data} its data dir (prepared, with
 a SentencePiece model), {tiny} a corpus of a few bytes, {bad_model} a corrupt .model,
 {wide} a corpus of more distinct characters than 300 ids can hold, {tmp} an empty folder,
-{hf_list} a model folder whose config.json is a JSON list, {lock_dir} / {metrics_dir} run folders
+{hf_list} a model folder whose config.json is a JSON list, {hf_half_layer} / {hf_nan_eps} /
+{hf_no_width} / {hf_nan_weights} tests/fixtures/hf/gpt2 with n_layer 2.5 / layer_norm_epsilon NaN /
+no n_embd / one tensor all NaN, {lock_dir} / {metrics_dir} run folders
 whose run.lock / metrics.jsonl is a directory. A case's `env` is set for its command only.
 """
 
@@ -186,6 +188,30 @@ CASES = [
          r"workdir=.*: run\.lock there is a directory.*remove it", "29"),
     Case("metrics.jsonl that is a directory", ("train", "--workdir", "{metrics_dir}", "--set", "steps=1"),
          r"workdir=.*: metrics\.jsonl there is a directory.*remove it", "29"),
+    # issue 29: generate, hf import, data
+    Case("generate --seed past 32 bits", ("generate", "--preset", "gpt-tiny", "--prompt", "hi", "--seed",
+                                          "1099511627776"),
+         r"--seed 1099511627776 is invalid: use an integer in 0\.\.4294967295 \(jax keys take 32-bit seeds", "29"),
+    Case("generate --length-penalty nan", ("generate", "--preset", "transformer-tiny", "--source", "hi",
+                                           "--beam-size", "2", "--length-penalty", "nan"),
+         r"--length-penalty nan is invalid: use a finite number", "29"),
+    Case("generate --length-penalty inf", ("generate", "--preset", "transformer-tiny", "--source", "hi",
+                                           "--length-penalty", "inf"), r"--length-penalty inf is invalid", "29"),
+    Case("generate a prompt longer than the context", ("generate", "--preset", "gpt-tiny", "--prompt", "a" * 100_000),
+         r"--prompt is 100,00\d tokens.*, and the model's context holds at most 128 \(model\.max_len\): shorten it",
+         "29"),
+    Case("data --source an empty folder", ("data", "--source", "{empty}", "--data-dir", "{tmp}/../data-empty"),
+         r"source=.*empty' holds no files to read .*put the corpus there as text files, one document per file, of any "
+         r"name or extension", "29"),
+    Case("hf import of a fractional layer count", ("hf", "import", "{hf_half_layer}", "--workdir", "{tmp}/../hf-run"),
+         r"config\.json n_layer=2\.5 is invalid: a count must be a whole number", "29"),
+    Case("hf import of a NaN epsilon", ("hf", "import", "{hf_nan_eps}", "--workdir", "{tmp}/../hf-run"),
+         r"config\.json layer_norm_epsilon=nan is invalid: a constant must be a finite number", "29"),
+    Case("hf import without n_embd", ("hf", "import", "{hf_no_width}", "--workdir", "{tmp}/../hf-run"),
+         r"config\.json has no 'n_embd' \(or 'hidden_size'\): a gpt2 config\.json gives it", "29"),
+    Case("hf import of NaN weights", ("hf", "import", "{hf_nan_weights}", "--workdir", "{tmp}/../hf-run"),
+         r"model\.safetensors: tensor 'transformer\.h\.0\.attn\.c_attn\.weight' holds NaN or inf values: the "
+         r"checkpoint is damaged", "29"),
 ]
 
 
@@ -209,6 +235,27 @@ def read_only_folder(root: Path) -> str:
         if _cannot_write(candidate):
             return candidate
     raise RuntimeError("no read-only folder found on this machine (chmod 555 and /sys both took a write)")
+
+
+def _gpt2_variant(folder: Path, nan: str = "", **changes) -> str:
+    """A copy of the tiny GPT-2 of tests/fixtures/hf with config.json `changes` (None: the key
+    removed) and, with `nan`, that tensor's values all NaN."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from matrixmagic.train.hf.tensorfile import Planned, read, read_checkpoint, write_checkpoint
+
+    shutil.copytree(Path(__file__).parent / "fixtures" / "hf" / "gpt2", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    if nan:
+        values = {name: read(info) for name, info in read_checkpoint(str(folder)).items()}
+        values[nan] = np.full_like(values[nan], np.nan)
+        write_checkpoint(str(folder), [Planned(n, v.shape, v.dtype) for n, v in values.items()], lambda t: values[t.name])
+    return str(folder)
 
 
 def make_inputs(root: Path) -> dict[str, str]:
@@ -242,6 +289,9 @@ def make_inputs(root: Path) -> dict[str, str]:
                                     f"test_split: test\ndoc_to_text: '{{{{q}}}}'\ndoc_to_target: '{{{{a}}}}'\n")
     (root / "hf_list").mkdir()  # a config.json that parses but is no object of settings
     (root / "hf_list" / "config.json").write_text("[1, 2]\n")
+    hf = {name: _gpt2_variant(root / name, **changes) for name, changes in (
+        ("hf_half_layer", {"n_layer": 2.5}), ("hf_nan_eps", {"layer_norm_epsilon": float("nan")}),
+        ("hf_no_width", {"n_embd": None}), ("hf_nan_weights", {"nan": "transformer.h.0.attn.c_attn.weight"}))}
     for run, name in (("lock_dir", "run.lock"), ("metrics_dir", "metrics.jsonl")):  # a folder where a file goes
         (root / run / name).mkdir(parents=True)
     from matrixmagic.train.data.prepare import prepare
@@ -251,7 +301,7 @@ def make_inputs(root: Path) -> dict[str, str]:
     prepare(str(corpus), str(root / "truncated"), ByteTokenizer(), workers=0, progress=False)
     shard = root / "truncated" / "train-00000.bin"
     shard.write_bytes(shard.read_bytes()[:1000])
-    return {"hf_list": str(root / "hf_list"), "lock_dir": str(root / "lock_dir"),
+    return {**hf, "hf_list": str(root / "hf_list"), "lock_dir": str(root / "lock_dir"),
             "metrics_dir": str(root / "metrics_dir"), "lost_tasks": str(lost), "empty": str(root / "empty"), "jsonl": str(root / "rows.jsonl"), "sp_model": str(sp.path),
             "prepared": str(root / "prepared"), "truncated": str(root / "truncated"), "file": str(root / "file"),
             "bad_model": str(root / "bad.model"), "corpus": str(corpus),

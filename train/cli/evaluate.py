@@ -21,7 +21,9 @@ import sys
 from matrixmagic.configs import ConfigError
 
 from .flags import add_bos_argument, add_memory_check_argument
-from .paths import check_output_file
+from .paths import check_output_file, expanded_path_flags
+
+LM_EVAL_PATH_FLAGS = ("--output_path", "-o")  # the harness's flags that write: a quoted '~' is the home folder
 
 
 def add_eval_arguments(p) -> None:
@@ -179,7 +181,7 @@ def lm_eval_main(argv) -> int:
     _harness()  # registers the backend
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *argv]
+    sys.argv = ["lm_eval", *expanded_path_flags(argv, LM_EVAL_PATH_FLAGS)]
     try:
         cli_evaluate()
     except ValueError as err:  # the harness says "Tasks not found: ..." with a ValueError; any other is a bug

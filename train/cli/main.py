@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import select
 import sys
 import traceback
 import warnings
@@ -325,7 +326,38 @@ def backend_refused(err: BaseException, env=os.environ) -> str | None:
             f"(pip install -e '.[cuda]' for NVIDIA GPUs, '.[tpu]' on a TPU VM).")
 
 
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader closed the pipe
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (`magic ... | head -1` after head
+    exits): poll reports an error on such a pipe. False for anything else, so another broken
+    pipe (a worker's) still surfaces as the bug it is."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test's capture), or no poll
+        return False
+
+
 def main(argv=None) -> int:
+    """Run one command. A reader that stops early (`magic train --print-config | head -1`) ends it
+    quietly with EXIT_READER_GONE, as it would end `cat`, instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # flushed here, not at exit, where a closed pipe's error is printed and cannot be caught
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        # The exit's own flush of what is still buffered would fail again: let it go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_READER_GONE
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
         from .evaluate import lm_eval_main
@@ -362,6 +394,8 @@ def main(argv=None) -> int:
 
         print(f"magic {args.command}: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except BrokenPipeError:  # main() tells a closed reader of stdout from a bug
+        raise
     except Exception as err:  # not ours (a jax shape error): a bug, and its traceback is what a fix needs
         if os.environ.get("MAGIC_DEBUG"):
             raise

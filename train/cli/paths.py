@@ -47,6 +47,20 @@ def output_path(path: str, flag: str) -> str:
     return storage.normalize(path, flag) if storage.is_url(path) else os.path.expanduser(path)
 
 
+def expanded_path_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`argv` with `~` expanded in the values of `flags` (`--flag VALUE` and `--flag=VALUE`), for a
+    command line handed on to another program's parser (`magic lm-eval`), which reads a quoted
+    '~/out' literally. URLs are left alone."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in flags and not storage.is_url(value):
+            out[i] = f"{flag}={os.path.expanduser(value)}"
+        elif arg in flags and i + 1 < len(out) and not storage.is_url(out[i + 1]):
+            out[i + 1] = os.path.expanduser(out[i + 1])
+    return out
+
+
 def check_output_file(path: str, flag: str) -> str:
     """`path` can be written as a file: its folder exists and takes a write; nothing is left behind.
     Returns the path to write (a gs:// URL normalized)."""

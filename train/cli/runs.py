@@ -13,6 +13,8 @@ import jax
 import numpy as np
 
 from matrixmagic.configs import ConfigError, get_preset
+from matrixmagic.configs.model_config import finite
+from matrixmagic.configs.train_config import MAX_SEED, SEED_FIX
 from matrixmagic.model.build import build_model
 from matrixmagic.model.explain import DEFAULT_TEXT, explain, format_explanation, runs_on_shapes
 from matrixmagic.model.families import family_of
@@ -57,6 +59,11 @@ def _check_generate_flags(args, family) -> None:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use a positive count, e.g. 100.")
     if args.beam_size < 1:
         raise ConfigError(f"--beam-size {args.beam_size} is invalid: use 1 (greedy) or more (beam search).")
+    if not finite(args.length_penalty):  # NaN would rank every beam equal, inf every finished one first
+        raise ConfigError(f"--length-penalty {args.length_penalty} is invalid: use a finite number, 0 (no penalty) "
+                          f"or GNMT's alpha, e.g. 0.6.")
+    if not 0 <= args.seed <= MAX_SEED:  # as `magic train --set seed` is checked
+        raise ConfigError(f"--seed {args.seed} is invalid: {SEED_FIX}")
     if args.beam_size > 1 and family.generation != "translate":
         raise ConfigError(f"--beam-size {args.beam_size} applies to encoder-decoder models only; this is a "
                           f"{family.name} "
@@ -73,6 +80,10 @@ def cli_generate(args) -> int:
             raise ConfigError("decoder-only models need --prompt TEXT to continue.")
         prefix = prompt_start(tokenizer, args.bos)
         prompt_len = len(prefix) + len(tokenizer.encode(args.prompt))
+        if prompt_len > config.max_len:  # no --max-new-tokens helps: the prompt itself does not fit
+            start = "" if not prefix else " with the start token" if len(prefix) == 1 else " with its start tokens"
+            raise ConfigError(f"--prompt is {prompt_len:,} tokens{start}, and the model's context holds at most "
+                              f"{config.max_len:,} (model.max_len): shorten it.")
         room = config.max_len - prompt_len + 1  # the last new token is never fed back
         if args.max_new_tokens > room:
             raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the context: the prompt takes "

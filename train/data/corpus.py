@@ -61,6 +61,12 @@ DATA_DIR_ENV = "MATRIXMAGIC_DATA_DIR"
 VALIDATION_NAMES = ("validation", "test")  # catalog datasets: the first present is used
 
 
+# How a source with no files is fixed: through the CLI every file is read (pattern '*'); only a
+# caller of this module's API (or stdlib's '*.py') has a pattern to change.
+_FILES_FIX = ", one document per file, of any name or extension (.txt, .md, .py, ...), or give another folder."
+_PATTERN_FIX = " or pass a pattern that matches them (e.g. pattern='*.txt')."
+
+
 class CorpusWarning(UserWarning):
     """Something in the corpus was skipped or repaired; training can go on."""
 
@@ -235,15 +241,17 @@ def _scan(source, pattern: str) -> dict[str, tuple]:
         if not stats:
             raise CorpusError(
                 f"data.source={source!r} has no files matching pattern={pattern!r} (no object below "
-                f"{source}/ has such a name): upload text files there (`gcloud storage cp -r DIR {source}`) "
-                "or pass a pattern that matches them (e.g. pattern='*.txt')."
+                f"{source}/ has such a name): upload text files there (`gcloud storage cp -r DIR {source}`)"
+                f"{_FILES_FIX if pattern == '*' else _PATTERN_FIX}"
             )
         return stats
     relpaths = list_files(source, pattern)
-    if not relpaths:
+    if not relpaths:  # '*' is what `magic data --source` and data.source read: no flag of theirs sets a pattern
+        what = "holds no files to read" if pattern == "*" else f"has no files matching pattern={pattern!r}"
         raise CorpusError(
-            f"source={str(source)!r} has no files matching pattern={pattern!r}: add text files "
-            "there or pass a pattern that matches them (e.g. pattern='*.txt')."
+            f"source={str(source)!r} {what} (hidden ones, __pycache__ and site-packages are skipped): put the "
+            f"corpus there as text files{_FILES_FIX if pattern == '*' else _PATTERN_FIX} JSONL or Parquet "
+            f"records: `magic data prepare {source}` reads those."
         )
     unreadable = [p for p in relpaths if not is_readable(source / p)]
     if unreadable:

@@ -21,6 +21,7 @@ the import pads it to a multiple of 128 together with the tokenizer's extra ids
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, cast
 
 from matrixmagic.configs import ModelConfig
@@ -64,11 +65,66 @@ class Translation:
     notes: tuple[str, ...] = ()  # what was ignored or approximated, for the import report
 
 
+# The keys of each model type that fix a tensor's shape and have no default worth trusting:
+# transformers' save_pretrained writes them all, so one missing means a hand-edited or foreign
+# config.json, and a default (GPT-2's 768 wide, say) would only surface as every tensor mis-shaped.
+REQUIRED = {
+    "gpt2": ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"),
+    "bert": ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+             "max_position_embeddings"),
+    "llama": ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+              "max_position_embeddings"),
+}
+REQUIRED["mistral"] = REQUIRED["qwen2"] = REQUIRED["llama"]
+ALIASES = {"n_embd": ("hidden_size",), "n_head": ("num_attention_heads",), "n_layer": ("num_hidden_layers",),
+           "n_positions": ("max_position_embeddings",)}  # transformers' GPT2Config reads both spellings
+
+
 def _get(hf: dict, name: str, default=None, *aliases):
     for key in (name, *aliases):
         if key in hf and hf[key] is not None:
             return hf[key]
     return default
+
+
+def _found(hf: dict, name: str, aliases) -> Optional[str]:
+    """The key (`name` or an alias) that holds a value, or None."""
+    return next((key for key in (name, *aliases) if key in hf and hf[key] is not None), None)
+
+
+def _count(hf: dict, name: str, default: Optional[int] = None, *aliases, within: str = "") -> int:
+    """A whole number: int() would read 2.5 layers as 2 and True heads as 1, silently."""
+    key = _found(hf, name, aliases)
+    if key is None:
+        if default is None:
+            raise AssertionError(f"{name} is in REQUIRED, checked before")
+        return default
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value % 1:
+        raise HFError(f"config.json {within}{key}={value!r} is invalid: a count must be a whole number.")
+    return int(value)
+
+
+def _real(hf: dict, name: str, default: float, *aliases, within: str = "") -> float:
+    """A finite number: an epsilon, theta or rate of NaN or inf would make every output NaN."""
+    key = _found(hf, name, aliases)
+    if key is None:
+        return default
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HFError(f"config.json {within}{key}={value!r} is invalid: a constant must be a finite number.")
+    return float(value)
+
+
+def check_required(hf: dict, model_type: str) -> None:
+    """Every key that fixes a shape is there (REQUIRED), named when it is not."""
+    for name in REQUIRED[model_type]:
+        aliases = ALIASES.get(name, ()) if model_type == "gpt2" else ()
+        if _found(hf, name, aliases) is None:
+            also = f" (or {aliases[0]!r})" if aliases else ""
+            raise HFError(f"config.json has no {name!r}{also}: a {model_type} config.json gives it, as it fixes the "
+                          f"weights' shapes. Give the config.json saved with these weights (save_pretrained writes "
+                          f"every such key), or add {name!r} to this one.")
 
 
 def _refuse(model_type: str, field: str, value, why: str):
@@ -106,19 +162,19 @@ def _gpt2(hf: dict, notes: list) -> dict:
             _refuse("gpt2", field, hf.get(field), why)
     if hf.get("reorder_and_upcast_attn"):
         notes.append("reorder_and_upcast_attn=true: scores and softmax are float32 here anyway")
-    d = int(_get(hf, "n_embd", 768, "hidden_size"))
-    resid, embd = _get(hf, "resid_pdrop", 0.1), _get(hf, "embd_pdrop", 0.1)
+    d = _count(hf, "n_embd", None, "hidden_size")
+    resid, embd = _real(hf, "resid_pdrop", 0.1), _real(hf, "embd_pdrop", 0.1)
     if embd != resid:
         notes.append(f"embd_pdrop={embd} differs from resid_pdrop={resid}: one dropout_rate here, {resid} (training "
                      f"only)")
-    return dict(vocab_size=int(_get(hf, "vocab_size", 50257)), d_model=d,
-                num_heads=int(_get(hf, "n_head", 12, "num_attention_heads")),
-                num_layers=int(_get(hf, "n_layer", 12, "num_hidden_layers")),
-                d_ff=int(_get(hf, "n_inner", 4 * d)), max_len=int(_get(hf, "n_positions", 1024, "max_position_embeddings")),
+    return dict(vocab_size=_count(hf, "vocab_size"), d_model=d,
+                num_heads=_count(hf, "n_head", None, "num_attention_heads"),
+                num_layers=_count(hf, "n_layer", None, "num_hidden_layers"),
+                d_ff=_count(hf, "n_inner", 4 * d), max_len=_count(hf, "n_positions", None, "max_position_embeddings"),
                 activation=_activation("gpt2", "activation_function", _get(hf, "activation_function", "gelu_new")),
                 norm_position="pre", positional="learned", type_vocab_size=0,
-                layer_norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)), dropout_rate=float(resid),
-                attention_dropout_rate=float(_get(hf, "attn_pdrop", 0.1)))
+                layer_norm_eps=_real(hf, "layer_norm_epsilon", 1e-5), dropout_rate=resid,
+                attention_dropout_rate=_real(hf, "attn_pdrop", 0.1))
 
 
 def _bert(hf: dict, notes: list) -> dict:
@@ -131,14 +187,13 @@ def _bert(hf: dict, notes: list) -> dict:
             _refuse("bert", field, hf[field], "the encoder here is bidirectional and has no cross attention")
     if hf.get("classifier_dropout") is not None:
         notes.append("classifier_dropout: no classification head here")
-    return dict(vocab_size=int(_get(hf, "vocab_size", 30522)), d_model=int(_get(hf, "hidden_size", 768)),
-                num_heads=int(_get(hf, "num_attention_heads", 12)), num_layers=int(_get(hf, "num_hidden_layers", 12)),
-                d_ff=int(_get(hf, "intermediate_size", 3072)), max_len=int(_get(hf, "max_position_embeddings", 512)),
+    return dict(vocab_size=_count(hf, "vocab_size"), d_model=_count(hf, "hidden_size"),
+                num_heads=_count(hf, "num_attention_heads"), num_layers=_count(hf, "num_hidden_layers"),
+                d_ff=_count(hf, "intermediate_size"), max_len=_count(hf, "max_position_embeddings"),
                 activation=_activation("bert", "hidden_act", _get(hf, "hidden_act", "gelu")),
-                norm_position="post", positional="learned", type_vocab_size=int(_get(hf, "type_vocab_size", 2)),
-                layer_norm_eps=float(_get(hf, "layer_norm_eps", 1e-12)),
-                dropout_rate=float(_get(hf, "hidden_dropout_prob", 0.1)),
-                attention_dropout_rate=float(_get(hf, "attention_probs_dropout_prob", 0.1)))
+                norm_position="post", positional="learned", type_vocab_size=_count(hf, "type_vocab_size", 2),
+                layer_norm_eps=_real(hf, "layer_norm_eps", 1e-12), dropout_rate=_real(hf, "hidden_dropout_prob", 0.1),
+                attention_dropout_rate=_real(hf, "attention_probs_dropout_prob", 0.1))
 
 
 def _rope(hf: dict, model_type: str) -> dict:
@@ -146,24 +201,25 @@ def _rope(hf: dict, model_type: str) -> dict:
     wrote rope_theta and rope_scaling ({rope_type or type, ...} or null): both are read."""
     params = hf.get("rope_parameters") or {}
     spec, field = (params, "rope_parameters") if params else (hf.get("rope_scaling") or {}, "rope_scaling")
-    theta = float(_get(params, "rope_theta", _get(hf, "rope_theta", 10000.0)))
+    theta = _real(params, "rope_theta", _real(hf, "rope_theta", 10000.0), within="rope_parameters.")
     kind = _get(spec, "rope_type", "default", "type")
-    partial = _get(hf, "partial_rotary_factor", _get(spec, "partial_rotary_factor", 1.0))
-    if float(partial) != 1.0:
+    partial = _real(hf, "partial_rotary_factor", _real(spec, "partial_rotary_factor", 1.0, within=f"{field}."))
+    if partial != 1.0:
         _refuse(model_type, "partial_rotary_factor", partial, "RoPE here turns every dimension of a head")
     if kind == "default":
         return dict(rope_theta=theta, rope_scaling="none")
     if kind != "llama3":
         _refuse(model_type, f"{field}.rope_type", kind, "the rope scalings here are none (rope_type default) and "
                 "llama3 (Llama 3.1's); linear, dynamic, yarn, longrope and the others would change the frequencies")
-    try:
-        return dict(rope_theta=theta, rope_scaling="llama3", rope_scaling_factor=float(spec["factor"]),
-                    rope_low_freq_factor=float(spec["low_freq_factor"]),
-                    rope_high_freq_factor=float(spec["high_freq_factor"]),
-                    rope_original_max_len=int(spec["original_max_position_embeddings"]))
-    except KeyError as err:
-        raise HFError(f"config.json: {model_type} {field} of rope_type llama3 has no {err.args[0]!r}; it needs factor, "
-                      f"low_freq_factor, high_freq_factor and original_max_position_embeddings.") from None
+    needs = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if missing := [k for k in needs if spec.get(k) is None]:
+        raise HFError(f"config.json: {model_type} {field} of rope_type llama3 has no {missing[0]!r}; it needs factor, "
+                      f"low_freq_factor, high_freq_factor and original_max_position_embeddings.")
+    within = f"{field}."
+    return dict(rope_theta=theta, rope_scaling="llama3", rope_scaling_factor=_real(spec, "factor", 0, within=within),
+                rope_low_freq_factor=_real(spec, "low_freq_factor", 0, within=within),
+                rope_high_freq_factor=_real(spec, "high_freq_factor", 0, within=within),
+                rope_original_max_len=_count(spec, "original_max_position_embeddings", within=within))
 
 
 def _qwen2(hf: dict) -> None:
@@ -176,15 +232,15 @@ def _llama(hf: dict, notes: list, model_type: str) -> dict:
     """Llama and Mistral: the same network (Mistral's sliding window aside)."""
     if model_type == "qwen2":
         _qwen2(hf)
-    d, heads = int(_get(hf, "hidden_size", 4096)), int(_get(hf, "num_attention_heads", 32))
-    max_len = int(_get(hf, "max_position_embeddings", 2048))
+    d, heads = _count(hf, "hidden_size"), _count(hf, "num_attention_heads")
+    max_len = _count(hf, "max_position_embeddings")
     window = hf.get("sliding_window")
-    if window is not None and int(window) < max_len:
+    if window is not None and _count(hf, "sliding_window") < max_len:
         _refuse(model_type, "sliding_window", window, f"attention here sees the whole context, and past "
                 f"{window} tokens this model sees only the last {window}. On contexts of at most {window} tokens the "
                 f"two agree: to use it so, set max_position_embeddings to {window} in config.json (setting "
                 f"sliding_window to null instead keeps the longer context, where the two differ)")
-    if hf.get("head_dim") is not None and heads and int(hf["head_dim"]) != d // heads:
+    if hf.get("head_dim") is not None and heads and _count(hf, "head_dim") != d // heads:
         _refuse(model_type, "head_dim", hf["head_dim"], f"a head here is hidden_size / num_attention_heads = "
                 f"{d} / {heads} = {d // heads} wide")
     act = _get(hf, "hidden_act", "silu")
@@ -194,19 +250,20 @@ def _llama(hf: dict, notes: list, model_type: str) -> dict:
     if bias != mlp_bias:
         _refuse(model_type, "mlp_bias", hf.get("mlp_bias"), f"attention_bias={bias} differs, and model.use_bias here "
                 f"is one switch for the attention and the feed-forward projections' biases")
-    if int(_get(hf, "pretraining_tp", 1)) != 1:
+    if _count(hf, "pretraining_tp", 1) != 1:
         notes.append(f"pretraining_tp={hf['pretraining_tp']}: PyTorch's split of the same matmuls; one matmul here")
-    return dict(vocab_size=int(_get(hf, "vocab_size", 32000)), d_model=d, num_heads=heads,
-                num_kv_heads=int(_get(hf, "num_key_value_heads", heads)),
-                num_layers=int(_get(hf, "num_hidden_layers", 32)), d_ff=int(_get(hf, "intermediate_size", 11008)),
-                max_len=max_len, use_bias=bias, layer_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-                dropout_rate=0.0, attention_dropout_rate=float(_get(hf, "attention_dropout", 0.0)), type_vocab_size=0,
+    return dict(vocab_size=_count(hf, "vocab_size"), d_model=d, num_heads=heads,
+                num_kv_heads=_count(hf, "num_key_value_heads", heads),
+                num_layers=_count(hf, "num_hidden_layers"), d_ff=_count(hf, "intermediate_size"),
+                max_len=max_len, use_bias=bias, layer_norm_eps=_real(hf, "rms_norm_eps", 1e-6),
+                dropout_rate=0.0, attention_dropout_rate=_real(hf, "attention_dropout", 0.0), type_vocab_size=0,
                 **LLAMA_OPTIONS, **_rope(hf, model_type))
 
 
 def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
     """ModelConfig of a Hugging Face config.json (a dict); HFError for what we cannot express."""
     model_type, arch = architecture_of(hf)
+    check_required(hf, model_type)
     notes: list[str] = []
     llama = model_type in LLAMA_TYPES
     fields = (_llama(hf, notes, model_type) if llama else _gpt2(hf, notes) if model_type == "gpt2" else
@@ -215,7 +272,7 @@ def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> Translation:
     try:  # transformers' default for tie_word_embeddings: True for GPT-2 and BERT, False for Llama and Mistral
         model = ModelConfig(family=FAMILY_OF[model_type],
                             tie_embeddings=bool(hf.get("tie_word_embeddings", not llama)),
-                            init_std=float(_get(hf, "initializer_range", 0.02)),
+                            init_std=_real(hf, "initializer_range", 0.02),
                             param_dtype=cast(DType, param_dtype), **fields)  # ModelConfig checks the name
     except ValueError as err:  # ConfigError: e.g. hidden size not divisible by the heads
         raise HFError(f"config.json: {err}") from None

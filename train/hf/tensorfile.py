@@ -40,6 +40,7 @@ DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")
           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
           "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+FLOATS = ("F64", "F32", "F16", "BF16")  # the codes that can hold NaN or inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,9 @@ def read_checkpoint(directory: str) -> dict[str, TensorInfo]:
 
 
 def read(info: TensorInfo) -> np.ndarray:
-    """The tensor's values (one positioned read; nothing else of the file is touched)."""
+    """The tensor's values (one positioned read; nothing else of the file is touched). Values
+    that are NaN or inf are an error naming the tensor: a model with them gives NaN for every
+    token, and the check is one pass over bytes already in memory."""
     out = np.empty(info.shape, DTYPES[info.dtype])
     view = out.reshape(-1).view(np.uint8).data  # a memoryview of out's bytes, which readinto fills
     with storage.path(info.path).open("rb") as f:
@@ -150,6 +153,9 @@ def read(info: TensorInfo) -> np.ndarray:
     if got != info.nbytes:
         raise HFError(f"{info.path}: tensor {info.name!r} could be read only partly ({got} of {info.nbytes} bytes): "
                       f"the file changed or is truncated.")
+    if info.dtype in FLOATS and not np.isfinite(out).all():
+        raise HFError(f"{info.path}: tensor {info.name!r} holds NaN or inf values: the checkpoint is damaged; "
+                      f"download it again, or export it again from a model whose weights are finite.")
     return out
 
 
