@@ -186,6 +186,9 @@ CASES = [
          r"workdir=.*: run\.lock there is a directory.*remove it", "29"),
     Case("metrics.jsonl that is a directory", ("train", "--workdir", "{metrics_dir}", "--set", "steps=1"),
          r"workdir=.*: metrics\.jsonl there is a directory.*remove it", "29"),
+    # issue 29: flags and run config
+    Case("--mesh axis without a size", ("train", "--mesh", "fsdp="),
+         r"^magic train: error: --mesh fsdp= is invalid: give each axis a size, e\.g\. --mesh fsdp=8 or fsdp=-1", "29"),
 ]
 
 
