@@ -189,6 +189,10 @@ CASES = [
     # issue 29: flags and run config
     Case("--mesh axis without a size", ("train", "--mesh", "fsdp="),
          r"^magic train: error: --mesh fsdp= is invalid: give each axis a size, e\.g\. --mesh fsdp=8 or fsdp=-1", "29"),
+    Case("--num-processes 0", ("train", "--num-processes", "0"), r"--num-processes 0 is invalid: use at least 1", "29"),
+    Case("negative --num-processes", ("train", "--num-processes", "-2"),
+         r"--num-processes -2 is invalid: use at least 1", "29"),
+    Case("negative --process-id", ("train", "--process-id", "-1"), r"--process-id -1 is invalid: use 0\.\.N-1", "29"),
 ]
 
 
