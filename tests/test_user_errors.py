@@ -81,3 +81,18 @@ def test_our_error_from_the_same_place_is_one_line_and_exit_2(monkeypatch, capsy
     assert main(["params", "gpt-tiny"]) == 2
     assert capsys.readouterr().err == ("magic params: error: model.d_model=30 is not a multiple of "
                                        "model.num_heads=4: pick a multiple\n")
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--batch", "8", "--set", "batch_size=8"], "batch_size", 8),
+    (["--remat", "full", "--set", "model.remat_policy=full"], "model.remat_policy", "full"),
+    (["--mesh", "data=2,fsdp=-1", "--set", "mesh.fsdp=-1"], "mesh.fsdp", -1),
+    (["--mesh", "fsdp=2", "--set", "mesh.tensor=2"], "mesh.tensor", 2),  # an axis --mesh leaves at 1: no conflict
+    (["--set", "steps=5", "--set", "steps=7"], "steps", 7),  # a field --set twice keeps the last (--help says so)
+])
+def test_a_flag_and_a_set_that_agree_are_accepted(argv, field, value):
+    """Issue 29: only a flag and a --set of one field with two values are refused (the cases above)."""
+    from matrixmagic.train.cli.flags import config_assignments
+    from matrixmagic.train.cli.main import build_parser
+
+    assert config_assignments(build_parser().parse_args(["train", *argv]))[field] == value
