@@ -202,6 +202,8 @@ CASES = [
     Case("--init-from and --set init_from disagree", ("train", "--init-from", "{tmp}/r1", "--set",
                                                       "init_from={tmp}/r2"),
          r"--init-from .*/r1 and --set init_from=.*/r2 both set init_from: keep one", "29"),
+    Case("model.vocab_size below the tokenizer's", ("train", "--set", "model.vocab_size=10"),
+         r"model\.vocab_size=10 is too small for the tokenizer's 260 ids: use at least 260", "29"),
     Case("--mesh axis without a size", ("train", "--mesh", "fsdp="),
          r"^magic train: error: --mesh fsdp= is invalid: give each axis a size, e\.g\. --mesh fsdp=8 or fsdp=-1", "29"),
     Case("--num-processes 0", ("train", "--num-processes", "0"), r"--num-processes 0 is invalid: use at least 1", "29"),
