@@ -231,7 +231,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, a
         log(finished_line(start, config.workdir))
         return {"config": config_to_json(config), "final_eval": None, "steps": config.steps, "finished_at": start}
     if is_main:
-        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json once
+        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json (the config in force)
     if begin.step or config.init_from:
         log(f"starting from {begin.source}")
     for line in begin.notes:
