@@ -38,7 +38,7 @@ def test_second_lock_is_refused_naming_the_holder_then_free_after_release(tmp_pa
     first.release()
     with RunLock(str(tmp_path / "run")):
         pass
-    assert os.path.exists(tmp_path / "run" / LOCK_FILE), "the lock file is never deleted (see runlock.py)"
+    assert os.path.exists(tmp_path / "run" / LOCK_FILE), "a release keeps the lock file (only discard deletes it: see runlock.py)"
 
 
 def test_a_holder_killed_with_sigkill_leaves_no_stale_lock(tmp_path):
