@@ -238,6 +238,11 @@ def mesh_assignments(text: str) -> list[str]:
         if key not in MESH_FLAG_KEYS:
             raise ConfigError(f"--mesh {item!r}: unknown mesh axis {key!r}; the axes are "
                               f"{', '.join(MESH_FLAG_KEYS)}.{suggest(key, MESH_FLAG_KEYS)}")
+        try:  # checked here, so the message names --mesh as typed, not the --set it becomes
+            int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh {item} is invalid: give each axis a size, e.g. --mesh {key}=8 or "
+                              f"{key}=-1 (-1 fills the devices left).") from None
         out.append(f"mesh.{key}={value}")
     named = {a.split("=")[0].removeprefix("mesh.") for a in out}
     return [f"mesh.{axis}=1" for axis in MESH_AXES if axis not in named] + out

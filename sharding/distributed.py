@@ -57,6 +57,13 @@ def _int(value) -> int:
 
 def check_explicit(coordinator, num_processes, process_id) -> None:
     """All three flags together, with sane values, or none."""
+    # A bad value is named on its own first: `--num-processes 0` alone is a wrong count, not a missing coordinator.
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num-processes {num_processes} is invalid: use at least 1 (how many processes run "
+                          f"this command).")
+    if process_id is not None and process_id < 0:
+        raise ConfigError(f"--process-id {process_id} is invalid: use 0..N-1 for --num-processes N (0 for the "
+                          f"process at --coordinator).")
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     missing = [k for k, v in given.items() if v is None]
     if len(missing) < 3 and missing:
@@ -79,9 +86,9 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     Call before anything touches a JAX backend. Safe to call on a single
     machine (returns False) and twice (the second call is a no-op).
     """
+    check_explicit(coordinator, num_processes, process_id)  # before jax loads: a bad flag fails at once
     import jax
 
-    check_explicit(coordinator, num_processes, process_id)
     env = os.environ if env is None else env
     explicit = coordinator is not None
     if explicit and num_processes == 1:

@@ -32,7 +32,7 @@ from matrixmagic.train.run import abstract_batch, resolve_config, with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # A micro GPT: compiles in about a second on CPU.
-MICRO = ("model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.num_layers=2", "model.vocab_size=128",
+MICRO = ("model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.num_layers=2", "model.vocab_size=384",
          "model.max_len=16", "data.seq_len=16")
 needs_libtpu = pytest.mark.skipif(not chips.libtpu_available(),
                                   reason="libtpu not installed (pip install 'matrixmagic[tpu]'); CPU paths still run")

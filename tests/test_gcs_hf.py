@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 NO_GOOGLE = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
 GENERATE = ("--prompt", "hello world", "--max-new-tokens", "12", "--temperature", "0")
 # The compile tests' micro GPT (tests/test_compile.py): compiles in about a second.
-MICRO = ("model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.num_layers=2", "model.vocab_size=128",
+MICRO = ("model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.num_layers=2", "model.vocab_size=384",
          "model.max_len=16", "data.seq_len=16", "steps=3", "eval_batches=1", "sample_tokens=0")
 
 

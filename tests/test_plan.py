@@ -265,7 +265,7 @@ def test_search_on_a_fake_cpu_mesh_picks_a_layout_the_compiler_confirms():
     under the budget; a runner-up is named."""
     budget_bytes = 8 * 2**20
     sets = [f"--set={a}" for a in ("model.d_model=64", "model.num_heads=4", "model.d_ff=256", "model.num_layers=2",
-                                   "model.vocab_size=128", "model.max_len=128", "data.seq_len=128")]
+                                   "model.vocab_size=384", "model.max_len=128", "data.seq_len=128")]
     done = _plan(["--preset", "gpt-tiny", "--topology", "cpu-4", "--batch", "16", "--hbm", str(budget_bytes / 2**30),
                   "--max-compiles", "6", *sets])  # the CPU compiles run over the closed form: room for 2 misses
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -281,7 +281,7 @@ def test_out_of_memory_is_explained_in_model_terms(capsys):
     """A deliberately tiny budget: the report names the attention scores, the MLP activations and
     the optimizer state, each with the knob that shrinks it; exit 3."""
     sets = [f"--set={a}" for a in ("model.d_model=64", "model.num_heads=4", "model.d_ff=256", "model.num_layers=3",
-                                   "model.vocab_size=128", "model.max_len=128", "data.seq_len=128")]
+                                   "model.vocab_size=384", "model.max_len=128", "data.seq_len=128")]
     args = ["plan", "--preset", "gpt-tiny", "--topology", "cpu-1", "--batch", "8", "--mesh", "data=-1",
             "--hbm", "0.002", *sets]
     assert main(args) == 3

@@ -171,12 +171,15 @@ def test_typed_values_and_strings_resolve_alike():
     assert typed == strings and typed.batch_size == 1536
 
 
-def test_the_cli_flags_become_typed_values_and_set_wins():
-    args = build_parser().parse_args(["train", "--batch", "8", "--microbatches", "2", "--mesh", "fsdp=-1",
-                                      "--set", "mesh.fsdp=2", "--set", "batch_size=4", "--layout", "fsdp"])
+def test_the_cli_flags_become_typed_values_and_a_set_must_agree_with_them():
+    args = build_parser().parse_args(["train", "--batch", "4", "--microbatches", "2", "--mesh", "fsdp=-1",
+                                      "--set", "mesh.tensor=2", "--set", "batch_size=4", "--layout", "fsdp"])
     assert config_assignments(args) == {"batch_size": 4, "microbatches": 2, "mesh.layout": "fsdp", "mesh.data": 1,
-                                        "mesh.stage": 1, "mesh.context": 1, "mesh.tensor": 1, "mesh.fsdp": 2}
+                                        "mesh.stage": 1, "mesh.context": 1, "mesh.tensor": 2, "mesh.fsdp": -1}
     assert config_assignments(build_parser().parse_args(["train"])) == {}
+    for argv in (["--batch", "8", "--set", "batch_size=4"], ["--mesh", "fsdp=-1", "--set", "mesh.fsdp=2"]):
+        with pytest.raises(ConfigError, match="both set .*: keep one"):  # issue 29: no silent winner
+            config_assignments(build_parser().parse_args(["train", *argv]))
 
 
 def test_a_typed_int_for_a_float_field_is_the_float():

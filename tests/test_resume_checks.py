@@ -110,6 +110,23 @@ def test_allow_change_resumes_and_records_the_changes_at_the_resume_step(base, t
 
 
 @pytest.mark.slow
+def test_a_resume_with_allow_change_rewrites_config_json_and_appends_to_command_txt(base, tmp_path):
+    """config.json says what the run goes on with (issue 29: it kept steps=10), and command.txt
+    keeps every start's command line."""
+    workdir = copy_run(base, tmp_path)
+    first = (workdir / "command.txt").read_text()
+    assert json.loads((workdir / "config.json").read_text())["steps"] == 10
+    done = train(workdir, base, "steps=12", flags=["--allow-change", "steps"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["steps"] == 12
+    assert not list(workdir.glob("config.json.tmp*")), "written to a temporary name, then renamed over the old one"
+    lines = (workdir / "command.txt").read_text().splitlines()
+    assert "\n".join(lines[:-1]) + "\n" == first, "the earlier command lines are kept"
+    assert "steps=12" in lines[-1] and "--allow-change steps" in lines[-1] and lines[-1].endswith(
+        "# resumed at step 10")
+
+
+@pytest.mark.slow
 def test_a_corpus_that_gained_a_file_is_refused_although_the_source_reads_the_same(base, tmp_path):
     corpus = {**base, "source": write_corpus(tmp_path / "src")}
     workdir = tmp_path / "run"

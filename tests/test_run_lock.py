@@ -3,6 +3,8 @@ holder killed by SIGKILL, then two `magic train` on one workdir end to end."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import os
 import signal
 import subprocess
@@ -36,7 +38,7 @@ def test_second_lock_is_refused_naming_the_holder_then_free_after_release(tmp_pa
     first.release()
     with RunLock(str(tmp_path / "run")):
         pass
-    assert os.path.exists(tmp_path / "run" / LOCK_FILE), "the lock file is never deleted (see runlock.py)"
+    assert os.path.exists(tmp_path / "run" / LOCK_FILE), "a release keeps the lock file (only discard deletes it: see runlock.py)"
 
 
 def test_a_holder_killed_with_sigkill_leaves_no_stale_lock(tmp_path):
@@ -66,6 +68,50 @@ def test_misspelt_allow_change_fails_before_anything(tmp_path):
                                           "'steps'"):
         train(config, allow_change=["optimizer.learning_rate,stepz"])
     assert not os.path.exists(tmp_path / "run" / LOCK_FILE), "refused before the lock was taken"
+
+
+def test_a_config_error_found_under_the_lock_leaves_no_run_directory(tmp_path):
+    """Issue 29: the table is sized for the tokenizer after the lock is taken; refusing a
+    model.vocab_size too small for it must not leave a new folder holding run.lock."""
+    from matrixmagic.configs.train_config import apply_overrides, train_config_for
+    from matrixmagic.train.loop import train
+
+    config = apply_overrides(train_config_for("gpt-tiny"), [f"workdir={tmp_path / 'new' / 'run'}",
+                                                            "model.vocab_size=10"])
+    with pytest.raises(ConfigError, match="model.vocab_size=10 is too small for the tokenizer's 260 ids"):
+        train(config)
+    assert os.listdir(tmp_path / "new") == [], "the run directory this start made is gone, lock file and all"
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left, lock file included
+    with pytest.raises(ConfigError, match="is too small"):
+        train(dataclasses.replace(config, workdir=str(tmp_path / "kept")))
+    assert os.listdir(tmp_path / "kept") == [LOCK_FILE]
+
+
+def test_a_lock_file_discarded_while_another_opened_it_is_not_a_second_lock(tmp_path, monkeypatch):
+    """`discard` unlinks the file: a process that opened it before and locks it after must notice
+    and lock the file now at the path, or two runs would each hold a lock on a different file."""
+    workdir = str(tmp_path / "run")
+    first = RunLock(workdir).acquire()
+    lock_path = tmp_path / "run" / LOCK_FILE
+    opened = []
+    original = RunLock._lock
+
+    def racing(self):
+        if opened:
+            return original(self)
+        fd = os.open(lock_path, os.O_RDWR)  # the second opens the file...
+        first.discard()  # ...its holder deletes it and lets go...
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ...and the second locks the deleted file
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(RunLock, "_lock", racing)
+    second = RunLock(workdir).acquire()
+    monkeypatch.setattr(RunLock, "_lock", original)
+    assert os.fstat(second._fd).st_ino == os.stat(lock_path).st_ino, "it holds the file at the path"
+    with pytest.raises(RunInUseError):
+        RunLock(workdir).acquire()
+    second.release()
 
 
 @pytest.mark.slow

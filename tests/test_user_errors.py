@@ -99,3 +99,18 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--batch", "8", "--set", "batch_size=8"], "batch_size", 8),
+    (["--remat", "full", "--set", "model.remat_policy=full"], "model.remat_policy", "full"),
+    (["--mesh", "data=2,fsdp=-1", "--set", "mesh.fsdp=-1"], "mesh.fsdp", -1),
+    (["--mesh", "fsdp=2", "--set", "mesh.tensor=2"], "mesh.tensor", 2),  # an axis --mesh leaves at 1: no conflict
+    (["--set", "steps=5", "--set", "steps=7"], "steps", 7),  # a field --set twice keeps the last (--help says so)
+])
+def test_a_flag_and_a_set_that_agree_are_accepted(argv, field, value):
+    """Issue 29: only a flag and a --set of one field with two values are refused (the cases above)."""
+    from matrixmagic.train.cli.flags import config_assignments
+    from matrixmagic.train.cli.main import build_parser
+
+    assert config_assignments(build_parser().parse_args(["train", *argv]))[field] == value

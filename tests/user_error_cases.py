@@ -212,6 +212,30 @@ CASES = [
     Case("hf import of NaN weights", ("hf", "import", "{hf_nan_weights}", "--workdir", "{tmp}/../hf-run"),
          r"model\.safetensors: tensor 'transformer\.h\.0\.attn\.c_attn\.weight' holds NaN or inf values: the "
          r"checkpoint is damaged", "29"),
+    # issue 29: flags and run config
+    Case("--batch and --set batch_size disagree", ("train", "--batch", "8", "--set", "batch_size=16"),
+         r"--batch 8 and --set batch_size=16 both set batch_size: keep one", "29"),
+    Case("--workdir and --set workdir disagree", ("train", "--workdir", "{tmp}/A", "--set", "workdir={tmp}/B"),
+         r"--workdir .*/A and --set workdir=.*/B both set workdir: keep one", "29"),
+    Case("--remat and --set model.remat_policy disagree", ("train", "--remat", "full", "--set",
+                                                           "model.remat_policy=none"),
+         r"--remat full and --set model\.remat_policy=none both set model\.remat_policy: keep one", "29"),
+    Case("--mesh and --set of its axis disagree", ("train", "--mesh", "fsdp=2", "--set", "mesh.fsdp=4"),
+         r"--mesh fsdp=2 and --set mesh\.fsdp=4 both set mesh\.fsdp: keep one", "29"),
+    Case("compile --microbatches and --set microbatches disagree",
+         ("compile", "--preset", "gpt-tiny", "--topology", "cpu-1", "--microbatches", "2", "--set", "microbatches=4"),
+         r"--microbatches 2 and --set microbatches=4 both set microbatches: keep one", "29"),
+    Case("--init-from and --set init_from disagree", ("train", "--init-from", "{tmp}/r1", "--set",
+                                                      "init_from={tmp}/r2"),
+         r"--init-from .*/r1 and --set init_from=.*/r2 both set init_from: keep one", "29"),
+    Case("model.vocab_size below the tokenizer's", ("train", "--set", "model.vocab_size=10"),
+         r"model\.vocab_size=10 is too small for the tokenizer's 260 ids: use at least 260", "29"),
+    Case("--mesh axis without a size", ("train", "--mesh", "fsdp="),
+         r"^magic train: error: --mesh fsdp= is invalid: give each axis a size, e\.g\. --mesh fsdp=8 or fsdp=-1", "29"),
+    Case("--num-processes 0", ("train", "--num-processes", "0"), r"--num-processes 0 is invalid: use at least 1", "29"),
+    Case("negative --num-processes", ("train", "--num-processes", "-2"),
+         r"--num-processes -2 is invalid: use at least 1", "29"),
+    Case("negative --process-id", ("train", "--process-id", "-1"), r"--process-id -1 is invalid: use 0\.\.N-1", "29"),
 ]
 
 

@@ -42,7 +42,7 @@ from .quiet import is_disk_full
 from .resume import data_state, last_good, nonfinite_skips, start_state
 from .run import run_tokenizer, sized_for_data, train_run
 from .rundir import COMMAND_FILE, CONFIG_FILE, finished_line, record_start
-from .runlock import LOCK_FILE, RunInUseError
+from .runlock import LOCK_FILE, RunInUseError, RunLock
 from .samerun import check_allowed
 from .step import summarize_eval
 
@@ -171,10 +171,12 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
     # A --compiled file not signed by this user's key is refused here, unloaded, before anything
     # is written (train/sealed.py).
     executable = open_compiled(compiled) if compiled else None
+    fresh = not storage.is_remote(config.workdir) and not os.path.exists(config.workdir)
     check_workdir(config.workdir)
-    allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
-    lock = lock_run(config.workdir)
+    lock = None
     try:
+        allowed = check_allowed(config, allow_change)  # a misspelt field fails before the lock is taken
+        lock = lock_run(config.workdir)
         return _train(config, quiet=quiet, compiled=executable, allowed=allowed, check_memory=check_memory, lock=lock)
     except OSError as err:  # the metrics log or TensorBoard hit a full disk (a save reports its own)
         if not is_disk_full(err):
@@ -182,9 +184,28 @@ def train(config: TrainConfig, *, quiet: bool = False, compiled: Optional[str] =
         raise DiskFullError(f"the disk of workdir={config.workdir!r} is full (no space left on device while writing "
                             f"{getattr(err, 'filename', None) or 'the logs'}): free some space and rerun the same "
                             f"command to resume from the last good checkpoint.") from None
+    except BaseException:  # a config error found after the lock (the vocabulary, the data): leave no new folder
+        if fresh:
+            lock = discard_untouched(config.workdir, lock)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def discard_untouched(workdir: str, lock):
+    """Remove a run directory this start made, if nothing but its lock file is in it; returns
+    the lock still to release (None once discarded). Anything else there is kept."""
+    try:
+        if set(os.listdir(workdir)) - {LOCK_FILE}:
+            return lock
+        if isinstance(lock, RunLock):
+            lock.discard()  # unlinked while held: see train/runlock.py
+            lock = None
+        os.rmdir(workdir)  # fails (kept) if a lock file is still there: another process's
+    except OSError:
+        pass
+    return lock
 
 
 def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, allowed: frozenset,
@@ -210,7 +231,7 @@ def _train(config: TrainConfig, *, quiet: bool, compiled: CompiledFile | None, a
         log(finished_line(start, config.workdir))
         return {"config": config_to_json(config), "final_eval": None, "steps": config.steps, "finished_at": start}
     if is_main:
-        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json once
+        record_start(config, start)  # RUN/command.txt (+1 line per resume), RUN/config.json (the config in force)
     if begin.step or config.init_from:
         log(f"starting from {begin.source}")
     for line in begin.notes:

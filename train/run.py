@@ -232,8 +232,17 @@ def with_tokenizer_vocab(config: TrainConfig, tokenizer) -> TrainConfig:
     """The embedding table fits the tokenizer: the preset's table is kept when the
     tokenizer's ids fit in it (so a preset stays the paper's shape), else it grows to
     the tokenizer's; padded to a multiple of 128 either way, with the ids past the
-    tokenizer's vocabulary masked so they are never predicted."""
+    tokenizer's vocabulary masked so they are never predicted. A model.vocab_size that is
+    not the preset's was asked for (--set, or a run's model under --init-from): one too
+    small for the tokenizer is refused, not grown behind the user's back."""
     table = max(round_up(config.model.vocab_size, VOCAB_MULTIPLE), tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
+    requested = config.model.vocab_size != train_config_for(config.preset).model.vocab_size
+    if requested and config.model.vocab_size < tokenizer.vocab_size:
+        default = max(round_up(train_config_for(config.preset).model.vocab_size, VOCAB_MULTIPLE),
+                      tokenizer.padded_vocab_size(VOCAB_MULTIPLE))
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is too small for the tokenizer's "
+                          f"{tokenizer.vocab_size} ids: use at least {tokenizer.vocab_size} (padded up to a multiple "
+                          f"of {VOCAB_MULTIPLE}), or leave it out (the table is then {default} rows).")
     model = config.model.replace(vocab_size=table, num_valid_tokens=tokenizer.vocab_size)
     return dataclasses.replace(config, model=model)
 

@@ -8,8 +8,9 @@ config gets a directory of its own instead of tripping over another run's checkp
 then names the same directory in the bucket on every host.
 
 At its top a run directory holds `command.txt` (the command line of the first start, then
-one line per resume) and `config.json` (the resolved config, written once at the start and
-kept across resumes), so a directory found later says what made it.
+one line per resume) and `config.json` (the resolved config in force: written at the start,
+rewritten by a resume that changed a field, e.g. with --allow-change steps), so a directory
+found later says what made it.
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
 def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence[str]] = None,
                  directory: Optional[str] = None) -> None:
     """Append this start's command line to RUN/command.txt (a resume says from which step) and
-    write RUN/config.json if this is the run's first start. `directory`: where RUN is being
-    written when that is not yet config.workdir (`magic hf import` stages it beside the target)."""
+    write RUN/config.json when it is not this config (a first start, or a resume with changes):
+    it names the config the run goes on with, and `storage.write_text` replaces it whole (a
+    temporary file renamed over it), so a crash leaves the old one or the new one. `directory`:
+    where RUN is being written when that is not yet config.workdir (`magic hf import` stages it
+    beside the target)."""
     directory = directory or config.workdir
     line = command_line(argv)
     if resumed_from:
@@ -91,8 +95,9 @@ def record_start(config: TrainConfig, resumed_from: int, argv: Optional[Sequence
     before = storage.read_text(commands) if storage.exists(commands) else ""  # no append on GCS: rewritten
     storage.write_text(commands, before + line + "\n")
     path = storage.join(directory, CONFIG_FILE)
-    if not storage.exists(path):
-        storage.write_text(path, json.dumps(config_to_json(config), indent=2) + "\n")
+    text = json.dumps(config_to_json(config), indent=2) + "\n"
+    if not storage.exists(path) or storage.read_text(path) != text:
+        storage.write_text(path, text)
 
 
 def finished_line(step: int, workdir: str) -> str:

@@ -5,8 +5,11 @@ Why this shape:
 * `fcntl.flock` on an open file, not a pid file: the kernel drops the lock when the holder's
   last descriptor closes, which includes any death (`kill -9`, OOM, a lost node on NFS once
   its lease expires). A stale lock cannot outlive its process, so nobody ever has to delete one.
-* The lock file is never deleted, only truncated on release. Deleting it would let a third
-  process lock a fresh inode while a second still waits on the old one: two writers.
+* The lock file is truncated on release, not deleted: deleting it could let a third process lock
+  a fresh inode while a second holds the old one: two writers. The one exception is `discard`,
+  a first start refused before it wrote anything (issue 29: nothing left behind): it unlinks
+  the file while still holding the lock, and `acquire` checks after locking that the path
+  still names the file it locked, else locks the new one, so two inodes never both count.
 * The holder writes who it is (host, pid, start time, command) into the file after locking,
   so a refused writer can name it. A reader of that text only ever reads, and tolerates an
   empty file (a holder that has locked but not yet written).
@@ -69,6 +72,23 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        while True:
+            fd = self._lock()
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder discarded the file after we opened it: lock the one there now
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder_record(self.command)).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def _lock(self) -> int:
+        """An open descriptor of the lock file, locked (or on a filesystem that cannot lock)."""
         os.makedirs(self.workdir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -86,11 +106,7 @@ class RunLock:
                 raise
             warnings.warn(f"workdir={self.workdir!r}: this filesystem cannot lock files ({err.strerror}), so "
                           f"nothing stops a second `magic train` on it; run one at a time.", LockWarning)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_record(self.command)).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-        return self
+        return fd
 
     def check(self) -> None:
         """A kernel lock cannot lapse while its process lives (the GCS lease can: train/lease.py)."""
@@ -104,6 +120,17 @@ class RunLock:
             pass
         os.close(self._fd)  # closing drops the flock
         self._fd = None
+
+    def discard(self) -> None:
+        """Release, deleting the lock file first while it is still held (see the module docstring):
+        for a run that made its directory and leaves without writing anything else in it."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()
