@@ -32,6 +32,28 @@ def launch(*argv, cwd) -> subprocess.Popen:
                             env=magic_env(MAGIC_DEBUG=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def launch_listening(*argv, cwd) -> subprocess.Popen:
+    """`launch`, returning once the command catches Ctrl-C itself (main() has installed its
+    handler). Before that, in the first ~0.1 s while Python loads the command, a Ctrl-C is
+    Python's own; the child is started with SIGINT ignored so that window is visible in
+    /proc/PID/status (SigCgt gains SIGINT's bit when our handler replaces the ignore), not a
+    race against a loaded machine: a fixed sleep from the start was lost there (exit 0)."""
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec
+    try:
+        proc = launch(*argv, cwd=cwd)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    bit = 1 << (signal.SIGINT - 1)
+    deadline = time.monotonic() + 120
+    while True:
+        with open(f"/proc/{proc.pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+        if caught & bit:
+            return proc
+        assert proc.poll() is None and time.monotonic() < deadline, "the command never caught SIGINT"
+        time.sleep(0.005)
+
+
 def signal_when(proc: subprocess.Popen, pattern: str, signum: int) -> tuple[int, str]:
     """Send `signum` once `pattern` exists (the command is mid-write); (exit code, stderr)."""
     deadline = time.monotonic() + 240
@@ -78,13 +100,14 @@ def test_sigterm_during_hf_export_is_one_line_and_leaves_nothing(imported, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.5, 2.5, 4.0])
+@pytest.mark.parametrize("delay", [0.3, 2.5, 4.0])
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay, tmp_path):
-    """Ctrl-C while `magic train` imports jax (0.5 s), builds the dataset or compiles its first step
-    (2.5 and 4 s; the loop starts after ~10 s here): 130 and the one line, whichever phase it hits.
+    """Ctrl-C while `magic train` imports jax (0.3 s after it listens), builds the dataset or compiles
+    its first step (2.5 and 4 s; the loop starts after ~10 s here): 130 and the one line, whichever
+    phase it hits.
     Before: about 1 in 3 gave a traceback, and one 3-6 s in crashed after the line (SIGSEGV, 139)
     while XLA was compiling: the process now leaves without finalizing (interrupts.leave)."""
-    proc = launch("train", "--workdir", "run", "--set", "steps=1", cwd=tmp_path)
+    proc = launch_listening("train", "--workdir", "run", "--set", "steps=1", cwd=tmp_path)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
