@@ -25,10 +25,12 @@ this shape:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 
 from .preemption import EXIT_PREEMPTED
@@ -44,6 +46,8 @@ _EXCEPTIONS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 
 def _handle(signum, frame) -> None:
+    if _stopping.is_set():  # already stopping: a further Ctrl-C has nothing to add
+        return
     raise _EXCEPTIONS[signum]()
 
 
@@ -76,7 +80,12 @@ def _redelivering(previous_hook):
 @contextlib.contextmanager
 def raised_as_exceptions() -> Iterator[None]:
     """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated while the block runs (main thread
-    only); the previous handlers and hook are restored after (tests call `main()` in-process)."""
+    only); the previous handlers and hook are restored after (tests call `main()` in-process),
+    unless a signal stopped the block: the command is then ending, and further signals are ignored
+    until it exits (a Ctrl-C pressed again and again must not interrupt the one line, or a
+    __del__ on the way out, which printed "Exception ignored in ... __del__" and a traceback).
+    The interrupted frames are freed here too, while the handler still ignores: their objects'
+    finalizers (orbax's checkpointer) otherwise ran later, under the default handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -88,11 +97,13 @@ def raised_as_exceptions() -> Iterator[None]:
     except BaseException as err:
         if signal_in_chain(err):
             _stopping.set()
+            traceback.clear_frames(err.__traceback__)
+            gc.collect()
         raise
     finally:
         sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if _stopping.is_set() else handler)
 
 
 def signal_in_chain(err: BaseException) -> KeyboardInterrupt | Terminated | None:
