@@ -96,6 +96,11 @@ def test_interrupted_prepare_resumes_to_identical_shards(texts, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run_prepare(texts, out, shard_mb=0.004)
     assert not (out / S.INDEX).exists() and any(n.endswith(".tmp") for n in os.listdir(out))
+    # A record a killed process was writing through storage.write_text (NAME.tmp-PID): a SIGKILL
+    # can land there too; the rerun removes it once that process is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f"train-00004.json.tmp-{dead.pid}").write_text("")
     monkeypatch.setattr(prep, "run_task", real)
     result = run_prepare(texts, out, shard_mb=0.004)
     assert result.ran == len(result.index["splits"]["train"]["shards"]) - 4  # only the unfinished tasks

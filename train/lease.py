@@ -35,6 +35,7 @@ import urllib.parse
 from typing import Optional
 
 from . import storage
+from .pids import pid_alive
 from .runlock import LOCK_FILE, RunInUseError, RunLock, describe_holder, holder_record
 
 LEASE_ENV = "MATRIXMAGIC_LEASE_SECONDS"
@@ -60,15 +61,6 @@ def _session():
     credentials, _ = google.auth.default(scopes=[SCOPE])
     return AuthorizedSession(credentials), API
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _parse_time(text: str) -> float:
@@ -178,7 +170,7 @@ class GcsLease:
             return True
         try:
             who = json.loads(text)
-            return who["host"] == holder_record()["host"] and not _pid_alive(int(who["pid"]))
+            return who["host"] == holder_record()["host"] and not pid_alive(int(who["pid"]))
         except (ValueError, KeyError, TypeError):
             return False
 

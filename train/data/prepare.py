@@ -26,6 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import storage
+from ..pids import pid_alive
 from . import shards, sources
 from .records import Source, jsonl_records, list_source, parquet_records, row_group_sizes
 from .sources import CorpusError, assign_splits
@@ -221,9 +223,10 @@ def run_plan(source: Source, tasks: list[Task], out: str, tokenizer, source_fp: 
     if storage.exists(index_path):
         return Result(out, json.loads(storage.read_text(index_path)), 0, 0.0, 0)
     start = time.perf_counter()
-    if not storage.is_remote(out):  # temporary files of shards a killed prepare was writing
-        for name in os.listdir(out):
-            if name.startswith(".") and name.endswith(".tmp"):
+    if not storage.is_remote(out):  # temporary files a killed prepare was writing: a shard's, or
+        for name in os.listdir(out):  # storage.write_text's NAME.tmp-PID of its shard records
+            written = re.fullmatch(r".+\.tmp-(\d+)", name)
+            if (name.startswith(".") and name.endswith(".tmp")) or (written and not pid_alive(int(written[1]))):
                 os.remove(os.path.join(out, name))
     sizes = shards.listing(out)
     done = {t.index: _finished(out, t.index, dtype.itemsize, sizes) for t in tasks}

@@ -35,21 +35,13 @@ import socket
 from collections.abc import Iterator
 
 from .. import storage
+from ..pids import pid_alive
 from .errors import HFError
 
 
 def _marker(target: str, verb: str) -> str:
     return storage.join(target, f".{verb}")
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _stale_marker(target: str, names: list[str], verb: str, flag: str) -> bool:
@@ -63,7 +55,7 @@ def _stale_marker(target: str, names: list[str], verb: str, flag: str) -> bool:
         host, pid, started = owner["host"], int(owner["pid"]), owner["started"]
     except (ValueError, KeyError, TypeError, OSError):
         host, pid, started = "?", -1, "?"
-    if host == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+    if host == socket.gethostname() and pid > 0 and not pid_alive(pid):
         return True
     raise HFError(f"{flag} {target} holds an unfinished {verb[:-3]} (started {started} by pid {pid} on {host}), and "
                   f"that process may still be writing. If it is gone, remove it (`gcloud storage rm -r {target}`) "
@@ -107,7 +99,7 @@ def _is_stale_sibling(path: str, pid: int, verb: str) -> bool:
         ours = owner["host"] == socket.gethostname() and int(owner["pid"]) == pid
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return ours and not _pid_alive(pid)
+    return ours and not pid_alive(pid)
 
 
 def clear_stale_siblings(target: str, verb: str) -> list[str]:
