@@ -29,6 +29,11 @@ STEPS, LOSS_RTOL = 5, 1e-5
 # gradient is rounding noise (~1e-10) that Adam divides by sqrt(v) + eps; the result (~1e-6) depends on
 # the reduction order. Every other param agrees to about one ulp. A real sharding bug moves params O(lr).
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
+# The Llama options under tensor=4 with replicated K/V heads: sequence parallelism (on by default
+# under tensor) also moves where the FFN's and attention's partial sums are reduced, and the
+# bias-free, untied model's Adam updates then differ by up to 1.02e-5 (measured on an AVX-512 CPU):
+# atol 3e-5 (1.5% of one step at the peak lr), as tests/test_sequence_parallel.py allows for SP.
+LLAMA_PARAM_ATOL = 3e-5
 
 
 def run_worker(name: str, devices: int = 8, timeout: int = 900, script: str = __file__) -> tuple[dict, str]:
@@ -336,7 +341,7 @@ def _worker_llama_equivalence() -> dict:
         losses, params = _train(config)
         pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
         layouts[name] = {"losses": losses, "param_excess": max(
-            float(np.max(np.abs(p - r) / (PARAM_ATOL + PARAM_RTOL * np.abs(r)))) for p, r in pairs)}
+            float(np.max(np.abs(p - r) / (LLAMA_PARAM_ATOL + PARAM_RTOL * np.abs(r)))) for p, r in pairs)}
         run = _run_for(config)
         specs = _named_specs(run.state_shardings.params, run.abstract_state.params)
         key_specs[name] = specs["decoder/layers/self_attention/key/kernel"]
