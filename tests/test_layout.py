@@ -2,8 +2,9 @@
 
 configs <- model <- sharding <- train (<- train/planning <- train/cli). `model/` never imports
 train or sharding; `sharding/` never imports train; `train/data/` reads only configs and model,
-and train/storage.py, the run-path gate (a source, data dir or tokenizer may be a gs:// URL),
-which is a leaf: it imports configs alone. The train core (train/*.py and its subpackages other
+and two leaves of train/: storage.py, the run-path gate (a source, data dir or tokenizer may be
+a gs:// URL), which imports configs alone, and pids.py (is a process alive), which imports
+nothing of ours. The train core (train/*.py and its subpackages other
 than planning/ and cli/) does not import train/planning/, but for the exceptions listed in
 CORE_USES_PLANNING. No module imports another's `_private` name, and no import cycles.
 Function-level imports of project modules are for start-up time only: train/cli/.
@@ -88,7 +89,7 @@ def upward_edges() -> list[str]:
             where = f"{path.relative_to(REPO)}:{line} imports {target}"
             if RANK[there[1]] > RANK[here[1]]:
                 bad.append(f"{where} (upward: {here[1]} may not import {there[1]})")
-            elif here[1:3] == ["train", "data"] and there[1] == "train" and there[2:3] not in (["data"], ["storage"]):
+            elif here[1:3] == ["train", "data"] and there[1] == "train" and there[2:3] not in (["data"], ["storage"], ["pids"]):
                 bad.append(f"{where} (train/data reads only configs and model)")
             if in_function and here[1:3] != ["train", "cli"]:
                 bad.append(f"{where} (inside a function: only the CLI imports late, for start-up time)")
@@ -211,6 +212,7 @@ def test_the_storage_gate_train_data_reads_is_a_leaf():
     """train/data may import train/storage.py only because storage imports nothing above configs."""
     imported = {target for _, target, _ in project_imports(REPO / "train" / "storage.py")}
     assert imported and all(t.startswith("matrixmagic.configs") for t in imported), imported
+    assert not list(project_imports(REPO / "train" / "pids.py"))  # nor pids.py: it imports nothing of ours
 
 
 def test_the_layer_check_catches_an_upward_edge(tmp_path, monkeypatch):
