@@ -80,16 +80,14 @@ ALIASES = {"n_embd": ("hidden_size",), "n_head": ("num_attention_heads",), "n_la
            "n_positions": ("max_position_embeddings",)}  # transformers' GPT2Config reads both spellings
 
 
-def _get(hf: dict, name: str, default=None, *aliases):
-    for key in (name, *aliases):
-        if key in hf and hf[key] is not None:
-            return hf[key]
-    return default
-
-
 def _found(hf: dict, name: str, aliases) -> Optional[str]:
     """The key (`name` or an alias) that holds a value, or None."""
     return next((key for key in (name, *aliases) if key in hf and hf[key] is not None), None)
+
+
+def _get(hf: dict, name: str, default=None, *aliases):
+    key = _found(hf, name, aliases)
+    return default if key is None else hf[key]
 
 
 def _count(hf: dict, name: str, default: Optional[int] = None, *aliases, within: str = "") -> int:
